@@ -1,0 +1,87 @@
+"""Nearby Context Pool (NUWA-Infinity, section 3.2; render-and-optimize paper, Eq. 2-4).
+
+The pool keeps, for each generated patch, its cache a_n = [p_n; h^1; ...; h^(L-1)]: the input of
+every renderer layer for that patch, a tensor [L, B, M, d]. Unbiased hidden states are stored;
+the relative position embedding is added when a cache is read, since offsets change as the
+canvas is generated.
+
+    Select(p): the caches within the extent of p. The pool only ever holds patches already
+               generated, so these are exactly the context patches earlier in the order.
+    Add(a_n):  store the cache of a generated patch.
+    Remove():  drop every cache that no future patch can select. What "future" means is given
+               by the caller as the last step at which each patch is still needed (see
+               `last_needed_steps`), so composed outpainting orders are handled like the four
+               basic ones; with one basic order this is the paper's Eq. 4.
+
+The pool's size is bounded by the extent and the canvas' short side, not by the canvas length.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .arbitrary_direction_controller import Coord, Grid, within_extent
+
+NEEDED_FOREVER = float("inf")
+
+
+class NearbyContextPool:
+    def __init__(self, extent: Grid):
+        self.extent = tuple(extent)
+        self.caches: dict[Coord, torch.Tensor] = {}
+        self.peak_size = 0
+
+    def select(self, coord: Coord) -> list[tuple[Coord, torch.Tensor]]:
+        """NCP.Select: (position, cache) of every cached patch within the extent, in a fixed order."""
+        return [(c, self.caches[c]) for c in sorted(self.caches)
+                if c != coord and within_extent(c, coord, self.extent)]
+
+    def add(self, coord: Coord, cache: torch.Tensor) -> None:
+        """NCP.Add: cache [L, B, M, d] of the patch at `coord`."""
+        self.caches[coord] = cache
+        self.peak_size = max(self.peak_size, len(self.caches))
+
+    def remove(self, step: int, last_needed: dict[Coord, float]) -> None:
+        """NCP.Remove: evict caches no patch after `step` will select (unknown patches: evicted)."""
+        for coord in [c for c in self.caches if last_needed.get(c, -1) <= step]:
+            del self.caches[coord]
+
+    def shift(self, rows: int, cols: int) -> None:
+        """Move every cache when the canvas grows up (rows) or left (cols)."""
+        self.caches = {(k, i + rows, j + cols): v for (k, i, j), v in self.caches.items()}
+
+    def __contains__(self, coord: Coord) -> bool:
+        return coord in self.caches
+
+    def __len__(self) -> int:
+        return len(self.caches)
+
+    @property
+    def size(self) -> int:
+        """How many patch caches are held now."""
+        return len(self.caches)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.caches.values())
+
+
+def last_needed_steps(steps: Iterable[Coord], extent: Grid, keep: Iterable[Coord] = (),
+                      first_step: int = 0) -> dict[Coord, float]:
+    """For every patch some planned patch can select: the last step that selects it.
+
+    `steps` are the planned patches in generation order, numbered from `first_step`. A planned
+    patch is needed by later planned patches within its extent. `keep` lists patches to keep
+    past the plan's end (the frontier a continuation in the same direction will need).
+    """
+    ef, eh, ew = extent
+    last: dict[Coord, float] = {}
+    for t, (k, i, j) in enumerate(steps, start=first_step):
+        for kk in range(k - ef, k + ef + 1):
+            for ii in range(i - eh, i + eh + 1):
+                for jj in range(j - ew, j + ew + 1):
+                    last[(kk, ii, jj)] = t
+    for coord in keep:
+        last[coord] = NEEDED_FOREVER
+    return last

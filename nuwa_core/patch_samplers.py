@@ -1,0 +1,158 @@
+"""Local decoders: fill one patch given its context (NUWA-Infinity Table 7a; appendix A).
+
+Every sampler is a plain function with one signature:
+
+    sample(renderer, context, order, text_kv, batch, settings, generator) -> (tokens [B, M], cache [L, B, M, d])
+
+tokens and cache in raster order. The schedule (`cosine_schedule`) and the logit filters are kept
+apart from the network, as in MaskGIT.
+
+    ar:   token by token with a preallocated KV cache; temperature, top-k (paper: 768), top-p.
+    nar:  one parallel pass, gumbel sampling.
+    pnar: MaskGIT: cosine schedule, confidence = log p + t_g * gumbel * (1 - r) with the gumbel
+          temperature t_g annealed 4.5 -> 1.0, tokens already fixed never re-masked.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .arbitrary_direction_controller import Order
+from .renderer import Context, Renderer
+
+
+@dataclass
+class SamplerSettings:
+    decoder: str = "auto"        # auto (the renderer's own) | ar | nar | pnar
+    temperature: float = 1.0
+    top_k: int = 768             # 0 disables; the paper's AR setting
+    top_p: float = 1.0           # 1.0 disables
+    steps: int = 8               # pnar iterations
+    gumbel_start: float = 4.5    # pnar gumbel temperature, annealed linearly...
+    gumbel_end: float = 1.0      # ...to this at the last step
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Scale by temperature, keep the top-k and the top-p nucleus; others get -inf. [.., V]"""
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+def gumbel_noise(shape, generator, device) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+def sample_categorical(logits: torch.Tensor, generator) -> torch.Tensor:
+    """One draw per row by the gumbel-max trick (reproducible with a generator). [.., V] -> [..]"""
+    return (logits + gumbel_noise(logits.shape, generator, logits.device)).argmax(-1)
+
+
+def cosine_schedule(ratio: float) -> float:
+    """Fraction of tokens still masked after a fraction `ratio` of the P-NAR steps."""
+    return math.cos(math.pi / 2 * ratio)
+
+
+@torch.no_grad()
+def sample_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch: int,
+              settings: SamplerSettings, generator=None):
+    def choose(logits):
+        return sample_categorical(filter_logits(logits, settings.temperature, settings.top_k, settings.top_p), generator)
+    return decode_ar(renderer, context, order, text_kv, batch, choose)
+
+
+@torch.no_grad()
+def decode_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch: int, choose):
+    """Token-by-token decoding with a preallocated KV cache; choose(logits [B, V]) -> tokens [B].
+
+    The context's keys and values are projected once per patch; each step runs one token
+    through every layer and attends to [context; patch keys so far].
+    """
+    cfg = renderer.config
+    m, d, dh = cfg.tokens_per_patch, cfg.d_model, cfg.d_model // cfg.n_head
+    ctx_kv = renderer.context_kv(context)
+    perm, inv = renderer.permutation(order)
+    pos = renderer.positions()[perm]  # [M, d] position of the token predicted at each step
+    kv = [(pos.new_zeros(batch, cfg.n_head, m, dh), pos.new_zeros(batch, cfg.n_head, m, dh))
+          for _ in renderer.blocks]
+    hidden = pos.new_zeros(cfg.n_layer, batch, m, d)
+    tokens = torch.zeros(batch, m, dtype=torch.long, device=pos.device)
+    masks = [renderer.attn_mask(l, context, 1, 1, causal=False) for l in range(cfg.n_layer)]
+    x = (renderer.order_emb.weight[order.id] + pos[0]).expand(batch, 1, d)
+    for t in range(m):
+        for l, blk in enumerate(renderer.blocks):
+            hidden[l, :, t] = x[:, 0]
+            mask = None if masks[l] is None else _grow_post_bias(masks[l], t + 1)
+            x = blk(x, ctx_kv[l], renderer.self_key_emb(l), mask, text_kv[l], kv_cache=kv[l], pos=t)
+        token = choose(renderer.head(renderer.ln_f(x[:, 0])))
+        tokens[:, t] = token
+        if t + 1 < m:
+            x = renderer.tok_emb(token)[:, None] + pos[t + 1]
+    return tokens[:, inv], hidden[:, :, inv]
+
+
+def _grow_post_bias(bias_one: torch.Tensor, n_self: int) -> torch.Tensor:
+    """Post-RPE bias for one query over [context; n_self patch keys] from the n_self=1 bias."""
+    return torch.cat([bias_one, bias_one[..., -1:].expand(*bias_one.shape[:-1], n_self - 1)], dim=-1)
+
+
+@torch.no_grad()
+def sample_nar(renderer: Renderer, context: Context, order: Order, text_kv, batch: int,
+               settings: SamplerSettings, generator=None):
+    cfg = renderer.config
+    ctx_kv = renderer.context_kv(context)
+    masked = torch.full((batch, cfg.tokens_per_patch), cfg.mask_id, dtype=torch.long, device=renderer.pos_f.device)
+    logits, _ = renderer(renderer.parallel_inputs(masked, order), context, text_kv, ctx_kv)
+    tokens = sample_categorical(filter_logits(logits, settings.temperature, settings.top_k, settings.top_p), generator)
+    return tokens, renderer(renderer.parallel_inputs(tokens, order), context, text_kv, ctx_kv)[1]
+
+
+@torch.no_grad()
+def sample_pnar(renderer: Renderer, context: Context, order: Order, text_kv, batch: int,
+                settings: SamplerSettings, generator=None):
+    cfg = renderer.config
+    m, device = cfg.tokens_per_patch, renderer.pos_f.device
+    ctx_kv = renderer.context_kv(context)
+    tokens = torch.full((batch, m), cfg.mask_id, dtype=torch.long, device=device)
+    unknown = torch.ones(batch, m, dtype=torch.bool, device=device)
+    for step in range(settings.steps):
+        logits, _ = renderer(renderer.parallel_inputs(tokens, order), context, text_kv, ctx_kv)
+        logits = filter_logits(logits, settings.temperature, settings.top_k, settings.top_p)
+        sampled = torch.where(unknown, sample_categorical(logits, generator), tokens)
+        ratio = (step + 1) / settings.steps
+        n_unknown = int(unknown[0].sum())
+        if step == settings.steps - 1 or n_unknown == 0:
+            tokens = sampled
+            break
+        n_mask = max(1, min(n_unknown - 1, math.floor(m * cosine_schedule(ratio))))
+        log_p = logits.log_softmax(-1).gather(-1, sampled[..., None])[..., 0]
+        t_g = settings.gumbel_start + (settings.gumbel_end - settings.gumbel_start) * ratio
+        confidence = log_p + t_g * (1 - ratio) * gumbel_noise(log_p.shape, generator, device)
+        confidence = confidence.masked_fill(~unknown, float("inf"))  # fixed tokens stay fixed
+        cut = confidence.sort(dim=-1).values[:, n_mask - 1:n_mask]
+        unknown = confidence <= cut
+        tokens = sampled.masked_fill(unknown, cfg.mask_id)
+    return tokens, renderer(renderer.parallel_inputs(tokens, order), context, text_kv, ctx_kv)[1]
+
+
+SAMPLERS = {"ar": sample_ar, "nar": sample_nar, "pnar": sample_pnar}

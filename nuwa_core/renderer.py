@@ -1,0 +1,283 @@
+"""The rendering model: NUWA-Infinity's L-layer vision decoder, Eq. 9-13.
+
+    p_hat, a_n = NUWA(p_n, c_n, e_n, y)
+
+Every layer l takes the current patch's hidden states z [B, M, d] and the same-layer caches of
+its context patches c^(l) [B, Nc*M, d] (selected by the Nearby Context Pool):
+
+    Q = LN(z) Wq
+    K = [LN(c^(l)); LN(z)] Wk + e          (pre-RPE: ADC.Emb of each key's patch offset)
+    V = [LN(c^(l)); LN(z)] Wv
+    z = z + SelfAtt(Q, K, V)  (+ CrossAtt(LN(z), text) when a text width is configured)
+    z = z + FFN(LN(z))
+
+The cache a_n is the input of every layer, [L, B, M, d], kept in raster token order.
+
+Three ways to fill a patch share these weights' layout but are trained separately
+(`RendererConfig.decoder`):
+  ar:   token by token in the direction's local order; slot t holds the previous token (or a
+        per-order start token) plus the position of token t; causal attention inside the patch.
+  nar:  all tokens in one parallel pass from [MASK] + position.
+  pnar: MaskGIT-style: tokens or [MASK] + position, bidirectional, iterated by the sampler.
+For nar/pnar the cache comes from a second pass over the finished patch (`encode`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .arbitrary_direction_controller import Coord, Order, RelativePositionEmbedding, local_permutation
+from .attention import attention
+
+DECODERS = ("ar", "nar", "pnar")
+
+
+@dataclass
+class RendererConfig:
+    vocab_size: int = 16384          # VQGAN codebook size
+    patch_size: tuple = (1, 16, 16)  # (frames, rows, columns) of tokens per patch; M = product
+    n_layer: int = 24
+    n_head: int = 20
+    d_model: int = 1280
+    extent: tuple = (0, 2, 2)        # (e_f, e_h, e_w): how far the context reaches, in patches
+    text_dim: int = 0                # 0: no text; 512 open_clip ViT-B-32; 768 ComfyUI CLIP-L
+    decoder: str = "ar"              # ar | nar | pnar
+    rpe: str = "pre"                 # pre (paper) | post (ablation)
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        self.patch_size, self.extent = tuple(self.patch_size), tuple(self.extent)
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} must be divisible by n_head {self.n_head}")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be (frames, rows, cols) >= 1, got {self.patch_size}")
+        if len(self.extent) != 3 or min(self.extent) < 0:
+            raise ValueError(f"extent must be (e_f, e_h, e_w) >= 0, got {self.extent}")
+
+    @property
+    def tokens_per_patch(self) -> int:
+        return math.prod(self.patch_size)
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+
+class Context:
+    """The selected context of one patch: same-layer caches and the key embedding indices.
+
+    hidden [L, B, Nc*M, d]; rel [Nc*M] index of each key token's patch offset in ADC.Emb.
+    """
+
+    def __init__(self, hidden: torch.Tensor | None, rel: torch.Tensor | None, n_patches: int):
+        self.hidden, self.rel, self.n_patches = hidden, rel, n_patches
+
+    @classmethod
+    def from_pool(cls, selected: list[tuple[Coord, torch.Tensor]], coord: Coord,
+                  emb: RelativePositionEmbedding, device) -> "Context":
+        if not selected:
+            return cls(None, None, 0)
+        m = selected[0][1].shape[2]
+        hidden = torch.cat([cache for _, cache in selected], dim=2)
+        rel = torch.tensor([emb.index(tuple(a - b for a, b in zip(c, coord))) for c, _ in selected],
+                           dtype=torch.long, device=device).repeat_interleave(m)
+        return cls(hidden, rel, len(selected))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RendererConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_head = cfg.n_head
+        self.ln_1 = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
+        if cfg.text_dim:
+            self.ln_x = nn.LayerNorm(d)
+            self.xq, self.xproj = nn.Linear(d, d), nn.Linear(d, d)
+            self.xk, self.xv = nn.Linear(cfg.text_dim, d), nn.Linear(cfg.text_dim, d)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.mlp_ratio * d, d), nn.Dropout(cfg.dropout))
+        self.dropout = cfg.dropout
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d] -> [B, h, T, d/h]
+        b, t, d = x.shape
+        return x.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
+
+    def context_kv(self, ctx: torch.Tensor, key_emb: torch.Tensor | None):
+        """Context caches [B, N, d] -> keys and values [B, h, N, d/h] (key_emb [N, d]: pre-RPE)."""
+        c = self.ln_1(ctx)
+        k = self.k(c)
+        if key_emb is not None:
+            k = k + key_emb
+        return self.heads(k), self.heads(self.v(c))
+
+    def text_kv(self, text: torch.Tensor):
+        return self.heads(self.xk(text)), self.heads(self.xv(text))
+
+    def forward(self, x, ctx_kv, self_key_emb, mask, text_kv=None, kv_cache=None, pos=None):
+        """x [B, T, d] -> [B, T, d].
+
+        ctx_kv: (k, v) of the context or None; self_key_emb [d] pre-RPE of offset 0 or None;
+        mask: bool (True = attend) or float bias over [context; patch] keys, or None.
+        kv_cache: (k [B, h, M, d/h], v) preallocated for the patch; the new keys are written at
+        `pos` and attention reads the cache up to pos + T (token-by-token decoding).
+        """
+        h = self.ln_1(x)
+        q, k = self.heads(self.q(h)), self.k(h)
+        if self_key_emb is not None:
+            k = k + self_key_emb
+        k, v = self.heads(k), self.heads(self.v(h))
+        if kv_cache is not None:
+            kc, vc = kv_cache
+            kc[:, :, pos:pos + x.shape[1]] = k
+            vc[:, :, pos:pos + x.shape[1]] = v
+            k, v = kc[:, :, :pos + x.shape[1]], vc[:, :, :pos + x.shape[1]]
+        if ctx_kv is not None:
+            k, v = torch.cat([ctx_kv[0], k], dim=2), torch.cat([ctx_kv[1], v], dim=2)
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        x = x + self.proj(y.transpose(1, 2).flatten(2))
+        if text_kv is not None:
+            y = attention(self.heads(self.xq(self.ln_x(x))), *text_kv, None, 0.0)
+            x = x + self.xproj(y.transpose(1, 2).flatten(2))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Renderer(nn.Module):
+    def __init__(self, cfg: RendererConfig):
+        super().__init__()
+        self.config = cfg
+        d, (pf, ph, pw) = cfg.d_model, cfg.patch_size
+        self.tok_emb = nn.Embedding(cfg.vocab_size + 1, d)  # + [MASK]
+        self.order_emb = nn.Embedding(len(Order), d)  # AR start token; added everywhere for nar/pnar
+        self.pos_f = nn.Parameter(torch.randn(pf, d) * 0.02)  # axial absolute position in the patch
+        self.pos_h = nn.Parameter(torch.randn(ph, d) * 0.02)
+        self.pos_w = nn.Parameter(torch.randn(pw, d) * 0.02)
+        self.rel = RelativePositionEmbedding(cfg.extent, cfg.n_layer, d, cfg.n_head, cfg.rpe)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.self_rel = self.rel.index((0, 0, 0))
+        self.apply(self._init_weights)
+        self._perms: dict[Order, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def positions(self) -> torch.Tensor:
+        """Axial position embedding of every token of a patch, raster order. [M, d]"""
+        return (self.pos_f[:, None, None] + self.pos_h[None, :, None] + self.pos_w[None, None]).flatten(0, 2)
+
+    def permutation(self, order: Order) -> tuple[torch.Tensor, torch.Tensor]:
+        """(generation order -> raster index, raster index -> generation order), both [M]."""
+        if order not in self._perms:
+            perm = local_permutation(self.config.patch_size, order)
+            self._perms[order] = perm, torch.argsort(perm)
+        perm, inv = self._perms[order]
+        return perm.to(self.pos_f.device), inv.to(self.pos_f.device)
+
+    def ar_inputs(self, tokens_ordered: torch.Tensor, order: Order) -> torch.Tensor:
+        """Teacher-forced AR inputs. tokens_ordered [B, T] in generation order -> [B, T, d].
+
+        Slot t = embedding of token t-1 (the order's start token at t = 0) + position of token t.
+        """
+        b, t = tokens_ordered.shape
+        perm, _ = self.permutation(order)
+        start = self.order_emb.weight[order.id].expand(b, 1, -1)
+        prev = torch.cat([start, self.tok_emb(tokens_ordered[:, :-1])], dim=1)
+        return prev + self.positions()[perm[:t]]
+
+    def parallel_inputs(self, tokens: torch.Tensor, order: Order) -> torch.Tensor:
+        """nar/pnar inputs. tokens [B, M] raster (mask_id where unknown) -> [B, M, d]."""
+        return self.tok_emb(tokens) + self.positions() + self.order_emb.weight[order.id]
+
+    # ---- the network ----------------------------------------------------------------------
+    def context_kv(self, context: Context) -> list:
+        """Per layer (k, v) of the context, or None when there is no context."""
+        if context.hidden is None:
+            return [None] * len(self.blocks)
+        pre = self.config.rpe == "pre"
+        return [blk.context_kv(context.hidden[l], self.rel(l, context.rel) if pre else None)
+                for l, blk in enumerate(self.blocks)]
+
+    def text_kv(self, text: torch.Tensor | None) -> list:
+        if text is None or not self.config.text_dim:
+            return [None] * len(self.blocks)
+        if text.shape[-1] != self.config.text_dim:
+            raise ValueError(f"text embeddings are {text.shape[-1]} wide but this renderer was "
+                             f"built for {self.config.text_dim}")
+        return [blk.text_kv(text) for blk in self.blocks]
+
+    def attn_mask(self, layer: int, context: Context, n_query: int, n_self: int, causal: bool):
+        """[T, Nc*M + n_self] keys visible to each query (bool), or a float bias for post-RPE."""
+        n_ctx = 0 if context.hidden is None else context.hidden.shape[2]
+        post = self.config.rpe == "post"
+        if not causal and not post:
+            return None
+        device = self.pos_f.device
+        visible = torch.ones(n_query, n_ctx + n_self, dtype=torch.bool, device=device)
+        if causal:  # lower-right aligned: query t sees every context key and patch keys <= t
+            q_pos = torch.arange(n_self - n_query, n_self, device=device)[:, None]
+            visible[:, n_ctx:] = torch.arange(n_self, device=device)[None] <= q_pos
+        if not post:
+            return visible
+        bias = self.rel(layer, torch.tensor([self.self_rel], device=device)).T  # [h, 1]
+        bias = bias.expand(-1, n_self)
+        if n_ctx:
+            bias = torch.cat([self.rel(layer, context.rel).T, bias], dim=1)  # [h, Nc*M + n_self]
+        return bias[:, None].masked_fill(~visible, float("-inf"))  # [h, T, keys]
+
+    def forward(self, x: torch.Tensor, context: Context, text_kv: list, ctx_kv: list | None = None,
+                causal: bool = False):
+        """One pass over a whole patch. x [B, M, d] inputs -> (logits [B, M, V], cache [L, B, M, d])."""
+        ctx_kv = ctx_kv if ctx_kv is not None else self.context_kv(context)
+        cache = []
+        for l, blk in enumerate(self.blocks):
+            cache.append(x)
+            x = blk(x, ctx_kv[l], self.self_key_emb(l), self.attn_mask(l, context, x.shape[1], x.shape[1], causal),
+                    text_kv[l])
+        return self.head(self.ln_f(x)), torch.stack(cache)
+
+    def self_key_emb(self, layer: int) -> torch.Tensor | None:
+        if self.config.rpe != "pre":
+            return None
+        return self.rel.table[layer, self.self_rel]
+
+    # ---- the paper's NUWA(p, c, e, y) for a known patch: training and pre-caching ----------
+    def teacher_forced(self, tokens: torch.Tensor, order: Order, context: Context,
+                       text_kv: list, masked: torch.Tensor | None = None):
+        """tokens [B, M] raster -> (logits [B, M, V] raster, cache [L, B, M, d] raster).
+
+        ar: one causal pass whose logits at token t condition on the tokens before t.
+        nar: logits from an all-[MASK] input; pnar: from the input with `masked` [B, M] hidden.
+        For nar/pnar the cache is that of the finished patch (a second pass, as in the paper).
+        """
+        cfg = self.config
+        if cfg.decoder == "ar":
+            perm, inv = self.permutation(order)
+            logits, cache = self(self.ar_inputs(tokens[:, perm], order), context, text_kv, causal=True)
+            return logits[:, inv], cache[:, :, inv]
+        hidden = torch.ones_like(tokens, dtype=torch.bool) if cfg.decoder == "nar" else masked
+        logits, _ = self(self.parallel_inputs(tokens.masked_fill(hidden, cfg.mask_id), order), context, text_kv)
+        with torch.no_grad():  # the cache only feeds later patches; nothing flows back through it
+            return logits, self.encode(tokens, order, context, text_kv)
+
+    def encode(self, tokens: torch.Tensor, order: Order, context: Context, text_kv: list) -> torch.Tensor:
+        """Cache [L, B, M, d] of a finished patch (tokens [B, M] raster)."""
+        if self.config.decoder == "ar":
+            return self.teacher_forced(tokens, order, context, text_kv)[1]
+        return self(self.parallel_inputs(tokens, order), context, text_kv)[1]
