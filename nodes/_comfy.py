@@ -1,0 +1,162 @@
+"""The few ComfyUI services the nodes use, each with a plain fallback when ComfyUI is absent
+(tests, scripts). Only public, documented helpers are used: no internals, no monkey-patching."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("ComfyUI-NUWA")
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+PACK_MODELS_DIR = PACK_DIR / "models"
+MODEL_FOLDER = "nuwa"
+MODEL_EXTENSIONS = (".safetensors",)
+
+
+def _folder_paths():
+    try:
+        import folder_paths  # type: ignore
+        return folder_paths
+    except ImportError:
+        return None
+
+
+def register_model_folders() -> None:
+    """Register the "nuwa" model folder: <ComfyUI models>/nuwa (created) and the pack's own
+    models/nuwa. extra_model_paths.yaml entries with the key `nuwa` add to or override these."""
+    fp = _folder_paths()
+    if fp is None:
+        return
+    comfy_dir = os.path.join(fp.models_dir, MODEL_FOLDER)
+    try:
+        os.makedirs(comfy_dir, exist_ok=True)
+    except OSError as err:  # a read-only install still works with the shipped folder
+        log.warning("ComfyUI-NUWA: could not create %s: %s", comfy_dir, err)
+    fp.add_model_folder_path(MODEL_FOLDER, comfy_dir)
+    fp.add_model_folder_path(MODEL_FOLDER, str(PACK_MODELS_DIR / MODEL_FOLDER))
+    # get_filename_list filters by extension only when the set is non-empty
+    paths, exts = fp.folder_names_and_paths[MODEL_FOLDER]
+    exts.update(MODEL_EXTENSIONS)
+
+
+def model_folders() -> list[str]:
+    fp = _folder_paths()
+    if fp is not None:
+        try:
+            return list(fp.get_folder_paths(MODEL_FOLDER))
+        except Exception:  # folder not registered (pack imported oddly)
+            pass
+    from nuwa_core.weights import search_folders
+    return [str(p) for p in search_folders(MODEL_FOLDER)]
+
+
+def list_models() -> list[str]:
+    """File names for the loader's combo, relative to the nuwa folders, shipped default first."""
+    fp = _folder_paths()
+    names: list[str] = []
+    if fp is not None:
+        try:
+            names = list(fp.get_filename_list(MODEL_FOLDER))
+        except Exception:
+            names = []
+    else:
+        for folder in model_folders():
+            root = Path(folder)
+            if root.is_dir():
+                names += [p.relative_to(root).as_posix() for p in sorted(root.rglob("*"))
+                          if p.suffix in MODEL_EXTENSIONS and p.is_file()]
+    # files of other kinds kept under nuwa/ (vqgan/, clip/ from weights.json) are not NUWA models
+    names = sorted({n for n in names if not n.startswith(("vqgan/", "clip/"))})
+    default = DEFAULT_MODEL
+    return [default] + [n for n in names if n != default]
+
+
+DEFAULT_MODEL = "nuwa_infinity_default.safetensors"
+
+
+def model_path(name: str) -> Path:
+    from nuwa_core.weights import find_model_file
+    return find_model_file(name, model_folders())
+
+
+def torch_device() -> torch.device:
+    try:
+        import comfy.model_management as mm  # type: ignore
+        return mm.get_torch_device()
+    except ImportError:
+        return torch.device("cpu")
+
+
+def intermediate_device() -> torch.device:
+    try:
+        import comfy.model_management as mm  # type: ignore
+        return mm.intermediate_device()
+    except ImportError:
+        return torch.device("cpu")
+
+
+def check_interrupted() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed cancel; no-op without ComfyUI."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """comfy.utils.ProgressBar when available (live JPEG preview), else nothing."""
+
+    def __init__(self, total: int):
+        self.total = max(int(total), 1)
+        try:
+            import comfy.utils  # type: ignore
+            self.bar = comfy.utils.ProgressBar(self.total)
+        except ImportError:
+            self.bar = None
+
+    def update(self, done: int, preview=None, max_px: int = 512) -> None:
+        if self.bar is None:
+            return
+        if preview is not None:
+            self.bar.update_absolute(done, self.total, ("JPEG", preview, max_px))
+        else:
+            self.bar.update_absolute(done, self.total)
+
+
+def output_directory() -> Path:
+    fp = _folder_paths()
+    return Path(fp.get_output_directory()) if fp is not None else Path.cwd() / "output"
+
+
+def input_directory() -> Path:
+    fp = _folder_paths()
+    return Path(fp.get_input_directory()) if fp is not None else Path.cwd() / "input"
+
+
+def wrap_for_memory_management(model):
+    """Wrap the model's networks in a comfy ModelPatcher so ComfyUI's memory manager can load
+    them to the GPU and offload them when another model needs room. Returns the patcher or None."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+        import comfy.model_patcher  # type: ignore
+    except ImportError:
+        return None
+    nets = torch.nn.ModuleDict({k: v for k in ("renderer", "vqgan")
+                                if isinstance(v := getattr(model, k, None), torch.nn.Module)})
+    if isinstance(model, torch.nn.Module):
+        nets = model
+    size = sum(p.numel() * p.element_size() for p in nets.parameters())
+    return comfy.model_patcher.ModelPatcher(nets, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device(), size=size)
+
+
+def load_for_run(patcher) -> None:
+    """Ask ComfyUI to put the model on its device (offloading others if needed) before a run."""
+    if patcher is None:
+        return
+    import comfy.model_management as mm  # type: ignore
+    mm.load_models_gpu([patcher])

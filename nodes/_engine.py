@@ -1,0 +1,111 @@
+"""Every call the nodes make into nuwa_core's engine, in one place.
+
+The engine (nuwa_core.generation) owns all model logic; this module only adapts ComfyUI's
+values (IMAGE, MASK, CONDITIONING, widget numbers) to its calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+DECODER_CHOICES = ("auto", "AR", "NAR", "P-NAR")
+_DECODER_IDS = {"auto": "auto", "AR": "ar", "NAR": "nar", "P-NAR": "pnar"}
+
+
+def generation():
+    from nuwa_core import generation as g  # imported lazily: the engine may be heavy
+    return g
+
+
+def load_model(path, device="cpu"):
+    return generation().NuwaInfinity.load(str(path), device=device)
+
+
+def patch_pixels(model) -> tuple[int, int]:
+    ph, pw = model.patch_pixels
+    return int(ph), int(pw)
+
+
+def canvas_grid(state) -> tuple[int, int, int]:
+    """(frames, rows, columns) of patches of a canvas state."""
+    grid = getattr(state, "grid", None)
+    if grid is not None:
+        return tuple(int(x) for x in grid)
+    known = getattr(state, "known")
+    return tuple(int(x) for x in known.shape[-3:])
+
+
+def clone_state(state):
+    clone = getattr(state, "clone", None)
+    if callable(clone):
+        return clone()
+    import copy
+    return copy.deepcopy(state)
+
+
+def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int,
+                     extent=None):
+    """Build the engine's SamplerSettings from the widgets, passing only fields it knows."""
+    cls = getattr(generation(), "SamplerSettings", None)
+    if cls is None:
+        from nuwa_core.patch_samplers import SamplerSettings as cls
+    wanted = {"decoder": _DECODER_IDS[decoder],
+              "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p),
+              "steps": int(steps)}
+    if extent is not None:
+        wanted["extent"] = tuple(extent)
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(wanted)
+    return cls(**{k: v for k, v in wanted.items() if k in names and v is not None})
+
+
+def text_from_conditioning(conditioning) -> torch.Tensor | None:
+    """CONDITIONING from CLIP Text Encode is [[tensor [1,77,768], {...}], ...]: take the first tensor."""
+    if conditioning is None:
+        return None
+    try:
+        cond = conditioning[0][0]
+    except (IndexError, KeyError, TypeError) as err:
+        raise ValueError("conditioning: expected the output of a CLIP Text Encode node "
+                         "(a list of [tensor, dict] pairs)") from err
+    if not isinstance(cond, torch.Tensor) or cond.dim() != 3:
+        raise ValueError(f"conditioning: expected a tensor [batch, tokens, dim], got "
+                         f"{getattr(cond, 'shape', type(cond).__name__)}")
+    return cond
+
+
+def extension_for_target(current: int, target_px: int, patch_px: int, anchor_first: float) -> tuple[int, int]:
+    """Patches to add before/after along one axis to reach at least target_px pixels.
+    anchor_first: share of the growth that goes before (0 = all after, 0.5 = both sides, 1 = all before)."""
+    if target_px <= 0:
+        return 0, 0
+    needed = max(math.ceil(target_px / patch_px) - current, 0)
+    before = int(round(needed * anchor_first))
+    return before, needed - before
+
+
+ANCHORS = ("center", "top_left", "top", "top_right", "left", "right", "bottom_left", "bottom", "bottom_right")
+# anchor = where the existing canvas stays; returns the share of growth placed (above, left)
+_ANCHOR_SHARES = {"center": (0.5, 0.5), "top_left": (0.0, 0.0), "top": (0.0, 0.5), "top_right": (0.0, 1.0),
+                  "left": (0.5, 0.0), "right": (0.5, 1.0), "bottom_left": (1.0, 0.0), "bottom": (1.0, 0.5),
+                  "bottom_right": (1.0, 1.0)}
+
+
+def anchor_shares(anchor: str) -> tuple[float, float]:
+    return _ANCHOR_SHARES[anchor]
+
+
+def mask_to_patch_grid(mask: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """MASK [B,H,W] (1 = generate) -> bool [F, rows, cols]: a patch is regenerated if any of its
+    area is masked. One mask per frame, or one mask for every frame."""
+    f, rows, cols = grid
+    if mask.dim() == 2:
+        mask = mask[None]
+    m = mask.float()[:, None]
+    cells = torch.nn.functional.adaptive_max_pool2d(m, (rows, cols))[:, 0] > 0.5
+    if cells.shape[0] == 1:
+        cells = cells.expand(f, rows, cols)
+    elif cells.shape[0] != f:
+        raise ValueError(f"mask has {cells.shape[0]} frames, the canvas has {f}: give one mask or one per frame")
+    return cells.clone()

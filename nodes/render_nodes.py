@@ -1,0 +1,130 @@
+"""Empty Canvas and Patch Renderer (Algorithm 2: generate the planned patches)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import _comfy, _engine
+from .planning_nodes import PlanSpec, as_plan_spec
+
+CATEGORY = "NUWA/Infinity"
+
+
+class NUWAEmptyCanvas:
+    DESCRIPTION = ("A canvas with no known patch, for generation from scratch (unconditional or from a prompt). "
+                   "Its size is rounded up to whole patches.")
+    CATEGORY = CATEGORY
+    FUNCTION = "make"
+    RETURN_TYPES = ("NUWA_CANVAS",)
+    RETURN_NAMES = ("canvas",)
+    OUTPUT_TOOLTIPS = ("An empty canvas; plan it with Direction Planner (all directions 0 = fill it).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("NUWA_MODEL", {"tooltip": "From NUWA Model Loader; gives the patch size in pixels."}),
+            "width": ("INT", {"default": 512, "min": 8, "max": 65536, "step": 8,
+                              "tooltip": "Canvas width in pixels, rounded up to whole patches."}),
+            "height": ("INT", {"default": 256, "min": 8, "max": 65536, "step": 8,
+                               "tooltip": "Canvas height in pixels, rounded up to whole patches."}),
+            "frames": ("INT", {"default": 1, "min": 1, "max": 4096,
+                               "tooltip": "Patch-frames (1 for an image; video models: frames / frames per patch)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                   "tooltip": "Independent canvases generated together."}),
+        }}
+
+    def make(self, model, width, height, frames, batch_size):
+        rows, cols = model.patch_counts(height, width, mode="pad")
+        return (model.blank_canvas(rows, cols, frames=frames, batch=batch_size),)
+
+
+def _preview(model, state) -> Image.Image:
+    one = state.clone()
+    one.tokens = one.tokens[:1, :state.patch_size[0]]
+    one.known = one.known[:1]
+    if one.given is not None:
+        one.given = one.given[:1]
+    image = model.decode(one)[0]
+    return Image.fromarray((image.clamp(0, 1).numpy() * 255).astype(np.uint8))
+
+
+class NUWAPatchRenderer:
+    DESCRIPTION = ("Generates the planned patches one by one (NUWA-Infinity, Algorithm 2): each patch sees the nearby "
+                   "patches already on the canvas, and is sampled autoregressively (AR), all at once (NAR) or in a "
+                   "few refinement steps (P-NAR). A prompt from a stock CLIP Text Encode node conditions text models. "
+                   "Shows a live preview and stops cleanly on cancel.")
+    CATEGORY = CATEGORY
+    FUNCTION = "render"
+    RETURN_TYPES = ("IMAGE", "NUWA_CANVAS")
+    RETURN_NAMES = ("image", "canvas")
+    OUTPUT_TOOLTIPS = ("The decoded canvas [batch*frames, height, width, 3].",
+                       "The grown canvas with its context pool, to save, extend further or decode again.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("NUWA_MODEL", {"tooltip": "From NUWA Model Loader."}),
+                "canvas": ("NUWA_CANVAS", {"tooltip": "The canvas the plan was made for (it is not modified)."}),
+                "plan": ("NUWA_PLAN", {"tooltip": "From Direction Planner: what to generate and in which order."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Random seed; the same seed and inputs give the same image."}),
+                "decoder": (list(_engine.DECODER_CHOICES), {"default": "auto", "tooltip":
+                    "How tokens inside a patch are sampled: auto = what the model was trained for; AR one token "
+                    "at a time, NAR all at once, P-NAR a few refinement steps. A model only decodes as trained."}),
+                "steps": ("INT", {"default": 8, "min": 1, "max": 256,
+                                  "tooltip": "P-NAR refinement steps per patch (ignored by AR and NAR)."}),
+                "temperature": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 5.0, "step": 0.01,
+                                          "tooltip": "Sampling temperature: lower is safer and blurrier, higher more varied."}),
+                "top_k": ("INT", {"default": 768, "min": 0, "max": 65536,
+                                  "tooltip": "Sample only among the k likeliest tokens; 0 = off."}),
+                "top_p": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                    "tooltip": "Nucleus sampling: keep the smallest set of tokens with this total probability; 1 = off."}),
+            },
+            "optional": {
+                "conditioning": ("CONDITIONING", {"tooltip": "Prompt from CLIP Text Encode (SD1 CLIP-L, [1,77,768]) "
+                                                             "for text-conditioned models; leave empty otherwise."}),
+                "context": ("NUWA_CONTEXT", {"tooltip": "Nearby Context Pool options (extent); default: the model's."}),
+            },
+        }
+
+    def render(self, model, canvas, plan, seed, decoder, steps, temperature, top_k, top_p,
+               conditioning=None, context=None):
+        spec: PlanSpec = as_plan_spec(plan)
+        settings = _engine.sampler_settings(decoder, temperature, top_k, top_p, steps)
+        text = _engine.text_from_conditioning(conditioning)
+        trained = tuple(model.renderer.config.extent)
+        if context is not None:
+            wanted = tuple(t if e < 0 else e for e, t in zip(context["extent"], trained))
+            if wanted != trained:
+                raise ValueError(f"context extent (e_f, e_h, e_w) = {wanted}: this model renders with its trained "
+                                 f"extent {trained} only; set the Context Pool widgets to -1 or to {trained}")
+        _comfy.load_for_run(getattr(model, "comfy_patcher", None))
+        state = spec.prepare(canvas)  # a copy: the input canvas is never modified
+        generator = torch.Generator(device=model.device).manual_seed(int(seed) % (2 ** 63))
+        total = len(spec.plan)
+        progress = _comfy.Progress(total)
+        last = {"t": 0.0, "cost": 0.0}
+
+        def callback(done, total_, current):
+            _comfy.check_interrupted()  # raises ComfyUI's interrupt; nothing half-written escapes
+            preview = None
+            now = time.perf_counter()
+            # previews decode the canvas: keep them to about a fifth of the run's time
+            if progress.bar is not None and (done == total_ or now - last["t"] >= 5 * last["cost"]):
+                preview = _preview(model, current)
+                last["t"], last["cost"] = time.perf_counter(), time.perf_counter() - now
+            progress.update(done, preview)
+            return True
+
+        result = model.generate(state, spec.plan, settings, text=text, generator=generator, callback=callback)
+        image = model.decode(result)
+        device = _comfy.intermediate_device()
+        return (image.to(device), result)
+
+
+NODE_CLASS_MAPPINGS = {"NUWAEmptyCanvas": NUWAEmptyCanvas, "NUWAPatchRenderer": NUWAPatchRenderer}
+NODE_DISPLAY_NAME_MAPPINGS = {"NUWAEmptyCanvas": "NUWA Empty Canvas", "NUWAPatchRenderer": "NUWA Patch Renderer"}
