@@ -324,7 +324,7 @@ class NuwaInfinity(nn.Module):
     def _precache_list(self, state: CanvasState, steps, pool: NearbyContextPool, order: Order) -> list[Coord]:
         """Known patches the plan can select (and their own known context), not yet in the pool."""
         extent, grid = self.renderer.config.extent, state.grid
-        ring1 = {n for _, c in steps for n in adc.neighbours(c, extent, grid) if state.known[n]}
+        ring1 = {n for _, c in steps for n in adc.neighbours(c, extent, grid) if state.known[n]} - set(pool.caches)
         ring2 = {n for c in ring1 for n in adc.neighbours(c, extent, grid) if state.known[n]}
         todo = (ring1 | ring2) - set(pool.caches)
         return sorted(todo, key=lambda c: adc.time_index(c, order, grid))

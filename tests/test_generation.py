@@ -1,0 +1,205 @@
+import pytest
+import torch
+
+from _tiny import tiny_model
+from nuwa_core import generation
+from nuwa_core.arbitrary_direction_controller import Order
+from nuwa_core.checkpoint import CheckpointError
+from nuwa_core.generation import CanvasState, NuwaInfinity
+from nuwa_core.patch_samplers import SamplerSettings
+from nuwa_core.renderer import Context
+
+FAST = SamplerSettings(top_k=16)
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def image(h=32, w=48, c=3, seed=0):
+    return torch.rand(1, h, w, c, generator=torch.Generator().manual_seed(seed))
+
+
+def test_unconditional_canvas_any_size_and_same_seed_same_output():
+    m = tiny_model()
+    st = m.blank_canvas(1, 12)
+    a = m.generate(st, m.plan_fill(st), FAST, generator=seeded(0))
+    b = m.generate(st, m.plan_fill(st), FAST, generator=seeded(0))
+    c = m.generate(st, m.plan_fill(st), FAST, generator=seeded(1))
+    assert a.known.all() and not st.known.any()  # the input state is left untouched
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    assert (a.tokens >= 0).all()
+    assert m.decode(a).shape == (1, 16, 192, 3)
+
+
+def test_every_patch_generated_once_from_already_generated_context(monkeypatch):
+    m = tiny_model()
+    st = m.canvas_from_image(image())  # 2 x 3 patches, all given
+    plan = m.plan_extension(st, left=1, right=2, up=1, down=1)
+    selections = []
+    original = Context.from_pool.__func__
+
+    def spy(cls, selected, coord, emb, device):
+        selections.append((coord, [c for c, _ in selected]))
+        return original(cls, selected, coord, emb, device)
+
+    monkeypatch.setattr(Context, "from_pool", classmethod(spy))
+    done = []
+    out = m.generate(st, plan, FAST, generator=seeded(), callback=lambda n, total, s: done.append(n))
+    given = {(0, i + 1, j + 1) for i in range(2) for j in range(3)}
+    planned = [c for _, c in plan.steps()]
+    assert len(planned) == len(set(planned)) and set(planned).isdisjoint(given)
+    assert done == list(range(1, len(planned) + 1)) and out.known.all()
+    pre, gen = selections[:len(selections) - len(planned)], selections[-len(planned):]
+    assert {c for c, _ in pre} <= given  # pre-caching only touches given patches
+    for coord, ctx in pre:
+        assert set(ctx) <= given
+    for t, (coord, ctx) in enumerate(gen):
+        assert coord == planned[t]
+        assert set(ctx) <= given | set(planned[:t]), (coord, ctx)  # only what exists already
+        assert ctx  # outpainting always has context
+
+
+@pytest.mark.parametrize("decoder", ["ar", "nar", "pnar"])
+@pytest.mark.parametrize("extension", [dict(left=2), dict(right=2), dict(up=1), dict(down=1),
+                                       dict(left=1, right=1, up=1, down=1)])
+def test_outpainting_keeps_the_given_tokens_and_pixels(decoder, extension):
+    m = tiny_model(decoder=decoder)
+    img = image()
+    st = m.canvas_from_image(img)
+    out = m.generate(st, m.plan_extension(st, **extension), FAST, generator=seeded())
+    top, left = extension.get("up", 0), extension.get("left", 0)
+    assert torch.equal(out.tokens[:, :, top * 4:top * 4 + 8, left * 4:left * 4 + 12], st.tokens)
+    assert out.known.all() and out.grid == (1, 2 + top + extension.get("down", 0),
+                                            3 + left + extension.get("right", 0))
+    decoded = m.decode(out)
+    px = (top * 16, left * 16)
+    assert torch.allclose(decoded[:, px[0]:px[0] + 32, px[1]:px[1] + 48], img, atol=1e-6)
+
+
+def test_text_conditioning_changes_the_canvas():
+    m = tiny_model(text_dim=16)
+    st = m.blank_canvas(1, 3)
+    text = torch.randn(1, 7, 16)
+    a = m.generate(st, m.plan_fill(st), FAST, text=text, generator=seeded())
+    b = m.generate(st, m.plan_fill(st), FAST, text=text * 3, generator=seeded())
+    assert not torch.equal(a.tokens, b.tokens)
+
+
+def test_pool_stays_bounded_while_the_canvas_grows():
+    m = tiny_model()  # extent (0, 1, 1)
+    sizes = []
+    st = m.blank_canvas(2, 1)
+    st = m.generate(st, m.plan_fill(st), FAST, generator=seeded())
+    g = seeded()
+    for _ in range(12):  # grow right, call after call, as an artist would
+        st = m.generate(st, m.plan_extension(st, right=2), FAST, generator=g,
+                        callback=lambda n, t, s: sizes.append(s.pool.size))
+    assert st.grid == (1, 2, 25)
+    assert max(sizes) <= 2 * 3  # two rows, the current column and the one before (+ the next)
+    long = m.blank_canvas(2, 40)
+    long_sizes = []
+    m.generate(long, m.plan_fill(long), FAST, generator=g, callback=lambda n, t, s: long_sizes.append(s.pool.size))
+    assert max(long_sizes) == max(long_sizes[:12])  # no growth with length
+
+
+def test_continuing_in_the_same_direction_reuses_the_frontier_caches():
+    m = tiny_model()
+    st = m.blank_canvas(1, 4)
+    st = m.generate(st, m.plan_fill(st), FAST, generator=seeded())
+    assert set(st.pool.caches) == {(0, 0, 3)}  # the last column serves the next one
+    calls = []
+    original = m.renderer.encode
+    m.renderer.encode = lambda *a, **k: calls.append(1) or original(*a, **k)
+    m.generate(st, m.plan_extension(st, right=2), FAST, generator=seeded())
+    assert not calls  # nothing had to be pre-cached again
+
+
+def test_cancel_keeps_what_was_made():
+    m = tiny_model()
+    st = m.blank_canvas(2, 4)
+    out = m.generate(st, m.plan_fill(st), FAST, generator=seeded(), callback=lambda n, t, s: n < 3)
+    assert out.known.sum() == 3 and (out.tokens >= 0).sum() == 3 * 16
+    finished = m.generate(out, m.plan_fill(out), FAST, generator=seeded())
+    assert finished.known.all() and torch.equal(finished.tokens[out.tokens >= 0], out.tokens[out.tokens >= 0])
+
+
+def test_bundle_and_canvas_round_trip(tmp_path):
+    m = tiny_model()
+    m.save(tmp_path / "model.safetensors")
+    loaded = NuwaInfinity.load(tmp_path / "model.safetensors")
+    st = m.canvas_from_image(image())
+    a = m.generate(st, m.plan_extension(st, right=1), FAST, generator=seeded())
+    a.save(tmp_path / "canvas.safetensors")
+    back = CanvasState.load(tmp_path / "canvas.safetensors")
+    assert torch.equal(back.tokens, a.tokens) and torch.equal(back.known, a.known)
+    assert set(back.pool.caches) == set(a.pool.caches) and torch.equal(back.given, a.given)
+    # continuing the reloaded canvas with the reloaded model == continuing the original
+    x = m.generate(a, m.plan_extension(a, right=2), FAST, generator=seeded(5))
+    y = loaded.generate(back, loaded.plan_extension(back, right=2), FAST, generator=seeded(5))
+    assert torch.equal(x.tokens, y.tokens)
+    assert torch.allclose(m.decode(x), loaded.decode(y))
+
+
+def test_checkpoint_with_wrong_shapes_names_the_keys(tmp_path):
+    m = tiny_model()
+    m.save(tmp_path / "model.safetensors")
+    from safetensors.torch import load_file, save_file
+    from nuwa_core.checkpoint import read_metadata
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["renderer.head.weight"] = torch.zeros(10, 32)
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=read_metadata(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"renderer\.head\.weight|head\.weight: file \(10, 32\)"):
+        NuwaInfinity.load(tmp_path / "bad.safetensors")
+
+
+def test_canvas_sizes_and_images_are_checked():
+    m = tiny_model()  # patches are 16 x 16 px
+    assert m.patch_counts(32, 48) == (2, 3)
+    assert m.patch_counts(33, 48, mode="pad") == (3, 3)
+    with pytest.raises(ValueError, match="33 px is not a whole number of 16 px patches: use 32 or 48"):
+        m.patch_counts(33, 48)
+    for bad in [(0, 10), (-16, 16)]:
+        with pytest.raises(ValueError, match="must be > 0"):
+            m.patch_counts(*bad)
+    with pytest.raises(ValueError, match="rows must be a whole number >= 1"):
+        m.blank_canvas(0, 4)
+    with pytest.raises(ValueError, match="fit='crop'"):
+        m.canvas_from_image(image(h=30))
+    assert m.canvas_from_image(image(h=40, w=50), fit="crop").grid == (1, 2, 3)
+    assert m.canvas_from_image(image(h=40, w=50), fit="resize").grid == (1, 2, 3)
+    assert m.canvas_from_image(image(c=4)).known.all()  # RGBA
+    assert m.canvas_from_image(image(c=1)).known.all()  # grayscale
+    nan = image()
+    nan[0, 3, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        m.canvas_from_image(nan)
+    st = m.blank_canvas(1, 2)
+    with pytest.raises(ValueError, match="NaN"):
+        m.generate(st, m.plan_fill(st), FAST, text=torch.full((1, 3, 8), float("nan")))
+
+
+def test_a_canvas_larger_than_memory_is_refused_with_an_estimate(monkeypatch):
+    m = tiny_model()
+    monkeypatch.setattr(generation, "available_bytes", lambda device=None: 10_000_000)
+    st = m.blank_canvas(1, 1)
+    with pytest.raises(MemoryError, match=r"needs about .* GiB but only 0\.0 GiB"):
+        m.generate(st, m.plan_extension(m.generate(st, m.plan_fill(st)), right=4000))
+
+
+def test_wrong_decoder_and_plans_are_refused():
+    m = tiny_model()
+    st = m.blank_canvas(1, 2)
+    with pytest.raises(ValueError, match="trained as 'ar'"):
+        m.generate(st, m.plan_fill(st), SamplerSettings(decoder="nar"))
+    done = m.generate(st, m.plan_fill(st))
+    with pytest.raises(ValueError, match="already known"):
+        m.generate(done, m.plan_fill(st))
+
+
+def test_image_animation_fills_later_frames():
+    m = tiny_model(extent=(1, 1, 1))
+    st = m.canvas_from_image(image(), frames=3)
+    out = m.generate(st, m.plan_fill(st), FAST, generator=seeded())
+    assert out.known.all() and torch.equal(out.tokens[:, 0], st.tokens[:, 0])
+    assert m.decode(out).shape == (3, 32, 48, 3)
