@@ -1,0 +1,97 @@
+"""Latent diffusion maths for NUWA-XL: the LDM schedule, the eps training loss, DDPM and DDIM samplers.
+
+Samplers are plain functions with one signature (k-diffusion style):
+
+    sampler(model_fn, x_T, steps, *, alphas_cumprod=None, generator=None, callback=None) -> x_0
+
+`model_fn(x, t)` predicts the noise eps of `x` at float timesteps `t` [B] in [0, 999] (what
+ComfyUI passes too); conditions are bound into `model_fn` by the caller. `callback(info)` runs once
+per step with {"i", "total", "t", "x", "denoised"}; returning True cancels (SamplingCancelled).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+NUM_TIMESTEPS = 1000
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class SamplingCancelled(RuntimeError):
+    """A sampler's callback asked to stop."""
+
+
+def ldm_alphas_cumprod(num_timesteps: int = NUM_TIMESTEPS, beta_start: float = 0.00085,
+                       beta_end: float = 0.012) -> torch.Tensor:
+    """The LDM "linear" schedule (diffusers' "scaled_linear"): betas linear in sqrt space. -> [T] float64"""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _schedule(alphas_cumprod: torch.Tensor | None) -> torch.Tensor:
+    return ldm_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod.double()
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+             alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
+    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, with t [B] integer timesteps and x0 [B, ...]."""
+    a = _schedule(alphas_cumprod).to(x0.device)[t.long()].to(x0.dtype)
+    a = a.view(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+
+
+def training_loss(model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None,
+                  alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 5: MSE between eps and model_fn(x_t, t) at a uniformly drawn t per sample. -> scalar"""
+    ac = _schedule(alphas_cumprod)
+    t = torch.randint(0, ac.shape[0], (x0.shape[0],), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = q_sample(x0, t, noise, ac)
+    return F.mse_loss(model_fn(x_t, t.to(x0.dtype)), noise)
+
+
+def timesteps_for(steps: int, num_timesteps: int = NUM_TIMESTEPS) -> list[int]:
+    """`steps` timesteps from num_timesteps-1 down, evenly spaced ("trailing": always starts at T-1)."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be between 1 and {num_timesteps}, got {steps}")
+    ratio = num_timesteps / steps
+    return [round(num_timesteps - i * ratio) - 1 for i in range(steps)]
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def _sample(model_fn: ModelFn, x: torch.Tensor, steps: int, eta: float, alphas_cumprod, generator, callback):
+    ac = _schedule(alphas_cumprod)
+    ts = timesteps_for(steps, ac.shape[0])
+    for i, t in enumerate(ts):
+        a = ac[t].item()
+        a_prev = ac[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+        eps = model_fn(x, torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype))
+        x0 = (x - (1.0 - a) ** 0.5 * eps) / a ** 0.5
+        sigma = eta * ((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev)) ** 0.5
+        x = a_prev ** 0.5 * x0 + max(1.0 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            x = x + sigma * _noise_like(x, generator)
+        if callback is not None and callback({"i": i, "total": len(ts), "t": t, "x": x, "denoised": x0}):
+            raise SamplingCancelled(f"sampling cancelled by the callback at step {i + 1} of {len(ts)}")
+    return x
+
+
+def sample_ddim(model_fn: ModelFn, x_T: torch.Tensor, steps: int, *, eta: float = 0.0,
+                alphas_cumprod: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                callback=None) -> torch.Tensor:
+    """DDIM (Song et al.); eta=0 is deterministic given x_T, eta=1 is DDPM on the strided schedule."""
+    return _sample(model_fn, x_T, steps, eta, alphas_cumprod, generator, callback)
+
+
+def sample_ddpm(model_fn: ModelFn, x_T: torch.Tensor, steps: int = NUM_TIMESTEPS, *,
+                alphas_cumprod: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                callback=None) -> torch.Tensor:
+    """Ancestral DDPM (eq. 16) with the posterior variance; steps < 1000 respaces the schedule."""
+    return _sample(model_fn, x_T, steps, 1.0, alphas_cumprod, generator, callback)
