@@ -145,10 +145,9 @@ def wrap_for_memory_management(model):
         import comfy.model_patcher  # type: ignore
     except ImportError:
         return None
-    nets = torch.nn.ModuleDict({k: v for k in ("renderer", "vqgan")
-                                if isinstance(v := getattr(model, k, None), torch.nn.Module)})
-    if isinstance(model, torch.nn.Module):
-        nets = model
+    # a holder module: ModelPatcher sets attributes such as `.device` on what it wraps, which
+    # must not clash with the engine model's own properties
+    nets = torch.nn.ModuleDict({"nuwa": model})
     size = sum(p.numel() * p.element_size() for p in nets.parameters())
     return comfy.model_patcher.ModelPatcher(nets, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device(), size=size)
