@@ -1,0 +1,872 @@
+"""Training entry points: `python -m nuwa_core.train vqgan|renderer ...`.
+
+    vqgan     trains / fine-tunes the tokenizer: L1 + codebook/commitment loss, a small PatchGAN
+              discriminator (hinge loss) switched on after --disc-start steps.
+    renderer  the render-and-optimize strategy (render-and-optimize paper, Algorithm 1): every
+              training sample is split into patches in a random one of the four ADC orders; each
+              patch is rendered teacher-forced from the Nearby Context Pool, its loss optimized at
+              once (`--accumulate`: one step per sample instead), and its detached cache added to
+              the pool for the patches after it.
+
+One-shot mode (`--one-shot`, NUWA-Infinity appendix D) draws random crops from one large image
+with RandomResizedCrop, horizontal flip, mirror (reflection at the borders), small rotation and
+shear, noise and colour jitter, implemented with torch only, all from one seeded generator.
+
+Checkpointing (both stages): `OUT.train.safetensors` holds the fp32 weights of everything being
+trained (and the discriminator), `OUT.train.pt` the step, optimizer, RNG and data-generator state
+(plain tensors and dicts, readable with weights_only=True); both are written atomically.
+`--resume` continues exactly. SIGINT/SIGTERM and `--max-minutes` save before stopping; a NaN
+loss stops without overwriting the last good checkpoint. `OUT` itself is the shipped model
+(`--save-dtype`, fp16 by default). Data position = the data generator's state: samples are drawn
+from it, so restoring it continues the same sample sequence.
+
+Distributed: under `torchrun --nproc_per_node=N` each process draws its own samples (seed + rank)
+and gradients are averaged by DistributedDataParallel (gloo on CPU, nccl on CUDA).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import arbitrary_direction_controller as adc
+from .checkpoint import CheckpointError, atomic_write, load_state_dict, save_model_file
+from .images import image_to_model, load_image, model_to_image, save_image
+from .nearby_context_pool import NearbyContextPool, last_needed_steps
+from .renderer import Context, Renderer, RendererConfig
+from .vqgan import VQModel, get_config, load_vqgan, save_vqgan
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class TrainingError(ValueError):
+    """Bad training input or a run that cannot continue; the message says what and why."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+# =============================================================================================
+# Data
+
+def list_images(spec: str) -> list[Path]:
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise TrainingError(f"--images {spec}: no such file or folder")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise TrainingError(f"--images {spec}: the folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def load_images(spec: str, downscale: int = 1, min_size: tuple[int, int] = (1, 1)) -> list[torch.Tensor]:
+    """Files -> list of [3, H, W] in -1..1 (RGBA composited over white), each checked for size."""
+    out = []
+    for path in list_images(spec):
+        try:
+            image = load_image(path)  # [1, H, W, 3]
+        except ValueError as err:
+            raise TrainingError(f"unreadable training image {path}: {err}") from err
+        x = image_to_model(image)  # [1, 3, H, W]
+        if downscale > 1:
+            h, w = x.shape[-2] // downscale, x.shape[-1] // downscale
+            if h < 1 or w < 1:
+                raise TrainingError(f"{path} is too small to downscale by {downscale}")
+            x = F.interpolate(x, size=(h, w), mode="area")
+        h, w = x.shape[-2:]
+        if h < min_size[0] or w < min_size[1]:
+            raise TrainingError(f"training image {path} is {w}x{h} px (after --downscale {downscale}), smaller than "
+                                f"one training crop of {min_size[1]}x{min_size[0]} px; use larger images or a "
+                                f"smaller --crop/--patch")
+        out.append(x[0].clamp(-1, 1))
+    return out
+
+
+def _uniform(gen, lo, hi, n=None):
+    if n is None:
+        return lo + (hi - lo) * torch.rand((), generator=gen).item()
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+@dataclasses.dataclass
+class Augment:
+    """Appendix D's augmentations (probabilities / magnitudes). Zero disables one."""
+    scale: tuple = (0.6, 1.0)      # RandomResizedCrop: side of the source window / the largest that fits
+    ratio_jitter: float = 0.15     # log aspect-ratio jitter of the source window
+    hflip: float = 0.5
+    vflip: float = 0.0             # off by default: skies do not belong under seas
+    rotate_deg: float = 4.0
+    shear: float = 0.08
+    noise: float = 0.02            # std in -1..1 units
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+
+    @classmethod
+    def off(cls) -> "Augment":
+        return cls(scale=(1.0, 1.0), ratio_jitter=0.0, hflip=0.0, vflip=0.0, rotate_deg=0.0, shear=0.0, noise=0.0,
+                   brightness=0.0, contrast=0.0, saturation=0.0)
+
+
+def random_crops(images: list[torch.Tensor], n: int, size: tuple[int, int], gen: torch.Generator,
+                 aug: Augment) -> torch.Tensor:
+    """n crops of size (h, w) px, [n, 3, h, w] in -1..1, drawn with `gen` only.
+
+    Each crop samples a source window (random resized crop), maps it through a small rotation and
+    shear with reflection at the borders (the mirror augmentation), flips, then colour jitter and noise.
+    """
+    out_h, out_w = size
+    crops = []
+    for _ in range(n):
+        img = images[int(torch.randint(len(images), (1,), generator=gen))]
+        H, W = img.shape[-2:]
+        fit = min(H / out_h, W / out_w)  # largest window of the output aspect that fits
+        s = _uniform(gen, *aug.scale) * fit
+        r = math.exp(_uniform(gen, -aug.ratio_jitter, aug.ratio_jitter)) if aug.ratio_jitter else 1.0
+        win_h, win_w = min(H, out_h * s / math.sqrt(r)), min(W, out_w * s * math.sqrt(r))
+        cy = _uniform(gen, win_h / 2, H - win_h / 2)
+        cx = _uniform(gen, win_w / 2, W - win_w / 2)
+        ang = math.radians(_uniform(gen, -aug.rotate_deg, aug.rotate_deg)) if aug.rotate_deg else 0.0
+        sh = _uniform(gen, -aug.shear, aug.shear) if aug.shear else 0.0
+        fx = -1.0 if torch.rand((), generator=gen).item() < aug.hflip else 1.0
+        fy = -1.0 if torch.rand((), generator=gen).item() < aug.vflip else 1.0
+        # output normalized coords (u, v) in -1..1 -> source pixel offsets from the window centre
+        rot = torch.tensor([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
+        a = rot @ torch.tensor([[1.0, sh], [0.0, 1.0]]) @ torch.diag(torch.tensor([fx * win_w / 2, fy * win_h / 2]))
+        # to the source's normalized coords (align_corners=False: x_norm = (2 px + 1) / W - 1, px continuous)
+        scale = torch.tensor([2.0 / W, 2.0 / H])
+        theta = torch.zeros(1, 2, 3)
+        theta[0, :, :2] = scale[:, None] * a
+        theta[0, :, 2] = torch.tensor([2.0 * cx / W - 1.0, 2.0 * cy / H - 1.0])
+        grid = F.affine_grid(theta, (1, 3, out_h, out_w), align_corners=False)
+        x = F.grid_sample(img[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
+        if aug.brightness or aug.contrast or aug.saturation:
+            x = (x + 1) / 2
+            x = x * _uniform(gen, 1 - aug.brightness, 1 + aug.brightness)
+            mean = x.mean()
+            x = (x - mean) * _uniform(gen, 1 - aug.contrast, 1 + aug.contrast) + mean
+            gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+            x = (x - gray) * _uniform(gen, 1 - aug.saturation, 1 + aug.saturation) + gray
+            x = x.clamp(0, 1) * 2 - 1
+        if aug.noise:
+            x = x + aug.noise * torch.randn(x.shape, generator=gen)
+        crops.append(x.clamp(-1, 1))
+    return torch.stack(crops)
+
+
+def fixed_crops(images: list[torch.Tensor], n: int, size: tuple[int, int]) -> torch.Tensor:
+    """Deterministic crops (no augmentation) for samples and evaluation: evenly spaced along the width."""
+    h, w = size
+    out = []
+    for t in range(n):
+        img = images[t % len(images)]
+        H, W = img.shape[-2:]
+        top = (H - h) // 2
+        left = int(round((W - w) * (t / max(1, n - 1)))) if n > 1 else (W - w) // 2
+        out.append(img[:, top:top + h, left:left + w])
+    return torch.stack(out)
+
+
+# =============================================================================================
+# Distributed
+
+class Dist:
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        self.device = torch.device("cpu")
+        if self.enabled:
+            import torch.distributed as td
+            if torch.cuda.is_available():
+                self.device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(self.device)
+            if not td.is_initialized():
+                td.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if not self.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                   broadcast_buffers=False)
+
+    def barrier(self):
+        if self.enabled:
+            import torch.distributed as td
+            td.barrier()
+
+    def any_flag(self, flag: bool) -> bool:
+        """True on every rank when any rank raised the flag (stop requests, NaN)."""
+        if not self.enabled:
+            return flag
+        import torch.distributed as td
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        td.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def close(self):
+        if self.enabled:
+            import torch.distributed as td
+            if td.is_initialized():
+                td.destroy_process_group()
+
+
+# =============================================================================================
+# Checkpoints and run plumbing
+
+def train_paths(out: Path) -> tuple[Path, Path]:
+    return out.with_name(out.name + ".train.safetensors"), out.with_name(out.name + ".train.pt")
+
+
+def rank_state_path(out: Path, rank: int) -> Path:
+    return out.with_name(out.name + f".train.rank{rank}.pt")
+
+
+def save_training(out: Path, modules: dict[str, nn.Module], state: dict, dist: Dist, data_gen: torch.Generator):
+    """Weights (fp32 safetensors) and the state file; data RNG per rank."""
+    if dist.enabled:  # every rank keeps its own data position
+        rank_state = {"data_rng": data_gen.get_state()}
+        atomic_write(rank_state_path(out, dist.rank), lambda tmp: torch.save(rank_state, tmp))
+    if not dist.main:
+        return
+    weights, state_file = train_paths(out)
+    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    save_model_file(weights, tensors, "training_checkpoint", extra_metadata={"step": str(state["step"])})
+    full = dict(state)
+    full["data_rng"] = data_gen.get_state()
+    full["torch_rng"] = torch.get_rng_state()
+    atomic_write(state_file, lambda tmp: torch.save(full, tmp))
+
+
+def load_training(out: Path, modules: dict[str, nn.Module], config: dict, dist: Dist) -> dict:
+    weights, state_file = train_paths(out)
+    if not weights.is_file() or not state_file.is_file():
+        raise TrainingError(f"--resume: no training checkpoint next to {out} (expected {weights.name} and "
+                            f"{state_file.name}); start without --resume")
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    saved, config = _flat(json.loads(state["config"])), _flat(json.loads(json.dumps(config, sort_keys=True)))
+    diff = sorted(k for k in set(saved) | set(config) if saved.get(k, "<absent>") != config.get(k, "<absent>"))
+    if diff:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k, '<absent>')!r} vs now {config.get(k, '<absent>')!r}"
+                           for k in diff)
+        raise TrainingError(f"--resume: the checkpoint {state_file.name} was trained with another configuration "
+                            f"({detail}); use the same settings or start a new run")
+    tensors, _ = load_state_dict(weights)
+    from .checkpoint import load_strict
+    for name, m in modules.items():
+        prefix = name + "."
+        load_strict(m, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                    f"{weights.name} ({name})")
+    if dist.enabled:
+        rp = rank_state_path(out, dist.rank)
+        if rp.is_file():
+            state["data_rng"] = torch.load(rp, map_location="cpu", weights_only=True)["data_rng"]
+    return state
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves and stops at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM"):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n[train] received signal {signum}: saving a checkpoint and stopping after this step",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class CsvLog:
+    def __init__(self, log_dir: str | None, name: str, fields: list[str], resume: bool, enabled: bool):
+        self.file = None
+        if log_dir and enabled:
+            path = Path(log_dir) / f"{name}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new = not (resume and path.is_file())
+            self.file = open(path, "w" if new else "a", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
+            if new:
+                self.writer.writeheader()
+
+    def write(self, row: dict):
+        if self.file:
+            self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def _progress(total, initial, enabled, desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
+                mininterval=2.0, file=sys.stderr)
+
+
+def _set_lr(opt, lr, step, warmup):
+    f = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    for g in opt.param_groups:
+        g["lr"] = lr * f
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+# =============================================================================================
+# VQGAN stage
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN (pix2pix NLayerDiscriminator layout, GroupNorm instead of BatchNorm so
+    the batch composition does not change its output)."""
+
+    def __init__(self, ch: int = 32, n_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)]
+        c = ch
+        for i in range(1, n_layers):
+            c_out = min(ch * 2 ** i, ch * 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2, 1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
+            c = c_out
+        layers += [nn.Conv2d(c, c, 4, 1, 1), nn.GroupNorm(8, c), nn.LeakyReLU(0.2), nn.Conv2d(c, 1, 4, 1, 1)]
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@torch.no_grad()
+def _restart_dead_codes(vq: VQModel, usage: torch.Tensor, z: torch.Tensor, gen: torch.Generator) -> int:
+    """Codes unused since the last restart take the value of random encoder outputs (CPU-budget trick
+    against codebook collapse). z: [N, C] encoder outputs of the current batch."""
+    dead = torch.nonzero(usage == 0).flatten()
+    if len(dead) == 0 or len(z) == 0:
+        return 0
+    pick = torch.randint(len(z), (len(dead),), generator=gen)
+    noise = 0.01 * z.std() * torch.randn(len(dead), z.shape[1], generator=gen)
+    vq.quantize.embedding.weight.data[dead] = (z[pick].cpu() + noise).to(vq.quantize.embedding.weight)
+    return len(dead)
+
+
+def vqgan_config_dict(args) -> dict:
+    return {"stage": "vqgan", "preset": args.preset, "crop": args.crop, "batch": args.batch, "lr": args.lr,
+            "disc_start": args.disc_start, "disc_weight": args.disc_weight, "one_shot": args.one_shot,
+            "downscale": args.downscale, "seed": args.seed, "restart_every": args.restart_every,
+            "world": int(os.environ.get("WORLD_SIZE", "1")), "init": args.init or ""}
+
+
+def train_vqgan(args) -> dict:
+    if args.lpips:
+        raise TrainingError("--lpips: the perceptual loss is not supported yet; train without it "
+                            "(L1 + codebook + PatchGAN)")
+    dist = Dist()
+    torch.manual_seed(args.seed)
+    f = get_config(args.preset).downsample_factor
+    if args.crop % f:
+        raise TrainingError(f"--crop {args.crop} must be a multiple of the preset's downsample factor {f}")
+    images = load_images(args.images, args.downscale, (args.crop, args.crop))
+    cfg = get_config(args.preset)
+    if args.init:
+        vq = load_vqgan(args.init).float()
+        cfg = vq.config
+    else:
+        vq = VQModel(cfg)
+    disc = PatchDiscriminator(n_layers=3 if args.crop >= 32 else 2)  # its 4x4 convs need >= 2 px at the end
+    vq.to(dist.device).train()
+    disc.to(dist.device).train()
+    opt_g = torch.optim.Adam(vq.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
+    out = Path(args.out)
+    config = vqgan_config_dict(args)
+    step, usage = 0, torch.zeros(cfg.n_embed, dtype=torch.long)
+    modules = {"vqgan": vq, "disc": disc}
+    if args.resume:
+        st = load_training(out, modules, config, dist)
+        step = int(st["step"])
+        opt_g.load_state_dict(st["optim"]["vqgan"])
+        opt_d.load_state_dict(st["optim"]["disc"])
+        data_gen.set_state(st["data_rng"])
+        torch.set_rng_state(st["torch_rng"])
+        usage = st["usage"]
+    vq_ddp, disc_ddp = dist.wrap(vq), dist.wrap(disc)
+    aug = Augment() if args.one_shot else Augment(scale=(0.8, 1.0), rotate_deg=0.0, shear=0.0, noise=0.0)
+    sample_in = fixed_crops(images, 4, (args.crop, args.crop))
+    log = CsvLog(args.log_dir, "vqgan", ["step", "time", "loss", "l1", "codebook", "g_adv", "d_loss",
+                                         "codes_used", "restarted"], args.resume, dist.main)
+    bar = _progress(args.steps, step, dist.main and not args.quiet, "vqgan")
+    t0, last_good, stopped = time.time(), None, "steps"
+    stats = {"loss": float("nan")}
+    with StopRequest() as stop:
+        while step < args.steps:
+            if dist.any_flag(stop.signal is not None):
+                stopped = "signal"
+                break
+            if args.max_minutes and dist.any_flag((time.time() - t0) / 60 >= args.max_minutes):
+                stopped = "max-minutes"
+                break
+            x = random_crops(images, args.batch, (args.crop, args.crop), data_gen, aug).to(dist.device)
+            _set_lr(opt_g, args.lr, step, args.warmup)
+            _set_lr(opt_d, args.lr, step, args.warmup)
+            rec, q_loss, ids = vq_ddp(x)
+            l1 = (rec - x).abs().mean()
+            loss = l1 + q_loss
+            use_disc = step >= args.disc_start
+            g_adv = torch.zeros(())
+            if use_disc:
+                for p in disc.parameters():
+                    p.requires_grad_(False)
+                g_adv = -disc_ddp(rec).mean() if not dist.enabled else -disc(rec).mean()
+                loss = loss + args.disc_weight * g_adv
+                for p in disc.parameters():
+                    p.requires_grad_(True)
+            if args.debug_nan_at is not None and step == args.debug_nan_at:
+                loss = loss * float("nan")
+            if dist.any_flag(not _finite(loss.detach())):
+                raise TrainingDiverged(_nan_message(out, step, last_good))
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_g.step()
+            d_loss = torch.zeros(())
+            if use_disc:
+                logits = disc_ddp(torch.cat([x, rec.detach()]))  # one pass: DDP allows one forward per backward
+                real, fake = logits[:len(x)], logits[len(x):]
+                d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+            usage += torch.bincount(ids.flatten().cpu(), minlength=cfg.n_embed)
+            step += 1
+            restarted = 0
+            if args.restart_every and step % args.restart_every == 0:  # independent of --steps: resumable
+                with torch.no_grad():
+                    z = vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
+                if dist.enabled:  # identical restarts on every rank: use rank 0's batch
+                    import torch.distributed as td
+                    td.broadcast(z, 0)
+                    td.all_reduce(usage)
+                restarted = _restart_dead_codes(vq, usage, z, data_gen if not dist.enabled else
+                                                torch.Generator().manual_seed(args.seed + step))
+                usage.zero_()
+            stats = {"step": step, "time": time.time() - t0, "loss": loss.item(), "l1": l1.item(),
+                     "codebook": q_loss.item(), "g_adv": g_adv.item(), "d_loss": d_loss.item(),
+                     "codes_used": int((usage > 0).sum()), "restarted": restarted}
+            log.write(stats)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(l1=f"{stats['l1']:.4f}", cb=f"{stats['codebook']:.4f}", d=f"{stats['d_loss']:.3f}",
+                                ips=f"{args.batch * dist.world * step / max(1e-9, time.time() - t0):.1f}")
+            if args.save_every and step % args.save_every == 0:
+                _save_vq(out, vq, disc, opt_g, opt_d, step, usage, config, dist, data_gen, args)
+                last_good = step
+            if args.sample_every and dist.main and step % args.sample_every == 0:
+                _vq_samples(vq, sample_in, Path(args.sample_dir or "outputs/samples") / f"vqgan_{step:06d}.png")
+    if bar is not None:
+        bar.close()
+    _save_vq(out, vq, disc, opt_g, opt_d, step, usage, config, dist, data_gen, args)
+    if args.debug_dump_replicas:
+        _dump_replica(out, vq, dist)
+    if dist.main:
+        save_vqgan(vq, out, dtype=_dtype(args.save_dtype))
+        print(f"[train] vqgan: stopped ({stopped}) at step {step}; wrote {out} and its training checkpoint",
+              file=sys.stderr)
+    log.close()
+    dist.barrier()
+    dist.close()
+    return {"step": step, "stopped": stopped, **stats}
+
+
+def _save_vq(out, vq, disc, opt_g, opt_d, step, usage, config, dist, data_gen, args):
+    state = {"step": step, "optim": {"vqgan": opt_g.state_dict(), "disc": opt_d.state_dict()},
+             "config": json.dumps(config, sort_keys=True), "usage": usage.clone()}
+    save_training(out, {"vqgan": vq, "disc": disc}, state, dist, data_gen)
+
+
+@torch.no_grad()
+def _vq_samples(vq: VQModel, x: torch.Tensor, path: Path):
+    was = vq.training
+    vq.eval()
+    rec = vq(x.to(vq.quant_conv.weight.device))[0].cpu()
+    vq.train(was)
+    grid = torch.cat([torch.cat(list(x), dim=2), torch.cat(list(rec), dim=2)], dim=1)  # [3, 2h, n*w]
+    save_image(model_to_image(grid[None]), path)
+
+
+def _dump_replica(out: Path, module: nn.Module, dist: Dist):
+    """Tests: every rank writes its own copy of the weights, to check the replicas agree."""
+    sd = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    atomic_write(out.with_name(out.name + f".replica{dist.rank}.pt"), lambda tmp: torch.save(sd, tmp))
+
+
+def _nan_message(out: Path, step: int, last_good) -> str:
+    weights, _ = train_paths(out)
+    where = (f"the last good checkpoint ({weights.name}, step {last_good}) is kept" if last_good is not None
+             else "no checkpoint of this run was written yet" + (" (an older one is kept)" if weights.is_file() else ""))
+    return (f"the loss became NaN or infinite at step {step}; stopping without saving. {where}. "
+            f"Lower --lr or resume from the checkpoint with --resume")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+# =============================================================================================
+# Renderer stage (render-and-optimize)
+
+def parse_triple(text: str, name: str) -> tuple[int, int, int]:
+    try:
+        vals = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) == 2:
+        vals = (1,) + vals
+    if len(vals) != 3 or min(vals) < 0:
+        raise TrainingError(f"{name} {text!r}: expected ROWSxCOLS or F,H,W whole numbers")
+    return vals
+
+
+def renderer_config_from_args(args, vocab: int) -> RendererConfig:
+    return RendererConfig(vocab_size=vocab, patch_size=parse_triple(args.patch, "--patch"), n_layer=args.layers,
+                          n_head=args.heads, d_model=args.dim, extent=parse_triple(args.extent, "--extent"),
+                          text_dim=args.text_dim, decoder=args.decoder, rpe=args.rpe)
+
+
+class _TeacherForced(nn.Module):
+    """Lets DistributedDataParallel see `teacher_forced` as the module's forward."""
+
+    def __init__(self, renderer: Renderer):
+        super().__init__()
+        self.renderer = renderer
+
+    def forward(self, tokens, order, ctx, masked):
+        return self.renderer.teacher_forced(tokens, order, ctx, self.renderer.text_kv(None), masked=masked)
+
+
+def pnar_mask(b: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    """P-NAR training mask: a ratio r ~ U(0,1] per sample, cos(pi/2 r) of the tokens hidden (>= 1)."""
+    r = torch.rand(b, generator=gen)
+    n = (torch.cos(math.pi / 2 * r) * m).ceil().clamp(1, m).long()
+    scores = torch.rand(b, m, generator=gen)
+    ranks = scores.argsort(1).argsort(1)
+    return ranks < n[:, None]
+
+
+def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tensor, order, opt,
+                        gen: torch.Generator, label_smoothing: float = 0.0, accumulate: bool = False,
+                        no_context: bool = False, lr_fn=None, check=None) -> dict:
+    """Algorithm 1 on one batch of token grids [B, F*pf, H*ph, W*pw]: returns losses and step counts.
+
+    Every patch is rendered from the pool's context, its loss is optimized at once (or summed and
+    optimized once per sample with `accumulate`), and its detached cache added to the pool.
+    """
+    cfg = renderer.config
+    pf, ph, pw = cfg.patch_size
+    b, ft, h, w = tokens.shape
+    grid = (ft // pf, h // ph, w // pw)
+    steps = adc.split(grid, order)
+    last = last_needed_steps(steps, cfg.extent)
+    pool = NearbyContextPool(cfg.extent)
+    device = tokens.device
+    losses, n_opt = [], 0
+    if accumulate:
+        opt.zero_grad(set_to_none=True)
+    for t, coord in enumerate(steps):
+        k, i, j = coord
+        patch = tokens[:, k * pf:(k + 1) * pf, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].reshape(b, -1)
+        ctx = Context(None, None, 0) if no_context else Context.from_pool(pool.select(coord), coord, renderer.rel, device)
+        masked = pnar_mask(b, patch.shape[1], gen).to(device) if cfg.decoder == "pnar" else None
+        logits, cache = model(patch, order, ctx, masked)
+        if cfg.decoder == "pnar":
+            loss = F.cross_entropy(logits[masked], patch[masked], label_smoothing=label_smoothing)
+        else:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), patch.reshape(-1),
+                                   label_smoothing=label_smoothing)
+        if check is not None:
+            check(loss)
+        if accumulate:
+            (loss / len(steps)).backward()
+        else:
+            if lr_fn is not None:
+                lr_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n_opt += 1
+        losses.append(loss.item())
+        if not no_context:
+            pool.add(coord, cache.detach())
+            pool.remove(t, last)
+    if accumulate:
+        if lr_fn is not None:
+            lr_fn()
+        opt.step()
+        n_opt += 1
+    return {"loss": sum(losses) / len(losses), "first_patch": losses[0], "optimizer_steps": n_opt,
+            "patches": len(steps), "peak_pool": pool.peak_size}
+
+
+def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
+    return {"stage": "renderer", "renderer": dataclasses.asdict(rcfg), "tokenizer": str(Path(args.tokenizer).name),
+            "sample_patches": args.sample_patches, "batch": args.batch, "lr": args.lr, "one_shot": args.one_shot,
+            "downscale": args.downscale, "seed": args.seed, "accumulate": args.accumulate,
+            "no_context": args.no_context, "label_smoothing": args.label_smoothing,
+            "world": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
+def train_renderer(args) -> dict:
+    if args.clip or args.text_embeddings:
+        raise TrainingError("captions (--clip / --text-embeddings) are not implemented yet; train without text")
+    if args.text_dim:
+        raise TrainingError("--text-dim > 0 needs captions, which are not implemented yet; use --text-dim 0")
+    dist = Dist()
+    torch.manual_seed(args.seed)
+    vq = load_vqgan(args.tokenizer).float().to(dist.device).eval()
+    for p in vq.parameters():
+        p.requires_grad_(False)
+    rcfg = renderer_config_from_args(args, vq.config.n_embed)
+    if args.label_smoothing is None:
+        args.label_smoothing = 0.15 if args.one_shot else 0.0
+    f = vq.downsample_factor
+    rows, cols = parse_triple(args.sample_patches, "--sample-patches")[1:]
+    _, ph, pw = rcfg.patch_size
+    crop = (rows * ph * f, cols * pw * f)
+    images = load_images(args.images, args.downscale, (ph * f, pw * f))
+    if not args.one_shot:  # whole images: crop to whole patches, no resampling
+        for n, img in enumerate(images):
+            if img.shape[-2] < crop[0] or img.shape[-1] < crop[1]:
+                crop = (min(crop[0], img.shape[-2] // (ph * f) * ph * f), min(crop[1], img.shape[-1] // (pw * f) * pw * f))
+    renderer = Renderer(rcfg).to(dist.device).train()
+    model = dist.wrap(_TeacherForced(renderer))
+    opt = torch.optim.AdamW(renderer.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
+    out = Path(args.out)
+    config = renderer_config_dict(args, rcfg)
+    step, opt_steps = 0, 0
+    if args.resume:
+        st = load_training(out, {"renderer": renderer}, config, dist)
+        step, opt_steps = int(st["step"]), int(st["optimizer_steps"])
+        opt.load_state_dict(st["optim"]["renderer"])
+        data_gen.set_state(st["data_rng"])
+        torch.set_rng_state(st["torch_rng"])
+    aug = Augment() if args.one_shot else Augment.off()
+    log = CsvLog(args.log_dir, "renderer", ["step", "optimizer_steps", "time", "loss", "first_patch", "order",
+                                            "peak_pool"], args.resume, dist.main)
+    bar = _progress(args.steps, step, dist.main and not args.quiet, "renderer")
+    t0, last_good, stopped = time.time(), None, "steps"
+    stats: dict = {"loss": float("nan")}
+    counter = {"n": opt_steps}
+
+    def lr_fn():
+        _set_lr(opt, args.lr, counter["n"], args.warmup)
+        counter["n"] += 1
+
+    with StopRequest() as stop:
+        while step < args.steps:
+            if dist.any_flag(stop.signal is not None):
+                stopped = "signal"
+                break
+            if args.max_minutes and dist.any_flag((time.time() - t0) / 60 >= args.max_minutes):
+                stopped = "max-minutes"
+                break
+            x = random_crops(images, args.batch, crop, data_gen, aug)
+            with torch.no_grad():
+                tokens = vq.encode_tokens(x.to(dist.device))[:, None]  # [B, 1, h, w]
+            order = adc.ORDERS[int(torch.randint(len(adc.ORDERS), (1,), generator=data_gen))]
+            nan_now = args.debug_nan_at is not None and step == args.debug_nan_at
+
+            def check(loss):
+                if nan_now:
+                    loss.data.fill_(float("nan"))
+                if dist.any_flag(not _finite(loss.detach())):
+                    raise TrainingDiverged(_nan_message(out, step, last_good))
+
+            res = render_and_optimize(renderer, model, tokens, order, opt, data_gen, args.label_smoothing,
+                                      args.accumulate, args.no_context, lr_fn, check)
+            step += 1
+            opt_steps = counter["n"]
+            stats = {"step": step, "optimizer_steps": opt_steps, "time": time.time() - t0, "loss": res["loss"],
+                     "first_patch": res["first_patch"], "order": order.value, "peak_pool": res["peak_pool"]}
+            log.write(stats)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{res['loss']:.3f}",
+                                tok_s=f"{args.batch * dist.world * tokens[0].numel() * step / max(1e-9, time.time() - t0):.0f}")
+            if args.save_every and step % args.save_every == 0:
+                _save_r(out, renderer, opt, step, opt_steps, config, dist, data_gen)
+                last_good = step
+            if args.sample_every and dist.main and step % args.sample_every == 0:
+                _renderer_samples(vq, renderer, images, Path(args.sample_dir or "outputs/samples") / f"renderer_{step:06d}.png")
+    if bar is not None:
+        bar.close()
+    _save_r(out, renderer, opt, step, opt_steps, config, dist, data_gen)
+    if args.debug_dump_replicas:
+        _dump_replica(out, renderer, dist)
+    if dist.main:
+        from .generation import NuwaInfinity
+        NuwaInfinity(vq, renderer).save(out, dtype=_dtype(args.save_dtype))
+        print(f"[train] renderer: stopped ({stopped}) at step {step} ({opt_steps} optimizer steps); wrote {out}",
+              file=sys.stderr)
+    log.close()
+    dist.barrier()
+    dist.close()
+    return {"step": step, "stopped": stopped, "optimizer_steps": opt_steps, **stats}
+
+
+def _save_r(out, renderer, opt, step, opt_steps, config, dist, data_gen):
+    state = {"step": step, "optimizer_steps": opt_steps, "optim": {"renderer": opt.state_dict()},
+             "config": json.dumps(config, sort_keys=True)}
+    save_training(out, {"renderer": renderer}, state, dist, data_gen)
+
+
+@torch.no_grad()
+def _renderer_samples(vq, renderer, images, path: Path):
+    """A 1 x 4 patch canvas generated from nothing, decoded."""
+    from .generation import NuwaInfinity
+    from .patch_samplers import SamplerSettings
+    was = renderer.training
+    renderer.eval()
+    m = NuwaInfinity(vq, renderer)
+    st = m.blank_canvas(1, 4)
+    st = m.generate(st, m.plan_fill(st), SamplerSettings(top_k=64), generator=torch.Generator().manual_seed(0))
+    save_image(m.decode(st), path)
+    renderer.train(was)
+
+
+# =============================================================================================
+# Command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nuwa_core.train", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="stage", required=True)
+
+    def common(s):
+        s.add_argument("--images", required=True, help="an image file or a folder of images")
+        s.add_argument("--out", required=True, help="output .safetensors (training state goes next to it)")
+        s.add_argument("--steps", type=int, default=100000)
+        s.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this wall time")
+        s.add_argument("--batch", type=int, default=8)
+        s.add_argument("--lr", type=float)
+        s.add_argument("--warmup", type=int, default=100, help="linear warm-up of the learning rate, in optimizer steps")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--resume", action="store_true")
+        s.add_argument("--one-shot", action="store_true", help="random augmented crops of one large image (appendix D)")
+        s.add_argument("--downscale", type=int, default=1, help="shrink the training images by this factor first")
+        s.add_argument("--save-every", type=int, default=200)
+        s.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+        s.add_argument("--sample-every", type=int, default=0)
+        s.add_argument("--sample-dir", default=None)
+        s.add_argument("--log-dir", default=None, help="write a CSV log here")
+        s.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+        s.add_argument("--quiet", action="store_true")
+        s.add_argument("--debug-nan-at", type=int, default=None, help=argparse.SUPPRESS)
+        s.add_argument("--debug-dump-replicas", action="store_true", help=argparse.SUPPRESS)
+
+    v = sub.add_parser("vqgan", help="train / fine-tune the VQGAN tokenizer")
+    common(v)
+    v.add_argument("--preset", default="small_f8")
+    v.add_argument("--init", default=None, help="start from this VQGAN file (fine-tuning)")
+    v.add_argument("--crop", type=int, default=64)
+    v.add_argument("--disc-start", type=int, default=2000)
+    v.add_argument("--disc-weight", type=float, default=0.1)
+    v.add_argument("--restart-every", type=int, default=100, help="re-seed unused codes every N steps (0: off)")
+    v.add_argument("--lpips", default=None, help="local LPIPS weights (not supported yet)")
+
+    r = sub.add_parser("renderer", help="render-and-optimize training of the renderer")
+    common(r)
+    r.add_argument("--tokenizer", required=True, help="the frozen VQGAN .safetensors")
+    r.add_argument("--layers", type=int, default=4)
+    r.add_argument("--heads", type=int, default=4)
+    r.add_argument("--dim", type=int, default=128)
+    r.add_argument("--patch", default="8x8", help="tokens per patch, ROWSxCOLS")
+    r.add_argument("--extent", default="0,1,1", help="E_F,E_H,E_W context extent in patches")
+    r.add_argument("--decoder", choices=("ar", "nar", "pnar"), default="ar")
+    r.add_argument("--rpe", choices=("pre", "post"), default="pre")
+    r.add_argument("--text-dim", type=int, default=0)
+    r.add_argument("--sample-patches", default="2x4", help="patches per training sample, ROWSxCOLS")
+    r.add_argument("--label-smoothing", type=float, default=None, help="default 0.15 with --one-shot, else 0")
+    r.add_argument("--weight-decay", type=float, default=0.01)
+    r.add_argument("--accumulate", action="store_true", help="one optimizer step per sample (ablation)")
+    r.add_argument("--no-context", action="store_true", help="baseline: every patch without context")
+    r.add_argument("--clip", default=None, help="open_clip text tower weights (not implemented yet)")
+    r.add_argument("--text-embeddings", default=None, help="precomputed caption embeddings (not implemented yet)")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.lr is None:
+        args.lr = 2e-4 if args.stage == "vqgan" else 3e-4
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("steps", "batch"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return train_vqgan(args) if args.stage == "vqgan" else train_renderer(args)
+
+
+def cli(argv=None) -> int:
+    try:
+        res = main(argv)
+    except (TrainingError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 130 if res.get("stopped") == "signal" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,255 @@
+"""Training entry points: render-and-optimize, checkpoint/resume, failure modes (tiny configs, CPU)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nuwa_core import arbitrary_direction_controller as adc
+from nuwa_core import train
+from nuwa_core.checkpoint import atomic_write, load_state_dict
+from nuwa_core.renderer import Renderer, RendererConfig
+from nuwa_core.vqgan import VQModel, get_config, save_vqgan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _image(path: Path, w=64, h=32, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / 5.0 + c) * 0.5 + 0.5 + 0.1 * np.cos(yy / 3.0) for c in range(3)], -1)
+    arr = (np.clip(base + 0.05 * rng.standard_normal(base.shape), 0, 1) * 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    if mode == "RGBA":
+        img = img.convert("RGBA")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _tiny_renderer(decoder="ar", vocab=64):
+    torch.manual_seed(0)
+    return Renderer(RendererConfig(vocab_size=vocab, patch_size=(1, 2, 2), n_layer=1, n_head=2, d_model=32,
+                                   extent=(0, 1, 1), decoder=decoder))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tok") / "tiny_vq.safetensors"
+    save_vqgan(VQModel(get_config("tiny")), path)
+    return path
+
+
+def _vq_args(img, out, *extra):
+    return ["vqgan", "--images", str(img), "--out", str(out), "--preset", "tiny", "--crop", "16", "--batch", "2",
+            "--warmup", "2", "--disc-start", "2", "--restart-every", "3", "--quiet", "--save-every", "0", *extra]
+
+
+def _r_args(img, tok, out, *extra):
+    return ["renderer", "--images", str(img), "--tokenizer", str(tok), "--out", str(out), "--layers", "1",
+            "--heads", "2", "--dim", "32", "--patch", "2x2", "--extent", "0,1,1", "--sample-patches", "2x2",
+            "--batch", "2", "--warmup", "2", "--quiet", "--save-every", "0", *extra]
+
+
+# ---- render-and-optimize ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("decoder", ["ar", "pnar"])
+def test_render_and_optimize_decreases_loss_on_a_repeated_grid(decoder):
+    r = _tiny_renderer(decoder)
+    opt = torch.optim.Adam(r.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(64, (2, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+    first = train.render_and_optimize(r, train._TeacherForced(r), tokens, adc.Order.DOWN_RIGHT, opt, gen)["loss"]
+    for _ in range(15):
+        last = train.render_and_optimize(r, train._TeacherForced(r), tokens, adc.Order.DOWN_RIGHT, opt, gen)["loss"]
+    assert last < first - 0.5
+
+
+def test_one_optimizer_step_per_patch_or_per_sample_with_accumulate():
+    tokens = torch.randint(64, (2, 1, 4, 6), generator=torch.Generator().manual_seed(1))  # 2 x 3 patches
+    for accumulate, expected in ((False, 6), (True, 1)):
+        r = _tiny_renderer()
+        opt = torch.optim.Adam(r.parameters(), lr=1e-3)
+        calls = []
+        orig = opt.step
+        opt.step = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+        res = train.render_and_optimize(r, train._TeacherForced(r), tokens, adc.Order.RIGHT_DOWN, opt,
+                                        torch.Generator(), accumulate=accumulate)
+        assert res["optimizer_steps"] == expected == len(calls)
+        assert res["patches"] == 6
+        assert res["peak_pool"] >= 2  # the pool fed the later patches
+
+
+def test_no_context_baseline_keeps_the_pool_empty():
+    r = _tiny_renderer()
+    opt = torch.optim.Adam(r.parameters(), lr=1e-3)
+    tokens = torch.randint(64, (1, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+    res = train.render_and_optimize(r, train._TeacherForced(r), tokens, adc.Order.DOWN_LEFT, opt, torch.Generator(),
+                                    no_context=True)
+    assert res["peak_pool"] == 0 and res["optimizer_steps"] == 4
+
+
+def test_augmented_crops_are_seeded_and_in_range():
+    img = torch.rand(3, 40, 120) * 2 - 1
+    a = train.random_crops([img], 3, (16, 32), torch.Generator().manual_seed(5), train.Augment())
+    b = train.random_crops([img], 3, (16, 32), torch.Generator().manual_seed(5), train.Augment())
+    assert a.shape == (3, 3, 16, 32) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    plain = train.random_crops([img], 1, (40, 120), torch.Generator(), train.Augment.off())
+    assert torch.allclose(plain[0], img, atol=1e-5)  # no augmentation: the identity window
+
+
+# ---- whole runs, resume, checkpoints -----------------------------------------------------------
+
+def _weights(out: Path):
+    return load_state_dict(train.train_paths(out)[0])[0]
+
+
+def test_vqgan_resume_equals_one_run(tmp_path):
+    img = _image(tmp_path / "a.png")
+    torch.set_num_threads(1)
+    res = train.main(_vq_args(img, tmp_path / "one.safetensors", "--steps", "6", "--one-shot"))
+    assert res["step"] == 6 and (tmp_path / "one.safetensors").is_file()
+    train.main(_vq_args(img, tmp_path / "two.safetensors", "--steps", "3", "--one-shot"))
+    train.main(_vq_args(img, tmp_path / "two.safetensors", "--steps", "6", "--one-shot", "--resume"))
+    a, b = _weights(tmp_path / "one.safetensors"), _weights(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_renderer_resume_equals_one_run_and_bundle_loads(tmp_path, tokenizer):
+    img = _image(tmp_path / "a.png")
+    torch.set_num_threads(1)
+    res = train.main(_r_args(img, tokenizer, tmp_path / "one.safetensors", "--steps", "4", "--one-shot"))
+    assert res["optimizer_steps"] == 4 * 4  # 2x2 patches per sample, one step each
+    train.main(_r_args(img, tokenizer, tmp_path / "two.safetensors", "--steps", "2", "--one-shot"))
+    train.main(_r_args(img, tokenizer, tmp_path / "two.safetensors", "--steps", "4", "--one-shot", "--resume"))
+    a, b = _weights(tmp_path / "one.safetensors"), _weights(tmp_path / "two.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    from nuwa_core.generation import NuwaInfinity
+    from nuwa_core.patch_samplers import SamplerSettings
+    m = NuwaInfinity.load(tmp_path / "one.safetensors")
+    st = m.blank_canvas(1, 3)
+    st = m.generate(st, m.plan_fill(st), SamplerSettings(top_k=8), generator=torch.Generator().manual_seed(0))
+    assert st.known.all() and m.decode(st).shape == (1, 8, 24, 3)
+
+
+def test_accumulate_counts_one_step_per_sample(tmp_path, tokenizer):
+    img = _image(tmp_path / "a.png")
+    res = train.main(_r_args(img, tokenizer, tmp_path / "acc.safetensors", "--steps", "3", "--accumulate"))
+    assert res["optimizer_steps"] == 3
+
+
+def test_resume_with_another_config_is_refused_naming_it(tmp_path, tokenizer):
+    img = _image(tmp_path / "a.png")
+    train.main(_r_args(img, tokenizer, tmp_path / "r.safetensors", "--steps", "1"))
+    with pytest.raises(train.TrainingError, match="d_model"):
+        train.main(_r_args(img, tokenizer, tmp_path / "r.safetensors", "--steps", "2", "--resume", "--dim", "64"))
+    with pytest.raises(train.TrainingError, match="no training checkpoint"):
+        train.main(_r_args(img, tokenizer, tmp_path / "none.safetensors", "--steps", "2", "--resume"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer):
+    img = _image(tmp_path / "a.png")
+    out = tmp_path / "n.safetensors"
+    args = _r_args(img, tokenizer, out, "--steps", "10", "--debug-nan-at", "3")
+    args[args.index("--save-every") + 1] = "2"
+    with pytest.raises(train.TrainingDiverged, match=r"step 3.*last good checkpoint.*step 2"):
+        train.main(args)
+    state = torch.load(train.train_paths(out)[1], weights_only=True)
+    assert state["step"] == 2
+    assert not out.exists()  # no model written from a diverged run
+    v = _vq_args(img, tmp_path / "v.safetensors", "--steps", "5", "--debug-nan-at", "1")
+    with pytest.raises(train.TrainingDiverged, match="NaN"):
+        train.main(v)
+
+
+def test_atomic_write_leaves_the_old_file_when_a_write_dies(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_write(path, lambda tmp: torch.save({"step": torch.tensor(1)}, tmp))
+
+    def dies(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half a checkp")
+        raise KeyboardInterrupt  # killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, dies)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind
+
+
+def test_bad_inputs_name_the_problem(tmp_path, tokenizer):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(train.TrainingError, match="no image files"):
+        train.main(_vq_args(empty, tmp_path / "x.safetensors", "--steps", "1"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(train.TrainingError, match="bad.png"):
+        train.main(_vq_args(broken, tmp_path / "x.safetensors", "--steps", "1"))
+    small = _image(tmp_path / "small" / "s.png", w=6, h=6)
+    with pytest.raises(train.TrainingError, match="s.png.*smaller than"):
+        train.main(_r_args(small, tokenizer, tmp_path / "x.safetensors", "--steps", "1"))
+    with pytest.raises(train.TrainingError, match="not supported yet"):
+        train.main(_vq_args(small, tmp_path / "x.safetensors", "--steps", "1", "--lpips", "x.pth"))
+    with pytest.raises(train.TrainingError, match="not implemented yet"):
+        train.main(_r_args(small, tokenizer, tmp_path / "x.safetensors", "--steps", "1", "--clip", "c.bin"))
+    with pytest.raises(train.TrainingError, match="no such file"):
+        train.main(_vq_args(tmp_path / "missing", tmp_path / "x.safetensors", "--steps", "1"))
+    assert train.cli(_vq_args(empty, tmp_path / "x.safetensors", "--steps", "1")) == 2
+
+
+def test_rgba_images_are_composited(tmp_path):
+    img = _image(tmp_path / "rgba.png", mode="RGBA")
+    (x,) = train.load_images(str(img))
+    assert x.shape == (3, 32, 64)
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+@pytest.mark.slow
+def test_sigterm_saves_before_exiting(tmp_path, tokenizer):
+    import signal
+    import time
+    img = _image(tmp_path / "a.png")
+    out = tmp_path / "s.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "nuwa_core.train", *_r_args(img, tokenizer, out, "--steps", "100000")],
+                            cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
+    time.sleep(8)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    state = torch.load(train.train_paths(out)[1], weights_only=True)
+    assert state["step"] > 0 and out.is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not found")
+def test_two_process_ddp_keeps_replicas_identical(tmp_path, tokenizer):
+    img = _image(tmp_path / "a.png")
+    out = tmp_path / "ddp.safetensors"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port=29517", "-m", "nuwa_core.train",
+           *_r_args(img, tokenizer, out, "--steps", "2", "--debug-dump-replicas")]
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = torch.load(out.with_name(out.name + ".replica0.pt"), weights_only=True)
+    b = torch.load(out.with_name(out.name + ".replica1.pt"), weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
