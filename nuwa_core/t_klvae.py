@@ -344,14 +344,12 @@ def t_klvae_from_state_dict(state: Mapping[str, torch.Tensor], metadata: Mapping
     if kind is not None:
         raise CheckpointError(f"{source} is a NUWA {kind!r} file, not a T-KLVAE or an SD image VAE")
     state = image_vae_state_dict(state, source)
-    if config is None:
-        config = config_from_image_vae(state)
-    z = state["decoder.conv_in.weight"].shape[1]
-    if z != config.z_channels:
+    z, expected = state["decoder.conv_in.weight"].shape[1], (config or TKLVAEConfig.sd()).z_channels
+    if z != expected:
         raise CheckpointError(f"{source} is a VAE with {z} latent channels (SD3 and Flux VAEs have 16) but the "
-                              f"T-KLVAE config expects {config.z_channels}; T-KLVAE builds on the SD 1.x "
+                              f"T-KLVAE config expects {expected}; T-KLVAE builds on the SD 1.x "
                               f"KL autoencoder with 4 latent channels")
-    model = TKLVAE(config)
+    model = TKLVAE(config or config_from_image_vae(state))
     checkpoint.load_strict(model, {**model.temporal_state_dict(), **state}, source)
     return model
 

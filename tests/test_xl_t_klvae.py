@@ -169,8 +169,9 @@ def test_other_architectures_are_named():
     with pytest.raises(checkpoint.CheckpointError, match="VQGAN"):
         t_klvae_from_state_dict(vq)
     sd3 = random_ldm_state(z=16)
-    with pytest.raises(checkpoint.CheckpointError, match="16 latent channels"):
-        t_klvae_from_state_dict(sd3, config=tiny())
+    for config in (tiny(), None):
+        with pytest.raises(checkpoint.CheckpointError, match="16 latent channels"):
+            t_klvae_from_state_dict(sd3, config=config)
     with pytest.raises(checkpoint.CheckpointError, match="no KL autoencoder"):
         t_klvae_from_state_dict({"foo.weight": torch.zeros(1)})
 
