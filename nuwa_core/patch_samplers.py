@@ -93,8 +93,13 @@ def decode_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch
     ctx_kv = renderer.context_kv(context)
     perm, inv = renderer.permutation(order)
     pos = renderer.positions()[perm]  # [M, d] position of the token predicted at each step
-    kv = [(pos.new_zeros(batch, cfg.n_head, m, dh), pos.new_zeros(batch, cfg.n_head, m, dh))
-          for _ in renderer.blocks]
+    n_ctx = 0 if context.hidden is None else context.hidden.shape[2]
+    kv = []  # per layer: [context keys; patch keys] in one buffer, the context written once
+    for layer_kv in ctx_kv:
+        k, v = (pos.new_zeros(batch, cfg.n_head, n_ctx + m, dh) for _ in range(2))
+        if layer_kv is not None:
+            k[:, :, :n_ctx], v[:, :, :n_ctx] = layer_kv
+        kv.append((k, v, n_ctx))
     hidden = pos.new_zeros(cfg.n_layer, batch, m, d)
     tokens = torch.zeros(batch, m, dtype=torch.long, device=pos.device)
     masks = [renderer.attn_mask(l, context, 1, 1, causal=False) for l in range(cfg.n_layer)]
@@ -103,7 +108,7 @@ def decode_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch
         for l, blk in enumerate(renderer.blocks):
             hidden[l, :, t] = x[:, 0]
             mask = None if masks[l] is None else _grow_post_bias(masks[l], t + 1)
-            x = blk(x, ctx_kv[l], renderer.self_key_emb(l), mask, text_kv[l], kv_cache=kv[l], pos=t)
+            x = blk(x, None, renderer.self_key_emb(l), mask, text_kv[l], kv_cache=kv[l], pos=t)
         token = choose(renderer.head(renderer.ln_f(x[:, 0])))
         tokens[:, t] = token
         if t + 1 < m:

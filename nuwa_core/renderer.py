@@ -127,8 +127,9 @@ class Block(nn.Module):
 
         ctx_kv: (k, v) of the context or None; self_key_emb [d] pre-RPE of offset 0 or None;
         mask: bool (True = attend) or float bias over [context; patch] keys, or None.
-        kv_cache: (k [B, h, M, d/h], v) preallocated for the patch; the new keys are written at
-        `pos` and attention reads the cache up to pos + T (token-by-token decoding).
+        kv_cache: (k [B, h, N, d/h], v, start) preallocated buffers whose first `start` rows hold
+        the context (ctx_kv is then None); the new keys are written at start + pos and attention
+        reads the buffer up to there, with no copy (token-by-token decoding).
         """
         h = self.ln_1(x)
         q, k = self.heads(self.q(h)), self.k(h)
@@ -136,10 +137,10 @@ class Block(nn.Module):
             k = k + self_key_emb
         k, v = self.heads(k), self.heads(self.v(h))
         if kv_cache is not None:
-            kc, vc = kv_cache
-            kc[:, :, pos:pos + x.shape[1]] = k
-            vc[:, :, pos:pos + x.shape[1]] = v
-            k, v = kc[:, :, :pos + x.shape[1]], vc[:, :, :pos + x.shape[1]]
+            kc, vc, start = kv_cache
+            end = start + pos + x.shape[1]
+            kc[:, :, start + pos:end], vc[:, :, start + pos:end] = k, v
+            k, v = kc[:, :, :end], vc[:, :, :end]
         if ctx_kv is not None:
             k, v = torch.cat([ctx_kv[0], k], dim=2), torch.cat([ctx_kv[1], v], dim=2)
         y = attention(q, k, v, mask, self.dropout if self.training else 0.0)
