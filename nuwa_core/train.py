@@ -660,11 +660,54 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
             "patches": len(steps), "peak_pool": pool.peak_size}
 
 
+@torch.no_grad()
+def build_token_bank(vq: VQModel, images: list[torch.Tensor], variants: int, aug: Augment, seed: int, device,
+                     f: int) -> list[torch.Tensor]:
+    """Encode every training image `variants` times once, up front: variant 0 as is, 1 flipped,
+    the rest through the full augmentation at the image's own size. -> list of token grids [h, w].
+
+    CPU budget: encoding a fresh augmented crop per sample costs far more than the renderer step."""
+    gen = torch.Generator().manual_seed(seed + 777)
+    bank = []
+    for img in images:
+        H, W = img.shape[-2] // f * f, img.shape[-1] // f * f
+        img = img[:, :H, :W]
+        for v in range(variants):
+            if v == 0:
+                x = img[None]
+            elif v == 1:
+                x = img.flip(-1)[None]
+            else:
+                x = random_crops([img], 1, (H, W), gen, dataclasses.replace(aug, scale=(1.0, 1.0)))
+            bank.append(vq.encode_tokens(x.to(device))[0].cpu())
+    return bank
+
+
+def token_crops(bank: list[torch.Tensor], n: int, size: tuple[int, int], gen: torch.Generator,
+                wrap: bool) -> torch.Tensor:
+    """n random token crops [n, 1, h, w] from the bank; `wrap`: columns wrap around (360-degree panoramas)."""
+    h, w = size
+    out = []
+    for _ in range(n):
+        grid = bank[int(torch.randint(len(bank), (1,), generator=gen))]
+        H, W = grid.shape
+        top = int(torch.randint(H - h + 1, (1,), generator=gen))
+        if wrap:
+            left = int(torch.randint(W, (1,), generator=gen))
+            cols = (torch.arange(w) + left) % W
+        else:
+            left = int(torch.randint(W - w + 1, (1,), generator=gen))
+            cols = torch.arange(left, left + w)
+        out.append(grid[top:top + h][:, cols])
+    return torch.stack(out)[:, None]
+
+
 def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
     return {"stage": "renderer", "renderer": dataclasses.asdict(rcfg), "tokenizer": str(Path(args.tokenizer).name),
             "sample_patches": args.sample_patches, "batch": args.batch, "lr": args.lr, "one_shot": args.one_shot,
             "downscale": args.downscale, "seed": args.seed, "accumulate": args.accumulate,
             "no_context": args.no_context, "label_smoothing": args.label_smoothing,
+            "token_bank": args.token_bank, "wrap": args.wrap,
             "world": int(os.environ.get("WORLD_SIZE", "1"))}
 
 
@@ -704,6 +747,9 @@ def train_renderer(args) -> dict:
         data_gen.set_state(st["data_rng"])
         torch.set_rng_state(st["torch_rng"])
     aug = Augment() if args.one_shot else Augment.off()
+    bank = None
+    if args.token_bank:
+        bank = build_token_bank(vq, images, args.token_bank, aug, args.seed, dist.device, f)
     log = CsvLog(args.log_dir, "renderer", ["step", "optimizer_steps", "time", "loss", "first_patch", "order",
                                             "peak_pool"], args.resume, dist.main)
     bar = _progress(args.steps, step, dist.main and not args.quiet, "renderer")
@@ -723,9 +769,12 @@ def train_renderer(args) -> dict:
             if args.max_minutes and dist.any_flag((time.time() - t0) / 60 >= args.max_minutes):
                 stopped = "max-minutes"
                 break
-            x = random_crops(images, args.batch, crop, data_gen, aug)
-            with torch.no_grad():
-                tokens = vq.encode_tokens(x.to(dist.device))[:, None]  # [B, 1, h, w]
+            if bank is not None:
+                tokens = token_crops(bank, args.batch, (crop[0] // f, crop[1] // f), data_gen, args.wrap).to(dist.device)
+            else:
+                x = random_crops(images, args.batch, crop, data_gen, aug)
+                with torch.no_grad():
+                    tokens = vq.encode_tokens(x.to(dist.device))[:, None]  # [B, 1, h, w]
             order = adc.ORDERS[int(torch.randint(len(adc.ORDERS), (1,), generator=data_gen))]
             nan_now = args.debug_nan_at is not None and step == args.debug_nan_at
 
@@ -788,6 +837,49 @@ def _renderer_samples(vq, renderer, images, path: Path):
 
 
 # =============================================================================================
+# Checking a trained bundle
+
+def sample_bundle(args) -> dict:
+    """Outpaint a crop of a real image on every side, extend it to the right, and fill a blank
+    panorama; writes PNGs (and the VQGAN reconstruction of the crop) to --out-dir."""
+    from .generation import NuwaInfinity
+    from .patch_samplers import SamplerSettings
+    m = NuwaInfinity.load(args.model)
+    out_dir = Path(args.out_dir)
+    settings = SamplerSettings(top_k=args.top_k, temperature=args.temperature)
+    written = {}
+
+    def gen():
+        return torch.Generator().manual_seed(args.seed)
+
+    if args.image:
+        image = load_image(args.image)
+        if args.downscale > 1:
+            x = F.interpolate(image.permute(0, 3, 1, 2), scale_factor=1 / args.downscale, mode="area")
+            image = x.permute(0, 2, 3, 1).clamp(0, 1)
+        php, pwp = m.patch_pixels
+        h, w = image.shape[1:3]
+        rows, cols = min(h // php, args.rows), min(w // pwp, args.cols)
+        left = (w - cols * pwp) // 2
+        crop = image[:, :rows * php, left:left + cols * pwp]
+        save_image(crop, out_dir / "input.png")
+        st = m.canvas_from_image(crop, fit="crop")
+        recon = NuwaInfinity.decode(m, dataclasses.replace(st, given=None))
+        save_image(recon, out_dir / "vqgan_reconstruction.png")
+        o = m.generate(st, m.plan_extension(st, left=1, right=1, up=1, down=1), settings, generator=gen())
+        save_image(m.decode(o), out_dir / "outpaint_all_sides.png")
+        r = m.generate(st, m.plan_extension(st, right=args.extend), settings, generator=gen())
+        save_image(m.decode(r), out_dir / "extend_right.png")
+        written.update(input=crop.shape, outpaint=o.grid, extend_right=r.grid)
+    st = m.blank_canvas(args.rows, args.pano_cols)
+    p = m.generate(st, m.plan_fill(st), settings, generator=gen())
+    save_image(m.decode(p), out_dir / "panorama_from_blank.png")
+    written["panorama"] = p.grid
+    print(f"[train] samples written to {out_dir}: {written}", file=sys.stderr)
+    return {"stopped": "done", **{k: str(v) for k, v in written.items()}}
+
+
+# =============================================================================================
 # Command line
 
 def build_parser() -> argparse.ArgumentParser:
@@ -840,15 +932,35 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sample-patches", default="2x4", help="patches per training sample, ROWSxCOLS")
     r.add_argument("--label-smoothing", type=float, default=None, help="default 0.15 with --one-shot, else 0")
     r.add_argument("--weight-decay", type=float, default=0.01)
+    r.add_argument("--token-bank", type=int, default=0, help="encode each image N times up front (0: encode "
+                   "every augmented sample; N>0: variant 0 plain, 1 flipped, the rest augmented) then crop tokens")
+    r.add_argument("--wrap", action="store_true", help="token crops wrap around horizontally (360-degree panoramas)")
     r.add_argument("--accumulate", action="store_true", help="one optimizer step per sample (ablation)")
     r.add_argument("--no-context", action="store_true", help="baseline: every patch without context")
     r.add_argument("--clip", default=None, help="open_clip text tower weights (not implemented yet)")
     r.add_argument("--text-embeddings", default=None, help="precomputed caption embeddings (not implemented yet)")
+    s = sub.add_parser("sample", help="sample a trained bundle: outpainting and a panorama, as PNGs")
+    s.add_argument("--model", required=True)
+    s.add_argument("--image", default=None, help="a real image to outpaint (its centre crop)")
+    s.add_argument("--downscale", type=int, default=1)
+    s.add_argument("--rows", type=int, default=2, help="patch rows of the crop / panorama")
+    s.add_argument("--cols", type=int, default=3, help="patch columns of the crop")
+    s.add_argument("--extend", type=int, default=4, help="patches to extend the crop to the right")
+    s.add_argument("--pano-cols", type=int, default=8)
+    s.add_argument("--top-k", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out-dir", default="outputs/samples")
+    s.add_argument("--threads", type=int, default=0)
     return p
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.stage == "sample":
+        return sample_bundle(args)
     if args.lr is None:
         args.lr = 2e-4 if args.stage == "vqgan" else 3e-4
     if args.threads:

@@ -253,3 +253,14 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path, tokenizer):
     b = torch.load(out.with_name(out.name + ".replica1.pt"), weights_only=True)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_token_bank_with_wrap_trains(tmp_path, tokenizer):
+    img = _image(tmp_path / "a.png")
+    res = train.main(_r_args(img, tokenizer, tmp_path / "b.safetensors", "--steps", "2", "--one-shot",
+                             "--token-bank", "3", "--wrap"))
+    assert res["optimizer_steps"] == 8
+    bank = [torch.arange(12).view(2, 6)]
+    crops = train.token_crops(bank, 20, (2, 4), torch.Generator().manual_seed(0), wrap=True)
+    assert crops.shape == (20, 1, 2, 4)
+    assert ((crops[:, 0, 0, 1:] - crops[:, 0, 0, :-1]) % 6 == 1).all()  # consecutive columns, wrapping
