@@ -45,8 +45,7 @@ def clone_state(state):
     return copy.deepcopy(state)
 
 
-def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int,
-                     extent=None):
+def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int):
     """Build the engine's SamplerSettings from the widgets, passing only fields it knows."""
     cls = getattr(generation(), "SamplerSettings", None)
     if cls is None:
@@ -54,8 +53,6 @@ def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float,
     wanted = {"decoder": _DECODER_IDS[decoder],
               "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p),
               "steps": int(steps)}
-    if extent is not None:
-        wanted["extent"] = tuple(extent)
     names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(wanted)
     return cls(**{k: v for k, v in wanted.items() if k in names and v is not None})
 

@@ -16,8 +16,8 @@ MAX_PATCHES = 4096
 
 class NUWAContextPool:
     DESCRIPTION = ("Nearby Context Pool options: how far (in patches) each new patch looks at already "
-                   "generated ones. Smaller extents use less memory and time; -1 keeps the model's trained extent. "
-                   "A larger extent than the model was trained with is refused by the renderer.")
+                   "generated ones. Smaller extents use less memory and time (0, 0, 0 renders every patch alone); "
+                   "-1 keeps the model's trained extent. A larger extent than the model was trained with is refused.")
     CATEGORY = CATEGORY
     FUNCTION = "build"
     RETURN_TYPES = ("NUWA_CONTEXT",)

@@ -96,12 +96,10 @@ class NUWAPatchRenderer:
         spec: PlanSpec = as_plan_spec(plan)
         settings = _engine.sampler_settings(decoder, temperature, top_k, top_p, steps)
         text = _engine.text_from_conditioning(conditioning)
-        trained = tuple(model.renderer.config.extent)
+        extent = None  # the engine refuses an extent beyond the trained one, naming both
         if context is not None:
-            wanted = tuple(t if e < 0 else e for e, t in zip(context["extent"], trained))
-            if wanted != trained:
-                raise ValueError(f"context extent (e_f, e_h, e_w) = {wanted}: this model renders with its trained "
-                                 f"extent {trained} only; set the Context Pool widgets to -1 or to {trained}")
+            trained = tuple(model.renderer.config.extent)
+            extent = tuple(t if e < 0 else e for e, t in zip(context["extent"], trained))
         _comfy.load_for_run(getattr(model, "comfy_patcher", None))
         state = spec.prepare(canvas)  # a copy: the input canvas is never modified
         generator = torch.Generator(device=model.device).manual_seed(int(seed) % (2 ** 63))
@@ -120,7 +118,8 @@ class NUWAPatchRenderer:
             progress.update(done, preview)
             return True
 
-        result = model.generate(state, spec.plan, settings, text=text, generator=generator, callback=callback)
+        result = model.generate(state, spec.plan, settings, text=text, generator=generator, callback=callback,
+                                extent=extent)
         image = model.decode(result)
         device = _comfy.intermediate_device()
         return (image.to(device), result)

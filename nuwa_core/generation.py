@@ -261,8 +261,11 @@ class NuwaInfinity(nn.Module):
     @torch.no_grad()
     def generate(self, state: CanvasState, plan: Plan, settings: SamplerSettings | None = None,
                  text: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 callback: Callback | None = None) -> CanvasState:
+                 callback: Callback | None = None, extent: Grid | None = None) -> CanvasState:
         """Generate the plan's patches on a copy of `state`; the input state is left untouched.
+
+        extent (e_f, e_h, e_w): how far the Nearby Context Pool reaches; default the trained
+        extent, smaller is allowed (less memory and time, less context), larger is not.
 
         callback(done, total, state) runs after every patch; returning False stops cleanly and
         returns the canvas with the patches made so far.
@@ -275,15 +278,16 @@ class NuwaInfinity(nn.Module):
                              f"(use decoder='auto' or {cfg.decoder!r})")
         if tuple(state.patch_size) != tuple(cfg.patch_size):
             raise ValueError(f"canvas patches are {state.patch_size} tokens but the renderer's are {cfg.patch_size}")
+        extent = self._extent(extent)
         state = state.grown(plan)
         steps = plan.steps()
         self._check_plan(state, steps)
         check_memory(self.estimate_bytes(state.grid, state.batch), "this generation")
         text_kv = self.renderer.text_kv(self._text(text, state.batch))
-        pool = state.pool if _pool_fits(state.pool, cfg, state) else NearbyContextPool(cfg.extent)
-        last = last_needed_steps([c for _, c in steps], cfg.extent, keep=self._frontier(plan, state))
+        pool = state.pool if _pool_fits(state.pool, cfg, state, extent) else NearbyContextPool(extent)
+        last = last_needed_steps([c for _, c in steps], extent, keep=self._frontier(plan, state, extent))
 
-        for coord in self._precache_list(state, steps, pool, plan.precache_order):
+        for coord in self._precache_list(state, steps, pool, plan.precache_order, extent):
             context = Context.from_pool(pool.select(coord), coord, self.renderer.rel, self.device)
             tokens = state.patch_tokens(coord).to(self.device)
             pool.add(coord, self.renderer.encode(tokens, plan.precache_order, context, text_kv))
@@ -300,6 +304,16 @@ class NuwaInfinity(nn.Module):
             if callback is not None and callback(t + 1, len(steps), state) is False:
                 break
         return state
+
+    def _extent(self, extent) -> Grid:
+        trained = tuple(self.renderer.config.extent)
+        if extent is None:
+            return trained
+        extent = tuple(int(e) for e in extent)
+        if len(extent) != 3 or any(e < 0 or e > t for e, t in zip(extent, trained)):
+            raise ValueError(f"context extent (e_f, e_h, e_w) = {extent} must be >= 0 and within the "
+                             f"trained extent {trained}")
+        return extent
 
     def _text(self, text, batch):
         if text is None:
@@ -321,19 +335,21 @@ class NuwaInfinity(nn.Module):
                 raise ValueError(f"patch {coord} is planned but already {'known' if state.known[coord] else 'planned'}")
             seen.add(coord)
 
-    def _precache_list(self, state: CanvasState, steps, pool: NearbyContextPool, order: Order) -> list[Coord]:
+    @staticmethod
+    def _precache_list(state: CanvasState, steps, pool: NearbyContextPool, order: Order, extent: Grid) -> list[Coord]:
         """Known patches the plan can select (and their own known context), not yet in the pool."""
-        extent, grid = self.renderer.config.extent, state.grid
+        grid = state.grid
         ring1 = {n for _, c in steps for n in adc.neighbours(c, extent, grid) if state.known[n]} - set(pool.caches)
         ring2 = {n for c in ring1 for n in adc.neighbours(c, extent, grid) if state.known[n]}
         todo = (ring1 | ring2) - set(pool.caches)
         return sorted(todo, key=lambda c: adc.time_index(c, order, grid))
 
-    def _frontier(self, plan: Plan, state: CanvasState) -> list[Coord]:
+    @staticmethod
+    def _frontier(plan: Plan, state: CanvasState, extent: Grid) -> list[Coord]:
         """Patches to keep cached after the plan: the band a continuation in its last direction selects."""
         if not plan.segments:
             return []
-        (ef, eh, ew), (f, h, w) = self.renderer.config.extent, state.grid
+        (ef, eh, ew), (f, h, w) = extent, state.grid
         order = plan.segments[-1].order
         rows, cols, frames = range(h), range(w), range(max(0, f - ef), f) if ef else range(f)
         if order is Order.DOWN_RIGHT:
@@ -384,8 +400,8 @@ class NuwaInfinity(nn.Module):
         return image
 
 
-def _pool_fits(pool: NearbyContextPool | None, cfg: RendererConfig, state: CanvasState) -> bool:
-    if pool is None or tuple(pool.extent) != tuple(cfg.extent):
+def _pool_fits(pool: NearbyContextPool | None, cfg: RendererConfig, state: CanvasState, extent: Grid) -> bool:
+    if pool is None or tuple(pool.extent) != tuple(extent):
         return False
     return all(c.shape[0] == cfg.n_layer and c.shape[1] == state.batch and c.shape[2] == cfg.tokens_per_patch
                and c.shape[3] == cfg.d_model for c in pool.caches.values())

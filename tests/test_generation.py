@@ -203,3 +203,22 @@ def test_image_animation_fills_later_frames():
     out = m.generate(st, m.plan_fill(st), FAST, generator=seeded())
     assert out.known.all() and torch.equal(out.tokens[:, 0], st.tokens[:, 0])
     assert m.decode(out).shape == (3, 32, 48, 3)
+
+
+def test_a_smaller_context_extent_selects_less_and_a_larger_one_is_refused(monkeypatch):
+    m = tiny_model(extent=(0, 2, 2))
+    st = m.blank_canvas(3, 4)
+    seen = []
+    original = Context.from_pool.__func__
+    monkeypatch.setattr(Context, "from_pool", classmethod(
+        lambda cls, sel, coord, emb, dev: seen.append(len(sel)) or original(cls, sel, coord, emb, dev)))
+    full = m.generate(st, m.plan_fill(st), FAST, generator=seeded())
+    widest = max(seen)
+    seen.clear()
+    m.generate(st, m.plan_fill(st), FAST, generator=seeded(), extent=(0, 0, 0))
+    assert widest > 0 and max(seen) == 0  # caches off: every patch alone
+    seen.clear()
+    m.generate(st, m.plan_fill(st), FAST, generator=seeded(), extent=(0, 1, 1))
+    assert 0 < max(seen) < widest and full.known.all()
+    with pytest.raises(ValueError, match="within the trained extent"):
+        m.generate(st, m.plan_fill(st), FAST, extent=(0, 3, 2))
