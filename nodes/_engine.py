@@ -5,7 +5,6 @@ values (IMAGE, MASK, CONDITIONING, widget numbers) to its calls.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -14,47 +13,15 @@ DECODER_CHOICES = ("auto", "AR", "NAR", "P-NAR")
 _DECODER_IDS = {"auto": "auto", "AR": "ar", "NAR": "nar", "P-NAR": "pnar"}
 
 
-def generation():
-    from nuwa_core import generation as g  # imported lazily: the engine may be heavy
-    return g
-
-
 def load_model(path, device="cpu"):
-    return generation().NuwaInfinity.load(str(path), device=device)
-
-
-def patch_pixels(model) -> tuple[int, int]:
-    ph, pw = model.patch_pixels
-    return int(ph), int(pw)
-
-
-def canvas_grid(state) -> tuple[int, int, int]:
-    """(frames, rows, columns) of patches of a canvas state."""
-    grid = getattr(state, "grid", None)
-    if grid is not None:
-        return tuple(int(x) for x in grid)
-    known = getattr(state, "known")
-    return tuple(int(x) for x in known.shape[-3:])
-
-
-def clone_state(state):
-    clone = getattr(state, "clone", None)
-    if callable(clone):
-        return clone()
-    import copy
-    return copy.deepcopy(state)
+    from nuwa_core.generation import NuwaInfinity  # imported on first use: ComfyUI starts faster
+    return NuwaInfinity.load(str(path), device=device)
 
 
 def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int):
-    """Build the engine's SamplerSettings from the widgets, passing only fields it knows."""
-    cls = getattr(generation(), "SamplerSettings", None)
-    if cls is None:
-        from nuwa_core.patch_samplers import SamplerSettings as cls
-    wanted = {"decoder": _DECODER_IDS[decoder],
-              "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p),
-              "steps": int(steps)}
-    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(wanted)
-    return cls(**{k: v for k, v in wanted.items() if k in names and v is not None})
+    from nuwa_core.patch_samplers import SamplerSettings
+    return SamplerSettings(decoder=_DECODER_IDS[decoder], temperature=float(temperature), top_k=int(top_k),
+                           top_p=float(top_p), steps=int(steps))
 
 
 def text_from_conditioning(conditioning) -> torch.Tensor | None:

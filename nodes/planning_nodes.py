@@ -115,7 +115,7 @@ class NUWADirectionPlanner:
         }
 
     def plan(self, model, canvas, left, right, up, down, target_width, target_height, anchor, mask=None):
-        f, rows, cols = _engine.canvas_grid(canvas)
+        f, rows, cols = canvas.grid
         regenerate = None
         if mask is not None:
             regenerate = _engine.mask_to_patch_grid(mask, (f, rows, cols))
@@ -125,7 +125,7 @@ class NUWADirectionPlanner:
             known = _known(canvas) & ~regenerate
         else:
             if target_width > 0 or target_height > 0:
-                ph, pw = _engine.patch_pixels(model)
+                ph, pw = model.patch_pixels
                 share_up, share_left = _engine.anchor_shares(anchor)
                 if target_width > 0:
                     left, right = _engine.extension_for_target(cols, target_width, pw, share_left)
