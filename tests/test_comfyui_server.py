@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import sys
 import time
 import uuid
@@ -161,3 +162,177 @@ def test_interrupt_stops_a_long_run(comfyui_server):
     assert max(progress) < total, "the run finished before the interrupt took effect"
     # the server still runs prompts afterwards
     assert comfyui_server.get("/system_stats")["system"]
+
+
+# --- the shipped example workflows (example_workflows/, API copies in tests/workflows/shipped/) ---
+
+SHIPPED_API = Path(__file__).resolve().parent / "workflows" / "shipped"
+SHIPPED_RUN_TIMEOUT = float(os.environ.get("NUWA_WORKFLOW_TIMEOUT", "900"))
+
+
+def _shipped_file(env: str, name: str) -> Path | None:
+    """The shipped default model/image in models/nuwa/, or a stand-in named by an env variable."""
+    value = os.environ.get(env)
+    path = Path(value) if value else REPO / "models" / "nuwa" / name
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def shipped_server(comfyui_server):
+    """The server, with the shipped model reachable and the shipped image in its input folder."""
+    import shutil
+    from test_workflows import DEFAULT_IMAGE, DEFAULT_MODEL
+    model = _shipped_file("NUWA_WORKFLOW_MODEL", DEFAULT_MODEL)
+    if model is None:
+        pytest.skip(f"models/nuwa/{DEFAULT_MODEL} is absent (set NUWA_WORKFLOW_MODEL to use another bundle)")
+    image = _shipped_file("NUWA_WORKFLOW_IMAGE", DEFAULT_IMAGE)
+    if image is None:
+        pytest.skip(f"models/nuwa/{DEFAULT_IMAGE} is absent (set NUWA_WORKFLOW_IMAGE to use another image)")
+    if model != REPO / "models" / "nuwa" / DEFAULT_MODEL:  # ComfyUI/models/nuwa is searched first
+        target = comfyui_server.base / "models" / "nuwa" / DEFAULT_MODEL
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model, target)
+    shutil.copyfile(image, comfyui_server.base / "input" / DEFAULT_IMAGE)
+    return comfyui_server
+
+
+def test_shipped_workflows_match_object_info(comfyui_server):
+    """Every node of every shipped workflow exists in the live server, and the stock nodes'
+    sockets and widgets are what tests/test_workflows.py's allow-list says."""
+    from test_workflows import CORE_NODES
+    info = comfyui_server.get("/object_info")
+    shipped = sorted(SHIPPED_API.glob("*.json"))
+    assert shipped
+    for path in shipped:
+        for nid, node in json.loads(path.read_text()).items():
+            assert node["class_type"] in info, f"{path.name} node {nid}: {node['class_type']} unknown to the server"
+    for node_type, spec in CORE_NODES.items():
+        entry = info[node_type]
+        inputs = {**entry["input"].get("required", {}), **entry["input"].get("optional", {})}
+        widgets = [n for n, (kind, _) in spec["widgets"] if kind != "upload"]
+        sockets = dict(spec["inputs"])
+        for name in widgets:
+            assert name in inputs, f"{node_type}: no widget {name!r} on the server ({sorted(inputs)})"
+        for name, typ in sockets.items():
+            assert name in inputs and inputs[name][0] == typ, f"{node_type}.{name}: {inputs.get(name)}"
+        assert list(entry["output"]) == [t for _, t in spec["outputs"]], (node_type, entry["output"])
+
+
+@pytest.mark.parametrize("name", ["outpaint_spiral", "infinite_panorama"])
+def test_shipped_workflow_runs(shipped_server, name):
+    """The API copies of the shipped outpainting and panorama workflows run on the shipped model.
+    (text_to_image_wide needs a text-conditioned model and a CLIP checkpoint: never run here.)"""
+    from PIL import Image
+    server = shipped_server
+    prompt = json.loads((SHIPPED_API / f"{name}.json").read_text())
+    client_id = uuid.uuid4().hex
+    ws = server.websocket(client_id)
+    start = time.monotonic()
+    try:
+        prompt_id = _queue(server, prompt, client_id)
+        seen = _follow(server, ws, prompt_id, time.monotonic() + SHIPPED_RUN_TIMEOUT)
+    finally:
+        ws.close()
+    types = [m["type"] for m in seen]
+    assert types and types[-1] == "execution_success", (
+        f"{name}: {json.dumps(seen[-1] if seen else None, indent=1)[:4000]}\nserver log:\n{server.log()[-4000:]}")
+    print(f"{name}: ran in {time.monotonic() - start:.1f}s")
+    outputs = server.get(f"/history/{prompt_id}")[prompt_id]["outputs"]
+    saved = [outputs[nid]["images"] for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
+    assert saved and all(saved), f"{name}: SaveImage produced nothing: {outputs}"
+    path = server.base / "output" / saved[0][0]["subfolder"] / saved[0][0]["filename"]
+    with Image.open(path) as img:
+        size = img.size
+    if name == "outpaint_spiral":
+        with Image.open(server.base / "input" / "nuwa_infinity_default.png") as src:
+            assert size[0] > src.width and size[1] > src.height, (size, src.size)  # grown on every side
+        previews = [nid for nid, n in prompt.items() if n["class_type"] == "PreviewImage"]
+        assert all(outputs[nid]["images"] for nid in previews), "the order preview is missing"
+    else:
+        assert size[0] >= 2048 and size[0] >= 8 * size[1], size
+        canvas_nodes = [nid for nid, n in prompt.items() if n["class_type"] == "NUWACanvasSave"]
+        for nid in canvas_nodes:
+            entry = outputs[nid]["nuwa_canvas"][0]
+            assert (server.base / "output" / entry["subfolder"] / entry["filename"]).is_file(), entry
+
+
+# --- optional: the real frontend loads every shipped UI workflow without a missing-nodes dialog ---
+
+_BROWSER_SCRIPT = r"""
+const fs = require('fs');
+const { chromium } = require(process.env.NUWA_PLAYWRIGHT_CORE);
+(async () => {
+  const [url, ...files] = process.argv.slice(2);
+  const browser = await chromium.launch({executablePath: process.env.NUWA_CHROMIUM, headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking']});
+  const out = {results: {}, pageErrors: []};
+  try {
+    const page = await browser.newPage();
+    page.on('pageerror', e => out.pageErrors.push(String(e)));
+    await page.goto(url, {waitUntil: 'load', timeout: 180000});
+    await page.waitForFunction(() => window.app && window.app.graph && window.LiteGraph, null, {timeout: 180000});
+    await page.waitForTimeout(2000);
+    for (const f of files) {
+      const wf = JSON.parse(fs.readFileSync(f, 'utf8'));
+      await page.keyboard.press('Escape');
+      await page.evaluate(async (wf) => { await window.app.loadGraphData(wf, true, true, null); }, wf);
+      await page.waitForTimeout(1500);
+      out.results[f] = await page.evaluate(async (wf) => {
+        const types = window.LiteGraph.registered_node_types || {};
+        const missing = wf.nodes.map(n => n.type).filter(t => !types[t]);
+        const dialogs = [...document.querySelectorAll('.p-dialog')].map(d => d.innerText);
+        const prompt = (await window.app.graphToPrompt()).output;
+        return {missing, dialogs, nodes: window.app.graph.nodes.length, prompt};
+      }, wf);
+    }
+  } finally {
+    await browser.close();
+  }
+  console.log(JSON.stringify(out));
+})().catch(e => { console.error(e); process.exit(1); });
+"""
+
+
+def _playwright_core() -> str | None:
+    import shutil
+    import subprocess
+    value = os.environ.get("NUWA_PLAYWRIGHT_CORE")
+    if value:
+        return value if Path(value).exists() else None
+    if shutil.which("node") is None:
+        return None
+    found = subprocess.run(["node", "-e", "console.log(require.resolve('playwright-core'))"],
+                           capture_output=True, text=True)
+    return found.stdout.strip() or None if found.returncode == 0 else None
+
+
+def test_frontend_loads_shipped_workflows(comfyui_server, tmp_path):
+    """Headless Chromium opens the real frontend, loads each shipped UI workflow, and finds every
+    node type registered, no 'missing nodes' dialog, and the frontend's own API conversion
+    (graphToPrompt) equal to the committed API copy. Skipped without node, playwright-core
+    (NUWA_PLAYWRIGHT_CORE=path/to/node_modules/playwright-core) or chromium (NUWA_CHROMIUM)."""
+    import shutil
+    import subprocess
+    from test_workflows import UI_DIR
+    chromium = os.environ.get("NUWA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).is_file():
+        pytest.skip("chromium is not installed (Debian package `chromium`, or set NUWA_CHROMIUM)")
+    playwright = _playwright_core()
+    if shutil.which("node") is None or playwright is None:
+        pytest.skip("node or playwright-core missing (npm install playwright-core; set NUWA_PLAYWRIGHT_CORE)")
+    script = tmp_path / "load_workflows.js"
+    script.write_text(_BROWSER_SCRIPT)
+    files = sorted(UI_DIR.glob("*.json"))
+    env = dict(os.environ, NUWA_PLAYWRIGHT_CORE=playwright, NUWA_CHROMIUM=chromium)
+    run = subprocess.run(["node", str(script), comfyui_server.url + "/", *map(str, files)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, f"browser script failed:\n{run.stderr[-4000:]}\n{run.stdout[-2000:]}"
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for path in files:
+        result = out["results"][str(path)]
+        assert not result["missing"], f"{path.name}: node types unknown to the frontend: {result['missing']}"
+        missing_dialogs = [d for d in result["dialogs"] if "missing" in d.lower()]
+        assert not missing_dialogs, f"{path.name}: {missing_dialogs}"
+        prompt = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in result["prompt"].items()}
+        expected = json.loads((SHIPPED_API / path.name).read_text())
+        assert prompt == expected, f"{path.name}: the frontend converts it to\n{json.dumps(prompt, indent=1)}"

@@ -1,0 +1,353 @@
+"""The shipped example workflows (UI format, `example_workflows/`) against the pack's nodes.
+
+Runs without ComfyUI and in seconds. For every shipped workflow:
+- every node type is one of ours (NODE_CLASS_MAPPINGS) or a stock ComfyUI node of the small
+  allow-list below, whose sockets and widget names are spelled out here (the real-server test
+  checks the allow-list against a live /object_info);
+- `widgets_values` match the node's widgets in order, type, min/max/step and combo choices,
+  including the frontend's extra `control_after_generate` value after seed widgets and the
+  LoadImage upload button;
+- links agree with the nodes' inputs/outputs (ids, slots, types), required sockets are wired;
+- a same-name `.jpg` thumbnail exists;
+- the UI -> API conversion below equals the committed API copy in tests/workflows/shipped/,
+  which the real-server test runs (so the two cannot drift).
+
+Regenerate the API copies after editing a UI workflow:  python tests/test_workflows.py --write
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# ComfyUI serves a pack's `example_workflows/` in Workflow -> Browse Templates (it also finds
+# example/, examples/, workflow/, workflows/, but logs a hint to rename them to this name).
+UI_DIR = REPO / "example_workflows"
+API_DIR = Path(__file__).resolve().parent / "workflows" / "shipped"
+DEFAULT_MODEL = "nuwa_infinity_default.safetensors"
+DEFAULT_IMAGE = "nuwa_infinity_default.png"  # models/nuwa/, copied into ComfyUI's input folder
+# workflows that run on the shipped default model (the text one needs a text-conditioned model)
+RUNS_ON_DEFAULT_MODEL = ("outpaint_spiral", "infinite_panorama")
+EXPECTED = ("outpaint_spiral", "infinite_panorama", "text_to_image_wide")
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+SEED_WIDGET_NAMES = ("seed", "noise_seed")  # the frontend adds control_after_generate to these
+
+# Stock ComfyUI nodes the shipped workflows may use: sockets in, widgets (name, spec), sockets out.
+# "file" combos list files on the user's machine, so any string passes; "upload" is the
+# frontend's image-upload button, stored in widgets_values but not sent to the server.
+CORE_NODES = {
+    "LoadImage": {"inputs": [], "widgets": [("image", ("file", {})), ("upload", ("upload", {"value": "image"}))],
+                  "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")]},
+    "SaveImage": {"inputs": [("images", "IMAGE")], "widgets": [("filename_prefix", ("STRING", {}))], "outputs": []},
+    "PreviewImage": {"inputs": [("images", "IMAGE")], "widgets": [], "outputs": []},
+    "CLIPTextEncode": {"inputs": [("clip", "CLIP")], "widgets": [("text", ("STRING", {"multiline": True}))],
+                       "outputs": [("CONDITIONING", "CONDITIONING")]},
+    "CheckpointLoaderSimple": {"inputs": [], "widgets": [("ckpt_name", ("file", {}))],
+                               "outputs": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]},
+}
+# frontend-only nodes: shown in the graph, never sent to the server
+VIRTUAL_NODES = {"Note": [("text", ("STRING", {}))], "MarkdownNote": [("text", ("STRING", {}))]}
+
+
+def pack_mappings() -> dict:
+    name = "_nuwa_pack_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].NODE_CLASS_MAPPINGS
+
+
+def _is_widget(spec) -> bool:
+    kind = spec[0]
+    return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
+
+
+def node_spec(node_type: str) -> dict:
+    """{"inputs": [(name, type)], "widgets": [(name, (kind, options))], "outputs": [(name, type)]}."""
+    if node_type in CORE_NODES:
+        return CORE_NODES[node_type]
+    if node_type in VIRTUAL_NODES:
+        return {"inputs": [], "widgets": VIRTUAL_NODES[node_type], "outputs": []}
+    mappings = pack_mappings()
+    if node_type not in mappings:
+        raise KeyError(f"unknown node type {node_type!r}: neither ours ({sorted(mappings)}) "
+                       f"nor an allowed core node ({sorted(CORE_NODES)})")
+    cls = mappings[node_type]
+    types = cls.INPUT_TYPES()
+    inputs, widgets, required = [], [], set()
+    for section in ("required", "optional"):
+        for name, spec in types.get(section, {}).items():
+            spec = (spec[0], spec[1] if len(spec) > 1 else {})
+            if _is_widget(spec):
+                widgets.append((name, spec))
+            else:
+                inputs.append((name, spec[0]))
+                if section == "required":
+                    required.add(name)
+    names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+    return {"inputs": inputs, "widgets": widgets, "outputs": list(zip(names, cls.RETURN_TYPES)),
+            "required": required}
+
+
+def has_seed_control(name: str, spec) -> bool:
+    kind, opts = spec
+    return kind == "INT" and (opts.get("control_after_generate") or name in SEED_WIDGET_NAMES)
+
+
+def widget_problem(node_type: str, name: str, spec, value) -> str | None:
+    """None if `value` is valid for this widget, else what is wrong."""
+    kind, opts = spec
+    where = f"{node_type}.{name}={value!r}"
+    if node_type == "NUWAModelLoader" and name == "model_name":
+        # the combo lists the files present; shipped workflows must name the shipped model
+        return None if value == DEFAULT_MODEL else f"{where}: shipped workflows load {DEFAULT_MODEL!r}"
+    if node_type == "NUWACanvasLoad" and name == "canvas_file":
+        return None if isinstance(value, str) and value.endswith(".nuwacanvas.safetensors") else \
+            f"{where}: expected a .nuwacanvas.safetensors file name"
+    if kind == "file":
+        return None if isinstance(value, str) and value else f"{where}: expected a file name"
+    if kind == "upload":
+        return None if value == opts["value"] else f"{where}: expected {opts['value']!r}"
+    if isinstance(kind, (list, tuple)) or kind == "COMBO":
+        choices = list(kind) if isinstance(kind, (list, tuple)) else list(opts.get("options", []))
+        return None if value in choices else f"{where}: not one of {choices}"
+    if kind == "INT":
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{where}: expected an integer"
+    elif kind == "FLOAT":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{where}: expected a number"
+    elif kind == "STRING":
+        return None if isinstance(value, str) else f"{where}: expected a string"
+    elif kind == "BOOLEAN":
+        return None if isinstance(value, bool) else f"{where}: expected true/false"
+    if "min" in opts and value < opts["min"]:
+        return f"{where}: below min {opts['min']}"
+    if "max" in opts and value > opts["max"]:
+        return f"{where}: above max {opts['max']}"
+    step = opts.get("step")
+    if kind == "INT" and step and step > 1 and value % step:
+        return f"{where}: not a multiple of step {step}"
+    return None
+
+
+def split_widgets(node: dict, spec: dict) -> tuple[dict, list[str]]:
+    """Map a UI node's widgets_values onto widget names: ({name: value}, problems)."""
+    values = list(node.get("widgets_values") or [])
+    out, problems, i = {}, [], 0
+    for name, wspec in spec["widgets"]:
+        if i >= len(values):
+            problems.append(f"node {node['id']} {node['type']}: no value for widget {name!r} "
+                            f"({len(values)} values for {len(spec['widgets'])} widgets)")
+            return out, problems
+        out[name] = values[i]
+        i += 1
+        if has_seed_control(name, wspec):
+            if i >= len(values) or values[i] not in SEED_CONTROL_VALUES:
+                problems.append(f"node {node['id']} {node['type']}: after {name!r} the frontend stores "
+                                f"control_after_generate, one of {SEED_CONTROL_VALUES}")
+            i += 1
+    if i != len(values):
+        problems.append(f"node {node['id']} {node['type']}: {len(values)} widgets_values, expected {i}")
+    return out, problems
+
+
+def ui_to_api(workflow: dict) -> dict:
+    """The API-format prompt the frontend would send for this UI workflow."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in sorted(workflow["nodes"], key=lambda n: n["id"]):
+        if node["type"] in VIRTUAL_NODES:
+            continue
+        if node.get("mode", 0) != 0:
+            raise ValueError(f"node {node['id']}: muted/bypassed nodes are not converted (mode {node['mode']})")
+        spec = node_spec(node["type"])
+        values, _ = split_widgets(node, spec)
+        inputs = {name: values[name] for name, (kind, _) in spec["widgets"]
+                  if kind != "upload" and name in values}
+        for inp in node.get("inputs") or []:
+            if inp.get("link") is not None:
+                link = links[inp["link"]]
+                inputs[inp["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def workflow_problems(workflow: dict) -> list[str]:
+    problems = []
+    for key in ("nodes", "links", "last_node_id", "last_link_id", "version", "extra", "groups"):
+        if key not in workflow:
+            problems.append(f"missing top-level key {key!r}")
+    if workflow.get("version") != 0.4:
+        problems.append(f"version {workflow.get('version')!r}, the frontend writes 0.4")
+    nodes = {}
+    for node in workflow.get("nodes", []):
+        if node["id"] in nodes:
+            problems.append(f"duplicate node id {node['id']}")
+        nodes[node["id"]] = node
+        for key in ("type", "pos", "size", "inputs", "outputs", "widgets_values", "mode"):
+            if key not in node:
+                problems.append(f"node {node['id']}: missing {key!r}")
+    if nodes and max(nodes) > workflow.get("last_node_id", -1):
+        problems.append("last_node_id is smaller than a node id")
+    links = {}
+    for link in workflow.get("links", []):
+        if len(link) != 6 or link[0] in links:
+            problems.append(f"bad or duplicate link {link}")
+            continue
+        links[link[0]] = link
+    if links and max(links) > workflow.get("last_link_id", -1):
+        problems.append("last_link_id is smaller than a link id")
+
+    for node in nodes.values():
+        try:
+            spec = node_spec(node["type"])
+        except KeyError as err:
+            problems.append(f"node {node['id']}: {err.args[0]}")
+            continue
+        values, widget_errors = split_widgets(node, spec)
+        problems += widget_errors
+        for name, wspec in spec["widgets"]:
+            if name in values and (msg := widget_problem(node["type"], name, wspec, values[name])):
+                problems.append(f"node {node['id']}: {msg}")
+        sockets = [(i["name"], i["type"]) for i in node.get("inputs", []) if "widget" not in i]
+        if sockets != spec["inputs"]:
+            problems.append(f"node {node['id']} {node['type']}: inputs {sockets}, expected {spec['inputs']}")
+        outputs = [(o["name"], o["type"]) for o in node.get("outputs", [])]
+        if outputs != spec["outputs"]:
+            problems.append(f"node {node['id']} {node['type']}: outputs {outputs}, expected {spec['outputs']}")
+        for slot, inp in enumerate(node.get("inputs", [])):
+            lid = inp.get("link")
+            if lid is None:
+                if inp["name"] in spec.get("required", {i for i, _ in spec["inputs"]}):
+                    problems.append(f"node {node['id']} {node['type']}: required input {inp['name']!r} not connected")
+                continue
+            link = links.get(lid)
+            if link is None:
+                problems.append(f"node {node['id']}: input {inp['name']!r} names missing link {lid}")
+            elif (link[3], link[4]) != (node["id"], slot) or link[5] != inp["type"]:
+                problems.append(f"link {link} does not match node {node['id']} input {slot} {inp['name']!r}")
+        for slot, out in enumerate(node.get("outputs", [])):
+            for lid in out.get("links") or []:
+                link = links.get(lid)
+                if link is None or (link[1], link[2]) != (node["id"], slot) or link[5] != out["type"]:
+                    problems.append(f"node {node['id']} output {slot}: link {lid} is {link}")
+    for lid, (_, src, sslot, dst, dslot, typ) in links.items():
+        if src not in nodes or dst not in nodes:
+            problems.append(f"link {lid} joins missing nodes {src} -> {dst}")
+            continue
+        outs, ins = nodes[src].get("outputs", []), nodes[dst].get("inputs", [])
+        if sslot >= len(outs) or lid not in (outs[sslot].get("links") or []):
+            problems.append(f"link {lid}: not listed by node {src} output {sslot}")
+        if dslot >= len(ins) or ins[dslot].get("link") != lid:
+            problems.append(f"link {lid}: not the link of node {dst} input {dslot}")
+    return problems
+
+
+def ui_workflows() -> list[Path]:
+    return sorted(UI_DIR.glob("*.json"))
+
+
+WORKFLOWS = ui_workflows()
+
+
+def test_the_shipped_workflows_are_all_there():
+    assert tuple(sorted(EXPECTED)) == tuple(sorted(w.stem for w in WORKFLOWS)), [w.name for w in WORKFLOWS]
+    assert sorted(p.stem for p in API_DIR.glob("*.json")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_workflow_nodes_widgets_and_links(path):
+    workflow = json.loads(path.read_text())
+    problems = workflow_problems(workflow)
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+    types = {n["type"] for n in workflow["nodes"]}
+    assert "NUWAModelLoader" in types and "NUWAPatchRenderer" in types
+    note = workflow["extra"].get("nuwa_note", "")
+    assert note, f"{path.name}: extra.nuwa_note should tell the user what the workflow does"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_workflow_has_a_thumbnail(path):
+    from PIL import Image
+    thumb = path.with_suffix(".jpg")
+    assert thumb.is_file(), f"{path.name}: no thumbnail {thumb.name}"
+    assert thumb.stat().st_size < 200_000, f"{thumb.name} is {thumb.stat().st_size} bytes"
+    with Image.open(thumb) as img:
+        assert img.format == "JPEG" and 128 <= img.width <= 1024, (img.format, img.size)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_api_copy_is_the_conversion_of_the_ui_workflow(path):
+    api = API_DIR / path.name
+    assert api.is_file(), f"no API copy {api}; run: python tests/test_workflows.py --write"
+    assert ui_to_api(json.loads(path.read_text())) == json.loads(api.read_text()), (
+        f"{api} differs from the conversion of {path}; run: python tests/test_workflows.py --write")
+
+
+def test_specific_contents():
+    wf = {p.stem: json.loads(p.read_text()) for p in WORKFLOWS}
+    api = {name: ui_to_api(w) for name, w in wf.items()}
+    for name, prompt in api.items():
+        loaders = [n for n in prompt.values() if n["class_type"] == "NUWAModelLoader"]
+        assert loaders and all(n["inputs"]["model_name"] == DEFAULT_MODEL for n in loaders), name
+    # (a) outpainting: the shipped image, extended on all four sides, order drawing previewed
+    a = api["outpaint_spiral"]
+    assert [n["inputs"]["image"] for n in a.values() if n["class_type"] == "LoadImage"] == [DEFAULT_IMAGE]
+    planner = next(n for n in a.values() if n["class_type"] == "NUWADirectionPlanner")["inputs"]
+    assert min(planner[k] for k in ("left", "right", "up", "down")) >= 1, planner
+    previews = [n["inputs"]["images"] for n in a.values() if n["class_type"] == "PreviewImage"]
+    pid = next(k for k, n in a.items() if n["class_type"] == "NUWADirectionPlanner")
+    assert [pid, 1] in previews, "the planner's order_preview should go to a PreviewImage"
+    # (b) panorama: wide blank canvas, saved image and canvas
+    b = api["infinite_panorama"]
+    empty = next(n for n in b.values() if n["class_type"] == "NUWAEmptyCanvas")["inputs"]
+    assert empty["width"] >= 8 * empty["height"], empty
+    assert {"SaveImage", "NUWACanvasSave"} <= {n["class_type"] for n in b.values()}
+    # (c) text: a stock CLIP Text Encode feeds the renderer's conditioning
+    c = api["text_to_image_wide"]
+    renderer = next(n for n in c.values() if n["class_type"] == "NUWAPatchRenderer")["inputs"]
+    assert c[renderer["conditioning"][0]]["class_type"] == "CLIPTextEncode"
+    assert "text-conditioned" in wf["text_to_image_wide"]["extra"]["nuwa_note"]
+
+
+def test_converter_handles_seed_control_and_upload_widgets():
+    workflow = {"nodes": [
+        {"id": 1, "type": "LoadImage", "mode": 0, "inputs": [], "outputs": [],
+         "widgets_values": ["x.png", "image"]},
+        {"id": 2, "type": "NUWAPatchRenderer", "mode": 0,
+         "inputs": [{"name": "canvas", "type": "NUWA_CANVAS", "link": 5}],
+         "outputs": [], "widgets_values": [3, "randomize", "AR", 4, 0.5, 10, 0.9]},
+        {"id": 3, "type": "Note", "mode": 0, "widgets_values": ["hi"]}],
+        "links": [[5, 9, 1, 2, 0, "NUWA_CANVAS"]]}
+    assert ui_to_api(workflow) == {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}},
+        "2": {"class_type": "NUWAPatchRenderer", "inputs": {
+            "seed": 3, "decoder": "AR", "steps": 4, "temperature": 0.5, "top_k": 10, "top_p": 0.9,
+            "canvas": ["9", 1]}}}
+    bad = dict(workflow, nodes=[dict(workflow["nodes"][1], widgets_values=[3, "AR", 4, 0.5, 10, 0.9])])
+    assert any("control_after_generate" in p for p in workflow_problems(bad))
+
+
+def _write_api_copies() -> None:
+    API_DIR.mkdir(parents=True, exist_ok=True)
+    for path in ui_workflows():
+        prompt = ui_to_api(json.loads(path.read_text()))
+        (API_DIR / path.name).write_text(json.dumps(prompt, indent=1) + "\n")
+        print("wrote", API_DIR / path.name)
+
+
+if __name__ == "__main__":
+    if "--write" in sys.argv[1:]:
+        _write_api_copies()
+    else:
+        print(__doc__)
