@@ -662,7 +662,7 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
 
 @torch.no_grad()
 def build_token_bank(vq: VQModel, images: list[torch.Tensor], variants: int, aug: Augment, seed: int, device,
-                     f: int) -> list[torch.Tensor]:
+                     f: int, tile: int = 8) -> list[torch.Tensor]:
     """Encode every training image `variants` times once, up front: variant 0 as is, 1 flipped,
     the rest through the full augmentation at the image's own size. -> list of token grids [h, w].
 
@@ -679,7 +679,9 @@ def build_token_bank(vq: VQModel, images: list[torch.Tensor], variants: int, aug
                 x = img.flip(-1)[None]
             else:
                 x = random_crops([img], 1, (H, W), gen, dataclasses.replace(aug, scale=(1.0, 1.0)))
-            bank.append(vq.encode_tokens(x.to(device))[0].cpu())
+            # windows of a patch-sized tile, as NuwaInfinity.decode uses: the tokenizer's mid attention
+            # is global, so one pass over a whole large image sees far more tokens than it was trained on
+            bank.append(vq.encode_tokens_tiled(x.to(device), tile=tile, overlap=tile // 4)[0].cpu())
     return bank
 
 
@@ -749,7 +751,7 @@ def train_renderer(args) -> dict:
     aug = Augment() if args.one_shot else Augment.off()
     bank = None
     if args.token_bank:
-        bank = build_token_bank(vq, images, args.token_bank, aug, args.seed, dist.device, f)
+        bank = build_token_bank(vq, images, args.token_bank, aug, args.seed, dist.device, f, max(rcfg.patch_size[1:]))
     log = CsvLog(args.log_dir, "renderer", ["step", "optimizer_steps", "time", "loss", "first_patch", "order",
                                             "peak_pool"], args.resume, dist.main)
     bar = _progress(args.steps, step, dist.main and not args.quiet, "renderer")
@@ -773,8 +775,9 @@ def train_renderer(args) -> dict:
                 tokens = token_crops(bank, args.batch, (crop[0] // f, crop[1] // f), data_gen, args.wrap).to(dist.device)
             else:
                 x = random_crops(images, args.batch, crop, data_gen, aug)
-                with torch.no_grad():
-                    tokens = vq.encode_tokens(x.to(dist.device))[:, None]  # [B, 1, h, w]
+                with torch.no_grad():  # patch-sized windows, as in build_token_bank
+                    t = max(rcfg.patch_size[1:])
+                    tokens = vq.encode_tokens_tiled(x.to(dist.device), tile=t, overlap=t // 4)[:, None]  # [B, 1, h, w]
             order = adc.ORDERS[int(torch.randint(len(adc.ORDERS), (1,), generator=data_gen))]
             nan_now = args.debug_nan_at is not None and step == args.debug_nan_at
 
@@ -864,6 +867,9 @@ def sample_bundle(args) -> dict:
         crop = image[:, :rows * php, left:left + cols * pwp]
         save_image(crop, out_dir / "input.png")
         st = m.canvas_from_image(crop, fit="crop")
+        # re-encode in patch-sized windows, as the renderer was trained (canvas_from_image uses 16-token tiles)
+        t = max(m.patch_size[1:])
+        st.tokens[:, :1] = m.vqgan.encode_tokens_tiled(image_to_model(crop), tile=t, overlap=t // 4)[:, None]
         recon = NuwaInfinity.decode(m, dataclasses.replace(st, given=None))
         save_image(recon, out_dir / "vqgan_reconstruction.png")
         o = m.generate(st, m.plan_extension(st, left=1, right=1, up=1, down=1), settings, generator=gen())
