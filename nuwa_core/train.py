@@ -958,6 +958,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out-dir", default="outputs/samples")
     s.add_argument("--threads", type=int, default=0)
+    from .xl_training import add_arguments as _xl_arguments  # NUWA-XL: t_klvae and xl
+    _xl_arguments(sub)
     return p
 
 
@@ -967,6 +969,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.stage == "sample":
         return sample_bundle(args)
+    if args.stage in ("t_klvae", "xl"):
+        from .xl_training import run as _xl_run
+        return _xl_run(args)
     if args.lr is None:
         args.lr = 2e-4 if args.stage == "vqgan" else 3e-4
     if args.threads:
