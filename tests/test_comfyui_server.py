@@ -60,6 +60,18 @@ def _follow(server, ws, prompt_id, deadline, on_message=None):
     return seen
 
 
+def _history(server, prompt_id, timeout: float = 30):
+    """The prompt's /history entry. ComfyUI sends execution_success before it files the history
+    entry, so it can be missing for a moment right after the websocket says the run finished."""
+    deadline = time.monotonic() + timeout
+    while True:
+        history = server.get(f"/history/{prompt_id}")
+        if prompt_id in history or time.monotonic() > deadline:
+            assert prompt_id in history, f"prompt {prompt_id} finished but is not in /history"
+            return history[prompt_id]
+        time.sleep(0.2)
+
+
 def test_pack_imports_without_failure(comfyui_server):
     log = comfyui_server.log()
     failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and "ComfyUI-NUWA" in line]
@@ -99,7 +111,7 @@ def test_workflow_runs(comfyui_server, workflow):
         f"{workflow.name}: {json.dumps(seen[-1] if seen else None, indent=1)[:4000]}\n"
         f"server log:\n{comfyui_server.log()[-4000:]}")
     assert "progress" in types, f"{workflow.name}: no progress message; saw {sorted(set(types))}"
-    history = comfyui_server.get(f"/history/{prompt_id}")[prompt_id]
+    history = _history(comfyui_server, prompt_id)
     outputs = history["outputs"]
     save_nodes = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
     for nid in save_nodes:
@@ -237,7 +249,7 @@ def test_shipped_workflow_runs(shipped_server, name):
     assert types and types[-1] == "execution_success", (
         f"{name}: {json.dumps(seen[-1] if seen else None, indent=1)[:4000]}\nserver log:\n{server.log()[-4000:]}")
     print(f"{name}: ran in {time.monotonic() - start:.1f}s")
-    outputs = server.get(f"/history/{prompt_id}")[prompt_id]["outputs"]
+    outputs = _history(server, prompt_id)["outputs"]
     saved = [outputs[nid]["images"] for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
     assert saved and all(saved), f"{name}: SaveImage produced nothing: {outputs}"
     path = server.base / "output" / saved[0][0]["subfolder"] / saved[0][0]["filename"]
