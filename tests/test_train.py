@@ -228,9 +228,13 @@ def test_sigterm_saves_before_exiting(tmp_path, tokenizer):
     import time
     img = _image(tmp_path / "a.png")
     out = tmp_path / "s.safetensors"
-    proc = subprocess.Popen([sys.executable, "-m", "nuwa_core.train", *_r_args(img, tokenizer, out, "--steps", "100000")],
+    args = _r_args(img, tokenizer, out, "--steps", "100000")
+    args[args.index("--save-every") + 1] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", "nuwa_core.train", *args],
                             cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
-    time.sleep(8)
+    deadline = time.time() + 120
+    while not train.train_paths(out)[1].exists() and time.time() < deadline:  # the loop (and handler) runs
+        time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -241,12 +245,14 @@ def test_sigterm_saves_before_exiting(tmp_path, tokenizer):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not found")
-def test_two_process_ddp_keeps_replicas_identical(tmp_path, tokenizer):
+@pytest.mark.parametrize("stage", ["renderer", "vqgan"])
+def test_two_process_ddp_keeps_replicas_identical(tmp_path, tokenizer, stage):
     img = _image(tmp_path / "a.png")
     out = tmp_path / "ddp.safetensors"
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port=29517", "-m", "nuwa_core.train",
-           *_r_args(img, tokenizer, out, "--steps", "2", "--debug-dump-replicas")]
+    args = (_r_args(img, tokenizer, out, "--steps", "2", "--debug-dump-replicas") if stage == "renderer" else
+            _vq_args(img, out, "--steps", "4", "--debug-dump-replicas"))  # disc on from step 2, restart at 3
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port=29517", "-m", "nuwa_core.train", *args]
     res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     a = torch.load(out.with_name(out.name + ".replica0.pt"), weights_only=True)
