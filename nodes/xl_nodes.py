@@ -1,0 +1,381 @@
+"""NUWA-XL nodes: model loader, Global Diffusion, Local Diffusion, Coarse-to-Fine (the whole tree), Decode.
+
+Model files are looked up in the "nuwa" model folder (ComfyUI/models/nuwa, the pack's models/nuwa,
+extra_model_paths.yaml `nuwa:`) and in the "nuwa_xl" folder: ComfyUI/models/nuwa_xl and the pack's own
+models/nuwa_xl, where the default XL model ships. The combos list only files of the right kind
+(read from the safetensors header), the shipped default first.
+
+Sampling runs the core's DDIM loop (nuwa_core.diffusion) with ComfyUI's ProgressBar and cancel checks
+in its per-step callback. Prompts: a stock CLIP Text Encode CONDITIONING, one entry (repeated) or one
+per keyframe (combine several with Conditioning (Combine)); unconditional models ignore it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import _comfy
+
+CATEGORY = "NUWA/XL"
+XL_FOLDER = "nuwa_xl"
+PACK_XL_DIR = _comfy.PACK_MODELS_DIR / XL_FOLDER
+DEFAULT_VAE = "t_klvae_default.safetensors"
+DEFAULT_MTD = "mtd_default.safetensors"
+SAME_AS_GLOBAL = "(same as global)"
+VAE_KIND, MTD_KIND = "t_klvae", "mask_temporal_diffusion"
+LATENTS_TYPE = "NUWAXL_LATENTS"
+MODEL_TYPE = "NUWAXL_MODEL"
+
+
+def register_xl_folder() -> None:
+    """The "nuwa_xl" model folder: ComfyUI/models/nuwa_xl (if the user makes it) and the pack's models/nuwa_xl."""
+    fp = _comfy._folder_paths()
+    if fp is None:
+        return
+    fp.add_model_folder_path(XL_FOLDER, str(Path(fp.models_dir) / XL_FOLDER))
+    fp.add_model_folder_path(XL_FOLDER, str(PACK_XL_DIR))
+    fp.folder_names_and_paths[XL_FOLDER][1].update(_comfy.MODEL_EXTENSIONS)
+
+
+register_xl_folder()
+
+
+def xl_folders() -> list[str]:
+    folders = list(_comfy.model_folders())
+    fp = _comfy._folder_paths()
+    extra: list[str] = []
+    if fp is not None:
+        try:
+            extra = list(fp.get_folder_paths(XL_FOLDER))
+        except Exception:
+            extra = []
+    if not extra:
+        from nuwa_core.weights import search_folders
+        extra = [str(p) for p in search_folders(XL_FOLDER)]
+    return list(dict.fromkeys(folders + extra + [str(PACK_XL_DIR)]))
+
+
+def file_kind(path: Path) -> str | None:
+    """`nuwa_kind` from a .safetensors header without reading the weights."""
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > 100_000_000:
+                return None
+            return json.loads(f.read(n)).get("__metadata__", {}).get("nuwa_kind")
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def list_xl_models(kind: str, default: str) -> list[str]:
+    names: list[str] = []
+    for folder in xl_folders():
+        root = Path(folder)
+        if not root.is_dir():
+            continue
+        for p in sorted(root.rglob("*.safetensors")):
+            if p.name.endswith(".train.safetensors") or not p.is_file():
+                continue
+            if file_kind(p) == kind:
+                names.append(p.relative_to(root).as_posix())
+    names = sorted(set(names))
+    return [default] + [n for n in names if n != default]
+
+
+def xl_model_path(name: str) -> Path:
+    from nuwa_core.weights import find_model_file
+    return find_model_file(name, xl_folders())
+
+
+# ---- conversions ------------------------------------------------------------------------------
+
+def _to_image(frames: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] -1..1 -> IMAGE [N, H, W, 3] 0..1 on ComfyUI's intermediate device."""
+    img = ((frames.float().clamp(-1, 1) + 1.0) / 2.0).permute(0, 2, 3, 1).contiguous()
+    return img.to(_comfy.intermediate_device())
+
+
+def conditioning_prompts(conditioning, model, count: int, what: str) -> torch.Tensor | None:
+    """CONDITIONING -> prompt embeddings [1 or count, n, d], or None (no prompt / unconditional model)."""
+    if conditioning is None:
+        return None
+    try:
+        tensors = [c[0] for c in conditioning]
+    except (TypeError, IndexError, KeyError):
+        raise ValueError(f"{what}: expected CONDITIONING from a CLIP Text Encode node (a list of "
+                         f"[tensor, dict]), got {type(conditioning).__name__}")
+    prompts = []
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.ndim != 3:
+            raise ValueError(f"{what}: expected CONDITIONING from a CLIP Text Encode node, whose entries hold a "
+                             f"tensor [batch, tokens, width]; got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        prompts += list(t.float())
+    if len(prompts) not in (1, count):
+        raise ValueError(f"{what}: got {len(prompts)} prompts; give 1 (used for every frame) or {count} (one per "
+                         f"keyframe, e.g. several CLIP Text Encode joined with Conditioning (Combine))")
+    if not model.takes_prompts:
+        _comfy.log.warning("NUWA-XL: this model is unconditional (trained without prompts); the conditioning "
+                           "is ignored")
+        return None
+    width = prompts[0].shape[-1]
+    if any(p.shape[-1] != width for p in prompts) or width != model.context_dim:
+        raise ValueError(f"{what}: the conditioning is {width} wide but this MTD model takes "
+                         f"{model.context_dim}-wide prompt embeddings (768 = SD1 CLIP-L); use a CLIP model that "
+                         f"matches the one the MTD was trained with")
+    n = max(p.shape[0] for p in prompts)
+    prompts = [torch.cat([p, p.new_zeros(n - p.shape[0], width)]) for p in prompts]  # pad longer prompts
+    return torch.stack(prompts)
+
+
+def spread_prompts(prompts: torch.Tensor | None, frames: int, per_keyframe: int):
+    """Prompts of `per_keyframe`... keyframes over `frames` evenly spaced frames: each frame takes the
+    prompt of the keyframe segment it lies in (the last frame the last prompt)."""
+    if prompts is None or prompts.shape[0] == 1:
+        return prompts
+    span = (frames - 1) / (per_keyframe - 1)
+    index = torch.tensor([min(int(j // span), per_keyframe - 1) for j in range(frames)])
+    return prompts[index]
+
+
+class _Sampling:
+    """The per-step callback: ComfyUI progress (with a preview of the current frame) and cancel checks."""
+
+    def __init__(self, model, total: int, preview: bool = True):
+        self.model, self.total, self.done, self.preview = model, total, 0, preview
+        self.bar = _comfy.Progress(total)
+
+    def __call__(self, info) -> bool:
+        _comfy.check_interrupted()
+        self.done += 1
+        image = None
+        if self.preview and self.bar.bar is not None:
+            x0 = info["denoised"][0]  # [L, c, h, w]
+            frame = self.model.decode(x0[x0.shape[0] // 2:][:1])[0]
+            arr = ((frame.float().clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).cpu().numpy()
+            image = Image.fromarray(arr)
+        self.bar.update(min(self.done, self.total), image)
+        return False
+
+
+def _check_tree(L: int, depth: int) -> None:
+    from nuwa_core.diffusion_over_diffusion import _check_tree as check
+    check(L, depth)
+
+
+def _runs(segments: int, max_batch: int) -> int:
+    return math.ceil(segments / max_batch) if max_batch else 1
+
+
+def _run_on_device(model):
+    model.to(_comfy.torch_device())
+    return model
+
+
+# ---- nodes ------------------------------------------------------------------------------------
+
+class NUWAXLModelLoader:
+    DESCRIPTION = ("Loads a NUWA-XL model: a T-KLVAE (video autoencoder) and Mask Temporal Diffusion models, from "
+                   "the 'nuwa' model folder or 'nuwa_xl' (ComfyUI/models/nuwa_xl, the pack's models/nuwa_xl, where "
+                   "the default model ships). One MTD can serve the global (keyframes) and the local (in-filling) "
+                   "levels, or pick a separate local model. The default model is unconditional (no prompts).")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("xl_model",)
+    OUTPUT_TOOLTIPS = ("The NUWA-XL model; feed it to Coarse-to-Fine, or to Global Diffusion / Local Diffusion.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        mtds = list_xl_models(MTD_KIND, DEFAULT_MTD)
+        return {"required": {
+            "t_klvae_name": (list_xl_models(VAE_KIND, DEFAULT_VAE), {
+                "default": DEFAULT_VAE, "tooltip": "T-KLVAE file (video autoencoder with temporal layers)."}),
+            "mtd_name": (mtds, {"default": DEFAULT_MTD, "tooltip": "Mask Temporal Diffusion file for the global "
+                                "level (keyframes), and for every level unless a local model is picked."}),
+            "local_mtd_name": ([SAME_AS_GLOBAL] + mtds, {"default": SAME_AS_GLOBAL, "tooltip":
+                                "Mask Temporal Diffusion file for the local (in-filling) levels; "
+                                f"'{SAME_AS_GLOBAL}' uses the global model."}),
+        }}
+
+    def load(self, t_klvae_name, mtd_name, local_mtd_name=SAME_AS_GLOBAL):
+        from nuwa_core.xl_training import XLModel
+        local = None if local_mtd_name == SAME_AS_GLOBAL else xl_model_path(local_mtd_name)
+        model = XLModel.load(xl_model_path(t_klvae_name), xl_model_path(mtd_name), local)
+        return (model,)
+
+
+def _model_input(tip="From NUWA-XL Model Loader."):
+    return (MODEL_TYPE, {"tooltip": tip})
+
+
+def _common_widgets(L_default=5):
+    return {
+        "L": ("INT", {"default": L_default, "min": 3, "max": 64, "tooltip":
+                      "Frames per diffusion call (the paper's L); the default model was trained with 5."}),
+        "steps": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "DDIM steps per diffusion call."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                         "tooltip": "Random seed; the same seed and inputs give the same video."}),
+    }
+
+
+_COND_TIP = ("Prompts from CLIP Text Encode: one (used for every frame) or one per keyframe (join them with "
+             "Conditioning (Combine)). Must match the MTD's prompt width; the default model is unconditional "
+             "and ignores it.")
+
+
+class NUWAXLGlobalDiffusion:
+    DESCRIPTION = ("Global diffusion (NUWA-XL eq. 18): makes the L keyframes of a long video from prompts, all in one "
+                   "diffusion call. Fill them with Local Diffusion, or use Coarse-to-Fine for the whole tree.")
+    CATEGORY = CATEGORY
+    FUNCTION = "generate"
+    RETURN_TYPES = (LATENTS_TYPE,)
+    RETURN_NAMES = ("keyframes",)
+    OUTPUT_TOOLTIPS = ("L keyframe latents, (L-1)^(depth-1) video frames apart; to Local Diffusion or NUWA-XL Decode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"xl_model": _model_input(), **_common_widgets(),
+                             "depth": ("INT", {"default": 3, "min": 1, "max": 8, "tooltip":
+                                       "Depth of the tree these keyframes start: they are (L-1)^(depth-1) frames "
+                                       "apart in the final video (sets the fps of their preview)."})},
+                "optional": {"conditioning": ("CONDITIONING", {"tooltip": _COND_TIP})}}
+
+    def generate(self, xl_model, L, steps, seed, depth, conditioning=None):
+        _check_tree(L, depth)
+        prompts = conditioning_prompts(conditioning, xl_model, L, "Global Diffusion conditioning")
+        model = _run_on_device(xl_model)
+        cb = _Sampling(model, steps)
+        keyframes = model.keyframes(prompts, L, steps, seed, callback=cb)
+        apart = float((L - 1) ** (depth - 1))
+        return ({"latents": keyframes.cpu(), "L": L, "frames_apart": apart, "prompts": prompts},)
+
+
+class NUWAXLLocalDiffusion:
+    DESCRIPTION = ("Local diffusion (NUWA-XL eqs. 19-20), one level of the tree: every pair of adjacent input frames "
+                   "becomes the first and last frame of an L-frame segment whose L-2 middle frames are generated. "
+                   "K frames in -> (K-1)(L-1)+1 frames out; the input frames are kept exactly.")
+    CATEGORY = CATEGORY
+    FUNCTION = "fill"
+    RETURN_TYPES = (LATENTS_TYPE,)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("The denser frames; chain another Local Diffusion for the next level, or decode them.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"xl_model": _model_input(),
+                             "keyframes": (LATENTS_TYPE, {"tooltip": "From Global Diffusion or another Local Diffusion."}),
+                             **_common_widgets(),
+                             "segments_per_batch": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip":
+                                                    "Segments sampled together (0 = all at once; lower it to save "
+                                                    "memory, the result is the same)."})},
+                "optional": {"conditioning": ("CONDITIONING", {"tooltip": _COND_TIP + " Here: one per input frame."})}}
+
+    def fill(self, xl_model, keyframes, L, steps, seed, segments_per_batch, conditioning=None):
+        _check_tree(L, 1)
+        lat = keyframes["latents"]
+        k = lat.shape[0]
+        if k < 2:
+            raise ValueError(f"Local Diffusion needs at least 2 input frames, got {k}")
+        frames = (k - 1) * (L - 1) + 1
+        prompts = conditioning_prompts(conditioning, xl_model, k, "Local Diffusion conditioning")
+        if prompts is None:
+            prompts = keyframes.get("prompts")
+            if prompts is not None and prompts.shape[0] not in (1, k):
+                prompts = None
+        prompts = spread_prompts(prompts, frames, k)
+        model = _run_on_device(xl_model)
+        cb = _Sampling(model, steps * _runs(k - 1, segments_per_batch))
+        out = model.fill(lat, prompts, L, steps, seed, callback=cb, max_batch=segments_per_batch or None)
+        apart = keyframes.get("frames_apart", 1.0) / (L - 1)
+        return ({"latents": out.cpu(), "L": L, "frames_apart": apart, "prompts": prompts},)
+
+
+class NUWAXLDecode:
+    DESCRIPTION = "Decodes NUWA-XL latents to frames with the model's T-KLVAE (a few frames at a time)."
+    CATEGORY = CATEGORY
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE", "FLOAT")
+    RETURN_NAMES = ("images", "fps")
+    OUTPUT_TOOLTIPS = ("The frames as an IMAGE batch.",
+                       "Frames per second of these frames (the model's video fps / their spacing).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"xl_model": _model_input(),
+                             "latents": (LATENTS_TYPE, {"tooltip": "From Global, Local Diffusion or Coarse-to-Fine."})}}
+
+    def decode(self, xl_model, latents):
+        model = _run_on_device(xl_model)
+        frames = model.decode(latents["latents"])
+        return (_to_image(frames), float(model.fps / max(latents.get("frames_apart", 1.0), 1e-9)))
+
+
+class NUWAXLCoarseToFine:
+    DESCRIPTION = ("NUWA-XL Diffusion over Diffusion, the whole tree: global diffusion makes L keyframes, then each "
+                   "of depth-1 local levels fills between adjacent frames, all segments of a level in one batch. "
+                   "Makes (L-1)^depth + 1 frames (L=5, depth 3: 65) in only depth sequential rounds. Outputs an "
+                   "IMAGE batch and its fps for SaveAnimatedWEBP, CreateVideo/SaveVideo or VideoHelperSuite.")
+    CATEGORY = CATEGORY
+    FUNCTION = "generate"
+    RETURN_TYPES = ("IMAGE", "FLOAT", LATENTS_TYPE)
+    RETURN_NAMES = ("images", "fps", "latents")
+    OUTPUT_TOOLTIPS = ("The long video as an IMAGE batch of (L-1)^depth + 1 frames.",
+                       "Frames per second the model was trained at.",
+                       "The video's latents (to decode again, or refine with another Local Diffusion).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        w = _common_widgets()
+        return {"required": {"xl_model": _model_input(), "L": w["L"],
+                             "depth": ("INT", {"default": 3, "min": 1, "max": 8, "tooltip":
+                                       "Levels of the tree: 1 = keyframes only; frames = (L-1)^depth + 1."}),
+                             "steps": w["steps"], "seed": w["seed"],
+                             "segments_per_batch": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip":
+                                                    "Local segments sampled together (0 = a whole level at once; "
+                                                    "lower it to save memory, the result is the same)."})},
+                "optional": {"conditioning": ("CONDITIONING", {"tooltip": _COND_TIP})}}
+
+    def generate(self, xl_model, L, depth, steps, seed, segments_per_batch, conditioning=None):
+        from nuwa_core.diffusion_over_diffusion import frames_for, generate_long_video
+        _check_tree(L, depth)
+        prompts = conditioning_prompts(conditioning, xl_model, L, "Coarse-to-Fine conditioning")
+        levels = prompts
+        if prompts is not None and prompts.shape[0] > 1:
+            levels = [spread_prompts(prompts, frames_for(L, k + 1), L) if k else prompts for k in range(depth)]
+        model = _run_on_device(xl_model)
+        mb = segments_per_batch or None
+        total = steps * (1 + sum(_runs((L - 1) ** k, segments_per_batch) for k in range(1, depth)))
+        cb = _Sampling(model, total)
+        if levels is None:
+            levels = model.null_prompts()
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+        with torch.no_grad():
+            lat = generate_long_video(model.global_mtd, model.local_mtd,
+                                      levels if isinstance(levels, list) else levels.to(model.device), L, depth,
+                                      model.latent_shape(), steps=steps, generator=gen, callback=cb, max_batch=mb)
+            frames = model.decode(lat)
+        return (_to_image(frames), float(model.fps), {"latents": lat.cpu(), "L": L, "frames_apart": 1.0,
+                                                       "prompts": None})
+
+
+NODE_CLASS_MAPPINGS = {
+    "NUWAXLModelLoader": NUWAXLModelLoader,
+    "NUWAXLGlobalDiffusion": NUWAXLGlobalDiffusion,
+    "NUWAXLLocalDiffusion": NUWAXLLocalDiffusion,
+    "NUWAXLCoarseToFine": NUWAXLCoarseToFine,
+    "NUWAXLDecode": NUWAXLDecode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "NUWAXLModelLoader": "NUWA-XL Model Loader",
+    "NUWAXLGlobalDiffusion": "NUWA-XL Global Diffusion",
+    "NUWAXLLocalDiffusion": "NUWA-XL Local Diffusion",
+    "NUWAXLCoarseToFine": "NUWA-XL Coarse-to-Fine (long video)",
+    "NUWAXLDecode": "NUWA-XL Decode",
+}
