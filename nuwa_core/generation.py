@@ -227,12 +227,22 @@ class NuwaInfinity(nn.Module):
                                  f"({cols * pwp}x{rows * php})")
             else:
                 raise ValueError(f"fit must be 'refuse', 'crop' or 'resize', got {fit!r}")
-        tokens = self.vqgan.encode_tokens_tiled(x.to(self.device, self.vqgan_dtype)).cpu()  # [B, h, w]
+        tile = self.vqgan_tile
+        tokens = self.vqgan.encode_tokens_tiled(x.to(self.device, self.vqgan_dtype), tile=tile, overlap=tile // 4).cpu()
         state = self.blank_canvas(x.shape[2] // php, x.shape[3] // pwp, frames=frames, batch=x.shape[0])
         state.tokens[:, :self.patch_size[0]] = tokens[:, None]
         state.known[0] = True
         state.given = model_to_image(x.cpu())
         return state
+
+    @property
+    def vqgan_tile(self) -> int:
+        """Tokens per side of the windows the VQGAN encodes and decodes in: one patch.
+
+        Its attention at token resolution is global, so windows keep memory flat on large
+        canvases and match the crops small one-shot tokenizers are trained on.
+        """
+        return max(self.patch_size[1:])
 
     @property
     def vqgan_dtype(self) -> torch.dtype:
@@ -383,7 +393,7 @@ class NuwaInfinity(nn.Module):
         """
         b, ft, h, w = state.tokens.shape
         tokens = state.tokens.reshape(b * ft, h, w)
-        tile = tile or max(self.patch_size[1:])
+        tile = tile or self.vqgan_tile
         out = []
         for frame in tokens:  # one frame at a time keeps memory flat in the frame count too
             x = self.vqgan.decode_tokens_tiled(frame.clamp(min=0)[None].to(self.device), tile=tile, overlap=tile // 4)
