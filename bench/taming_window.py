@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from nuwa_core.arbitrary_direction_controller import Order
 from nuwa_core.generation import NuwaInfinity
-from nuwa_core.patch_samplers import SamplerSettings, filter_logits, sample_categorical
-from nuwa_core.renderer import Context, Renderer, RendererConfig
+from nuwa_core.baselines import taming_sliding_window  # raster order, a full window forward per token
+from nuwa_core.patch_samplers import SamplerSettings
+from nuwa_core.renderer import Renderer, RendererConfig
 from nuwa_core.vqgan import VQModel, VQGANConfig
 
 WINDOW = 16
@@ -25,22 +25,6 @@ ROWS, COLS = 16, 64  # tokens
 def config(extent) -> RendererConfig:
     return RendererConfig(vocab_size=1024, patch_size=(1, WINDOW, WINDOW), n_layer=4, n_head=8, d_model=256,
                           extent=extent)
-
-
-@torch.no_grad()
-def taming_sliding_window(gpt: Renderer, settings: SamplerSettings, generator) -> torch.Tensor:
-    """Raster-order sampling of a ROWS x COLS token canvas, a full window forward per token."""
-    tokens = torch.zeros(1, ROWS, COLS, dtype=torch.long)
-    empty, text_kv = Context(None, None, 0), gpt.text_kv(None)
-    for i in range(ROWS):
-        for j in range(COLS):
-            j0 = min(max(j - WINDOW // 2, 0), COLS - WINDOW)  # the window slides with the token
-            window = tokens[:, :, j0:j0 + WINDOW].reshape(1, -1)
-            t = i * WINDOW + (j - j0)  # position of the token inside its window
-            logits, _ = gpt(gpt.ar_inputs(window[:, :t + 1], Order.RIGHT_DOWN), empty, text_kv, causal=True)
-            tokens[0, i, j] = sample_categorical(filter_logits(logits[:, -1], settings.temperature,
-                                                               settings.top_k, settings.top_p), generator)
-    return tokens
 
 
 def main():
@@ -57,7 +41,7 @@ def main():
     out = engine.generate(state, engine.plan_fill(state), settings, generator=torch.Generator().manual_seed(0))
     ours = time.perf_counter() - start
     start = time.perf_counter()
-    baseline_tokens = taming_sliding_window(gpt, settings, torch.Generator().manual_seed(0))
+    baseline_tokens = taming_sliding_window(gpt, settings, torch.Generator().manual_seed(0), rows=ROWS, cols=COLS)
     baseline = time.perf_counter() - start
     assert out.tokens.shape[-2:] == baseline_tokens.shape[-2:]
     print(f"canvas {ROWS}x{COLS} tokens: sliding window {baseline:.1f} s, NUWA-Infinity {ours:.2f} s")
