@@ -31,8 +31,8 @@ def decode_recompute(renderer, context, order, text_kv, batch, choose):
 
 def main():
     torch.manual_seed(0)
-    torch.set_num_threads(2)
-    cfg = RendererConfig(vocab_size=1024, patch_size=(1, 16, 16), n_layer=4, n_head=8, d_model=256, extent=(0, 2, 2))
+    torch.set_num_threads(1)  # many small ops: one thread avoids sync stalls on a shared machine
+    cfg = RendererConfig(vocab_size=1024, patch_size=(1, 16, 16), n_layer=4, n_head=8, d_model=512, extent=(0, 2, 2))
     renderer = Renderer(cfg).eval()
     coord = (0, 2, 2)  # middle of a 5-row canvas generated down-right: 12 patches of context
     pool = NearbyContextPool(cfg.extent)
