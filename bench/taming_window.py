@@ -29,7 +29,7 @@ def config(extent) -> RendererConfig:
 
 def main():
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # many small ops: one thread avoids sync stalls on a shared machine
     settings = SamplerSettings(top_k=100)
     vqgan = VQModel(VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=16,
                                 embed_dim=16, n_embed=1024, resolution=32))
