@@ -32,7 +32,8 @@ DEFAULT_MODEL = "nuwa_infinity_default.safetensors"
 DEFAULT_IMAGE = "nuwa_infinity_default.png"  # models/nuwa/, copied into ComfyUI's input folder
 # workflows that run on the shipped default model (the text one needs a text-conditioned model)
 RUNS_ON_DEFAULT_MODEL = ("outpaint_spiral", "infinite_panorama")
-EXPECTED = ("outpaint_spiral", "infinite_panorama", "text_to_image_wide")
+EXPECTED = ("outpaint_spiral", "infinite_panorama", "text_to_image_wide", "nuwa_xl_long_video")
+XL_WORKFLOWS = ("nuwa_xl_long_video",)  # NUWA-XL: its own loader and model files
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -48,6 +49,12 @@ CORE_NODES = {
     "PreviewImage": {"inputs": [("images", "IMAGE")], "widgets": [], "outputs": []},
     "CLIPTextEncode": {"inputs": [("clip", "CLIP")], "widgets": [("text", ("STRING", {"multiline": True}))],
                        "outputs": [("CONDITIONING", "CONDITIONING")]},
+    "SaveAnimatedWEBP": {"inputs": [("images", "IMAGE")],
+                         "widgets": [("filename_prefix", ("STRING", {})),
+                                     ("fps", ("FLOAT", {"min": 0.01, "max": 1000.0, "step": 0.01})),
+                                     ("lossless", ("BOOLEAN", {})), ("quality", ("INT", {"min": 0, "max": 100})),
+                                     ("method", (["default", "fastest", "slowest"], {}))],
+                         "outputs": []},
     "CheckpointLoaderSimple": {"inputs": [], "widgets": [("ckpt_name", ("file", {}))],
                                "outputs": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]},
 }
@@ -271,7 +278,10 @@ def test_workflow_nodes_widgets_and_links(path):
     problems = workflow_problems(workflow)
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
     types = {n["type"] for n in workflow["nodes"]}
-    assert "NUWAModelLoader" in types and "NUWAPatchRenderer" in types
+    if path.stem in XL_WORKFLOWS:
+        assert "NUWAXLModelLoader" in types and "NUWAXLCoarseToFine" in types
+    else:
+        assert "NUWAModelLoader" in types and "NUWAPatchRenderer" in types
     note = workflow["extra"].get("nuwa_note", "")
     assert note, f"{path.name}: extra.nuwa_note should tell the user what the workflow does"
 
@@ -298,6 +308,8 @@ def test_specific_contents():
     wf = {p.stem: json.loads(p.read_text()) for p in WORKFLOWS}
     api = {name: ui_to_api(w) for name, w in wf.items()}
     for name, prompt in api.items():
+        if name in XL_WORKFLOWS:
+            continue
         loaders = [n for n in prompt.values() if n["class_type"] == "NUWAModelLoader"]
         assert loaders and all(n["inputs"]["model_name"] == DEFAULT_MODEL for n in loaders), name
     # (a) outpainting: the shipped image, extended on all four sides, order drawing previewed
@@ -318,6 +330,14 @@ def test_specific_contents():
     renderer = next(n for n in c.values() if n["class_type"] == "NUWAPatchRenderer")["inputs"]
     assert c[renderer["conditioning"][0]]["class_type"] == "CLIPTextEncode"
     assert "text-conditioned" in wf["text_to_image_wide"]["extra"]["nuwa_note"]
+    # (d) NUWA-XL: the shipped default XL model, the whole tree, saved as an animation at the model's fps
+    d = api["nuwa_xl_long_video"]
+    xl_loader = next(n for n in d.values() if n["class_type"] == "NUWAXLModelLoader")["inputs"]
+    assert (xl_loader["t_klvae_name"], xl_loader["mtd_name"]) == ("t_klvae_default.safetensors", "mtd_default.safetensors")
+    c2f = next(k for k, n in d.items() if n["class_type"] == "NUWAXLCoarseToFine")
+    save = next(n for n in d.values() if n["class_type"] == "SaveAnimatedWEBP")["inputs"]
+    assert save["images"] == [c2f, 0] and save["fps"] == [c2f, 1]
+    assert "unconditional" in wf["nuwa_xl_long_video"]["extra"]["nuwa_note"]
 
 
 def test_converter_handles_seed_control_and_upload_widgets():
