@@ -176,7 +176,7 @@ def test_interrupt_stops_a_long_run(comfyui_server):
     assert comfyui_server.get("/system_stats")["system"]
 
 
-# --- the shipped example workflows (example_workflows/, API copies in tests/workflows/shipped/) ---
+# --- the shipped example workflows (workflows/, API copies in tests/workflows/shipped/) ---
 
 SHIPPED_API = Path(__file__).resolve().parent / "workflows" / "shipped"
 SHIPPED_RUN_TIMEOUT = float(os.environ.get("NUWA_WORKFLOW_TIMEOUT", "900"))

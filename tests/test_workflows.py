@@ -1,4 +1,4 @@
-"""The shipped example workflows (UI format, `example_workflows/`) against the pack's nodes.
+"""The shipped example workflows (UI format, `workflows/`) against the pack's nodes.
 
 Runs without ComfyUI and in seconds. For every shipped workflow:
 - every node type is one of ours (NODE_CLASS_MAPPINGS) or a stock ComfyUI node of the small
@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# ComfyUI serves a pack's `example_workflows/` in Workflow -> Browse Templates (it also finds
-# example/, examples/, workflow/, workflows/, but logs a hint to rename them to this name).
-UI_DIR = REPO / "example_workflows"
+# ComfyUI serves a pack's `workflows/` in Workflow -> Browse Templates (it prefers the name
+# `example_workflows/` and logs a hint, but this project's layout keeps `workflows/`).
+UI_DIR = REPO / "workflows"
 API_DIR = Path(__file__).resolve().parent / "workflows" / "shipped"
 DEFAULT_MODEL = "nuwa_infinity_default.safetensors"
 DEFAULT_IMAGE = "nuwa_infinity_default.png"  # models/nuwa/, copied into ComfyUI's input folder
