@@ -348,3 +348,23 @@ def test_frontend_loads_shipped_workflows(comfyui_server, tmp_path):
         prompt = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in result["prompt"].items()}
         expected = json.loads((SHIPPED_API / path.name).read_text())
         assert prompt == expected, f"{path.name}: the frontend converts it to\n{json.dumps(prompt, indent=1)}"
+
+
+def test_shipped_long_video_workflow_runs(comfyui_server):
+    """The NUWA-XL long-video workflow runs on the shipped default XL model (models/nuwa_xl)."""
+    if not (REPO / "models" / "nuwa_xl" / "mtd_default.safetensors").is_file():
+        pytest.skip("models/nuwa_xl/mtd_default.safetensors is absent")
+    prompt = json.loads((SHIPPED_API / "nuwa_xl_long_video.json").read_text())
+    client_id = uuid.uuid4().hex
+    ws = comfyui_server.websocket(client_id)
+    try:
+        prompt_id = _queue(comfyui_server, prompt, client_id)
+        seen = _follow(comfyui_server, ws, prompt_id, time.monotonic() + SHIPPED_RUN_TIMEOUT)
+    finally:
+        ws.close()
+    types = [m["type"] for m in seen]
+    assert types and types[-1] == "execution_success", f"{json.dumps(seen[-1] if seen else None)[:4000]}"
+    assert "progress" in types
+    outputs = _history(comfyui_server, prompt_id)["outputs"]
+    saved = [o["images"] for nid, o in outputs.items() if prompt[nid]["class_type"] == "SaveAnimatedWEBP"]
+    assert saved and saved[0], f"SaveAnimatedWEBP produced nothing: {outputs}"
