@@ -15,6 +15,8 @@ _DECODER_IDS = {"auto": "auto", "AR": "ar", "NAR": "nar", "P-NAR": "pnar"}
 
 def load_model(path, device="cpu"):
     from nuwa_core.generation import NuwaInfinity  # imported on first use: ComfyUI starts faster
+    from nuwa_core.weights import check_listed_file
+    check_listed_file(path)
     return NuwaInfinity.load(str(path), device=device)
 
 

@@ -318,3 +318,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+_verified: dict[tuple[str, int, int], str] = {}
+
+
+def check_listed_file(path: str | os.PathLike, manifest: dict[str, WeightEntry] | None = None) -> None:
+    """Before loading: a file the manifest lists with a size or sha256 must match them.
+
+    Files the manifest does not know (a user's own models) pass. Each (path, size, mtime) is
+    hashed once per process.
+    """
+    path = Path(path)
+    entry = (load_manifest() if manifest is None else manifest).get(path.name)
+    if entry is None or (entry.sha256 is None and entry.size is None):
+        return
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _verified:
+        result = verify_file(entry, path)
+        if result.state not in (PRESENT, UNVERIFIED):
+            raise WeightsError(f"{result.detail} (manifest entry {entry.name} in weights.json)")
+        _verified[key] = result.state

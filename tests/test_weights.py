@@ -127,3 +127,17 @@ def test_fetch_refuses_entry_without_url(tmp_path):
     entry = W.load_manifest()["nuwa_infinity_default.safetensors"]
     with pytest.raises(W.WeightsError, match="no download URL"):
         W.fetch(entry, tmp_path)
+
+
+def test_a_listed_file_must_match_its_hash_before_loading(tmp_path):
+    from nuwa_core.weights import WeightEntry, WeightsError, check_listed_file
+    import hashlib
+    good = tmp_path / "listed.safetensors"
+    good.write_bytes(b"weights")
+    entry = WeightEntry(name="listed.safetensors", url=None, sha256=hashlib.sha256(b"weights").hexdigest(), size=7,
+                        licence="MIT", folder="nuwa", kind="nuwa_infinity", description="test")
+    check_listed_file(good, {entry.name: entry})  # matches: passes
+    check_listed_file(tmp_path / "unlisted.safetensors", {entry.name: entry})  # not in the manifest: passes
+    good.write_bytes(b"WEIGHTS")  # same size, other content
+    with pytest.raises(WeightsError, match="sha256 .* the manifest expects"):
+        check_listed_file(good, {entry.name: entry})
