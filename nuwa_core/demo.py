@@ -18,6 +18,7 @@ import torch
 from .generation import NuwaInfinity
 from .images import load_image, save_image
 from .patch_samplers import SamplerSettings
+from .weights import check_listed_file
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "nuwa"
 DEFAULT_MODEL = SHIPPED / "nuwa_infinity_default.safetensors"
@@ -36,7 +37,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if not args.model.is_file():
         raise SystemExit(f"model file not found: {args.model} (the shipped default lives in {SHIPPED})")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    check_listed_file(args.model)
     model = NuwaInfinity.load(args.model)
     settings = SamplerSettings(top_k=args.top_k, temperature=args.temperature)
     image = load_image(args.image)  # [1, H, W, 3]
