@@ -37,7 +37,8 @@ KINDS = ("nuwa", "no_context", "taming")
 @torch.no_grad()
 def taming_sliding_window(gpt: Renderer, settings: SamplerSettings, generator: torch.Generator | None = None,
                           rows: int | None = None, cols: int | None = None, tokens: torch.Tensor | None = None,
-                          window: tuple[int, int] | None = None, callback=None) -> torch.Tensor:
+                          window: tuple[int, int] | None = None, callback=None,
+                          whole_window: bool = False) -> torch.Tensor:
     """Raster-order sampling of a rows x cols token canvas, a full window forward per token.
 
     gpt: a renderer without context (extent (0, 0, 0)); its patch (1, wh, ww) is the window unless
@@ -45,6 +46,8 @@ def taming_sliding_window(gpt: Renderer, settings: SamplerSettings, generator: t
     a canvas to complete, UNKNOWN (-1) where a token is to be sampled (outpainting); without it a
     blank 1 x rows x cols canvas. Returns the token grid [B, rows, cols] (a new tensor).
     callback(done_rows, rows) runs after every token row.
+    whole_window: run the network over all the window's tokens for every token, as taming's
+    sampler does (same samples: attention is causal), instead of only up to that token.
     """
     pf, ph, pw = gpt.config.patch_size
     wh, ww = window or (ph, pw)
@@ -74,8 +77,9 @@ def taming_sliding_window(gpt: Renderer, settings: SamplerSettings, generator: t
             j0 = min(max(j - ww // 2, 0), cols - ww)
             win = work[:, i0:i0 + wh, j0:j0 + ww].reshape(b, -1)
             t = (i - i0) * ww + (j - j0)  # position of the token inside its window (raster)
-            logits, _ = gpt(gpt.ar_inputs(win[:, :t + 1], Order.RIGHT_DOWN), empty, text_kv, causal=True)
-            new = sample_categorical(filter_logits(logits[:, -1], settings.temperature, settings.top_k,
+            seen = win if whole_window else win[:, :t + 1]
+            logits, _ = gpt(gpt.ar_inputs(seen, Order.RIGHT_DOWN), empty, text_kv, causal=True)
+            new = sample_categorical(filter_logits(logits[:, t], settings.temperature, settings.top_k,
                                                    settings.top_p), generator)
             work[:, i, j] = torch.where(todo.to(device), new, work[:, i, j])
         if callback is not None:

@@ -118,3 +118,11 @@ def test_cli_writes_pngs(tmp_path):
     assert json.loads((tmp_path / "o" / "info.json").read_text())["kind"] == "no_context"
     assert baselines.main([str(path), "--image", str(tmp_path / "img.png"), "--out", str(tmp_path / "p"),
                            "--given-cols", "9"]) == 2
+
+
+def test_whole_window_forward_samples_the_same_tokens():
+    """Running the network over the whole window per token (taming's cost) changes nothing sampled."""
+    g, s = gpt(), SamplerSettings(top_k=8)
+    prefix = taming_sliding_window(g, s, torch.Generator().manual_seed(0), rows=6, cols=10)
+    whole = taming_sliding_window(g, s, torch.Generator().manual_seed(0), rows=6, cols=10, whole_window=True)
+    assert torch.equal(prefix, whole)
