@@ -324,6 +324,15 @@ class StopRequest:
             signal.signal(sig, old)
 
 
+def stop_reason(stop: StopRequest, dist: Dist, t0: float, max_minutes: float | None) -> str | None:
+    """Why a training loop must stop now ("signal", "max-minutes"), agreed across DDP ranks; else None."""
+    if dist.any_flag(stop.signal is not None):
+        return "signal"
+    if max_minutes and dist.any_flag((time.time() - t0) / 60 >= max_minutes):
+        return "max-minutes"
+    return None
+
+
 class CsvLog:
     def __init__(self, log_dir: str | None, name: str, fields: list[str], resume: bool, enabled: bool):
         self.file = None
@@ -454,11 +463,9 @@ def train_vqgan(args) -> dict:
     stats = {"loss": float("nan")}
     with StopRequest() as stop:
         while step < args.steps:
-            if dist.any_flag(stop.signal is not None):
-                stopped = "signal"
-                break
-            if args.max_minutes and dist.any_flag((time.time() - t0) / 60 >= args.max_minutes):
-                stopped = "max-minutes"
+            reason = stop_reason(stop, dist, t0, args.max_minutes)
+            if reason:
+                stopped = reason
                 break
             x = random_crops(images, args.batch, (args.crop, args.crop), data_gen, aug).to(dist.device)
             _set_lr(opt_g, args.lr, step, args.warmup)
@@ -765,11 +772,9 @@ def train_renderer(args) -> dict:
 
     with StopRequest() as stop:
         while step < args.steps:
-            if dist.any_flag(stop.signal is not None):
-                stopped = "signal"
-                break
-            if args.max_minutes and dist.any_flag((time.time() - t0) / 60 >= args.max_minutes):
-                stopped = "max-minutes"
+            reason = stop_reason(stop, dist, t0, args.max_minutes)
+            if reason:
+                stopped = reason
                 break
             if bank is not None:
                 tokens = token_crops(bank, args.batch, (crop[0] // f, crop[1] // f), data_gen, args.wrap).to(dist.device)

@@ -266,11 +266,9 @@ def train_t_klvae(args) -> dict:
 
     with T.StopRequest() as stop:
         while step < args.steps:
-            if dist.any_flag(stop.signal is not None):
-                stopped = "signal"
-                break
-            if args.max_minutes and dist.any_flag((time.time() - t0) / 60 >= args.max_minutes):
-                stopped = "max-minutes"
+            reason = T.stop_reason(stop, dist, t0, args.max_minutes)
+            if reason:
+                stopped = reason
                 break
             x = random_clips(videos, args.batch, args.clip_frames, args.clip_stride, data_gen, args.flip)
             zshape = (x.shape[0] * x.shape[1], cfg.z_channels, size[1] // f, size[0] // f)
@@ -516,11 +514,9 @@ def train_xl(args) -> dict:
 
     with T.StopRequest() as stop:
         while step < args.steps:
-            if dist.any_flag(stop.signal is not None):
-                stopped = "signal"
-                break
-            if args.max_minutes and dist.any_flag((time.time() - t0) / 60 >= args.max_minutes):
-                stopped = "max-minutes"
+            reason = T.stop_reason(stop, dist, t0, args.max_minutes)
+            if reason:
+                stopped = reason
                 break
             x0, ctx, cond, mask, lv = xl_batch(latents, args.batch, args.L, args.depth, levels, data_gen, text,
                                                args.text_drop, context_dim, args.time_reverse)
