@@ -99,6 +99,57 @@ class CanvasState:
         state.given_origin = (self.given_origin[0] + top * ph * px, self.given_origin[1] + left * pw * px)
         return state
 
+    def forget(self, cells) -> "CanvasState":
+        """A copy with the patches where `cells` (bool [F, rows, cols], the patch grid) is True
+        made unknown again, so a plan_fill + generate regenerates exactly those (mask inpainting).
+
+        Dropped, because it describes the old content: the tokens of those patches; the pool's
+        caches of those patches and of every cached patch within the pool's extent of one (their
+        hidden states attended to the old tokens; generate() re-caches them from their tokens);
+        the given pixels over those patches (decode pastes them back, they would cover the new
+        ones). The canvas holds one rectangle of given pixels: when the kept part is still a
+        rectangle it is cropped to it, when the forgotten patches cut a hole in it all of it is
+        dropped (the tokens decode there instead). Everything else is kept as is.
+        """
+        cells = torch.as_tensor(cells).to(device="cpu")
+        if tuple(cells.shape) != tuple(self.grid):
+            raise ValueError(f"forget: the mask must be the canvas' patch grid (frames, rows, cols) = "
+                             f"{tuple(self.grid)}, got shape {tuple(cells.shape)}")
+        cells = cells.bool()
+        state = self.clone()
+        coords = [tuple(c) for c in torch.nonzero(cells).tolist()]
+        if not coords:
+            return state
+        for coord in coords:
+            state.tokens[state.patch_slices(coord)] = UNKNOWN
+        state.known = state.known & ~cells
+        if state.pool is not None:
+            stale = [c for c in state.pool.caches if any(adc.within_extent(c, f, state.pool.extent) for f in coords)]
+            for c in stale:
+                del state.pool.caches[c]
+        if state.given is not None and cells[0].any():
+            state.given, state.given_origin = self._given_without(cells[0])
+        return state
+
+    def _given_without(self, cells: torch.Tensor):
+        """(given, origin) with the pixels of the frame-0 patches `cells` [rows, cols] removed."""
+        (_, ph, pw), px = self.patch_size, self.pixels_per_token
+        top, left = self.given_origin
+        gh, gw = self.given.shape[1:3]
+        kept = torch.ones(gh, gw, dtype=torch.bool)
+        for i, j in torch.nonzero(cells).tolist():
+            r0, c0 = i * ph * px - top, j * pw * px - left
+            kept[max(0, r0):max(0, r0 + ph * px), max(0, c0):max(0, c0 + pw * px)] = False
+        if kept.all():
+            return self.given, self.given_origin
+        rows, cols = torch.nonzero(kept.any(1)).flatten(), torch.nonzero(kept.any(0)).flatten()
+        if len(rows) == 0:
+            return None, (0, 0)
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        if not kept[r0:r1, c0:c1].all():
+            return None, (0, 0)  # a hole: one rectangle cannot hold what is left
+        return self.given[:, r0:r1, c0:c1].clone(), (top + r0, left + c0)
+
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path) -> None:
         """One .safetensors file: tokens, known patches, given pixels and the pool's caches."""
