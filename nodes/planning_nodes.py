@@ -121,7 +121,7 @@ class NUWADirectionPlanner:
             regenerate = _engine.mask_to_patch_grid(mask, (f, rows, cols))
             if not regenerate.any():
                 raise ValueError("mask: no patch is masked (MASK 1 = area to generate); nothing to plan")
-            plan = model.plan_fill(_with_unknown(canvas, regenerate))
+            plan = model.plan_fill(canvas.forget(regenerate))
             known = _known(canvas) & ~regenerate
         else:
             if target_width > 0 or target_height > 0:
@@ -153,19 +153,6 @@ def _known(canvas) -> torch.Tensor:
     return canvas.known.detach().cpu().bool()
 
 
-def _with_unknown(canvas, cells: torch.Tensor):
-    """A copy of the canvas with the masked patches forgotten: tokens unknown, pool and the
-    pasted-back source pixels dropped (they would cover the regenerated area)."""
-    from nuwa_core.generation import UNKNOWN
-    state = canvas.clone()
-    for coord in torch.nonzero(cells).tolist():
-        state.tokens[state.patch_slices(tuple(coord))] = UNKNOWN
-    state.known = state.known & ~cells
-    state.pool = None
-    state.given = None
-    return state
-
-
 @dataclass
 class PlanSpec:
     """NUWA_PLAN: the core Plan plus, for mask plans, the patches to forget before generating."""
@@ -178,7 +165,7 @@ class PlanSpec:
         if tuple(self.regenerate.shape) != tuple(canvas.grid):
             raise ValueError(f"the plan was made for a canvas of {tuple(self.regenerate.shape)} patches, "
                              f"this canvas has {tuple(canvas.grid)}: connect the same canvas to both nodes")
-        return _with_unknown(canvas, self.regenerate)
+        return canvas.forget(self.regenerate)
 
     def __len__(self):
         return len(self.plan)

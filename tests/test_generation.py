@@ -222,3 +222,61 @@ def test_a_smaller_context_extent_selects_less_and_a_larger_one_is_refused(monke
     assert 0 < max(seen) < widest and full.known.all()
     with pytest.raises(ValueError, match="within the trained extent"):
         m.generate(st, m.plan_fill(st), FAST, extent=(0, 3, 2))
+
+
+def _outpainted():
+    """A 2 x 4 patch canvas: the image's 2 x 3 patches given, one column outpainted (pool: column 3)."""
+    m = tiny_model()
+    img = image()
+    st = m.canvas_from_image(img)
+    st = m.generate(st, m.plan_extension(st, right=1), FAST, generator=seeded())
+    assert set(st.pool.caches) == {(0, 0, 3), (0, 1, 3)} and st.given.shape == (1, 32, 48, 3)
+    return m, img, st
+
+
+def _cells(grid, *coords):
+    cells = torch.zeros(grid, dtype=torch.bool)
+    for c in coords:
+        cells[c] = True
+    return cells
+
+
+def test_forget_makes_the_masked_patches_unknown_and_keeps_everything_else():
+    m, img, st = _outpainted()
+    before = st.tokens.clone()
+    left = st.forget(_cells(st.grid, (0, 0, 0), (0, 1, 0)))  # the image's left column
+    assert torch.equal(st.tokens, before) and st.known.all()  # the input state is left untouched
+    assert left.known[0, :, 0].sum() == 0 and left.known[0, :, 1:].all()
+    assert (left.tokens[:, :, :, :4] == generation.UNKNOWN).all()
+    assert torch.equal(left.tokens[:, :, :, 4:], before[:, :, :, 4:])
+    assert set(left.pool.caches) == {(0, 0, 3), (0, 1, 3)}  # out of the extent of column 0: still valid
+    assert torch.equal(left.given, img[:, :, 16:]) and left.given_origin == (0, 16)  # cropped, not dropped
+    near = st.forget(_cells(st.grid, (0, 0, 2)))
+    assert not near.pool.caches  # both cached patches are within the extent: they attended to it
+    assert near.given is None  # a hole in the given rectangle: no pixels pasted over the new patch
+    outside = st.forget(_cells(st.grid, (0, 1, 3)))  # an outpainted patch: the given pixels stay
+    assert torch.equal(outside.given, img) and outside.given_origin == (0, 0)
+    assert torch.equal(st.forget(torch.zeros(st.grid, dtype=torch.bool)).tokens, before)
+
+
+def test_generate_after_forget_fills_only_the_forgotten_patches():
+    m, img, st = _outpainted()
+    forgotten = st.forget(_cells(st.grid, (0, 0, 0), (0, 1, 0)))
+    plan = m.plan_fill(forgotten)
+    assert sorted(c for _, c in plan.steps()) == [(0, 0, 0), (0, 1, 0)]
+    done = []
+    out = m.generate(forgotten, plan, FAST, generator=seeded(3), callback=lambda n, t, s: done.append(n))
+    assert done == [1, 2] and out.known.all() and (out.tokens >= 0).all()
+    assert torch.equal(out.tokens[:, :, :, 4:], st.tokens[:, :, :, 4:])
+    assert not torch.equal(out.tokens[:, :, :, :4], st.tokens[:, :, :, :4])
+    decoded = m.decode(out)
+    assert torch.allclose(decoded[:, :, 16:48], img[:, :, 16:], atol=1e-6)  # kept given pixels
+    assert not torch.allclose(decoded[:, :, :16], img[:, :, :16], atol=1e-3)  # regenerated, not pasted over
+
+
+def test_forget_with_a_wrong_mask_shape_names_expected_and_got():
+    _, _, st = _outpainted()
+    with pytest.raises(ValueError, match=r"\(1, 2, 4\), got shape \(2, 4\)"):
+        st.forget(torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\(1, 2, 4\), got shape \(1, 32, 64\)"):
+        st.forget(torch.ones(1, 32, 64))
