@@ -1,0 +1,107 @@
+"""Regenerate the shipped workflows' thumbnails (workflows/<name>.jpg) from the shipped default model.
+
+    python tests/make_thumbnails.py                      # outpaint_spiral and infinite_panorama
+    python tests/make_thumbnails.py outpaint_spiral      # just one
+
+Runs each workflow's API copy (tests/workflows/shipped/<name>.json) with the pack's own node
+functions, wired as the JSON wires them, without ComfyUI: only the nodes the SaveImage node
+depends on are run (previews and Canvas Save are not needed for a picture). The two stock nodes
+on that path are stood in for: LoadImage reads the file from models/nuwa/ (the server test copies
+it from there into ComfyUI's input folder), SaveImage hands back its images. CPU, seeded by the
+workflow's own seed, so a rerun on the same model gives the same pictures (a few minutes).
+
+Thumbnails: the saved image scaled to 512 px wide; a panorama wider than 8:1 is cut into strips
+of 4:1 stacked with 6 px dark gaps. JPEG quality 85. Only the workflows that run on the shipped
+default model are made here (text_to_image_wide needs a text model, nuwa_xl_long_video the XL
+model; its thumbnail is a contact sheet of a real ComfyUI run's WEBP).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_workflows import API_DIR, DEFAULT_IMAGE, REPO, RUNS_ON_DEFAULT_MODEL, UI_DIR, pack_mappings  # noqa: E402
+
+WIDTH = 512
+STRIP_ASPECT = 4  # strips of 4:1 ...
+STRIP_ABOVE = 8  # ... for images wider than 8:1
+GAP, GAP_COLOUR = 6, (24, 24, 24)
+QUALITY = 85
+
+
+def load_image(image: str):
+    """Stand-in for ComfyUI's LoadImage: IMAGE [1, H, W, 3] in 0..1 and an empty MASK."""
+    path = REPO / "models" / "nuwa" / image
+    if image != DEFAULT_IMAGE or not path.is_file():
+        raise FileNotFoundError(f"LoadImage {image!r}: only the shipped {DEFAULT_IMAGE} in models/nuwa/ is known here")
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(pixels)[None]
+    return tensor, torch.zeros(tensor.shape[1:3])
+
+
+def run_workflow(prompt: dict) -> list[torch.Tensor]:
+    """The IMAGE batches reaching the workflow's SaveImage nodes, in node-id order."""
+    mappings, results = pack_mappings(), {}
+
+    def value(nid: str):
+        if nid in results:
+            return results[nid]
+        node = prompt[nid]
+        kind = node["class_type"]
+        inputs = {k: value(v[0])[v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+        if kind == "LoadImage":
+            out = load_image(inputs["image"])
+        elif kind in mappings:
+            cls = mappings[kind]
+            out = getattr(cls(), cls.FUNCTION)(**inputs)
+            out = out["result"] if isinstance(out, dict) else out
+        else:
+            raise ValueError(f"node {nid}: {kind} is neither one of the pack's nodes nor stood in for here")
+        results[nid] = tuple(out)
+        return results[nid]
+
+    saves = [nid for nid in sorted(prompt, key=int) if prompt[nid]["class_type"] == "SaveImage"]
+    if not saves:
+        raise ValueError("the workflow has no SaveImage node")
+    return [value(prompt[nid]["inputs"]["images"][0])[prompt[nid]["inputs"]["images"][1]] for nid in saves]
+
+
+def thumbnail(image: torch.Tensor) -> Image.Image:
+    """IMAGE [B, H, W, 3] -> the first image at WIDTH px wide, long panoramas in stacked strips."""
+    img = Image.fromarray((image[0].float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
+    w, h = img.size
+    if w <= STRIP_ABOVE * h:
+        return img.resize((WIDTH, round(h * WIDTH / w)), Image.LANCZOS)
+    strip_w = STRIP_ASPECT * h
+    strips = [img.crop((x, 0, min(x + strip_w, w), h)) for x in range(0, w, strip_w)]
+    scale = WIDTH / strip_w
+    strips = [s.resize((max(1, round(s.width * scale)), round(h * scale)), Image.LANCZOS) for s in strips]
+    sh = strips[0].height
+    sheet = Image.new("RGB", (WIDTH, len(strips) * sh + (len(strips) - 1) * GAP), GAP_COLOUR)
+    for n, s in enumerate(strips):
+        sheet.paste(s, (0, n * (sh + GAP)))
+    return sheet
+
+
+def main(names: list[str]) -> None:
+    torch.manual_seed(0)
+    for name in names or RUNS_ON_DEFAULT_MODEL:
+        if name not in RUNS_ON_DEFAULT_MODEL:
+            raise SystemExit(f"{name}: not a workflow that runs on the shipped default model {RUNS_ON_DEFAULT_MODEL}")
+        prompt = json.loads((API_DIR / f"{name}.json").read_text())
+        image = run_workflow(prompt)[0]
+        thumb = thumbnail(image)
+        target = UI_DIR / f"{name}.jpg"
+        thumb.save(target, "JPEG", quality=QUALITY)
+        print(f"{name}: saved image {tuple(image.shape)} -> {target} {thumb.size}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
