@@ -304,18 +304,26 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def decode_tokens_tiled(self, tokens: torch.Tensor, tile: int = 16, overlap: int = 4) -> torch.Tensor:
-        """decode_tokens in windows of at most (tile + 2*overlap)^2 tokens, keeping each window's
-        centre tile. The decoder's attention is global over the token grid, so a whole large canvas
-        at once costs memory quadratic in its area; here it is bounded by the window. Equals
-        decode_tokens exactly when tile covers the canvas."""
+        """decode_tokens in windows of at most (tile + 2*overlap)^2 tokens, cross-faded.
+
+        The decoder's attention is global over the token grid, so a whole large canvas at once
+        costs memory quadratic in its area; windows bound it. Neighbouring windows see different
+        context, so cutting them apart at tile borders leaves a visible seam every `tile` tokens
+        (on patch borders, since tiles are patches); instead each window fades out linearly over
+        the 2*overlap tokens it shares with its neighbour. Equals decode_tokens exactly when one
+        window covers the canvas.
+        """
         f = self.downsample_factor
         B, h, w = tokens.shape
+        rows, cols = _blend_weights(h, tile, overlap, f), _blend_weights(w, tile, overlap, f)
         out = None
-        for (ys, xs), (ky, kx), (oy, ox) in _windows(h, w, tile, overlap):
-            piece = self.decode_tokens(tokens[:, ys, xs])  # [B, 3, win_h*f, win_w*f]
-            if out is None:
-                out = piece.new_empty(B, piece.shape[1], h * f, w * f)
-            out[:, :, _scale(oy, f), _scale(ox, f)] = piece[:, :, _scale(ky, f), _scale(kx, f)]
+        for ys, wy in rows:
+            for xs, wx in cols:
+                piece = self.decode_tokens(tokens[:, ys, xs])  # [B, 3, win_h*f, win_w*f]
+                if out is None:
+                    out = piece.new_zeros(B, piece.shape[1], h * f, w * f)
+                weight = (wy[:, None] * wx[None, :]).to(piece)
+                out[:, :, _scale(ys, f), _scale(xs, f)] += piece * weight
         return out
 
     @torch.no_grad()
@@ -345,6 +353,29 @@ def _spans(n: int, tile: int, overlap: int):
         e = min(s + tile, n)
         a = min(max(0, s - overlap), n - size)
         yield slice(a, a + size), slice(s - a, e - a), slice(s, e)
+
+
+def _blend_weights(n: int, tile: int, overlap: int, f: int) -> list[tuple[slice, torch.Tensor]]:
+    """1D cross-fade plan over n tokens: (window in tokens, per-pixel weight [window*f]).
+
+    Each window ramps linearly over the 2*overlap*f pixels at each side it shares with a
+    neighbour; the weights are then normalised so that they sum to exactly 1 at every pixel.
+    """
+    plan, total = [], torch.zeros(n * f, dtype=torch.float64)
+    for window, _, _ in _spans(n, tile, overlap):
+        if plan and plan[-1][0] == window:  # shifted inwards at the far border onto the previous one
+            continue
+        size = (window.stop - window.start) * f
+        ramp = min(2 * overlap * f, size)
+        up = (torch.arange(size, dtype=torch.float64) + 0.5) / ramp if ramp else torch.ones(size, dtype=torch.float64)
+        weight = torch.ones(size, dtype=torch.float64)
+        if window.start > 0:
+            weight = torch.minimum(weight, up)
+        if window.stop < n:
+            weight = torch.minimum(weight, up.flip(0))
+        plan.append((window, weight))
+        total[_scale(window, f)] += weight
+    return [(window, (weight / total[_scale(window, f)]).float()) for window, weight in plan]
 
 
 def _windows(h: int, w: int, tile: int, overlap: int):

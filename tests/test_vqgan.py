@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from nuwa_core import checkpoint, images
-from nuwa_core.vqgan import (PRESETS, VectorQuantizer, VQModel, get_config, infer_config,
+from nuwa_core.vqgan import (PRESETS, _blend_weights, VectorQuantizer, VQModel, get_config, infer_config,
                              load_vqgan, save_vqgan)
 
 
@@ -146,11 +146,36 @@ def test_tiled_decode_bounded_windows(tiny, monkeypatch):
     monkeypatch.setattr(VQModel, "decode_tokens", spy)
     out = tiny.decode_tokens_tiled(ids, tile=4, overlap=1)
     assert out.shape == full.shape and torch.isfinite(out).all()
-    assert max(max(s) for s in seen) <= 6 and len(seen) == 3 * 4  # (tile + 2*overlap)^2 at most
-    # the top-left tile comes from the first window, tokens [0:6, 0:6], shifted inwards at the border
-    assert torch.equal(out[..., :16, :16], tiny.decode_tokens(ids[:, :6, :6])[..., :16, :16])
-    # the bottom-right tile (rows 8:10, cols 12:13) from the last window, tokens [4:10, 7:13]
-    assert torch.equal(out[..., 32:, 48:], tiny.decode_tokens(ids[:, 4:, 7:])[..., 16:, 20:])
+    # (tile + 2*overlap)^2 at most; windows shifted inwards at the far border are not decoded twice
+    assert max(max(s) for s in seen) <= 6 and len(seen) == 3 * 3
+    # away from any cross-fade, pixels come from one window only, unchanged: the top-left corner
+    # (tokens [0:3, 0:3]) from the first window, tokens [0:6, 0:6] ...
+    assert torch.equal(out[..., :12, :12], tiny.decode_tokens(ids[:, :6, :6])[..., :12, :12])
+    # ... and the bottom-right token (9, 12) from the last window, tokens [4:10, 7:13]
+    assert torch.equal(out[..., 36:, 48:], tiny.decode_tokens(ids[:, 4:, 7:])[..., 20:, 20:])
+
+
+def test_tiled_decode_cross_fades_between_windows(tiny):
+    ids = torch.randint(0, 64, (1, 4, 12), generator=torch.Generator().manual_seed(4))
+    out = tiny.decode_tokens_tiled(ids, tile=4, overlap=2)  # column windows [0:8], [2:10], [4:12]
+    left, right = tiny.decode_tokens(ids[:, :, :8]), tiny.decode_tokens(ids[:, :, 4:])
+    # pixel column 10 (token 2) lies where the second window fades in: a mix of the first two;
+    # the last column of the canvas comes from the last window only
+    middle = tiny.decode_tokens(ids[:, :, 2:10])
+    col = out[..., 10]
+    lo = torch.minimum(left[..., 10], middle[..., 2]) - 1e-6
+    hi = torch.maximum(left[..., 10], middle[..., 2]) + 1e-6
+    assert ((col >= lo) & (col <= hi)).all() and not torch.equal(col, left[..., 10])
+    assert torch.allclose(out[..., -1], right[..., -1], atol=1e-6)
+
+
+@pytest.mark.parametrize("n,tile,overlap,f", [(10, 4, 1, 4), (13, 4, 2, 8), (16, 8, 2, 8), (7, 2, 3, 1), (9, 3, 0, 2)])
+def test_blend_weights_partition_unity(n, tile, overlap, f):
+    total = torch.zeros(n * f)
+    for window, weight in _blend_weights(n, tile, overlap, f):
+        assert weight.shape == ((window.stop - window.start) * f,) and (weight > 0).all()
+        total[window.start * f:window.stop * f] += weight
+    assert torch.allclose(total, torch.ones(n * f), atol=1e-6)
 
 
 def test_tiled_encode(tiny):
