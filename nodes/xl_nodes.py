@@ -206,7 +206,7 @@ class NUWAXLModelLoader:
 
     def load(self, t_klvae_name, mtd_name, local_mtd_name=SAME_AS_GLOBAL):
         from nuwa_core.weights import check_listed_file
-        from nuwa_core.xl_training import XLModel
+        from nuwa_core.nuwa_xl import XLModel
         local = None if local_mtd_name == SAME_AS_GLOBAL else xl_model_path(local_mtd_name)
         paths = [xl_model_path(t_klvae_name), xl_model_path(mtd_name)] + ([local] if local else [])
         for path in paths:

@@ -12,9 +12,9 @@ One-shot mode (`--one-shot`, NUWA-Infinity appendix D) draws random crops from o
 with RandomResizedCrop, horizontal flip, mirror (reflection at the borders), small rotation and
 shear, noise and colour jitter, implemented with torch only, all from one seeded generator.
 
-Checkpointing (both stages): `OUT.train.safetensors` holds the fp32 weights of everything being
-trained (and the discriminator), `OUT.train.pt` the step, optimizer, RNG and data-generator state
-(plain tensors and dicts, readable with weights_only=True); both are written atomically.
+Checkpointing (every stage, through `Run`): `OUT.train.safetensors` holds the fp32 weights of
+everything being trained (and the discriminator), `OUT.train.pt` the step, optimizer, RNG and
+data-generator state (plain tensors and dicts, readable with weights_only=True); both are written atomically.
 `--resume` continues exactly. SIGINT/SIGTERM and `--max-minutes` save before stopping; a NaN
 loss stops without overwriting the last good checkpoint. `OUT` itself is the shipped model
 (`--save-dtype`, fp16 by default). Data position = the data generator's state: samples are drawn
@@ -374,6 +374,80 @@ def _finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+class Run:
+    """What every training stage shares: resume, checkpoints and the step loop (CSV log, progress bar,
+    signal / --max-minutes stop, NaN stop, saving every --save-every and sampling every --sample-every
+    steps). A stage says what one step is and what its checkpoint holds beyond weights and optimizers."""
+
+    def __init__(self, name: str, args, dist: Dist, modules: dict[str, nn.Module], optims: dict,
+                 config: dict, data_gen: torch.Generator):
+        self.name, self.args, self.dist = name, args, dist
+        self.modules, self.optims, self.config, self.data_gen = modules, optims, config, data_gen
+        self.out = Path(args.out)
+
+    def resume(self) -> dict:
+        """Weights, optimizers and RNGs from the training checkpoint; -> its state (step, extras)."""
+        st = load_training(self.out, self.modules, self.config, self.dist)
+        for name, opt in self.optims.items():
+            opt.load_state_dict(st["optim"][name])
+        self.data_gen.set_state(st["data_rng"])
+        torch.set_rng_state(st["torch_rng"])
+        return st
+
+    def save(self, step: int, **extra):
+        state = {"step": step, **extra, "optim": {k: o.state_dict() for k, o in self.optims.items()},
+                 "config": json.dumps(self.config, sort_keys=True)}
+        save_training(self.out, self.modules, state, self.dist, self.data_gen)
+
+    def loop(self, step: int, one_step, fields: list[str], postfix=None, sample=None, extra=dict):
+        """Runs one_step(step, check) -> stats until --steps or a stop; saves at the end. -> (step, stopped, stats).
+
+        check(loss) raises TrainingDiverged on a NaN/inf loss (any rank); postfix(stats) -> progress-bar
+        fields; sample(path) writes a sample (main rank); extra() -> what save() stores besides the optimizers.
+        """
+        args, dist = self.args, self.dist
+        log = CsvLog(args.log_dir, self.name, fields, args.resume, dist.main)
+        bar = _progress(args.steps, step, dist.main and not args.quiet, self.name)
+        t0, last_good, stopped = time.time(), None, "steps"
+        stats: dict = {"loss": float("nan")}
+
+        def check(loss: torch.Tensor):
+            bad = not _finite(loss.detach()) or step == args.debug_nan_at
+            if dist.any_flag(bad):
+                raise TrainingDiverged(_nan_message(self.out, step, last_good))
+
+        try:
+            with StopRequest() as stop:
+                while step < args.steps:
+                    reason = stop_reason(stop, dist, t0, args.max_minutes)
+                    if reason:
+                        stopped = reason
+                        break
+                    res = one_step(step, check)
+                    step += 1
+                    stats = {"step": step, "time": time.time() - t0, **res}
+                    log.write(stats)
+                    if bar is not None:
+                        bar.update(1)
+                        if postfix is not None:
+                            bar.set_postfix(**postfix(stats))
+                    if args.save_every and step % args.save_every == 0:
+                        self.save(step, **extra())
+                        last_good = step
+                    if sample is not None and args.sample_every and dist.main and step % args.sample_every == 0:
+                        sample(Path(args.sample_dir or "outputs/samples") / f"{self.name}_{step:06d}.png")
+        finally:
+            if bar is not None:
+                bar.close()
+            log.close()
+        self.save(step, **extra())
+        return step, stopped, stats
+
+    def finish(self):
+        self.dist.barrier()
+        self.dist.close()
+
+
 # =============================================================================================
 # VQGAN stage
 
@@ -441,107 +515,75 @@ def train_vqgan(args) -> dict:
     opt_g = torch.optim.Adam(vq.parameters(), lr=args.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
-    out = Path(args.out)
-    config = vqgan_config_dict(args)
+    run = Run("vqgan", args, dist, {"vqgan": vq, "disc": disc}, {"vqgan": opt_g, "disc": opt_d},
+              vqgan_config_dict(args), data_gen)
     step, usage = 0, torch.zeros(cfg.n_embed, dtype=torch.long)
-    modules = {"vqgan": vq, "disc": disc}
     if args.resume:
-        st = load_training(out, modules, config, dist)
-        step = int(st["step"])
-        opt_g.load_state_dict(st["optim"]["vqgan"])
-        opt_d.load_state_dict(st["optim"]["disc"])
-        data_gen.set_state(st["data_rng"])
-        torch.set_rng_state(st["torch_rng"])
-        usage = st["usage"]
+        st = run.resume()
+        step, usage = int(st["step"]), st["usage"]
     vq_ddp, disc_ddp = dist.wrap(vq), dist.wrap(disc)
     aug = Augment() if args.one_shot else Augment(scale=(0.8, 1.0), rotate_deg=0.0, shear=0.0, noise=0.0)
     sample_in = fixed_crops(images, 4, (args.crop, args.crop))
-    log = CsvLog(args.log_dir, "vqgan", ["step", "time", "loss", "l1", "codebook", "g_adv", "d_loss",
-                                         "codes_used", "restarted"], args.resume, dist.main)
-    bar = _progress(args.steps, step, dist.main and not args.quiet, "vqgan")
-    t0, last_good, stopped = time.time(), None, "steps"
-    stats = {"loss": float("nan")}
-    with StopRequest() as stop:
-        while step < args.steps:
-            reason = stop_reason(stop, dist, t0, args.max_minutes)
-            if reason:
-                stopped = reason
-                break
-            x = random_crops(images, args.batch, (args.crop, args.crop), data_gen, aug).to(dist.device)
-            _set_lr(opt_g, args.lr, step, args.warmup)
-            _set_lr(opt_d, args.lr, step, args.warmup)
-            rec, q_loss, ids = vq_ddp(x)
-            l1 = (rec - x).abs().mean()
-            loss = l1 + q_loss
-            use_disc = step >= args.disc_start
-            g_adv = torch.zeros(())
-            if use_disc:
-                for p in disc.parameters():
-                    p.requires_grad_(False)
-                g_adv = -disc_ddp(rec).mean() if not dist.enabled else -disc(rec).mean()
-                loss = loss + args.disc_weight * g_adv
-                for p in disc.parameters():
-                    p.requires_grad_(True)
-            if args.debug_nan_at is not None and step == args.debug_nan_at:
-                loss = loss * float("nan")
-            if dist.any_flag(not _finite(loss.detach())):
-                raise TrainingDiverged(_nan_message(out, step, last_good))
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_g.step()
-            d_loss = torch.zeros(())
-            if use_disc:
-                logits = disc_ddp(torch.cat([x, rec.detach()]))  # one pass: DDP allows one forward per backward
-                real, fake = logits[:len(x)], logits[len(x):]
-                d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-            usage += torch.bincount(ids.flatten().cpu(), minlength=cfg.n_embed)
-            step += 1
-            restarted = 0
-            if args.restart_every and step % args.restart_every == 0:  # independent of --steps: resumable
-                with torch.no_grad():
-                    z = vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
-                if dist.enabled:  # identical restarts on every rank: use rank 0's batch
-                    import torch.distributed as td
-                    td.broadcast(z, 0)
-                    td.all_reduce(usage)
-                restarted = _restart_dead_codes(vq, usage, z, data_gen if not dist.enabled else
-                                                torch.Generator().manual_seed(args.seed + step))
-                usage.zero_()
-            stats = {"step": step, "time": time.time() - t0, "loss": loss.item(), "l1": l1.item(),
-                     "codebook": q_loss.item(), "g_adv": g_adv.item(), "d_loss": d_loss.item(),
-                     "codes_used": int((usage > 0).sum()), "restarted": restarted}
-            log.write(stats)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(l1=f"{stats['l1']:.4f}", cb=f"{stats['codebook']:.4f}", d=f"{stats['d_loss']:.3f}",
-                                ips=f"{args.batch * dist.world * step / max(1e-9, time.time() - t0):.1f}")
-            if args.save_every and step % args.save_every == 0:
-                _save_vq(out, vq, disc, opt_g, opt_d, step, usage, config, dist, data_gen, args)
-                last_good = step
-            if args.sample_every and dist.main and step % args.sample_every == 0:
-                _vq_samples(vq, sample_in, Path(args.sample_dir or "outputs/samples") / f"vqgan_{step:06d}.png")
-    if bar is not None:
-        bar.close()
-    _save_vq(out, vq, disc, opt_g, opt_d, step, usage, config, dist, data_gen, args)
+
+    def one_step(step, check):
+        x = random_crops(images, args.batch, (args.crop, args.crop), data_gen, aug).to(dist.device)
+        _set_lr(opt_g, args.lr, step, args.warmup)
+        _set_lr(opt_d, args.lr, step, args.warmup)
+        rec, q_loss, ids = vq_ddp(x)
+        l1 = (rec - x).abs().mean()
+        loss = l1 + q_loss
+        use_disc = step >= args.disc_start
+        g_adv = torch.zeros(())
+        if use_disc:
+            for p in disc.parameters():
+                p.requires_grad_(False)
+            g_adv = -disc_ddp(rec).mean() if not dist.enabled else -disc(rec).mean()
+            loss = loss + args.disc_weight * g_adv
+            for p in disc.parameters():
+                p.requires_grad_(True)
+        check(loss)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        d_loss = torch.zeros(())
+        if use_disc:
+            logits = disc_ddp(torch.cat([x, rec.detach()]))  # one pass: DDP allows one forward per backward
+            real, fake = logits[:len(x)], logits[len(x):]
+            d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+        usage.add_(torch.bincount(ids.flatten().cpu(), minlength=cfg.n_embed))
+        restarted, done = 0, step + 1
+        if args.restart_every and done % args.restart_every == 0:  # independent of --steps: resumable
+            with torch.no_grad():
+                z = vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
+            if dist.enabled:  # identical restarts on every rank: use rank 0's batch
+                import torch.distributed as td
+                td.broadcast(z, 0)
+                td.all_reduce(usage)
+            restarted = _restart_dead_codes(vq, usage, z, data_gen if not dist.enabled else
+                                            torch.Generator().manual_seed(args.seed + done))
+            usage.zero_()
+        return {"loss": loss.item(), "l1": l1.item(), "codebook": q_loss.item(), "g_adv": g_adv.item(),
+                "d_loss": d_loss.item(), "codes_used": int((usage > 0).sum()), "restarted": restarted}
+
+    def postfix(st):
+        return {"l1": f"{st['l1']:.4f}", "cb": f"{st['codebook']:.4f}", "d": f"{st['d_loss']:.3f}",
+                "ips": f"{args.batch * dist.world * st['step'] / max(1e-9, st['time']):.1f}"}
+
+    fields = ["step", "time", "loss", "l1", "codebook", "g_adv", "d_loss", "codes_used", "restarted"]
+    step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,
+                                    sample=lambda path: _vq_samples(vq, sample_in, path),
+                                    extra=lambda: {"usage": usage.clone()})
     if args.debug_dump_replicas:
-        _dump_replica(out, vq, dist)
+        _dump_replica(run.out, vq, dist)
     if dist.main:
-        save_vqgan(vq, out, dtype=_dtype(args.save_dtype))
-        print(f"[train] vqgan: stopped ({stopped}) at step {step}; wrote {out} and its training checkpoint",
+        save_vqgan(vq, run.out, dtype=_dtype(args.save_dtype))
+        print(f"[train] vqgan: stopped ({stopped}) at step {step}; wrote {run.out} and its training checkpoint",
               file=sys.stderr)
-    log.close()
-    dist.barrier()
-    dist.close()
+    run.finish()
     return {"step": step, "stopped": stopped, **stats}
-
-
-def _save_vq(out, vq, disc, opt_g, opt_d, step, usage, config, dist, data_gen, args):
-    state = {"step": step, "optim": {"vqgan": opt_g.state_dict(), "disc": opt_d.state_dict()},
-             "config": json.dumps(config, sort_keys=True), "usage": usage.clone()}
-    save_training(out, {"vqgan": vq, "disc": disc}, state, dist, data_gen)
 
 
 @torch.no_grad()
@@ -746,88 +788,55 @@ def train_renderer(args) -> dict:
     model = dist.wrap(_TeacherForced(renderer))
     opt = torch.optim.AdamW(renderer.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
-    out = Path(args.out)
-    config = renderer_config_dict(args, rcfg)
+    run = Run("renderer", args, dist, {"renderer": renderer}, {"renderer": opt}, renderer_config_dict(args, rcfg),
+              data_gen)
     step, opt_steps = 0, 0
     if args.resume:
-        st = load_training(out, {"renderer": renderer}, config, dist)
+        st = run.resume()
         step, opt_steps = int(st["step"]), int(st["optimizer_steps"])
-        opt.load_state_dict(st["optim"]["renderer"])
-        data_gen.set_state(st["data_rng"])
-        torch.set_rng_state(st["torch_rng"])
     aug = Augment() if args.one_shot else Augment.off()
     bank = None
     if args.token_bank:
         bank = build_token_bank(vq, images, args.token_bank, aug, args.seed, dist.device, f, max(rcfg.patch_size[1:]))
-    log = CsvLog(args.log_dir, "renderer", ["step", "optimizer_steps", "time", "loss", "first_patch", "order",
-                                            "peak_pool"], args.resume, dist.main)
-    bar = _progress(args.steps, step, dist.main and not args.quiet, "renderer")
-    t0, last_good, stopped = time.time(), None, "steps"
-    stats: dict = {"loss": float("nan")}
-    counter = {"n": opt_steps}
 
     def lr_fn():
-        _set_lr(opt, args.lr, counter["n"], args.warmup)
-        counter["n"] += 1
+        nonlocal opt_steps
+        _set_lr(opt, args.lr, opt_steps, args.warmup)
+        opt_steps += 1
 
-    with StopRequest() as stop:
-        while step < args.steps:
-            reason = stop_reason(stop, dist, t0, args.max_minutes)
-            if reason:
-                stopped = reason
-                break
-            if bank is not None:
-                tokens = token_crops(bank, args.batch, (crop[0] // f, crop[1] // f), data_gen, args.wrap).to(dist.device)
-            else:
-                x = random_crops(images, args.batch, crop, data_gen, aug)
-                with torch.no_grad():  # patch-sized windows, as in build_token_bank
-                    t = max(rcfg.patch_size[1:])
-                    tokens = vq.encode_tokens_tiled(x.to(dist.device), tile=t, overlap=t // 4)[:, None]  # [B, 1, h, w]
-            order = adc.ORDERS[int(torch.randint(len(adc.ORDERS), (1,), generator=data_gen))]
-            nan_now = args.debug_nan_at is not None and step == args.debug_nan_at
+    def one_step(step, check):
+        if bank is not None:
+            tokens = token_crops(bank, args.batch, (crop[0] // f, crop[1] // f), data_gen, args.wrap).to(dist.device)
+        else:
+            x = random_crops(images, args.batch, crop, data_gen, aug)
+            with torch.no_grad():  # patch-sized windows, as in build_token_bank
+                t = max(rcfg.patch_size[1:])
+                tokens = vq.encode_tokens_tiled(x.to(dist.device), tile=t, overlap=t // 4)[:, None]  # [B, 1, h, w]
+        order = adc.ORDERS[int(torch.randint(len(adc.ORDERS), (1,), generator=data_gen))]
+        res = render_and_optimize(renderer, model, tokens, order, opt, data_gen, args.label_smoothing,
+                                  args.accumulate, args.no_context, lr_fn, check)
+        return {"optimizer_steps": opt_steps, "loss": res["loss"], "first_patch": res["first_patch"],
+                "order": order.value, "peak_pool": res["peak_pool"]}
 
-            def check(loss):
-                if nan_now:
-                    loss.data.fill_(float("nan"))
-                if dist.any_flag(not _finite(loss.detach())):
-                    raise TrainingDiverged(_nan_message(out, step, last_good))
+    tokens_per_sample = (crop[0] // f) * (crop[1] // f)
 
-            res = render_and_optimize(renderer, model, tokens, order, opt, data_gen, args.label_smoothing,
-                                      args.accumulate, args.no_context, lr_fn, check)
-            step += 1
-            opt_steps = counter["n"]
-            stats = {"step": step, "optimizer_steps": opt_steps, "time": time.time() - t0, "loss": res["loss"],
-                     "first_patch": res["first_patch"], "order": order.value, "peak_pool": res["peak_pool"]}
-            log.write(stats)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{res['loss']:.3f}",
-                                tok_s=f"{args.batch * dist.world * tokens[0].numel() * step / max(1e-9, time.time() - t0):.0f}")
-            if args.save_every and step % args.save_every == 0:
-                _save_r(out, renderer, opt, step, opt_steps, config, dist, data_gen)
-                last_good = step
-            if args.sample_every and dist.main and step % args.sample_every == 0:
-                _renderer_samples(vq, renderer, images, Path(args.sample_dir or "outputs/samples") / f"renderer_{step:06d}.png")
-    if bar is not None:
-        bar.close()
-    _save_r(out, renderer, opt, step, opt_steps, config, dist, data_gen)
+    def postfix(st):
+        return {"loss": f"{st['loss']:.3f}",
+                "tok_s": f"{args.batch * dist.world * tokens_per_sample * st['step'] / max(1e-9, st['time']):.0f}"}
+
+    fields = ["step", "optimizer_steps", "time", "loss", "first_patch", "order", "peak_pool"]
+    step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,
+                                    sample=lambda path: _renderer_samples(vq, renderer, images, path),
+                                    extra=lambda: {"optimizer_steps": opt_steps})
     if args.debug_dump_replicas:
-        _dump_replica(out, renderer, dist)
+        _dump_replica(run.out, renderer, dist)
     if dist.main:
         from .generation import NuwaInfinity
-        NuwaInfinity(vq, renderer).save(out, dtype=_dtype(args.save_dtype))
-        print(f"[train] renderer: stopped ({stopped}) at step {step} ({opt_steps} optimizer steps); wrote {out}",
+        NuwaInfinity(vq, renderer).save(run.out, dtype=_dtype(args.save_dtype))
+        print(f"[train] renderer: stopped ({stopped}) at step {step} ({opt_steps} optimizer steps); wrote {run.out}",
               file=sys.stderr)
-    log.close()
-    dist.barrier()
-    dist.close()
+    run.finish()
     return {"step": step, "stopped": stopped, "optimizer_steps": opt_steps, **stats}
-
-
-def _save_r(out, renderer, opt, step, opt_steps, config, dist, data_gen):
-    state = {"step": step, "optimizer_steps": opt_steps, "optim": {"renderer": opt.state_dict()},
-             "config": json.dumps(config, sort_keys=True)}
-    save_training(out, {"renderer": renderer}, state, dist, data_gen)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nuwa_core import train, xl_training as xt
+from nuwa_core import nuwa_xl, train, xl_training as xt
 from nuwa_core.checkpoint import load_state_dict
 from nuwa_core.mask_temporal_diffusion import load_mtd
 from nuwa_core.t_klvae import TKLVAE, TKLVAEConfig, load_t_klvae, save_t_klvae
@@ -132,9 +132,9 @@ def test_xl_resume_equals_one_run_and_the_file_loads(tmp_path, frames, vae_file)
     train.main(_xl_args(frames, vae_file, tmp_path / "two.safetensors", "--steps", "4", "--resume"))
     _same(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
     assert load_mtd(tmp_path / "one.safetensors").config.context_dim == 8  # plain MTD loader reads it
-    model, info = xt.load_mtd_xl(tmp_path / "one.safetensors")
+    model, info = nuwa_xl.load_mtd_xl(tmp_path / "one.safetensors")
     assert info["prompts"] == "none" and info["L"] == 3 and info["depth"] == 3 and info["fps"] == 10.0
-    bundle = xt.XLModel.load(vae_file, tmp_path / "one.safetensors")
+    bundle = nuwa_xl.XLModel.load(vae_file, tmp_path / "one.safetensors")
     video = bundle.generate(L=3, depth=2, steps=2, seed=0)
     assert video.shape == (5, 3, 16, 16) and torch.isfinite(video).all()
     assert torch.equal(video, bundle.generate(L=3, depth=2, steps=2, seed=0))
@@ -153,7 +153,7 @@ def test_xl_with_text_embeddings_and_global_role(tmp_path, frames, vae_file):
     res = train.main(_xl_args(frames, vae_file, tmp_path / "g.safetensors", "--steps", "1", "--role", "global",
                               "--text-embeddings", str(emb)))
     assert res["step"] == 1
-    model, info = xt.load_mtd_xl(tmp_path / "g.safetensors")
+    model, info = nuwa_xl.load_mtd_xl(tmp_path / "g.safetensors")
     assert model.config.context_dim == 12 and info["prompts"] == "text" and info["role"] == "global"
     save_file({"embeddings": torch.randn(5, 2, 12)}, str(emb))
     with pytest.raises(train.TrainingError, match="frames=24"):
@@ -168,6 +168,6 @@ def test_xl_nan_stops_without_overwriting(tmp_path, frames, vae_file):
 
 def test_contact_sheet_layout():
     frames = torch.rand(5, 3, 4, 6) * 2 - 1
-    sheet = xt.contact_sheet(frames, cols=3)
+    sheet = nuwa_xl.contact_sheet(frames, cols=3)
     assert sheet.shape == (3, 8, 18)
     assert torch.equal(sheet[:, 4:8, 6:12], frames[4]) and (sheet[:, 4:, 12:] == -1).all()

@@ -1,0 +1,156 @@
+"""NUWA-XL inference: the T-KLVAE + Mask Temporal Diffusion bundle the nodes and samples use.
+
+Model files: the T-KLVAE through t_klvae.save_t_klvae; the MTD as mask_temporal_diffusion files
+(loadable by load_mtd) plus the metadata key `nuwa_xl` (JSON: role, L, depth, prompts, fps, frame
+size) that the nodes read for their defaults. Training (`python -m nuwa_core.train t_klvae|xl`)
+lives in xl_training.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import checkpoint
+from .diffusion_over_diffusion import fill_between, generate_keyframes, generate_long_video
+from .mask_temporal_diffusion import KIND as MTD_KIND, MaskTemporalDiffusion, MTDConfig
+from .t_klvae import TKLVAE, load_t_klvae
+
+XL_META_KEY = "nuwa_xl"
+
+
+def save_mtd_xl(model: MaskTemporalDiffusion, path, info: dict, dtype: torch.dtype | None = None) -> None:
+    checkpoint.save_model_file(path, model.state_dict(), MTD_KIND, model.config,
+                               extra_metadata={XL_META_KEY: json.dumps(info, sort_keys=True)}, dtype=dtype)
+
+
+def load_mtd_xl(path) -> tuple[MaskTemporalDiffusion, dict]:
+    """An MTD file and its `nuwa_xl` info ({} for files saved by save_mtd)."""
+    state, metadata = checkpoint.load_state_dict(path)
+    name = Path(path).name
+    if metadata.get("nuwa_kind") != MTD_KIND or "config" not in metadata:
+        raise checkpoint.CheckpointError(
+            f"{name} is not a Mask Temporal Diffusion file (nuwa_kind={metadata.get('nuwa_kind')!r}, expected "
+            f"{MTD_KIND!r}); pick the MTD file (the T-KLVAE goes in the other slot)")
+    model = MaskTemporalDiffusion(checkpoint.config_from_json(MTDConfig, metadata["config"]))
+    checkpoint.load_strict(model, state, name)
+    info = json.loads(metadata.get(XL_META_KEY, "{}"))
+    return model, info
+
+
+@dataclass
+class XLModel:
+    """T-KLVAE + global and local MTD (the same object when one model serves both), with the info
+    saved next to the MTD weights (L, depth, fps, frame size, whether it takes prompts)."""
+    vae: TKLVAE
+    global_mtd: MaskTemporalDiffusion
+    local_mtd: MaskTemporalDiffusion
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, vae_path, mtd_path, local_mtd_path=None) -> "XLModel":
+        vae = load_t_klvae(vae_path).float().eval()
+        g, info = load_mtd_xl(mtd_path)
+        l = g
+        if local_mtd_path is not None and Path(local_mtd_path) != Path(mtd_path):
+            l, linfo = load_mtd_xl(local_mtd_path)
+            info = {**linfo, **info}
+        for m in {id(g): g, id(l): l}.values():
+            m.float().eval()
+            if m.config.latent_channels != vae.config.z_channels:
+                raise checkpoint.CheckpointError(
+                    f"the MTD takes {m.config.latent_channels}-channel latents but the T-KLVAE makes "
+                    f"{vae.config.z_channels}; pick a matching pair")
+        return cls(vae, g, l, info)
+
+    @property
+    def context_dim(self) -> int:
+        return self.global_mtd.config.context_dim
+
+    @property
+    def takes_prompts(self) -> bool:
+        return self.info.get("prompts", "text") != "none"
+
+    @property
+    def fps(self) -> float:
+        return float(self.info.get("fps", 8.0))
+
+    def latent_shape(self, width: int = 0, height: int = 0) -> tuple[int, int, int]:
+        f = self.vae.config.downsample_factor
+        w = width or self.info.get("width", 64)
+        h = height or self.info.get("height", 64)
+        m = f * self.global_mtd.config.downsample_factor
+        if w % m or h % m:
+            raise ValueError(f"width and height must be multiples of {m} for this model, got {w}x{h}")
+        return self.vae.config.z_channels, h // f, w // f
+
+    def to(self, device) -> "XLModel":
+        for m in (self.vae, self.global_mtd, self.local_mtd):
+            m.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.global_mtd.parameters()).device
+
+    def null_prompts(self, frames: int = 1) -> torch.Tensor:
+        return torch.zeros(frames, 1, self.context_dim, device=self.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """Diffusion latents [N, c, h, w] -> frames [N, 3, H, W] in -1..1 (chunk frames per decode call)."""
+        z = latents.to(self.device) / self.vae.config.latent_scale
+        return torch.cat([self.vae.decode(z[s:s + chunk][None])[0] for s in range(0, z.shape[0], chunk)])
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """Frames [N, 3, H, W] in -1..1 -> diffusion latents [N, c, h, w]."""
+        x = frames.to(self.device)
+        z = torch.cat([self.vae.encode(x[s:s + chunk][None])[0] for s in range(0, x.shape[0], chunk)])
+        return z * self.vae.config.latent_scale
+
+    @torch.no_grad()
+    def keyframes(self, prompts, L, steps, seed, callback=None, width=0, height=0):
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        prompts = self.null_prompts() if prompts is None else prompts.to(self.device)
+        return generate_keyframes(self.global_mtd, prompts, L, self.latent_shape(width, height), steps=steps,
+                                  generator=gen, callback=callback)
+
+    @torch.no_grad()
+    def fill(self, keyframes, prompts, L, steps, seed, callback=None, max_batch=None):
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        prompts = self.null_prompts() if prompts is None else prompts.to(self.device)
+        return fill_between(self.local_mtd, keyframes.to(self.device), prompts, L, steps=steps, generator=gen,
+                            callback=callback, max_batch=max_batch)
+
+    @torch.no_grad()
+    def generate(self, L=5, depth=3, steps=50, seed=0, prompts=None, callback=None, max_batch=None,
+                 width=0, height=0) -> torch.Tensor:
+        """The whole tree -> frames [(L-1)^depth + 1, 3, H, W] in -1..1."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        prompts = self.null_prompts() if prompts is None else prompts
+        lat = generate_long_video(self.global_mtd, self.local_mtd, prompts, L, depth,
+                                  self.latent_shape(width, height), steps=steps, generator=gen,
+                                  callback=callback, max_batch=max_batch)
+        return self.decode(lat)
+
+
+def contact_sheet(frames: torch.Tensor, cols: int = 0) -> torch.Tensor:
+    """Frames [N, 3, H, W] -> one image [3, rows*H, cols*W] (row-major)."""
+    n = frames.shape[0]
+    cols = cols or math.ceil(math.sqrt(n * frames.shape[2] / frames.shape[3]))
+    rows = math.ceil(n / cols)
+    pad = torch.full((rows * cols - n, *frames.shape[1:]), -1.0, device=frames.device)
+    grid = torch.cat([frames, pad]).view(rows, cols, *frames.shape[1:])
+    return grid.permute(2, 0, 3, 1, 4).reshape(frames.shape[1], rows * frames.shape[2], cols * frames.shape[3]).cpu()
+
+
+def save_png(x: torch.Tensor, path: Path):
+    """[3, H, W] in -1..1 -> PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(arr).save(path)
