@@ -1,7 +1,9 @@
-"""Training entry points: `python -m nuwa_core.train vqgan|renderer ...`.
+"""Training entry points: `python -m nuwa_core.train vqgan|renderer|bundle|sample|t_klvae|xl ...`.
 
     vqgan     trains / fine-tunes the tokenizer: L1 + codebook/commitment loss, a small PatchGAN
-              discriminator (hinge loss) switched on after --disc-start steps.
+              discriminator (hinge loss) switched on after --disc-start steps. `--train decoder`
+              fine-tunes only the decoder, so the tokens (and renderers trained on them) stay valid.
+    bundle    puts such a fine-tuned decoder into a trained bundle (checks the tokens match).
     renderer  the render-and-optimize strategy (render-and-optimize paper, Algorithm 1): every
               training sample is split into patches in a random one of the four ADC orders; each
               patch is rendered teacher-forced from the Nearby Context Pool, its loss optimized at
@@ -490,7 +492,7 @@ def vqgan_config_dict(args) -> dict:
     return {"stage": "vqgan", "preset": args.preset, "crop": args.crop, "batch": args.batch, "lr": args.lr,
             "disc_start": args.disc_start, "disc_weight": args.disc_weight, "one_shot": args.one_shot,
             "downscale": args.downscale, "seed": args.seed, "restart_every": args.restart_every,
-            "world": int(os.environ.get("WORLD_SIZE", "1")), "init": args.init or ""}
+            "world": int(os.environ.get("WORLD_SIZE", "1")), "init": args.init or "", "train": args.train}
 
 
 def train_vqgan(args) -> dict:
@@ -507,12 +509,19 @@ def train_vqgan(args) -> dict:
     if args.init:
         vq = load_vqgan(args.init).float()
         cfg = vq.config
+    elif args.train == "decoder":
+        raise TrainingError("--train decoder fine-tunes the decoder of an existing tokenizer: give that "
+                            "tokenizer with --init")
     else:
         vq = VQModel(cfg)
+    if args.train == "decoder":  # tokens stay exactly as they were: renderers trained on them stay valid
+        for part in (vq.encoder, vq.quant_conv, vq.quantize):
+            part.requires_grad_(False)
+        args.restart_every = 0
     disc = PatchDiscriminator(n_layers=3 if args.crop >= 32 else 2)  # its 4x4 convs need >= 2 px at the end
     vq.to(dist.device).train()
     disc.to(dist.device).train()
-    opt_g = torch.optim.Adam(vq.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    opt_g = torch.optim.Adam([p for p in vq.parameters() if p.requires_grad], lr=args.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
     run = Run("vqgan", args, dist, {"vqgan": vq, "disc": disc}, {"vqgan": opt_g, "disc": opt_d},
@@ -899,6 +908,28 @@ def sample_bundle(args) -> dict:
     return {"stopped": "done", **{k: str(v) for k, v in written.items()}}
 
 
+def assemble_bundle(args) -> dict:
+    """A trained bundle with its tokenizer replaced by one that makes the same tokens (a decoder
+    fine-tuned with `vqgan --train decoder`): its encoder and codebook must equal the bundle's."""
+    from .generation import NuwaInfinity
+    model = NuwaInfinity.load(args.model)
+    vq = load_vqgan(args.tokenizer).float()
+    if vq.config != model.vqgan.config:
+        raise TrainingError(f"{args.tokenizer} is a VQGAN of another configuration than {args.model}'s "
+                            f"tokenizer ({vq.config} vs {model.vqgan.config})")
+    saved_dtype = next(iter(load_state_dict(args.model)[0].values())).dtype
+    ours, theirs = model.vqgan.state_dict(), vq.state_dict()
+    changed = [k for k in ours if k.startswith(("encoder.", "quant_conv.", "quantize."))
+               and not torch.equal(ours[k].to(saved_dtype), theirs[k].to(saved_dtype))]
+    if changed:
+        raise TrainingError(f"{args.tokenizer} makes other tokens than {args.model}'s tokenizer ({len(changed)} "
+                            f"encoder/codebook tensors differ, e.g. {changed[0]}); its renderer would not fit. "
+                            f"Only a decoder fine-tuned with `vqgan --train decoder --init` can be swapped in")
+    NuwaInfinity(vq, model.renderer).save(args.out, dtype=saved_dtype)
+    print(f"[train] bundle: {args.model}'s renderer with {args.tokenizer}'s tokenizer -> {args.out}", file=sys.stderr)
+    return {"stopped": "done", "out": str(args.out)}
+
+
 # =============================================================================================
 # Command line
 
@@ -933,6 +964,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--preset", default="small_f8")
     v.add_argument("--init", default=None, help="start from this VQGAN file (fine-tuning)")
     v.add_argument("--crop", type=int, default=64)
+    v.add_argument("--train", choices=("all", "decoder"), default="all",
+                   help="decoder: fine-tune only the decoder of the --init tokenizer (its encoder and codebook, "
+                   "hence its tokens, stay fixed; no code restarts), e.g. to sharpen it with the discriminator "
+                   "without retraining the renderers that use it")
     v.add_argument("--disc-start", type=int, default=2000)
     v.add_argument("--disc-weight", type=float, default=0.1)
     v.add_argument("--restart-every", type=int, default=100, help="re-seed unused codes every N steps (0: off)")
@@ -972,6 +1007,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out-dir", default="outputs/samples")
     s.add_argument("--threads", type=int, default=0)
+    b = sub.add_parser("bundle", help="swap a fine-tuned decoder (same tokens) into a trained bundle")
+    b.add_argument("--model", required=True, help="the trained NUWA-Infinity bundle")
+    b.add_argument("--tokenizer", required=True, help="a VQGAN from `vqgan --train decoder --init` of its tokenizer")
+    b.add_argument("--out", required=True)
+    b.add_argument("--threads", type=int, default=0)
     from .xl_training import add_arguments as _xl_arguments  # NUWA-XL: t_klvae and xl
     _xl_arguments(sub)
     return p
@@ -983,6 +1023,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.stage == "sample":
         return sample_bundle(args)
+    if args.stage == "bundle":
+        return assemble_bundle(args)
     if args.stage in ("t_klvae", "xl"):
         from .xl_training import run as _xl_run
         return _xl_run(args)

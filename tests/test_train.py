@@ -16,7 +16,7 @@ from nuwa_core import arbitrary_direction_controller as adc
 from nuwa_core import train
 from nuwa_core.checkpoint import atomic_write, load_state_dict
 from nuwa_core.renderer import Renderer, RendererConfig
-from nuwa_core.vqgan import VQModel, get_config, save_vqgan
+from nuwa_core.vqgan import VQModel, get_config, load_vqgan, save_vqgan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,6 +124,40 @@ def test_vqgan_resume_equals_one_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_decoder_finetune_keeps_the_tokens_and_swaps_into_a_bundle(tmp_path, tokenizer):
+    img = _image(tmp_path / "a.png")
+    torch.set_num_threads(1)
+    with pytest.raises(train.TrainingError, match="--init"):
+        train.main(_vq_args(img, tmp_path / "x.safetensors", "--steps", "1", "--train", "decoder"))
+    dec = tmp_path / "dec.safetensors"
+    train.main(_vq_args(img, dec, "--steps", "4", "--lr", "1e-2", "--train", "decoder", "--init", str(tokenizer),
+                        "--save-dtype", "fp32"))
+    before, after = load_vqgan(tokenizer).state_dict(), load_vqgan(dec).state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv.", "quantize."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+    bundle = tmp_path / "r.safetensors"
+    train.main(_r_args(img, tokenizer, bundle, "--steps", "1", "--save-dtype", "fp32"))
+    train.main(["bundle", "--model", str(bundle), "--tokenizer", str(dec), "--out", str(tmp_path / "swapped.safetensors")])
+    from nuwa_core.generation import NuwaInfinity
+    old, new = NuwaInfinity.load(bundle), NuwaInfinity.load(tmp_path / "swapped.safetensors")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(old.vqgan.encode_tokens(x), new.vqgan.encode_tokens(x))
+    for k, v in old.renderer.state_dict().items():
+        assert torch.equal(v, new.renderer.state_dict()[k]), k
+    ids = old.vqgan.encode_tokens(x)
+    assert torch.equal(new.vqgan.decode_tokens(ids), load_vqgan(dec).decode_tokens(ids))
+    assert not torch.equal(old.vqgan.decode_tokens(ids), new.vqgan.decode_tokens(ids))
+
+    # a tokenizer trained whole makes other tokens: refused, saying why
+    full = tmp_path / "full.safetensors"
+    train.main(_vq_args(img, full, "--steps", "2", "--lr", "1e-2", "--init", str(tokenizer), "--save-dtype", "fp32"))
+    with pytest.raises(train.TrainingError, match="other tokens"):
+        train.main(["bundle", "--model", str(bundle), "--tokenizer", str(full), "--out", str(tmp_path / "bad.safetensors")])
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_renderer_resume_equals_one_run_and_bundle_loads(tmp_path, tokenizer):
