@@ -1,8 +1,9 @@
 """Training entry points: `python -m nuwa_core.train vqgan|renderer|bundle|sample|t_klvae|xl ...`.
 
-    vqgan     trains / fine-tunes the tokenizer: L1 + codebook/commitment loss, a small PatchGAN
-              discriminator (hinge loss) switched on after --disc-start steps. `--train decoder`
-              fine-tunes only the decoder, so the tokens (and renderers trained on them) stay valid.
+    vqgan     trains / fine-tunes the tokenizer: L1 (+ LPIPS from a local file, `--lpips`) +
+              codebook/commitment loss, a small PatchGAN discriminator (hinge loss) switched on
+              after --disc-start steps. `--train decoder` fine-tunes only the decoder, so the
+              tokens (and renderers trained on them) stay valid.
     bundle    puts such a fine-tuned decoder into a trained bundle (checks the tokens match).
     renderer  the render-and-optimize strategy (render-and-optimize paper, Algorithm 1): every
               training sample is split into patches in a random one of the four ADC orders; each
@@ -492,13 +493,12 @@ def vqgan_config_dict(args) -> dict:
     return {"stage": "vqgan", "preset": args.preset, "crop": args.crop, "batch": args.batch, "lr": args.lr,
             "disc_start": args.disc_start, "disc_weight": args.disc_weight, "one_shot": args.one_shot,
             "downscale": args.downscale, "seed": args.seed, "restart_every": args.restart_every,
-            "world": int(os.environ.get("WORLD_SIZE", "1")), "init": args.init or "", "train": args.train}
+            "world": int(os.environ.get("WORLD_SIZE", "1")), "init": args.init or "", "train": args.train,
+            # only when used, so checkpoints from before --lpips existed still resume
+            **({"lpips": Path(args.lpips).name, "lpips_weight": args.lpips_weight} if args.lpips else {})}
 
 
 def train_vqgan(args) -> dict:
-    if args.lpips:
-        raise TrainingError("--lpips: the perceptual loss is not supported yet; train without it "
-                            "(L1 + codebook + PatchGAN)")
     dist = Dist()
     torch.manual_seed(args.seed)
     f = get_config(args.preset).downsample_factor
@@ -518,6 +518,12 @@ def train_vqgan(args) -> dict:
         for part in (vq.encoder, vq.quant_conv, vq.quantize):
             part.requires_grad_(False)
         args.restart_every = 0
+    perceptual = None
+    if args.lpips:
+        if args.crop < 16:
+            raise TrainingError(f"--lpips needs --crop >= 16 (its VGG16 halves the image 4 times), got {args.crop}")
+        from .perceptual_loss import load_lpips
+        perceptual = load_lpips(args.lpips).to(dist.device)
     disc = PatchDiscriminator(n_layers=3 if args.crop >= 32 else 2)  # its 4x4 convs need >= 2 px at the end
     vq.to(dist.device).train()
     disc.to(dist.device).train()
@@ -540,7 +546,8 @@ def train_vqgan(args) -> dict:
         _set_lr(opt_d, args.lr, step, args.warmup)
         rec, q_loss, ids = vq_ddp(x)
         l1 = (rec - x).abs().mean()
-        loss = l1 + q_loss
+        lpips = perceptual(rec, x).mean() if perceptual is not None else torch.zeros(())
+        loss = l1 + args.lpips_weight * lpips + q_loss
         use_disc = step >= args.disc_start
         g_adv = torch.zeros(())
         if use_disc:
@@ -574,14 +581,16 @@ def train_vqgan(args) -> dict:
             restarted = _restart_dead_codes(vq, usage, z, data_gen if not dist.enabled else
                                             torch.Generator().manual_seed(args.seed + done))
             usage.zero_()
-        return {"loss": loss.item(), "l1": l1.item(), "codebook": q_loss.item(), "g_adv": g_adv.item(),
-                "d_loss": d_loss.item(), "codes_used": int((usage > 0).sum()), "restarted": restarted}
+        return {"loss": loss.item(), "l1": l1.item(), "lpips": lpips.item(), "codebook": q_loss.item(),
+                "g_adv": g_adv.item(), "d_loss": d_loss.item(), "codes_used": int((usage > 0).sum()),
+                "restarted": restarted}
 
     def postfix(st):
         return {"l1": f"{st['l1']:.4f}", "cb": f"{st['codebook']:.4f}", "d": f"{st['d_loss']:.3f}",
                 "ips": f"{args.batch * dist.world * st['step'] / max(1e-9, st['time']):.1f}"}
 
     fields = ["step", "time", "loss", "l1", "codebook", "g_adv", "d_loss", "codes_used", "restarted"]
+    fields += ["lpips"] if perceptual is not None else []
     step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,
                                     sample=lambda path: _vq_samples(vq, sample_in, path),
                                     extra=lambda: {"usage": usage.clone()})
@@ -971,7 +980,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--disc-start", type=int, default=2000)
     v.add_argument("--disc-weight", type=float, default=0.1)
     v.add_argument("--restart-every", type=int, default=100, help="re-seed unused codes every N steps (0: off)")
-    v.add_argument("--lpips", default=None, help="local LPIPS weights (not supported yet)")
+    v.add_argument("--lpips", default=None, help="add the LPIPS perceptual loss (VGG16): a local .safetensors "
+                   "holding lpips.LPIPS(net='vgg').state_dict() (nothing is downloaded)")
+    v.add_argument("--lpips-weight", type=float, default=1.0, help="weight of the LPIPS loss (with --lpips)")
 
     r = sub.add_parser("renderer", help="render-and-optimize training of the renderer")
     common(r)
