@@ -9,7 +9,8 @@
               training sample is split into patches in a random one of the four ADC orders; each
               patch is rendered teacher-forced from the Nearby Context Pool, its loss optimized at
               once (`--accumulate`: one step per sample instead), and its detached cache added to
-              the pool for the patches after it.
+              the pool for the patches after it. Captions (`--clip` or `--text-embeddings`, see
+              captions.py) feed the cross-attention, dropped with probability --text-drop.
 
 One-shot mode (`--one-shot`, NUWA-Infinity appendix D) draws random crops from one large image
 with RandomResizedCrop, horizontal flip, mirror (reflection at the borders), small rotation and
@@ -127,15 +128,22 @@ class Augment:
 
 def random_crops(images: list[torch.Tensor], n: int, size: tuple[int, int], gen: torch.Generator,
                  aug: Augment) -> torch.Tensor:
-    """n crops of size (h, w) px, [n, 3, h, w] in -1..1, drawn with `gen` only.
+    """n crops of size (h, w) px, [n, 3, h, w] in -1..1, drawn with `gen` only."""
+    return random_crops_with_sources(images, n, size, gen, aug)[0]
+
+
+def random_crops_with_sources(images: list[torch.Tensor], n: int, size: tuple[int, int], gen: torch.Generator,
+                              aug: Augment) -> tuple[torch.Tensor, list[int]]:
+    """random_crops, and the index of the image each crop came from.
 
     Each crop samples a source window (random resized crop), maps it through a small rotation and
     shear with reflection at the borders (the mirror augmentation), flips, then colour jitter and noise.
     """
     out_h, out_w = size
-    crops = []
+    crops, sources = [], []
     for _ in range(n):
-        img = images[int(torch.randint(len(images), (1,), generator=gen))]
+        sources.append(int(torch.randint(len(images), (1,), generator=gen)))
+        img = images[sources[-1]]
         H, W = img.shape[-2:]
         fit = min(H / out_h, W / out_w)  # largest window of the output aspect that fits
         s = _uniform(gen, *aug.scale) * fit
@@ -168,7 +176,7 @@ def random_crops(images: list[torch.Tensor], n: int, size: tuple[int, int], gen:
         if aug.noise:
             x = x + aug.noise * torch.randn(x.shape, generator=gen)
         crops.append(x.clamp(-1, 1))
-    return torch.stack(crops)
+    return torch.stack(crops), sources
 
 
 def fixed_crops(images: list[torch.Tensor], n: int, size: tuple[int, int]) -> torch.Tensor:
@@ -208,12 +216,12 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def wrap(self, module: nn.Module) -> nn.Module:
+    def wrap(self, module: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
         if not self.enabled:
             return module
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                   broadcast_buffers=False)
+                   broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
 
     def barrier(self):
         if self.enabled:
@@ -660,8 +668,8 @@ class _TeacherForced(nn.Module):
         super().__init__()
         self.renderer = renderer
 
-    def forward(self, tokens, order, ctx, masked):
-        return self.renderer.teacher_forced(tokens, order, ctx, self.renderer.text_kv(None), masked=masked)
+    def forward(self, tokens, order, ctx, masked, text=None):
+        return self.renderer.teacher_forced(tokens, order, ctx, self.renderer.text_kv(text), masked=masked)
 
 
 def pnar_mask(b: int, m: int, gen: torch.Generator) -> torch.Tensor:
@@ -675,8 +683,10 @@ def pnar_mask(b: int, m: int, gen: torch.Generator) -> torch.Tensor:
 
 def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tensor, order, opt,
                         gen: torch.Generator, label_smoothing: float = 0.0, accumulate: bool = False,
-                        no_context: bool = False, lr_fn=None, check=None) -> dict:
+                        no_context: bool = False, lr_fn=None, check=None,
+                        text: torch.Tensor | None = None) -> dict:
     """Algorithm 1 on one batch of token grids [B, F*pf, H*ph, W*pw]: returns losses and step counts.
+    text [B, T, D]: caption features for every patch's cross-attention (None: unconditioned).
 
     Every patch is rendered from the pool's context, its loss is optimized at once (or summed and
     optimized once per sample with `accumulate`), and its detached cache added to the pool.
@@ -697,7 +707,7 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
         patch = tokens[:, k * pf:(k + 1) * pf, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].reshape(b, -1)
         ctx = Context(None, None, 0) if no_context else Context.from_pool(pool.select(coord), coord, renderer.rel, device)
         masked = pnar_mask(b, patch.shape[1], gen).to(device) if cfg.decoder == "pnar" else None
-        logits, cache = model(patch, order, ctx, masked)
+        logits, cache = model(patch, order, ctx, masked, text)
         if cfg.decoder == "pnar":
             loss = F.cross_entropy(logits[masked], patch[masked], label_smoothing=label_smoothing)
         else:
@@ -755,10 +765,17 @@ def build_token_bank(vq: VQModel, images: list[torch.Tensor], variants: int, aug
 def token_crops(bank: list[torch.Tensor], n: int, size: tuple[int, int], gen: torch.Generator,
                 wrap: bool) -> torch.Tensor:
     """n random token crops [n, 1, h, w] from the bank; `wrap`: columns wrap around (360-degree panoramas)."""
+    return token_crops_with_sources(bank, n, size, gen, wrap)[0]
+
+
+def token_crops_with_sources(bank: list[torch.Tensor], n: int, size: tuple[int, int], gen: torch.Generator,
+                             wrap: bool) -> tuple[torch.Tensor, list[int]]:
+    """token_crops, and the bank index each crop came from."""
     h, w = size
-    out = []
+    out, sources = [], []
     for _ in range(n):
-        grid = bank[int(torch.randint(len(bank), (1,), generator=gen))]
+        sources.append(int(torch.randint(len(bank), (1,), generator=gen)))
+        grid = bank[sources[-1]]
         H, W = grid.shape
         top = int(torch.randint(H - h + 1, (1,), generator=gen))
         if wrap:
@@ -768,7 +785,7 @@ def token_crops(bank: list[torch.Tensor], n: int, size: tuple[int, int], gen: to
             left = int(torch.randint(W - w + 1, (1,), generator=gen))
             cols = torch.arange(left, left + w)
         out.append(grid[top:top + h][:, cols])
-    return torch.stack(out)[:, None]
+    return torch.stack(out)[:, None], sources
 
 
 def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
@@ -777,14 +794,43 @@ def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
             "downscale": args.downscale, "seed": args.seed, "accumulate": args.accumulate,
             "no_context": args.no_context, "label_smoothing": args.label_smoothing,
             "token_bank": args.token_bank, "wrap": args.wrap,
-            "world": int(os.environ.get("WORLD_SIZE", "1"))}
+            "world": int(os.environ.get("WORLD_SIZE", "1")),
+            # only with captions, so checkpoints from before captions existed still resume
+            **({"text": {"clip": Path(args.clip).name if args.clip else "", "clip_model": args.clip_model or "",
+                         "embeddings": Path(args.text_embeddings).name if args.text_embeddings else "",
+                         "drop": args.text_drop}} if rcfg.text_dim else {})}
+
+
+def caption_features(args) -> torch.Tensor | None:
+    """[n_images, T, D] caption features of the training images (in list_images order), or None."""
+    if args.clip and args.text_embeddings:
+        raise TrainingError("give captions either as --clip (encode the .txt files) or as --text-embeddings, not both")
+    if not (0.0 <= args.text_drop <= 1.0):
+        raise TrainingError(f"--text-drop is a probability in 0..1, got {args.text_drop}")
+    if not args.clip and not args.text_embeddings:
+        if args.text_dim:
+            raise TrainingError(f"--text-dim {args.text_dim} builds a text-conditioned renderer, which needs "
+                                f"captions: give --clip (with --clip-model) or --text-embeddings")
+        return None
+    from . import captions
+    paths = list_images(args.images)
+    if args.text_embeddings:
+        text = captions.load_text_embeddings(args.text_embeddings, paths)
+    elif not args.clip_model:
+        raise TrainingError("--clip needs --clip-model, the open_clip architecture of the weights (e.g. ViT-B-32; "
+                            "ViT-L-14-quickgelu for OpenAI's CLIP-L, the SD1 text encoder ComfyUI uses)")
+    else:
+        text = captions.encode_captions(args.clip, args.clip_model, paths, args.clip_allow_pickle)
+    width = text.shape[-1]
+    if args.text_dim and args.text_dim != width:
+        raise TrainingError(f"--text-dim {args.text_dim} does not match the caption features, which are {width} "
+                            f"wide ({args.clip or args.text_embeddings}); use --text-dim {width} or leave it out")
+    args.text_dim = width
+    return text
 
 
 def train_renderer(args) -> dict:
-    if args.clip or args.text_embeddings:
-        raise TrainingError("captions (--clip / --text-embeddings) are not implemented yet; train without text")
-    if args.text_dim:
-        raise TrainingError("--text-dim > 0 needs captions, which are not implemented yet; use --text-dim 0")
+    text = caption_features(args)  # before seeding: building a CLIP tower draws random numbers
     dist = Dist()
     torch.manual_seed(args.seed)
     vq = load_vqgan(args.tokenizer).float().to(dist.device).eval()
@@ -803,7 +849,8 @@ def train_renderer(args) -> dict:
             if img.shape[-2] < crop[0] or img.shape[-1] < crop[1]:
                 crop = (min(crop[0], img.shape[-2] // (ph * f) * ph * f), min(crop[1], img.shape[-1] // (pw * f) * pw * f))
     renderer = Renderer(rcfg).to(dist.device).train()
-    model = dist.wrap(_TeacherForced(renderer))
+    # a dropped caption leaves the cross-attention weights without gradients on that rank
+    model = dist.wrap(_TeacherForced(renderer), find_unused_parameters=text is not None)
     opt = torch.optim.AdamW(renderer.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
     run = Run("renderer", args, dist, {"renderer": renderer}, {"renderer": opt}, renderer_config_dict(args, rcfg),
@@ -824,15 +871,21 @@ def train_renderer(args) -> dict:
 
     def one_step(step, check):
         if bank is not None:
-            tokens = token_crops(bank, args.batch, (crop[0] // f, crop[1] // f), data_gen, args.wrap).to(dist.device)
+            tokens, sources = token_crops_with_sources(bank, args.batch, (crop[0] // f, crop[1] // f), data_gen,
+                                                       args.wrap)
+            tokens, sources = tokens.to(dist.device), [s // args.token_bank for s in sources]
         else:
-            x = random_crops(images, args.batch, crop, data_gen, aug)
+            x, sources = random_crops_with_sources(images, args.batch, crop, data_gen, aug)
             with torch.no_grad():  # patch-sized windows, as in build_token_bank
                 t = max(rcfg.patch_size[1:])
                 tokens = vq.encode_tokens_tiled(x.to(dist.device), tile=t, overlap=t // 4)[:, None]  # [B, 1, h, w]
         order = adc.ORDERS[int(torch.randint(len(adc.ORDERS), (1,), generator=data_gen))]
+        captions = None
+        # caption dropout, one draw per step (the whole batch): the renderer also learns to render without text
+        if text is not None and torch.rand((), generator=data_gen).item() >= args.text_drop:
+            captions = text[sources].to(dist.device)
         res = render_and_optimize(renderer, model, tokens, order, opt, data_gen, args.label_smoothing,
-                                  args.accumulate, args.no_context, lr_fn, check)
+                                  args.accumulate, args.no_context, lr_fn, check, text=captions)
         return {"optimizer_steps": opt_steps, "loss": res["loss"], "first_patch": res["first_patch"],
                 "order": order.value, "peak_pool": res["peak_pool"]}
 
@@ -994,7 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--extent", default="0,1,1", help="E_F,E_H,E_W context extent in patches")
     r.add_argument("--decoder", choices=("ar", "nar", "pnar"), default="ar")
     r.add_argument("--rpe", choices=("pre", "post"), default="pre")
-    r.add_argument("--text-dim", type=int, default=0)
+    r.add_argument("--text-dim", type=int, default=0, help="caption feature width D (0: taken from the captions)")
     r.add_argument("--sample-patches", default="2x4", help="patches per training sample, ROWSxCOLS")
     r.add_argument("--label-smoothing", type=float, default=None, help="default 0.15 with --one-shot, else 0")
     r.add_argument("--weight-decay", type=float, default=0.01)
@@ -1003,8 +1056,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wrap", action="store_true", help="token crops wrap around horizontally (360-degree panoramas)")
     r.add_argument("--accumulate", action="store_true", help="one optimizer step per sample (ablation)")
     r.add_argument("--no-context", action="store_true", help="baseline: every patch without context")
-    r.add_argument("--clip", default=None, help="open_clip text tower weights (not implemented yet)")
-    r.add_argument("--text-embeddings", default=None, help="precomputed caption embeddings (not implemented yet)")
+    r.add_argument("--clip", default=None, help="captions: encode each image's same-name .txt with the open_clip "
+                   "text tower in this local file (.safetensors; per-token last-layer features, as ComfyUI's "
+                   "CLIP Text Encode gives them). Needs open_clip: pip install open_clip_torch")
+    r.add_argument("--clip-model", default=None, help="open_clip architecture of --clip, e.g. ViT-B-32 (D=512) or "
+                   "ViT-L-14-quickgelu (OpenAI CLIP-L = ComfyUI's SD1 text encoder, D=768), or a .json config")
+    r.add_argument("--clip-allow-pickle", action="store_true", help="let --clip read a .bin/.pt file "
+                   "(torch.load with weights_only=True) instead of only .safetensors")
+    r.add_argument("--text-embeddings", default=None, help="captions precomputed: a .safetensors with one tensor "
+                   "per image file stem, [T, D] or [D]")
+    r.add_argument("--text-drop", type=float, default=0.1, help="probability that a training step's batch goes "
+                   "without captions, so the model also renders unconditioned")
     s = sub.add_parser("sample", help="sample a trained bundle: outpainting and a panorama, as PNGs")
     s.add_argument("--model", required=True)
     s.add_argument("--image", default=None, help="a real image to outpaint (its centre crop)")

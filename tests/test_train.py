@@ -236,8 +236,6 @@ def test_bad_inputs_name_the_problem(tmp_path, tokenizer):
     small = _image(tmp_path / "small" / "s.png", w=6, h=6)
     with pytest.raises(train.TrainingError, match="s.png.*smaller than"):
         train.main(_r_args(small, tokenizer, tmp_path / "x.safetensors", "--steps", "1"))
-    with pytest.raises(train.TrainingError, match="not implemented yet"):
-        train.main(_r_args(small, tokenizer, tmp_path / "x.safetensors", "--steps", "1", "--clip", "c.bin"))
     with pytest.raises(train.TrainingError, match="no such file"):
         train.main(_vq_args(tmp_path / "missing", tmp_path / "x.safetensors", "--steps", "1"))
     assert train.cli(_vq_args(empty, tmp_path / "x.safetensors", "--steps", "1")) == 2
