@@ -9,6 +9,7 @@ database all live in that folder.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -168,15 +169,22 @@ def comfyui_dir() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def comfyui_server(comfyui_dir, tmp_path_factory):
-    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK_LINK_NAME).symlink_to(REPO, target_is_directory=True)
+class ComfyUIStartError(RuntimeError):
+    """ComfyUI exited or did not answer while starting."""
+
+
+@contextlib.contextmanager
+def start_comfyui(comfyui_dir: Path, base: Path, python: str | None = None):
+    """Start ComfyUI (CPU, a free port) with `base` as its --base-directory and this pack linked into
+    base/custom_nodes; yield a ComfyServer once it answers; stop it (its own process group) on exit.
+    Also used by tests/make_thumbnails.py --comfyui."""
+    python = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_LINK_NAME
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
     for name in ("input", "output", "temp", "user"):
-        (base / name).mkdir()
-    _write_test_model(base / "models" / "nuwa")
+        (base / name).mkdir(exist_ok=True)
     port = _free_port()
     log_path = base / "comfyui.log"
     cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
@@ -191,13 +199,13 @@ def comfyui_server(comfyui_dir, tmp_path_factory):
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {proc.returncode} while starting:\n{server.log()[-4000:]}")
+                raise ComfyUIStartError(f"ComfyUI exited with {proc.returncode} while starting:\n{server.log()[-4000:]}")
             try:
                 server.get("/system_stats", timeout=5)
                 break
             except (urllib.error.URLError, ConnectionError, OSError):
                 if time.monotonic() > deadline:
-                    pytest.fail(f"ComfyUI did not answer within {STARTUP_TIMEOUT:.0f}s:\n{server.log()[-4000:]}")
+                    raise ComfyUIStartError(f"ComfyUI did not answer within {STARTUP_TIMEOUT:.0f}s:\n{server.log()[-4000:]}")
                 time.sleep(1)
         yield server
     finally:
@@ -209,6 +217,18 @@ def comfyui_server(comfyui_dir, tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log_file.close()
+
+
+@pytest.fixture(scope="session")
+def comfyui_server(comfyui_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    _write_test_model(base / "models" / "nuwa")
+    try:
+        with start_comfyui(comfyui_dir, base) as server:
+            yield server
+    except ComfyUIStartError as err:
+        pytest.fail(str(err))
+    finally:
         if os.environ.get("COMFYUI_KEEP_BASE"):
             print(f"ComfyUI base directory kept: {base}")
         else:

@@ -2,6 +2,9 @@
 
     python tests/make_thumbnails.py                      # outpaint_spiral and infinite_panorama
     python tests/make_thumbnails.py outpaint_spiral      # just one
+    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/comfy/venv/bin/python \
+        python tests/make_thumbnails.py --comfyui        # the NUWA-XL workflows, on a real ComfyUI
+    ... --comfyui nuwa_xl_ksampler                       # just one
 
 Runs each workflow's API copy (tests/workflows/shipped/<name>.json) with the pack's own node
 functions, wired as the JSON wires them, without ComfyUI: only the nodes the SaveImage node
@@ -12,8 +15,14 @@ workflow's own seed, so a rerun on the same model gives the same pictures (a few
 
 Thumbnails: the saved image scaled to 512 px wide; a panorama wider than 8:1 is cut into strips
 of 4:1 stacked with 6 px dark gaps. JPEG quality 85. Only the workflows that run on the shipped
-default model are made here (text_to_image_wide needs a text model, nuwa_xl_long_video the XL
-model; its thumbnail is a contact sheet of a real ComfyUI run's WEBP).
+default model are made this way (text_to_image_wide needs a text model and has no maker).
+
+--comfyui: the NUWA-XL workflows (XL_WORKFLOWS: nuwa_xl_long_video, nuwa_xl_ksampler) need ComfyUI's
+own nodes (KSampler, SaveAnimatedWEBP), so they run on a real ComfyUI server (CPU, a temporary
+--base-directory, started as the real-server tests start it) with the shipped default XL model
+(models/nuwa_xl); their thumbnail is a contact sheet of every frame of the animated WEBP the
+workflow saved, 13 frames a row at the frames' own size (64 x 48: 832 px wide), no gaps. Seeded by
+the workflows' own seeds. Rerun after the default XL model is retrained (a few minutes each).
 """
 from __future__ import annotations
 
@@ -33,6 +42,8 @@ STRIP_ASPECT = 4  # strips of 4:1 ...
 STRIP_ABOVE = 8  # ... for images wider than 8:1
 GAP, GAP_COLOUR = 6, (24, 24, 24)
 QUALITY = 85
+SHEET_COLS = 13  # XL contact sheets: 65 frames -> 13 x 5
+SHEET_MAX_WIDTH = 1024
 
 
 def load_image(image: str):
@@ -90,6 +101,49 @@ def thumbnail(image: torch.Tensor) -> Image.Image:
     return sheet
 
 
+def contact_sheet(webp: Path) -> Image.Image:
+    """Every frame of an animated WEBP, SHEET_COLS a row, at the frames' size (scaled down to SHEET_MAX_WIDTH)."""
+    with Image.open(webp) as img:
+        frames = []
+        for i in range(getattr(img, "n_frames", 1)):
+            img.seek(i)
+            frames.append(img.convert("RGB"))
+    w, h = frames[0].size
+    cols = min(SHEET_COLS, len(frames))
+    rows = -(-len(frames) // cols)
+    sheet = Image.new("RGB", (cols * w, rows * h), GAP_COLOUR)
+    for n, frame in enumerate(frames):
+        sheet.paste(frame, ((n % cols) * w, (n // cols) * h))
+    if sheet.width > SHEET_MAX_WIDTH:
+        sheet = sheet.resize((SHEET_MAX_WIDTH, round(sheet.height * SHEET_MAX_WIDTH / sheet.width)), Image.LANCZOS)
+    return sheet
+
+
+def main_comfyui(names: list[str]) -> None:
+    """Run the NUWA-XL workflows on a real ComfyUI (COMFYUI_DIR, COMFYUI_PYTHON) and write their thumbnails."""
+    import os
+    import tempfile
+    from conftest import start_comfyui
+    from test_comfyui_server import run_xl_workflow
+    from test_workflows import XL_WORKFLOWS
+    for name in names:
+        if name not in XL_WORKFLOWS:
+            raise SystemExit(f"{name}: --comfyui makes the NUWA-XL workflows' thumbnails {XL_WORKFLOWS}")
+    comfyui_dir = os.environ.get("COMFYUI_DIR")
+    if not comfyui_dir or not (Path(comfyui_dir) / "main.py").is_file():
+        raise SystemExit("--comfyui needs COMFYUI_DIR (a ComfyUI checkout; COMFYUI_PYTHON: its interpreter)")
+    if not (REPO / "models" / "nuwa_xl" / "mtd_default.safetensors").is_file():
+        raise SystemExit("models/nuwa_xl/mtd_default.safetensors is absent")
+    with tempfile.TemporaryDirectory(prefix="nuwa_thumbs_") as tmp:
+        with start_comfyui(Path(comfyui_dir).resolve(), Path(tmp)) as server:
+            for name in names or XL_WORKFLOWS:
+                _, webp = run_xl_workflow(server, name)
+                sheet = contact_sheet(webp)
+                target = UI_DIR / f"{name}.jpg"
+                sheet.save(target, "JPEG", quality=QUALITY)
+                print(f"{name}: {webp.name} -> {target} {sheet.size}")
+
+
 def main(names: list[str]) -> None:
     torch.manual_seed(0)
     for name in names or RUNS_ON_DEFAULT_MODEL:
@@ -104,4 +158,8 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    if "--comfyui" in args:
+        main_comfyui([a for a in args if a != "--comfyui"])
+    else:
+        main(args)

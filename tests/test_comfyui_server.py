@@ -227,6 +227,11 @@ def test_shipped_workflows_match_object_info(comfyui_server):
             assert name in inputs, f"{node_type}: no widget {name!r} on the server ({sorted(inputs)})"
         for name, typ in sockets.items():
             assert name in inputs and inputs[name][0] == typ, f"{node_type}.{name}: {inputs.get(name)}"
+        for name, (kind, _) in spec["widgets"]:  # combo values we allow must be offered by the server
+            if isinstance(kind, (list, tuple)):
+                served = inputs[name][0]
+                served = served if isinstance(served, list) else inputs[name][1].get("options", [])
+                assert set(kind) <= set(served), f"{node_type}.{name}: {sorted(set(kind) - set(served))} not offered"
         assert list(entry["output"]) == [t for _, t in spec["outputs"]], (node_type, entry["output"])
 
 
@@ -350,21 +355,52 @@ def test_frontend_loads_shipped_workflows(comfyui_server, tmp_path):
         assert prompt == expected, f"{path.name}: the frontend converts it to\n{json.dumps(prompt, indent=1)}"
 
 
-def test_shipped_long_video_workflow_runs(comfyui_server):
-    """The NUWA-XL long-video workflow runs on the shipped default XL model (models/nuwa_xl)."""
-    if not (REPO / "models" / "nuwa_xl" / "mtd_default.safetensors").is_file():
-        pytest.skip("models/nuwa_xl/mtd_default.safetensors is absent")
-    prompt = json.loads((SHIPPED_API / "nuwa_xl_long_video.json").read_text())
+def _xl_frames(prompt: dict) -> int:
+    """Frames an XL workflow makes: (L-1)^depth + 1, from Coarse-to-Fine or the KSampler route's Empty Latent Video."""
+    for node in prompt.values():
+        if node["class_type"] == "NUWAXLCoarseToFine":
+            return (node["inputs"]["L"] - 1) ** node["inputs"]["depth"] + 1
+        if node["class_type"] == "NUWAXLEmptyLatentVideo":
+            return (node["inputs"]["frames"] - 1) ** node["inputs"]["depth"] + 1
+    raise AssertionError("no NUWA-XL Coarse-to-Fine or Empty Latent Video in the workflow")
+
+
+def run_xl_workflow(server, name: str) -> tuple[list[str], Path]:
+    """Run a shipped NUWA-XL workflow's API copy; (websocket message types, its saved animated WEBP).
+    Also used by tests/make_thumbnails.py --comfyui."""
+    prompt = json.loads((SHIPPED_API / f"{name}.json").read_text())
     client_id = uuid.uuid4().hex
-    ws = comfyui_server.websocket(client_id)
+    ws = server.websocket(client_id)
     try:
-        prompt_id = _queue(comfyui_server, prompt, client_id)
-        seen = _follow(comfyui_server, ws, prompt_id, time.monotonic() + SHIPPED_RUN_TIMEOUT)
+        prompt_id = _queue(server, prompt, client_id)
+        seen = _follow(server, ws, prompt_id, time.monotonic() + SHIPPED_RUN_TIMEOUT)
     finally:
         ws.close()
     types = [m["type"] for m in seen]
-    assert types and types[-1] == "execution_success", f"{json.dumps(seen[-1] if seen else None)[:4000]}"
-    assert "progress" in types
-    outputs = _history(comfyui_server, prompt_id)["outputs"]
+    assert types and types[-1] == "execution_success", (
+        f"{name}: {json.dumps(seen[-1] if seen else None)[:4000]}\nserver log:\n{server.log()[-4000:]}")
+    outputs = _history(server, prompt_id)["outputs"]
     saved = [o["images"] for nid, o in outputs.items() if prompt[nid]["class_type"] == "SaveAnimatedWEBP"]
-    assert saved and saved[0], f"SaveAnimatedWEBP produced nothing: {outputs}"
+    assert saved and saved[0], f"{name}: SaveAnimatedWEBP produced nothing: {outputs}"
+    return types, server.base / "output" / saved[0][0]["subfolder"] / saved[0][0]["filename"]
+
+
+def _xl_workflow_names() -> list[str]:
+    from test_workflows import XL_WORKFLOWS
+    return list(XL_WORKFLOWS)
+
+
+@pytest.mark.parametrize("name", _xl_workflow_names())
+def test_shipped_xl_workflow_runs(comfyui_server, name):
+    """The NUWA-XL workflows (Coarse-to-Fine; stock KSampler per level) run on the shipped default XL model
+    (models/nuwa_xl) and save an animated WEBP with every frame of the tree."""
+    from PIL import Image
+    if not (REPO / "models" / "nuwa_xl" / "mtd_default.safetensors").is_file():
+        pytest.skip("models/nuwa_xl/mtd_default.safetensors is absent")
+    start = time.monotonic()
+    types, webp = run_xl_workflow(comfyui_server, name)
+    print(f"{name}: ran in {time.monotonic() - start:.1f}s")
+    assert "progress" in types
+    prompt = json.loads((SHIPPED_API / f"{name}.json").read_text())
+    with Image.open(webp) as img:
+        assert img.n_frames == _xl_frames(prompt), (img.n_frames, _xl_frames(prompt))

@@ -32,8 +32,14 @@ DEFAULT_MODEL = "nuwa_infinity_default.safetensors"
 DEFAULT_IMAGE = "nuwa_infinity_default.png"  # models/nuwa/, copied into ComfyUI's input folder
 # workflows that run on the shipped default model (the text one needs a text-conditioned model)
 RUNS_ON_DEFAULT_MODEL = ("outpaint_spiral", "infinite_panorama")
-EXPECTED = ("outpaint_spiral", "infinite_panorama", "text_to_image_wide", "nuwa_xl_long_video")
-XL_WORKFLOWS = ("nuwa_xl_long_video",)  # NUWA-XL: its own loader and model files
+EXPECTED = ("outpaint_spiral", "infinite_panorama", "text_to_image_wide", "nuwa_xl_long_video", "nuwa_xl_ksampler")
+# NUWA-XL: its own loader and model files; run on the shipped default XL model (models/nuwa_xl) by the real-server
+# test, and their thumbnails come from such a run (python tests/make_thumbnails.py --comfyui)
+XL_WORKFLOWS = ("nuwa_xl_long_video", "nuwa_xl_ksampler")
+# the stock KSampler's sampler and scheduler names a shipped workflow may use (the real-server test checks that the
+# live server offers them)
+KSAMPLER_SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_sde", "ddim", "uni_pc"]
+KSAMPLER_SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -55,6 +61,14 @@ CORE_NODES = {
                                      ("lossless", ("BOOLEAN", {})), ("quality", ("INT", {"min": 0, "max": 100})),
                                      ("method", (["default", "fastest", "slowest"], {}))],
                          "outputs": []},
+    "KSampler": {"inputs": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                            ("latent_image", "LATENT")],
+                 "widgets": [("seed", ("INT", {"min": 0, "max": 0xffffffffffffffff, "control_after_generate": True})),
+                             ("steps", ("INT", {"min": 1, "max": 10000})),
+                             ("cfg", ("FLOAT", {"min": 0.0, "max": 100.0, "step": 0.1})),
+                             ("sampler_name", (KSAMPLER_SAMPLERS, {})), ("scheduler", (KSAMPLER_SCHEDULERS, {})),
+                             ("denoise", ("FLOAT", {"min": 0.0, "max": 1.0, "step": 0.01}))],
+                 "outputs": [("LATENT", "LATENT")]},
     "CheckpointLoaderSimple": {"inputs": [], "widgets": [("ckpt_name", ("file", {}))],
                                "outputs": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]},
 }
@@ -278,8 +292,8 @@ def test_workflow_nodes_widgets_and_links(path):
     problems = workflow_problems(workflow)
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
     types = {n["type"] for n in workflow["nodes"]}
-    if path.stem in XL_WORKFLOWS:
-        assert "NUWAXLModelLoader" in types and "NUWAXLCoarseToFine" in types
+    if path.stem in XL_WORKFLOWS:  # the whole tree in one node, or one stock KSampler per level
+        assert "NUWAXLModelLoader" in types and ("NUWAXLCoarseToFine" in types or "KSampler" in types)
     else:
         assert "NUWAModelLoader" in types and "NUWAPatchRenderer" in types
     note = workflow["extra"].get("nuwa_note", "")
@@ -338,6 +352,38 @@ def test_specific_contents():
     save = next(n for n in d.values() if n["class_type"] == "SaveAnimatedWEBP")["inputs"]
     assert save["images"] == [c2f, 0] and save["fps"] == [c2f, 1]
     assert "unconditional" in wf["nuwa_xl_long_video"]["extra"]["nuwa_note"]
+    # (e) NUWA-XL through stock KSamplers: keyframes with the global MODEL, then each local level
+    # In-between -> KSampler (local MODEL) -> Join Segments on the previous level's frames; cfg 1 (null prompt)
+    e = api["nuwa_xl_ksampler"]
+    kind = {nid: n["class_type"] for nid, n in e.items()}
+    loader = next(n for n in e.values() if n["class_type"] == "NUWAXLModelLoader")["inputs"]
+    assert (loader["t_klvae_name"], loader["mtd_name"]) == ("t_klvae_default.safetensors", "mtd_default.safetensors")
+    level = {e[nid]["inputs"]["level"]: nid for nid in kind if kind[nid] == "NUWAXLModelAsComfy"}
+    ksamplers = {nid: e[nid]["inputs"] for nid in kind if kind[nid] == "KSampler"}
+    assert all(k["cfg"] == 1.0 and k["denoise"] == 1.0 for k in ksamplers.values()), ksamplers
+    first = [nid for nid, k in ksamplers.items() if k["model"] == [level["global"], 0]]
+    assert len(first) == 1 and kind[ksamplers[first[0]]["latent_image"][0]] == "NUWAXLEmptyLatentVideo"
+    empty = e[ksamplers[first[0]]["latent_image"][0]]["inputs"]
+    frames, L = first, empty["frames"]
+    for _ in range(empty["depth"] - 1):  # one local level per remaining depth, each on the frames before it
+        join = next(nid for nid in kind if kind[nid] == "NUWAXLJoinSegments" and e[nid]["inputs"]["frames"] == [frames[0], 0])
+        ks = e[join]["inputs"]["segments"][0]
+        assert kind[ks] == "KSampler" and ksamplers[ks]["model"] == [level["local"], 0]
+        between = ksamplers[ks]["latent_image"][0]
+        assert kind[between] == "NUWAXLInbetweenForKSampler" and e[between]["inputs"]["frames"] == [frames[0], 0]
+        assert ksamplers[ks]["positive"] == [between, 0] and ksamplers[ks]["negative"] == [between, 1]
+        assert e[between]["inputs"]["L"] == L
+        frames = [join]
+    assert len(ksamplers) == empty["depth"]
+    decode = next(nid for nid in kind if kind[nid] == "NUWAXLDecodeLatent")
+    assert e[decode]["inputs"]["samples"] == [frames[0], 0]
+    save = next(n for n in e.values() if n["class_type"] == "SaveAnimatedWEBP")["inputs"]
+    assert save["images"] == [decode, 0] and save["fps"] == [decode, 1]
+    assert "unconditional" in wf["nuwa_xl_ksampler"]["extra"]["nuwa_note"]
+    assert "cfg 1" in wf["nuwa_xl_ksampler"]["extra"]["nuwa_note"]
+    notes = [n for n in wf["nuwa_xl_ksampler"]["nodes"] if n["type"] in VIRTUAL_NODES]
+    assert notes and "unconditional" in notes[0]["widgets_values"][0]
+    assert len(wf["nuwa_xl_ksampler"]["groups"]) >= 4
 
 
 def test_converter_handles_seed_control_and_upload_widgets():
