@@ -413,13 +413,13 @@ class Run:
     def loop(self, step: int, one_step, fields: list[str], postfix=None, sample=None, extra=dict):
         """Runs one_step(step, check) -> stats until --steps or a stop; saves at the end. -> (step, stopped, stats).
 
-        check(loss) raises TrainingDiverged on a NaN/inf loss (any rank); postfix(stats) -> progress-bar
-        fields; sample(path) writes a sample (main rank); extra() -> what save() stores besides the optimizers.
+        check(loss) raises TrainingDiverged on a NaN/inf loss (any rank); postfix(stats, steps_per_s) ->
+        progress-bar fields (the rate counts this run's steps only, also after --resume); sample(path) writes a sample (main rank); extra() -> what save() stores besides the optimizers.
         """
         args, dist = self.args, self.dist
         log = CsvLog(args.log_dir, self.name, fields, args.resume, dist.main)
         bar = _progress(args.steps, step, dist.main and not args.quiet, self.name)
-        t0, last_good, stopped = time.time(), None, "steps"
+        t0, first, last_good, stopped = time.time(), step, None, "steps"
         stats: dict = {"loss": float("nan")}
 
         def check(loss: torch.Tensor):
@@ -441,7 +441,7 @@ class Run:
                     if bar is not None:
                         bar.update(1)
                         if postfix is not None:
-                            bar.set_postfix(**postfix(stats))
+                            bar.set_postfix(**postfix(stats, (step - first) / max(1e-9, stats["time"])))
                     if args.save_every and step % args.save_every == 0:
                         self.save(step, **extra())
                         last_good = step
@@ -593,9 +593,9 @@ def train_vqgan(args) -> dict:
                 "g_adv": g_adv.item(), "d_loss": d_loss.item(), "codes_used": int((usage > 0).sum()),
                 "restarted": restarted}
 
-    def postfix(st):
+    def postfix(st, steps_per_s):
         return {"l1": f"{st['l1']:.4f}", "cb": f"{st['codebook']:.4f}", "d": f"{st['d_loss']:.3f}",
-                "ips": f"{args.batch * dist.world * st['step'] / max(1e-9, st['time']):.1f}"}
+                "ips": f"{args.batch * dist.world * steps_per_s:.1f}"}
 
     fields = ["step", "time", "loss", "l1", "codebook", "g_adv", "d_loss", "codes_used", "restarted"]
     fields += ["lpips"] if perceptual is not None else []
@@ -891,9 +891,8 @@ def train_renderer(args) -> dict:
 
     tokens_per_sample = (crop[0] // f) * (crop[1] // f)
 
-    def postfix(st):
-        return {"loss": f"{st['loss']:.3f}",
-                "tok_s": f"{args.batch * dist.world * tokens_per_sample * st['step'] / max(1e-9, st['time']):.0f}"}
+    def postfix(st, steps_per_s):
+        return {"loss": f"{st['loss']:.3f}", "tok_s": f"{args.batch * dist.world * tokens_per_sample * steps_per_s:.0f}"}
 
     fields = ["step", "optimizer_steps", "time", "loss", "first_patch", "order", "peak_pool"]
     step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,

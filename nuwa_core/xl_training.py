@@ -254,7 +254,7 @@ def train_t_klvae(args) -> dict:
         return {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()}
 
     step, stopped, stats = run.loop(step, one_step, ["step", "time", "loss", "l1", "kl"],
-                                    postfix=lambda st: {"l1": f"{st['l1']:.4f}", "kl": f"{st['kl']:.3f}"},
+                                    postfix=lambda st, _: {"l1": f"{st['l1']:.4f}", "kl": f"{st['kl']:.3f}"},
                                     sample=lambda path: _vae_samples(vae, sample_in, path))
     if dist.main:
         scale = args.latent_scale
@@ -442,7 +442,7 @@ def train_xl(args) -> dict:
         model.train()
 
     step, stopped, stats = run.loop(step, one_step, ["step", "time", "loss", "level"],
-                                    postfix=lambda st: {"loss": f"{st['loss']:.4f}"},
+                                    postfix=lambda st, _: {"loss": f"{st['loss']:.4f}"},
                                     sample=sample if args.role == "both" else None)
     if dist.main:
         save_mtd_xl(model, run.out, info, dtype=_dtype(args.save_dtype))
