@@ -149,8 +149,9 @@ def contact_sheet(frames: torch.Tensor, cols: int = 0) -> torch.Tensor:
     return grid.permute(2, 0, 3, 1, 4).reshape(frames.shape[1], rows * frames.shape[2], cols * frames.shape[3]).cpu()
 
 
-def save_png(x: torch.Tensor, path: Path):
-    """[3, H, W] in -1..1 -> PNG."""
+def save_png(x: torch.Tensor, path) -> None:
+    """[3, H, W] in -1..1 -> PNG at path (str or Path; folders are made)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     Image.fromarray(arr).save(path)

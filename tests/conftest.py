@@ -233,3 +233,16 @@ def comfyui_server(comfyui_dir, tmp_path_factory):
             print(f"ComfyUI base directory kept: {base}")
         else:
             shutil.rmtree(base / "models", ignore_errors=True)
+
+
+def animated_frames(path) -> list:
+    """Every video frame of an animated image as RGB PIL images. Encoders (libwebp's) merge a frame
+    identical to the one before into it by lengthening its duration: such frames are repeated back."""
+    from PIL import Image
+    with Image.open(path) as img:
+        shown = []
+        for i in range(getattr(img, "n_frames", 1)):
+            img.seek(i)
+            shown.append((img.convert("RGB"), img.info.get("duration") or 0))
+    unit = min((d for _, d in shown if d > 0), default=0)
+    return [frame for frame, d in shown for _ in range(max(1, round(d / unit)) if unit else 1)]

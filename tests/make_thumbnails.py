@@ -103,11 +103,8 @@ def thumbnail(image: torch.Tensor) -> Image.Image:
 
 def contact_sheet(webp: Path) -> Image.Image:
     """Every frame of an animated WEBP, SHEET_COLS a row, at the frames' size (scaled down to SHEET_MAX_WIDTH)."""
-    with Image.open(webp) as img:
-        frames = []
-        for i in range(getattr(img, "n_frames", 1)):
-            img.seek(i)
-            frames.append(img.convert("RGB"))
+    from conftest import animated_frames
+    frames = animated_frames(webp)
     w, h = frames[0].size
     cols = min(SHEET_COLS, len(frames))
     rows = -(-len(frames) // cols)
