@@ -295,13 +295,19 @@ def save_mtd(model: MaskTemporalDiffusion, path, dtype: torch.dtype | None = Non
     checkpoint.save_model_file(path, model.state_dict(), KIND, model.config, dtype=dtype)
 
 
-def load_mtd(path, allow_pickle: bool = False) -> MaskTemporalDiffusion:
+def load_mtd_with_metadata(path, allow_pickle: bool = False) -> tuple[MaskTemporalDiffusion, dict]:
+    """An MTD file -> (model, the file's metadata)."""
     state, metadata = checkpoint.load_state_dict(path, allow_pickle=allow_pickle)
     name = getattr(path, "name", str(path))
     if metadata.get("nuwa_kind") != KIND or "config" not in metadata:
         raise checkpoint.CheckpointError(
             f"{name} is not a Mask Temporal Diffusion file (nuwa_kind={metadata.get('nuwa_kind')!r}, expected "
-            f"{KIND!r} with a config); save one with mask_temporal_diffusion.save_mtd")
+            f"{KIND!r} with a config): pick the MTD file (a T-KLVAE goes in its own slot); MTD files are "
+            f"written by mask_temporal_diffusion.save_mtd and `python -m nuwa_core.train xl`")
     model = MaskTemporalDiffusion(checkpoint.config_from_json(MTDConfig, metadata["config"]))
     checkpoint.load_strict(model, state, name)
-    return model
+    return model, metadata
+
+
+def load_mtd(path, allow_pickle: bool = False) -> MaskTemporalDiffusion:
+    return load_mtd_with_metadata(path, allow_pickle)[0]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import checkpoint
 from .diffusion_over_diffusion import fill_between, generate_keyframes, generate_long_video
-from .mask_temporal_diffusion import KIND as MTD_KIND, MaskTemporalDiffusion, MTDConfig
+from .mask_temporal_diffusion import KIND as MTD_KIND, MaskTemporalDiffusion, load_mtd_with_metadata
 from .t_klvae import TKLVAE, load_t_klvae
 
 XL_META_KEY = "nuwa_xl"
@@ -30,16 +30,8 @@ def save_mtd_xl(model: MaskTemporalDiffusion, path, info: dict, dtype: torch.dty
 
 def load_mtd_xl(path) -> tuple[MaskTemporalDiffusion, dict]:
     """An MTD file and its `nuwa_xl` info ({} for files saved by save_mtd)."""
-    state, metadata = checkpoint.load_state_dict(path)
-    name = Path(path).name
-    if metadata.get("nuwa_kind") != MTD_KIND or "config" not in metadata:
-        raise checkpoint.CheckpointError(
-            f"{name} is not a Mask Temporal Diffusion file (nuwa_kind={metadata.get('nuwa_kind')!r}, expected "
-            f"{MTD_KIND!r}); pick the MTD file (the T-KLVAE goes in the other slot)")
-    model = MaskTemporalDiffusion(checkpoint.config_from_json(MTDConfig, metadata["config"]))
-    checkpoint.load_strict(model, state, name)
-    info = json.loads(metadata.get(XL_META_KEY, "{}"))
-    return model, info
+    model, metadata = load_mtd_with_metadata(path)
+    return model, json.loads(metadata.get(XL_META_KEY, "{}"))
 
 
 @dataclass
