@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from . import _comfy
-from .xl_nodes import (CATEGORY, MODEL_TYPE, _check_tree, _model_input, _to_image, conditioning_prompts,
-                       spread_prompts)
+from .xl_nodes import (CATEGORY, _check_tree, _model_input, _run_on_device, conditioning_prompts,
+                       decoded_output, spread_prompts)
 
 FRAMES_APART_KEY = "nuwa_xl_frames_apart"
 GIVEN_KEY = "nuwa_xl_given"  # same strings as _xl_comfy_model (which needs ComfyUI to import)
@@ -241,11 +241,10 @@ class NUWAXLDecodeLatent:
         c = xl_model.vae.config.z_channels
         if lat.shape[1] != c:
             raise ValueError(f"NUWA-XL Decode LATENT: this T-KLVAE decodes {c}-channel latents, got {lat.shape[1]}")
-        xl_model.to(_comfy.torch_device())
-        z = lat.movedim(2, 1).flatten(0, 1).float() * xl_model.vae.config.latent_scale  # diffusion latents
-        frames = torch.cat([xl_model.decode(z[b * lat.shape[2]:(b + 1) * lat.shape[2]]) for b in range(lat.shape[0])])
-        apart = float(samples.get(FRAMES_APART_KEY, 1.0))
-        return (_to_image(frames), float(xl_model.fps / max(apart, 1e-9)))
+        model = _run_on_device(xl_model)
+        z = lat.movedim(2, 1).flatten(0, 1).float() * model.vae.config.latent_scale  # diffusion latents
+        frames = torch.cat([model.decode(z[b * lat.shape[2]:(b + 1) * lat.shape[2]]) for b in range(lat.shape[0])])
+        return decoded_output(model, frames, float(samples.get(FRAMES_APART_KEY, 1.0)))
 
 
 NODE_CLASS_MAPPINGS = {

@@ -178,6 +178,11 @@ def _run_on_device(model):
     return model
 
 
+def decoded_output(model, frames: torch.Tensor, frames_apart: float) -> tuple:
+    """Decoded frames [N, 3, H, W] -> the decode nodes' (IMAGE, fps): the video's fps over the frames' spacing."""
+    return _to_image(frames), float(model.fps / max(frames_apart, 1e-9))
+
+
 # ---- nodes ------------------------------------------------------------------------------------
 
 class NUWAXLModelLoader:
@@ -317,8 +322,7 @@ class NUWAXLDecode:
 
     def decode(self, xl_model, latents):
         model = _run_on_device(xl_model)
-        frames = model.decode(latents["latents"])
-        return (_to_image(frames), float(model.fps / max(latents.get("frames_apart", 1.0), 1e-9)))
+        return decoded_output(model, model.decode(latents["latents"]), latents.get("frames_apart", 1.0))
 
 
 class NUWAXLCoarseToFine:
@@ -365,8 +369,8 @@ class NUWAXLCoarseToFine:
                                       levels if isinstance(levels, list) else levels.to(model.device), L, depth,
                                       model.latent_shape(), steps=steps, generator=gen, callback=cb, max_batch=mb)
             frames = model.decode(lat)
-        return (_to_image(frames), float(model.fps), {"latents": lat.cpu(), "L": L, "frames_apart": 1.0,
-                                                       "prompts": None})
+        return (*decoded_output(model, frames, 1.0), {"latents": lat.cpu(), "L": L, "frames_apart": 1.0,
+                                                      "prompts": None})
 
 
 NODE_CLASS_MAPPINGS = {
