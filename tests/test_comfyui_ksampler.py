@@ -15,13 +15,11 @@ import json
 import os
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from test_comfyui_server import _follow, _history, _queue
+from test_comfyui_server import run_prompt
 
 pytestmark = pytest.mark.comfyui
 
@@ -146,20 +144,6 @@ def keyframes_prompt(seed=3):
     }
 
 
-def _run(server, prompt):
-    client_id = uuid.uuid4().hex
-    ws = server.websocket(client_id)
-    try:
-        prompt_id = _queue(server, prompt, client_id)
-        seen = _follow(server, ws, prompt_id, time.monotonic() + RUN_TIMEOUT)
-    finally:
-        ws.close()
-    types = [m["type"] for m in seen]
-    assert types and types[-1] == "execution_success", (
-        f"{json.dumps(seen[-1] if seen else None, indent=1)[:4000]}\nserver log:\n{server.log()[-4000:]}")
-    return types, _history(server, prompt_id)["outputs"]
-
-
 def _saved(server, outputs, node):
     from PIL import Image
     images = outputs[node]["images"]
@@ -175,7 +159,7 @@ def _saved(server, outputs, node):
 def test_stock_ksampler_makes_keyframes(comfyui_server):
     if not _has_default_model():
         pytest.skip("models/nuwa_xl/mtd_default.safetensors is absent")
-    types, outputs = _run(comfyui_server, keyframes_prompt())
+    types, outputs = run_prompt(comfyui_server, keyframes_prompt(), "keyframes", RUN_TIMEOUT)
     assert "progress" in types  # KSampler's own progress
     sizes = _saved(comfyui_server, outputs, "7")
     assert sizes == [(64, 48)] * 5, sizes
@@ -196,6 +180,6 @@ def test_stock_ksampler_fills_between_keyframes(comfyui_server):
         "12": {"class_type": "NUWAXLDecodeLatent", "inputs": {"xl_model": ["1", 0], "samples": ["11", 0]}},
         "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "nuwa_xl_ksampler_local"}},
     })
-    _, outputs = _run(comfyui_server, prompt)
+    _, outputs = run_prompt(comfyui_server, prompt, "keyframes + local level", RUN_TIMEOUT)
     assert _saved(comfyui_server, outputs, "13") == [(64, 48)] * 17
     assert len(_saved(comfyui_server, outputs, "7")) == 5

@@ -72,6 +72,22 @@ def _history(server, prompt_id, timeout: float = 30):
         time.sleep(0.2)
 
 
+def run_prompt(server, prompt: dict, label: str, timeout: float) -> tuple[list[str], dict]:
+    """Queue an API prompt, follow it to execution_success (or fail with its last message and the
+    server log) -> (websocket message types, its /history outputs)."""
+    client_id = uuid.uuid4().hex
+    ws = server.websocket(client_id)
+    try:
+        prompt_id = _queue(server, prompt, client_id)
+        seen = _follow(server, ws, prompt_id, time.monotonic() + timeout)
+    finally:
+        ws.close()
+    types = [m["type"] for m in seen]
+    assert types and types[-1] == "execution_success", (
+        f"{label}: {json.dumps(seen[-1] if seen else None, indent=1)[:4000]}\nserver log:\n{server.log()[-4000:]}")
+    return types, _history(server, prompt_id)["outputs"]
+
+
 def test_pack_imports_without_failure(comfyui_server):
     log = comfyui_server.log()
     failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and "ComfyUI-NUWA" in line]
@@ -99,20 +115,8 @@ def test_object_info_lists_every_node(comfyui_server):
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
 def test_workflow_runs(comfyui_server, workflow):
     prompt = json.loads(workflow.read_text())
-    client_id = uuid.uuid4().hex
-    ws = comfyui_server.websocket(client_id)
-    try:
-        prompt_id = _queue(comfyui_server, prompt, client_id)
-        seen = _follow(comfyui_server, ws, prompt_id, time.monotonic() + RUN_TIMEOUT)
-    finally:
-        ws.close()
-    types = [m["type"] for m in seen]
-    assert types and types[-1] == "execution_success", (
-        f"{workflow.name}: {json.dumps(seen[-1] if seen else None, indent=1)[:4000]}\n"
-        f"server log:\n{comfyui_server.log()[-4000:]}")
+    types, outputs = run_prompt(comfyui_server, prompt, workflow.name, RUN_TIMEOUT)
     assert "progress" in types, f"{workflow.name}: no progress message; saw {sorted(set(types))}"
-    history = _history(comfyui_server, prompt_id)
-    outputs = history["outputs"]
     save_nodes = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
     for nid in save_nodes:
         images = outputs[nid]["images"]
@@ -242,19 +246,9 @@ def test_shipped_workflow_runs(shipped_server, name):
     from PIL import Image
     server = shipped_server
     prompt = json.loads((SHIPPED_API / f"{name}.json").read_text())
-    client_id = uuid.uuid4().hex
-    ws = server.websocket(client_id)
     start = time.monotonic()
-    try:
-        prompt_id = _queue(server, prompt, client_id)
-        seen = _follow(server, ws, prompt_id, time.monotonic() + SHIPPED_RUN_TIMEOUT)
-    finally:
-        ws.close()
-    types = [m["type"] for m in seen]
-    assert types and types[-1] == "execution_success", (
-        f"{name}: {json.dumps(seen[-1] if seen else None, indent=1)[:4000]}\nserver log:\n{server.log()[-4000:]}")
+    types, outputs = run_prompt(server, prompt, name, SHIPPED_RUN_TIMEOUT)
     print(f"{name}: ran in {time.monotonic() - start:.1f}s")
-    outputs = _history(server, prompt_id)["outputs"]
     saved = [outputs[nid]["images"] for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
     assert saved and all(saved), f"{name}: SaveImage produced nothing: {outputs}"
     path = server.base / "output" / saved[0][0]["subfolder"] / saved[0][0]["filename"]
@@ -369,17 +363,7 @@ def run_xl_workflow(server, name: str) -> tuple[list[str], Path]:
     """Run a shipped NUWA-XL workflow's API copy; (websocket message types, its saved animated WEBP).
     Also used by tests/make_thumbnails.py --comfyui."""
     prompt = json.loads((SHIPPED_API / f"{name}.json").read_text())
-    client_id = uuid.uuid4().hex
-    ws = server.websocket(client_id)
-    try:
-        prompt_id = _queue(server, prompt, client_id)
-        seen = _follow(server, ws, prompt_id, time.monotonic() + SHIPPED_RUN_TIMEOUT)
-    finally:
-        ws.close()
-    types = [m["type"] for m in seen]
-    assert types and types[-1] == "execution_success", (
-        f"{name}: {json.dumps(seen[-1] if seen else None)[:4000]}\nserver log:\n{server.log()[-4000:]}")
-    outputs = _history(server, prompt_id)["outputs"]
+    types, outputs = run_prompt(server, prompt, name, SHIPPED_RUN_TIMEOUT)
     saved = [o["images"] for nid, o in outputs.items() if prompt[nid]["class_type"] == "SaveAnimatedWEBP"]
     assert saved and saved[0], f"{name}: SaveAnimatedWEBP produced nothing: {outputs}"
     return types, server.base / "output" / saved[0][0]["subfolder"] / saved[0][0]["filename"]
