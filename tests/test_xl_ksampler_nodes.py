@@ -9,14 +9,10 @@ IDS = ("NUWAXLModelAsComfy", "NUWAXLEmptyLatentVideo", "NUWAXLPromptsForKSampler
        "NUWAXLJoinSegments", "NUWAXLDecodeLatent")
 
 
-def test_registered_with_docs_and_tooltips(pack):
+def test_registered_in_the_xl_category(pack):
+    # descriptions and tooltips of every registered node: tests/test_package_import.py
     for node_id in IDS:
-        cls = pack[node_id]
-        assert cls.CATEGORY == "NUWA/XL" and cls.DESCRIPTION
-        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
-        for section in cls.INPUT_TYPES().values():
-            for name, spec in section.items():
-                assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert pack[node_id].CATEGORY == "NUWA/XL", node_id
     assert pack["NUWAXLModelAsComfy"].RETURN_TYPES == ("MODEL",)
     assert list(pack["NUWAXLModelAsComfy"].INPUT_TYPES()["required"]) == ["xl_model", "level"]
 

@@ -55,14 +55,10 @@ def _cond(n_prompts, width=8, tokens=4, batch=1):
     return [[torch.randn(batch, tokens, width), {"pooled_output": torch.randn(batch, width)}] for _ in range(n_prompts)]
 
 
-def test_nodes_are_registered_with_docs_and_tooltips(pack):
+def test_nodes_are_registered_in_the_xl_category(pack):
+    # descriptions and tooltips of every registered node: tests/test_package_import.py
     for node_id in XL_IDS:
-        cls = pack[node_id]
-        assert cls.CATEGORY == "NUWA/XL" and cls.DESCRIPTION
-        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
-        for section in cls.INPUT_TYPES().values():
-            for name, spec in section.items():
-                assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert pack[node_id].CATEGORY == "NUWA/XL", node_id
 
 
 def test_loader_lists_files_by_kind_default_first_and_names_folders(pack, models_dir):
