@@ -52,7 +52,10 @@ print(",".join(sorted(m.NODE_CLASS_MAPPINGS)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     shipped = {"NUWAModelLoader", "NUWAVQGANEncode", "NUWAVQGANDecode", "NUWAContextPool", "NUWADirectionPlanner",
-               "NUWAPatchRenderer", "NUWACanvasSave", "NUWACanvasLoad", "NUWAEmptyCanvas"}
+               "NUWAPatchRenderer", "NUWACanvasSave", "NUWACanvasLoad", "NUWAEmptyCanvas",
+               "NUWAXLModelLoader", "NUWAXLGlobalDiffusion", "NUWAXLLocalDiffusion", "NUWAXLCoarseToFine",
+               "NUWAXLDecode", "NUWAXLModelAsComfy", "NUWAXLEmptyLatentVideo", "NUWAXLPromptsForKSampler",
+               "NUWAXLInbetweenForKSampler", "NUWAXLJoinSegments", "NUWAXLDecodeLatent"}
     assert shipped <= set(out.stdout.strip().split(","))
 
 
