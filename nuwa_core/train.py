@@ -113,7 +113,7 @@ class Augment:
     ratio_jitter: float = 0.15     # log aspect-ratio jitter of the source window
     hflip: float = 0.5
     vflip: float = 0.0             # off by default: skies do not belong under seas
-    rotate_deg: float = 4.0
+    rotate_deg: float = 4.0        # on a square window; a long strip is tilted so its ends move as far
     shear: float = 0.08
     noise: float = 0.02            # std in -1..1 units
     brightness: float = 0.1
@@ -152,6 +152,10 @@ def random_crops_with_sources(images: list[torch.Tensor], n: int, size: tuple[in
         cy = _uniform(gen, win_h / 2, H - win_h / 2)
         cx = _uniform(gen, win_w / 2, W - win_w / 2)
         ang = math.radians(_uniform(gen, -aug.rotate_deg, aug.rotate_deg)) if aug.rotate_deg else 0.0
+        # the angle is meant for a square window: on a long strip the same angle would move its ends by
+        # tan(ang) * long / 2 (a horizon tilting out of a 1024x128 panorama), so the far end moves as far
+        # as it would on a square of the short side
+        ang = math.atan(math.tan(ang) * min(win_h, win_w) / max(win_h, win_w))
         sh = _uniform(gen, -aug.shear, aug.shear) if aug.shear else 0.0
         fx = -1.0 if torch.rand((), generator=gen).item() < aug.hflip else 1.0
         fy = -1.0 if torch.rand((), generator=gen).item() < aug.vflip else 1.0
@@ -795,6 +799,7 @@ def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
             "no_context": args.no_context, "label_smoothing": args.label_smoothing,
             "token_bank": args.token_bank, "wrap": args.wrap,
             "world": int(os.environ.get("WORLD_SIZE", "1")),
+            **({"init": Path(args.init).name} if args.init else {}),  # only when used: older runs still resume
             # only with captions, so checkpoints from before captions existed still resume
             **({"text": {"clip": Path(args.clip).name if args.clip else "", "clip_model": args.clip_model or "",
                          "embeddings": Path(args.text_embeddings).name if args.text_embeddings else "",
@@ -829,6 +834,26 @@ def caption_features(args) -> torch.Tensor | None:
     return text
 
 
+def init_renderer(renderer: Renderer, bundle_path, vq: VQModel) -> None:
+    """Start `renderer` from the renderer of a trained bundle (fine-tuning): same configuration, and
+    the bundle's tokenizer must make the same tokens as the one this run trains on."""
+    from .generation import NuwaInfinity
+    bundle = NuwaInfinity.load(bundle_path)
+    theirs = bundle.renderer.config
+    if theirs != renderer.config:
+        diff = {k: (v, getattr(renderer.config, k)) for k, v in dataclasses.asdict(theirs).items()
+                if v != getattr(renderer.config, k)}
+        raise TrainingError(f"--init {bundle_path} holds a renderer of another configuration than the flags build "
+                            f"(field: bundle's vs flags'): {diff}; give the flags that match it")
+    saved_dtype = next(iter(load_state_dict(bundle_path)[0].values())).dtype
+    changed = token_tensors_that_differ(bundle.vqgan, vq, saved_dtype)
+    if changed:
+        raise TrainingError(f"--init {bundle_path} was trained on other tokens than --tokenizer makes "
+                            f"({len(changed)} encoder/codebook tensors differ, e.g. {changed[0]}); give the "
+                            f"tokenizer it was trained with")
+    renderer.load_state_dict(bundle.renderer.float().state_dict())
+
+
 def train_renderer(args) -> dict:
     text = caption_features(args)  # before seeding: building a CLIP tower draws random numbers
     dist = Dist()
@@ -848,7 +873,10 @@ def train_renderer(args) -> dict:
         for n, img in enumerate(images):
             if img.shape[-2] < crop[0] or img.shape[-1] < crop[1]:
                 crop = (min(crop[0], img.shape[-2] // (ph * f) * ph * f), min(crop[1], img.shape[-1] // (pw * f) * pw * f))
-    renderer = Renderer(rcfg).to(dist.device).train()
+    renderer = Renderer(rcfg)
+    if args.init and not args.resume:  # a resumed run's own weights replace these anyway
+        init_renderer(renderer, args.init, vq)
+    renderer.to(dist.device).train()
     # a dropped caption leaves the cross-attention weights without gradients on that rank
     model = dist.wrap(_TeacherForced(renderer), find_unused_parameters=text is not None)
     opt = torch.optim.AdamW(renderer.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
@@ -969,6 +997,14 @@ def sample_bundle(args) -> dict:
     return {"stopped": "done", **{k: str(v) for k, v in written.items()}}
 
 
+def token_tensors_that_differ(a: VQModel, b: VQModel, dtype: torch.dtype) -> list[str]:
+    """Names of the encoder / quant_conv / codebook tensors that differ between two tokenizers at
+    `dtype` (a bundle's storage precision): empty when both make the same tokens."""
+    ours, theirs = a.state_dict(), b.state_dict()
+    return [k for k in ours if k.startswith(("encoder.", "quant_conv.", "quantize."))
+            and not torch.equal(ours[k].to(dtype), theirs[k].to(dtype))]
+
+
 def assemble_bundle(args) -> dict:
     """A trained bundle with its tokenizer replaced by one that makes the same tokens (a decoder
     fine-tuned with `vqgan --train decoder`): its encoder and codebook must equal the bundle's."""
@@ -979,9 +1015,7 @@ def assemble_bundle(args) -> dict:
         raise TrainingError(f"{args.tokenizer} is a VQGAN of another configuration than {args.model}'s "
                             f"tokenizer ({vq.config} vs {model.vqgan.config})")
     saved_dtype = next(iter(load_state_dict(args.model)[0].values())).dtype
-    ours, theirs = model.vqgan.state_dict(), vq.state_dict()
-    changed = [k for k in ours if k.startswith(("encoder.", "quant_conv.", "quantize."))
-               and not torch.equal(ours[k].to(saved_dtype), theirs[k].to(saved_dtype))]
+    changed = token_tensors_that_differ(model.vqgan, vq, saved_dtype)
     if changed:
         raise TrainingError(f"{args.tokenizer} makes other tokens than {args.model}'s tokenizer ({len(changed)} "
                             f"encoder/codebook tensors differ, e.g. {changed[0]}); its renderer would not fit. "
@@ -1039,6 +1073,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("renderer", help="render-and-optimize training of the renderer")
     common(r)
     r.add_argument("--tokenizer", required=True, help="the frozen VQGAN .safetensors")
+    r.add_argument("--init", default=None, help="fine-tune: start from the renderer of this bundle (e.g. the shipped "
+                   "model; the flags must build the same renderer, --tokenizer must make its tokens)")
     r.add_argument("--layers", type=int, default=4)
     r.add_argument("--heads", type=int, default=4)
     r.add_argument("--dim", type=int, default=128)

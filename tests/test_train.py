@@ -1,6 +1,7 @@
 """Training entry points: render-and-optimize, checkpoint/resume, failure modes (tiny configs, CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -107,6 +108,22 @@ def test_augmented_crops_are_seeded_and_in_range():
     assert torch.allclose(plain[0], img, atol=1e-5)  # no augmentation: the identity window
 
 
+def test_rotation_keeps_a_wide_strips_horizon_level():
+    """The rotation angle is meant for a square window: on a 8:1 strip it must not tilt the horizon
+    out of the image (tan(10 deg) * 512 px would move the ends by 90 px of a 64 px strip)."""
+    img = -torch.ones(3, 64, 512)
+    img[:, :32] = 1.0  # white sky over a black field
+    aug = dataclasses.replace(train.Augment.off(), rotate_deg=10.0)
+    for seed in range(4):
+        x = train.random_crops([img], 1, (64, 512), torch.Generator().manual_seed(seed), aug)[0, 0]
+        horizon = (x > 0).float().sum(0)  # sky pixels in each column
+        # a square of the short side moves its ends by tan(10 deg) * 32 = 5.6 px
+        assert horizon.min() >= 32 - 7 and horizon.max() <= 32 + 7, (seed, horizon.min(), horizon.max())
+    square = train.random_crops([img[:, :, :64]], 1, (64, 64), torch.Generator().manual_seed(0), aug)[0, 0]
+    tilt = (square > 0).float().sum(0)
+    assert tilt[-1] - tilt[0] != 0  # a square crop still rotates
+
+
 # ---- whole runs, resume, checkpoints -----------------------------------------------------------
 
 def _weights(out: Path):
@@ -176,6 +193,32 @@ def test_renderer_resume_equals_one_run_and_bundle_loads(tmp_path, tokenizer):
     st = m.blank_canvas(1, 3)
     st = m.generate(st, m.plan_fill(st), SamplerSettings(top_k=8), generator=torch.Generator().manual_seed(0))
     assert st.known.all() and m.decode(st).shape == (1, 8, 24, 3)
+
+
+def test_renderer_init_fine_tunes_a_bundle_and_refuses_one_that_does_not_fit(tmp_path, tokenizer):
+    img = _image(tmp_path / "a.png")
+    torch.set_num_threads(1)
+    base = tmp_path / "base.safetensors"
+    train.main(_r_args(img, tokenizer, base, "--steps", "2", "--save-dtype", "fp32"))
+    from nuwa_core.generation import NuwaInfinity
+    want = NuwaInfinity.load(base).renderer.state_dict()
+    # lr 0: the run's weights are exactly where it started
+    train.main(_r_args(img, tokenizer, tmp_path / "ft.safetensors", "--steps", "1", "--lr", "0", "--init", str(base),
+                       "--save-dtype", "fp32"))
+    got = NuwaInfinity.load(tmp_path / "ft.safetensors").renderer.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    train.main(_r_args(img, tokenizer, tmp_path / "fresh.safetensors", "--steps", "1", "--lr", "0", "--seed", "3",
+                       "--save-dtype", "fp32"))
+    fresh = NuwaInfinity.load(tmp_path / "fresh.safetensors").renderer.state_dict()
+    assert not all(torch.equal(want[k], fresh[k]) for k in want)
+
+    with pytest.raises(train.TrainingError, match="d_model"):
+        train.main(_r_args(img, tokenizer, tmp_path / "x.safetensors", "--steps", "1", "--init", str(base), "--dim", "64"))
+    torch.manual_seed(1)
+    other = tmp_path / "other_vq.safetensors"
+    save_vqgan(VQModel(get_config("tiny")), other)
+    with pytest.raises(train.TrainingError, match="other tokens"):
+        train.main(_r_args(img, other, tmp_path / "y.safetensors", "--steps", "1", "--init", str(base)))
 
 
 def test_accumulate_counts_one_step_per_sample(tmp_path, tokenizer):
