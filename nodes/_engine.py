@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from nuwa_core.patch_samplers import EPSILON_DEFAULT  # noqa: F401  (the Render node's default)
+
 DECODER_CHOICES = ("auto", "AR", "NAR", "P-NAR")
 _DECODER_IDS = {"auto": "auto", "AR": "ar", "NAR": "nar", "P-NAR": "pnar"}
 
@@ -20,10 +22,10 @@ def load_model(path, device="cpu"):
     return NuwaInfinity.load(str(path), device=device)
 
 
-def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int):
+def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int, epsilon: float = 0.0):
     from nuwa_core.patch_samplers import SamplerSettings
     return SamplerSettings(decoder=_DECODER_IDS[decoder], temperature=float(temperature), top_k=int(top_k),
-                           top_p=float(top_p), steps=int(steps))
+                           top_p=float(top_p), steps=int(steps), epsilon=float(epsilon))
 
 
 def text_from_conditioning(conditioning) -> torch.Tensor | None:

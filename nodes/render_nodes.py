@@ -88,13 +88,17 @@ class NUWAPatchRenderer:
                 "conditioning": ("CONDITIONING", {"tooltip": "Prompt from CLIP Text Encode (SD1 CLIP-L, [1,77,768]) "
                                                              "for text-conditioned models; leave empty otherwise."}),
                 "context": ("NUWA_CONTEXT", {"tooltip": "Nearby Context Pool options (extent); default: the model's."}),
+                "epsilon": ("FLOAT", {"default": _engine.EPSILON_DEFAULT, "min": 0.0, "max": 0.5, "step": 0.001, "tooltip":
+                    "Skip tokens less likely than this (epsilon sampling); 0 = off. Models trained with label smoothing "
+                    "(the one-shot default) give every token a small floor that would otherwise be sampled as noise."}),
             },
         }
 
     def render(self, model, canvas, plan, seed, decoder, steps, temperature, top_k, top_p,
-               conditioning=None, context=None):
+               conditioning=None, context=None, epsilon=None):
         spec: PlanSpec = as_plan_spec(plan)
-        settings = _engine.sampler_settings(decoder, temperature, top_k, top_p, steps)
+        settings = _engine.sampler_settings(decoder, temperature, top_k, top_p, steps,
+                                             _engine.EPSILON_DEFAULT if epsilon is None else epsilon)
         text = _engine.text_from_conditioning(conditioning)
         extent = None  # the engine refuses an extent beyond the trained one, naming both
         if context is not None:

@@ -79,8 +79,7 @@ def taming_sliding_window(gpt: Renderer, settings: SamplerSettings, generator: t
             t = (i - i0) * ww + (j - j0)  # position of the token inside its window (raster)
             seen = win if whole_window else win[:, :t + 1]
             logits, _ = gpt(gpt.ar_inputs(seen, Order.RIGHT_DOWN), empty, text_kv, causal=True)
-            new = sample_categorical(filter_logits(logits[:, t], settings.temperature, settings.top_k,
-                                                   settings.top_p), generator)
+            new = sample_categorical(filter_logits(logits[:, t], settings), generator)
             work[:, i, j] = torch.where(todo.to(device), new, work[:, i, j])
         if callback is not None:
             callback(i + 1, rows)
@@ -180,6 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--epsilon", type=float, default=0.0, help="skip tokens less likely than this (0: off)")
     p.add_argument("--width-factor", type=int, default=4)
     p.add_argument("--given-cols", type=int, default=None, help="patch columns given for outpainting (default 3/4)")
     p.add_argument("--tile", type=int, default=None, help="tokens per VQGAN window (default: the model's patch)")
@@ -190,7 +190,8 @@ def main(argv=None) -> int:
     try:
         model = NuwaInfinity.load(args.model)
         image = load_image(args.image)
-        res = generate_images(model, args.kind, image, SamplerSettings(top_k=args.top_k, temperature=args.temperature),
+        res = generate_images(model, args.kind, image, SamplerSettings(top_k=args.top_k, temperature=args.temperature,
+                                                                         epsilon=args.epsilon),
                               args.seed, args.width_factor, args.given_cols, args.tile)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

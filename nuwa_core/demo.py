@@ -17,7 +17,7 @@ import torch
 
 from .generation import NuwaInfinity
 from .images import load_image, save_image
-from .patch_samplers import SamplerSettings
+from .patch_samplers import EPSILON_DEFAULT, SamplerSettings
 from .weights import check_listed_file
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "nuwa"
@@ -34,12 +34,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--width-factor", type=int, default=4, help="panorama width / training image width")
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--epsilon", type=float, default=EPSILON_DEFAULT, help="skip tokens less likely than this")
     args = parser.parse_args(argv)
     if not args.model.is_file():
         raise SystemExit(f"model file not found: {args.model} (the shipped default lives in {SHIPPED})")
     check_listed_file(args.model)
     model = NuwaInfinity.load(args.model)
-    settings = SamplerSettings(top_k=args.top_k, temperature=args.temperature)
+    settings = SamplerSettings(top_k=args.top_k, temperature=args.temperature, epsilon=args.epsilon)
     image = load_image(args.image)  # [1, H, W, 3]
     php, pwp = model.patch_pixels
     rows, cols = image.shape[1] // php, image.shape[2] // pwp

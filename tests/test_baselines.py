@@ -65,7 +65,7 @@ def test_sliding_window_matches_bench_original_when_rows_equal_window():
                 t = i * W + (j - j0)
                 logits, _ = g(g.ar_inputs(window[:, :t + 1], Order.RIGHT_DOWN), Context(None, None, 0),
                               g.text_kv(None), causal=True)
-                ref[0, i, j] = sample_categorical(filter_logits(logits[:, -1], s.temperature, s.top_k, s.top_p), gen)
+                ref[0, i, j] = sample_categorical(filter_logits(logits[:, -1], s), gen)
     out = taming_sliding_window(g, s, torch.Generator().manual_seed(0), rows=R, cols=C)
     assert torch.equal(out, ref)
 

@@ -61,6 +61,16 @@ def test_encode_plan_render_decode(pack, model):
     assert decoded.shape == image_out.shape
 
 
+def test_render_epsilon_reaches_the_sampler(pack, model):
+    """epsilon 0.5 keeps only the likeliest token: the same canvas as top-k 1; the default differs."""
+    (canvas,) = _node(pack, "NUWAVQGANEncode")(model, torch.rand(1, 32, 40, 3), "crop")
+    plan, _ = _node(pack, "NUWADirectionPlanner")(model, canvas, 1, 1, 0, 1, 0, 0, "center")
+    render = _node(pack, "NUWAPatchRenderer")
+    greedy = render(model, canvas, plan, 3, "auto", 4, 1.0, 1, 1.0, epsilon=0.0)[1].tokens
+    assert torch.equal(render(model, canvas, plan, 7, "auto", 4, 1.0, 0, 1.0, epsilon=0.5)[1].tokens, greedy)
+    assert not torch.equal(render(model, canvas, plan, 7, "auto", 4, 1.0, 0, 1.0)[1].tokens, greedy)
+
+
 def test_target_size_and_mask_plans(pack, model):
     (canvas,) = _node(pack, "NUWAVQGANEncode")(model, torch.rand(1, 32, 32, 3), "refuse")
     plan, _ = _node(pack, "NUWADirectionPlanner")(model, canvas, 0, 0, 0, 0, 64, 48, "top_left")

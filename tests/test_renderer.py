@@ -4,7 +4,8 @@ import torch
 from _tiny import tiny_renderer
 from nuwa_core.arbitrary_direction_controller import ORDERS, Order
 from nuwa_core.nearby_context_pool import NearbyContextPool
-from nuwa_core.patch_samplers import SamplerSettings, cosine_schedule, decode_ar, filter_logits, sample_pnar
+from nuwa_core.patch_samplers import (SamplerSettings, cosine_schedule, decode_ar, filter_logits, sample_categorical,
+                                     sample_pnar)
 from nuwa_core.renderer import Context, RendererConfig
 
 
@@ -77,10 +78,31 @@ def test_batch_equals_single(decoder):
 
 def test_logit_filters():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
-    assert torch.isinf(filter_logits(logits, 1.0, 2, 1.0)[0, 2:]).all()
-    kept = filter_logits(logits, 1.0, 0, 0.7)  # p = .64 .24 .09 .03: nucleus of 0.7 keeps two
+
+    def f(**kw):
+        return filter_logits(logits, SamplerSettings(**{"top_k": 0, **kw}))
+    assert torch.isinf(f(top_k=2)[0, 2:]).all()
+    kept = f(top_p=0.7)  # p = .64 .24 .09 .03: nucleus of 0.7 keeps two
     assert torch.isfinite(kept[0, :2]).all() and torch.isinf(kept[0, 2:]).all()
-    assert torch.allclose(filter_logits(logits, 2.0, 0, 1.0), logits / 2)
+    assert torch.allclose(f(temperature=2.0), logits / 2)
+    kept = f(epsilon=0.05)  # drops the .03 token only
+    assert torch.isfinite(kept[0, :3]).all() and torch.isinf(kept[0, 3])
+    assert torch.isfinite(f(epsilon=0.9)[0, 0]) and torch.isinf(f(epsilon=0.9)[0, 1:]).all()  # the top token stays
+    with pytest.raises(ValueError, match="epsilon"):
+        SamplerSettings(epsilon=1.0)
+
+
+def test_epsilon_removes_a_label_smoothing_floor():
+    """A model trained with label smoothing a gives every code about a / V; epsilon above that floor
+    samples only the codes the model means, top-k alone does not."""
+    v, a = 512, 0.15
+    probs = torch.full((1, v), a / v)
+    probs[0, :3] += torch.tensor([0.5, 0.25, 0.1])  # the codes it means; the floor holds the rest
+    logits = probs.log()
+    gen = torch.Generator().manual_seed(0)
+    draws = lambda s: torch.stack([sample_categorical(filter_logits(logits, s), gen) for _ in range(2000)])
+    assert (draws(SamplerSettings(top_k=100)) >= 3).float().mean() > 0.02  # ~3% of draws off the floor
+    assert (draws(SamplerSettings(top_k=100, epsilon=2 * a / v)) < 3).all()
 
 
 def test_pnar_schedule_and_fixed_tokens():
