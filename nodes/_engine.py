@@ -22,7 +22,7 @@ def load_model(path, device="cpu"):
     return NuwaInfinity.load(str(path), device=device)
 
 
-def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int, epsilon: float = 0.0):
+def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int, epsilon: float):
     from nuwa_core.patch_samplers import SamplerSettings
     return SamplerSettings(decoder=_DECODER_IDS[decoder], temperature=float(temperature), top_k=int(top_k),
                            top_p=float(top_p), steps=int(steps), epsilon=float(epsilon))

@@ -95,10 +95,9 @@ class NUWAPatchRenderer:
         }
 
     def render(self, model, canvas, plan, seed, decoder, steps, temperature, top_k, top_p,
-               conditioning=None, context=None, epsilon=None):
+               conditioning=None, context=None, epsilon=_engine.EPSILON_DEFAULT):
         spec: PlanSpec = as_plan_spec(plan)
-        settings = _engine.sampler_settings(decoder, temperature, top_k, top_p, steps,
-                                             _engine.EPSILON_DEFAULT if epsilon is None else epsilon)
+        settings = _engine.sampler_settings(decoder, temperature, top_k, top_p, steps, epsilon)
         text = _engine.text_from_conditioning(conditioning)
         extent = None  # the engine refuses an extent beyond the trained one, naming both
         if context is not None:

@@ -80,6 +80,12 @@ def read_metadata(path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def stored_dtype(path) -> torch.dtype:
+    """dtype of the first tensor of a .safetensors file (a bundle's storage precision), reading only that tensor."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(next(iter(f.keys()))).dtype
+
+
 def load_state_dict(path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read weights (and safetensors metadata) from a file, on the CPU.
 

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import arbitrary_direction_controller as adc
-from .checkpoint import CheckpointError, atomic_write, load_state_dict, save_model_file
+from .checkpoint import CheckpointError, atomic_write, load_state_dict, save_model_file, stored_dtype
 from .images import image_to_model, load_image, model_to_image, save_image
 from .nearby_context_pool import NearbyContextPool, last_needed_steps
 from .renderer import Context, Renderer, RendererConfig
@@ -845,8 +845,7 @@ def init_renderer(renderer: Renderer, bundle_path, vq: VQModel) -> None:
                 if v != getattr(renderer.config, k)}
         raise TrainingError(f"--init {bundle_path} holds a renderer of another configuration than the flags build "
                             f"(field: bundle's vs flags'): {diff}; give the flags that match it")
-    saved_dtype = next(iter(load_state_dict(bundle_path)[0].values())).dtype
-    changed = token_tensors_that_differ(bundle.vqgan, vq, saved_dtype)
+    changed = token_tensors_that_differ(bundle.vqgan, vq, stored_dtype(bundle_path))
     if changed:
         raise TrainingError(f"--init {bundle_path} was trained on other tokens than --tokenizer makes "
                             f"({len(changed)} encoder/codebook tensors differ, e.g. {changed[0]}); give the "
@@ -1014,7 +1013,7 @@ def assemble_bundle(args) -> dict:
     if vq.config != model.vqgan.config:
         raise TrainingError(f"{args.tokenizer} is a VQGAN of another configuration than {args.model}'s "
                             f"tokenizer ({vq.config} vs {model.vqgan.config})")
-    saved_dtype = next(iter(load_state_dict(args.model)[0].values())).dtype
+    saved_dtype = stored_dtype(args.model)
     changed = token_tensors_that_differ(model.vqgan, vq, saved_dtype)
     if changed:
         raise TrainingError(f"{args.tokenizer} makes other tokens than {args.model}'s tokenizer ({len(changed)} "
