@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from nuwa_core.generation import NuwaInfinity
-from nuwa_core.patch_samplers import SamplerSettings
-from nuwa_core.renderer import Renderer, RendererConfig
-from nuwa_core.vqgan import VQModel, get_config
+from nuwa_core.infinity.generation import NuwaInfinity
+from nuwa_core.infinity.patch_samplers import SamplerSettings
+from nuwa_core.infinity.renderer import Renderer, RendererConfig
+from nuwa_core.infinity.vqgan import VQModel, get_config
 
 SHORT, LONG = 8, 128
 

@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from nuwa_core.arbitrary_direction_controller import Order
-from nuwa_core.nearby_context_pool import NearbyContextPool
-from nuwa_core.patch_samplers import decode_ar
-from nuwa_core.renderer import Context, Renderer, RendererConfig
+from nuwa_core.infinity.arbitrary_direction_controller import Order
+from nuwa_core.infinity.nearby_context_pool import NearbyContextPool
+from nuwa_core.infinity.patch_samplers import decode_ar
+from nuwa_core.infinity.renderer import Context, Renderer, RendererConfig
 
 
 @torch.no_grad()

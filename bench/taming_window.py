@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from nuwa_core.generation import NuwaInfinity
-from nuwa_core.baselines import taming_sliding_window  # raster order, a full window forward per token
-from nuwa_core.patch_samplers import SamplerSettings
-from nuwa_core.renderer import Renderer, RendererConfig
-from nuwa_core.vqgan import VQModel, VQGANConfig
+from nuwa_core.infinity.generation import NuwaInfinity
+from nuwa_core.evaluation.baselines import taming_sliding_window  # raster order, a full window forward per token
+from nuwa_core.infinity.patch_samplers import SamplerSettings
+from nuwa_core.infinity.renderer import Renderer, RendererConfig
+from nuwa_core.infinity.vqgan import VQModel, VQGANConfig
 
 WINDOW = 16
 ROWS, COLS = 16, 64  # tokens

@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nuwa_core.diffusion import sample_ddim  # noqa: E402
-from nuwa_core.diffusion_over_diffusion import frames_for, generate_long_video  # noqa: E402
-from nuwa_core.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig  # noqa: E402
+from nuwa_core.xl.diffusion import sample_ddim  # noqa: E402
+from nuwa_core.xl.diffusion_over_diffusion import frames_for, generate_long_video  # noqa: E402
+from nuwa_core.xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig  # noqa: E402
 
 L, DEPTH, K, STEPS = 8, 3, 2, 4
 SHAPE = (4, 8, 8)  # latent channels, h, w

@@ -1,6 +1,6 @@
 """Every call the nodes make into nuwa_core's engine, in one place.
 
-The engine (nuwa_core.generation) owns all model logic; this module only adapts ComfyUI's
+The engine (nuwa_core.infinity.generation) owns all model logic; this module only adapts ComfyUI's
 values (IMAGE, MASK, CONDITIONING, widget numbers) to its calls.
 """
 from __future__ import annotations
@@ -9,21 +9,21 @@ import math
 
 import torch
 
-from nuwa_core.patch_samplers import EPSILON_DEFAULT  # noqa: F401  (the Render node's default)
+from nuwa_core.infinity.patch_samplers import EPSILON_DEFAULT  # noqa: F401  (the Render node's default)
 
 DECODER_CHOICES = ("auto", "AR", "NAR", "P-NAR")
 _DECODER_IDS = {"auto": "auto", "AR": "ar", "NAR": "nar", "P-NAR": "pnar"}
 
 
 def load_model(path, device="cpu"):
-    from nuwa_core.generation import NuwaInfinity  # imported on first use: ComfyUI starts faster
+    from nuwa_core.infinity.generation import NuwaInfinity  # imported on first use: ComfyUI starts faster
     from nuwa_core.weights import check_listed_file
     check_listed_file(path)
     return NuwaInfinity.load(str(path), device=device)
 
 
 def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int, epsilon: float):
-    from nuwa_core.patch_samplers import SamplerSettings
+    from nuwa_core.infinity.patch_samplers import SamplerSettings
     return SamplerSettings(decoder=_DECODER_IDS[decoder], temperature=float(temperature), top_k=int(top_k),
                            top_p=float(top_p), steps=int(steps), epsilon=float(epsilon))
 

@@ -5,7 +5,7 @@ imports without ComfyUI. Public ComfyUI classes are subclassed, nothing is patch
 
 - `comfy.supported_models_base.BASE` config: no UNet of ComfyUI's own is built
   (`disable_unet_model_creation`), the LDM linear schedule 0.00085 -> 0.012 over 1000 steps
-  (ComfyUI's ModelSamplingDiscrete "linear" = nuwa_core.diffusion.ldm_alphas_cumprod), eps prediction.
+  (ComfyUI's ModelSamplingDiscrete "linear" = nuwa_core.xl.diffusion.ldm_alphas_cumprod), eps prediction.
 - A `comfy.latent_formats.LatentFormat` with the T-KLVAE's latent scale, 3 latent dimensions
   (video latents [B, C, F, h, w], ComfyUI's layout for video models).
 - `comfy.model_base.BaseModel` whose diffusion_model is the MTD behind a small layout adapter, and

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import _comfy, _engine
+from . import _comfy
 
 CATEGORY = "NUWA/Infinity"
 CANVAS_SUFFIX = ".nuwacanvas.safetensors"
@@ -146,7 +146,7 @@ class NUWACanvasLoad:
         return True
 
     def load(self, canvas_file):
-        from nuwa_core.generation import CanvasState
+        from nuwa_core.infinity.canvas import CanvasState
         return (CanvasState.load(self._path(canvas_file)),)
 
 

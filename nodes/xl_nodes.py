@@ -5,7 +5,7 @@ extra_model_paths.yaml `nuwa:`) and in the "nuwa_xl" folder: ComfyUI/models/nuwa
 models/nuwa_xl, where the default XL model ships. The combos list only files of the right kind
 (read from the safetensors header), the shipped default first.
 
-Sampling runs the core's DDIM loop (nuwa_core.diffusion) with ComfyUI's ProgressBar and cancel checks
+Sampling runs the core's DDIM loop (nuwa_core.xl.diffusion) with ComfyUI's ProgressBar and cancel checks
 in its per-step callback. Prompts: a stock CLIP Text Encode CONDITIONING, one entry (repeated) or one
 per keyframe (combine several with Conditioning (Combine)); unconditional models ignore it.
 """
@@ -16,7 +16,6 @@ import math
 import struct
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -165,7 +164,7 @@ class _Sampling:
 
 
 def _check_tree(L: int, depth: int) -> None:
-    from nuwa_core.diffusion_over_diffusion import _check_tree as check
+    from nuwa_core.xl.diffusion_over_diffusion import _check_tree as check
     check(L, depth)
 
 
@@ -211,7 +210,7 @@ class NUWAXLModelLoader:
 
     def load(self, t_klvae_name, mtd_name, local_mtd_name=SAME_AS_GLOBAL):
         from nuwa_core.weights import check_listed_file
-        from nuwa_core.nuwa_xl import XLModel
+        from nuwa_core.xl.model import XLModel
         local = None if local_mtd_name == SAME_AS_GLOBAL else xl_model_path(local_mtd_name)
         paths = [xl_model_path(t_klvae_name), xl_model_path(mtd_name)] + ([local] if local else [])
         for path in paths:
@@ -351,7 +350,7 @@ class NUWAXLCoarseToFine:
                 "optional": {"conditioning": ("CONDITIONING", {"tooltip": _COND_TIP})}}
 
     def generate(self, xl_model, L, depth, steps, seed, segments_per_batch, conditioning=None):
-        from nuwa_core.diffusion_over_diffusion import frames_for, generate_long_video
+        from nuwa_core.xl.diffusion_over_diffusion import frames_for, generate_long_video
         _check_tree(L, depth)
         prompts = conditioning_prompts(conditioning, xl_model, L, "Coarse-to-Fine conditioning")
         levels = prompts

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .generation import NuwaInfinity
 from .images import load_image, save_image
-from .patch_samplers import EPSILON_DEFAULT, SamplerSettings
+from .infinity.generation import NuwaInfinity
+from .infinity.patch_samplers import EPSILON_DEFAULT, SamplerSettings
 from .weights import check_listed_file
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "nuwa"

@@ -1,9 +1,9 @@
 """Tiny random NUWA-Infinity models for tests (CPU, no downloads)."""
 import torch
 
-from nuwa_core.generation import NuwaInfinity
-from nuwa_core.renderer import Renderer, RendererConfig
-from nuwa_core.vqgan import VQModel, get_config
+from nuwa_core.infinity.generation import NuwaInfinity
+from nuwa_core.infinity.renderer import Renderer, RendererConfig
+from nuwa_core.infinity.vqgan import VQModel, get_config
 
 
 def tiny_renderer(**overrides) -> Renderer:

@@ -3,8 +3,8 @@ import itertools
 import pytest
 import torch
 
-from nuwa_core import arbitrary_direction_controller as adc
-from nuwa_core.arbitrary_direction_controller import ORDERS, Order
+from nuwa_core.infinity import arbitrary_direction_controller as adc
+from nuwa_core.infinity.arbitrary_direction_controller import ORDERS, Order
 
 
 @pytest.mark.parametrize("order", ORDERS)

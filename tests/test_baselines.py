@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from nuwa_core import baselines
-from nuwa_core.baselines import canvas_from_tokens, generate_images, taming_sliding_window
-from nuwa_core.generation import UNKNOWN
+from nuwa_core.evaluation import baselines
+from nuwa_core.evaluation.baselines import canvas_from_tokens, generate_images, taming_sliding_window
+from nuwa_core.infinity.canvas import UNKNOWN
 from nuwa_core.images import save_image
-from nuwa_core.patch_samplers import SamplerSettings
+from nuwa_core.infinity.patch_samplers import SamplerSettings
 
 from _tiny import tiny_model, tiny_renderer
 
@@ -51,9 +51,9 @@ def test_sliding_window_keeps_given_tokens_and_window_context_matters():
 
 def test_sliding_window_matches_bench_original_when_rows_equal_window():
     """The bench's former inline sampler (rows == window), token for token."""
-    from nuwa_core.arbitrary_direction_controller import Order
-    from nuwa_core.patch_samplers import filter_logits, sample_categorical
-    from nuwa_core.renderer import Context
+    from nuwa_core.infinity.arbitrary_direction_controller import Order
+    from nuwa_core.infinity.patch_samplers import filter_logits, sample_categorical
+    from nuwa_core.infinity.renderer import Context
     g, s, W, R, C = gpt(), SamplerSettings(top_k=8), 4, 4, 9
     gen = torch.Generator().manual_seed(0)
     ref = torch.zeros(1, R, C, dtype=torch.long)

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from nuwa_core import train
+from nuwa_core.training import loop, renderer as renderer_stage
 from nuwa_core.checkpoint import CheckpointError
 from test_train import _image, _r_args, _weights, tokenizer  # noqa: F401 (tokenizer: fixture)
 
@@ -41,12 +42,12 @@ def test_text_embeddings_train_resume_exactly_and_the_bundle_generates_with_text
     assert any(k.endswith(".xk.weight") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    with pytest.raises(train.TrainingError, match="text.drop"):  # another caption dropout: another run
+    with pytest.raises(loop.TrainingError, match="text.drop"):  # another caption dropout: another run
         train.main(_r_args(folder, tokenizer, tmp_path / "two.safetensors", "--steps", "5", "--resume",
                            "--text-embeddings", str(emb)))
 
-    from nuwa_core.generation import NuwaInfinity
-    from nuwa_core.patch_samplers import SamplerSettings
+    from nuwa_core.infinity.generation import NuwaInfinity
+    from nuwa_core.infinity.patch_samplers import SamplerSettings
     m = NuwaInfinity.load(tmp_path / "one.safetensors")
     assert m.renderer.config.text_dim == WIDTH  # taken from the embeddings
     text = torch.randn(1, 5, WIDTH)
@@ -54,24 +55,24 @@ def test_text_embeddings_train_resume_exactly_and_the_bundle_generates_with_text
     st = m.generate(st, m.plan_fill(st), SamplerSettings(top_k=8), text=text,
                     generator=torch.Generator().manual_seed(0))
     assert st.known.all() and m.decode(st).shape == (1, 8, 24, 3)
-    r, ctx, tokens = m.renderer, train.Context(None, None, 0), st.tokens[:, 0, :2, :2].reshape(1, 4)
-    with_text = r.teacher_forced(tokens, train.adc.Order.RIGHT_DOWN, ctx, r.text_kv(text.float()))[0]
-    without = r.teacher_forced(tokens, train.adc.Order.RIGHT_DOWN, ctx, r.text_kv(None))[0]
+    r, ctx, tokens = m.renderer, renderer_stage.Context(None, None, 0), st.tokens[:, 0, :2, :2].reshape(1, 4)
+    with_text = r.teacher_forced(tokens, renderer_stage.adc.Order.RIGHT_DOWN, ctx, r.text_kv(text.float()))[0]
+    without = r.teacher_forced(tokens, renderer_stage.adc.Order.RIGHT_DOWN, ctx, r.text_kv(None))[0]
     assert not torch.allclose(with_text, without)  # the caption reaches the logits
 
 
 def test_text_embeddings_errors_name_the_problem(tmp_path, tokenizer):
     folder = _folder(tmp_path)
-    with pytest.raises(train.TrainingError, match="no embedding for 1 training image.*img1"):
+    with pytest.raises(loop.TrainingError, match="no embedding for 1 training image.*img1"):
         train.main(_r_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1",
                            "--text-embeddings", str(_embeddings(tmp_path, stems=("img0",)))))
     emb = _embeddings(tmp_path)
-    with pytest.raises(train.TrainingError, match=f"--text-dim 16 does not match.*{WIDTH} wide"):
+    with pytest.raises(loop.TrainingError, match=f"--text-dim 16 does not match.*{WIDTH} wide"):
         train.main(_r_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1",
                            "--text-embeddings", str(emb), "--text-dim", "16"))
-    with pytest.raises(train.TrainingError, match="needs captions"):
+    with pytest.raises(loop.TrainingError, match="needs captions"):
         train.main(_r_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1", "--text-dim", "16"))
-    with pytest.raises(train.TrainingError, match="not both"):
+    with pytest.raises(loop.TrainingError, match="not both"):
         train.main(_r_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1",
                            "--text-embeddings", str(emb), "--clip", "c.safetensors", "--clip-model", "ViT-B-32"))
 
@@ -88,13 +89,13 @@ def test_clip_names_images_without_caption_and_a_missing_open_clip(tmp_path, tok
     (folder / "img1.txt").unlink()
     args = _r_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1",
                    "--clip", str(tmp_path / "clip.safetensors"), "--clip-model", "ViT-B-32")
-    with pytest.raises(train.TrainingError, match=r"no caption \(same-name .txt\) for 1 training image.*img1.png"):
+    with pytest.raises(loop.TrainingError, match=r"no caption \(same-name .txt\) for 1 training image.*img1.png"):
         train.main(args)
     (folder / "img1.txt").write_text("", encoding="utf-8")  # an empty caption is allowed
     monkeypatch.setitem(sys.modules, "open_clip", None)  # as if not installed
-    with pytest.raises(train.TrainingError, match="pip install open_clip_torch"):
+    with pytest.raises(loop.TrainingError, match="pip install open_clip_torch"):
         train.main(args)
-    with pytest.raises(train.TrainingError, match="--clip-allow-pickle"):
+    with pytest.raises(loop.TrainingError, match="--clip-allow-pickle"):
         train.main([a.replace("clip.safetensors", "clip.bin") for a in args])
 
 
@@ -120,7 +121,7 @@ def tiny_clip(tmp_path_factory):
 
 
 def test_clip_features_are_open_clips_tokens_before_pooling(tiny_clip):
-    from nuwa_core import captions
+    from nuwa_core.training import captions
     config, weights, reference = tiny_clip
     tower, tokenizer = captions.load_text_tower(str(weights), str(config))
     ids = tokenizer(["a red sky", "green hills over the sea"])
@@ -137,12 +138,12 @@ def test_clip_captions_train_a_text_renderer(tmp_path, tokenizer, tiny_clip):
     res = train.main(_r_args(folder, tokenizer, tmp_path / "c.safetensors", "--steps", "2",
                              "--clip", str(weights), "--clip-model", str(config), "--text-drop", "0"))
     assert res["step"] == 2
-    from nuwa_core.generation import NuwaInfinity
+    from nuwa_core.infinity.generation import NuwaInfinity
     assert NuwaInfinity.load(tmp_path / "c.safetensors").renderer.config.text_dim == TINY_CLIP["text_cfg"]["width"]
 
 
 def test_clip_weights_of_another_layout_name_the_keys(tmp_path, tiny_clip):
-    from nuwa_core import captions
+    from nuwa_core.training import captions
     config, weights, _ = tiny_clip
     from nuwa_core.checkpoint import load_state_dict
     sd, _ = load_state_dict(weights)

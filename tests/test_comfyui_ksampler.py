@@ -2,7 +2,7 @@
 (skipped unless COMFYUI_DIR is set; COMFYUI_PYTHON is the interpreter with ComfyUI's requirements).
 
 - numerics, in a subprocess of ComfyUI's interpreter: ComfyUI's model_sampling of the wrapper has
-  nuwa_core.diffusion's alphas_cumprod; one BaseModel.apply_model call gives the core MTD's eps
+  nuwa_core.xl.diffusion's alphas_cumprod; one BaseModel.apply_model call gives the core MTD's eps
   (global, and local with the visual condition and per-frame prompts through extra_conds);
   ComfyUI's euler over the core's DDIM timesteps equals the core's DDIM (eta 0) sampler.
 - a live server runs NUWAXLModelLoader -> NUWA-XL Model (for KSampler) -> stock KSampler ->
@@ -34,8 +34,8 @@ sys.path[:0] = [comfy_dir, repo]
 import comfy.cli_args
 comfy.cli_args.args.cpu = True  # as the test server runs (--cpu); every tensor here is on the CPU
 import comfy.model_management, comfy.sample, comfy.samplers
-from nuwa_core.diffusion import ldm_alphas_cumprod, sample_ddim, timesteps_for
-from nuwa_core.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
+from nuwa_core.xl.diffusion import ldm_alphas_cumprod, sample_ddim, timesteps_for
+from nuwa_core.xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
 spec = importlib.util.spec_from_file_location("nuwa_xl_comfy_model", repo + "/nodes/_xl_comfy_model.py")
 adapter = importlib.util.module_from_spec(spec); spec.loader.exec_module(adapter)
 

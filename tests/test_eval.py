@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nuwa_core import eval as E
+from nuwa_core.evaluation import metrics as E
 from nuwa_core.images import load_image, save_image
 
 REPO = Path(__file__).resolve().parents[1]

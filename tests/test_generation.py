@@ -2,12 +2,14 @@ import pytest
 import torch
 
 from _tiny import tiny_model
-from nuwa_core import generation
-from nuwa_core.arbitrary_direction_controller import Order
+from nuwa_core import memory
+from nuwa_core.infinity import generation
+from nuwa_core.infinity.arbitrary_direction_controller import Order
 from nuwa_core.checkpoint import CheckpointError
-from nuwa_core.generation import CanvasState, NuwaInfinity
-from nuwa_core.patch_samplers import SamplerSettings
-from nuwa_core.renderer import Context
+from nuwa_core.infinity.canvas import CanvasState
+from nuwa_core.infinity.generation import NuwaInfinity
+from nuwa_core.infinity.patch_samplers import SamplerSettings
+from nuwa_core.infinity.renderer import Context
 
 FAST = SamplerSettings(top_k=16)
 
@@ -181,7 +183,7 @@ def test_canvas_sizes_and_images_are_checked():
 
 def test_a_canvas_larger_than_memory_is_refused_with_an_estimate(monkeypatch):
     m = tiny_model()
-    monkeypatch.setattr(generation, "available_bytes", lambda device=None: 10_000_000)
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 10_000_000)
     st = m.blank_canvas(1, 1)
     with pytest.raises(MemoryError, match=r"needs about .* GiB but only 0\.0 GiB"):
         m.generate(st, m.plan_extension(m.generate(st, m.plan_fill(st)), right=4000))

@@ -98,7 +98,7 @@ def test_empty_canvas_and_context(pack, model):
 
 
 def test_conditioning_is_taken_from_clip_text_encode_format(pack):
-    from nuwa_core.generation import NuwaInfinity  # noqa: F401  (engine present)
+    from nuwa_core.infinity.generation import NuwaInfinity  # noqa: F401  (engine present)
     engine = sys.modules["_nuwa_pack_nodes_test.nodes._engine"]
     cond = [[torch.randn(1, 77, 768), {"pooled_output": torch.randn(1, 768)}]]
     assert engine.text_from_conditioning(cond).shape == (1, 77, 768)

@@ -6,8 +6,9 @@ import torch
 from safetensors.torch import save_file
 
 from nuwa_core import train
+from nuwa_core.training import loop
 from nuwa_core.checkpoint import CheckpointError
-from nuwa_core.perceptual_loss import LPIPS, load_lpips
+from nuwa_core.training.perceptual_loss import LPIPS, load_lpips
 from test_train import _image, _vq_args
 
 # lpips.LPIPS(net='vgg').state_dict() without its `lins.N` duplicates: torchvision vgg16().features
@@ -63,7 +64,7 @@ def test_vqgan_trains_with_lpips(tmp_path):
     res = train.main(_vq_args(img, tmp_path / "v.safetensors", "--steps", "2", "--lpips", str(weights),
                               "--lpips-weight", "0.5"))
     assert res["step"] == 2 and res["lpips"] > 0 and (tmp_path / "v.safetensors").is_file()
-    with pytest.raises(train.TrainingError, match="lpips"):  # another loss: not the same run
+    with pytest.raises(loop.TrainingError, match="lpips"):  # another loss: not the same run
         train.main(_vq_args(img, tmp_path / "v.safetensors", "--steps", "3", "--resume"))
     with pytest.raises(CheckpointError, match="not found"):
         train.main(_vq_args(img, tmp_path / "w.safetensors", "--steps", "1", "--lpips", str(tmp_path / "none.pth")))

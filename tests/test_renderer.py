@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from _tiny import tiny_renderer
-from nuwa_core.arbitrary_direction_controller import ORDERS, Order
-from nuwa_core.nearby_context_pool import NearbyContextPool
-from nuwa_core.patch_samplers import (SamplerSettings, cosine_schedule, decode_ar, filter_logits, sample_categorical,
+from nuwa_core.infinity.arbitrary_direction_controller import ORDERS, Order
+from nuwa_core.infinity.nearby_context_pool import NearbyContextPool
+from nuwa_core.infinity.patch_samplers import (SamplerSettings, cosine_schedule, decode_ar, filter_logits, sample_categorical,
                                      sample_pnar)
-from nuwa_core.renderer import Context, RendererConfig
+from nuwa_core.infinity.renderer import Context, RendererConfig
 
 
 def context_for(renderer, coord=(0, 1, 1), batch=2):

@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from nuwa_core import arbitrary_direction_controller as adc
+from nuwa_core.infinity import arbitrary_direction_controller as adc
 from nuwa_core import train
+from nuwa_core.training import data, loop, renderer as renderer_stage
 from nuwa_core.checkpoint import atomic_write, load_state_dict
-from nuwa_core.renderer import Renderer, RendererConfig
-from nuwa_core.vqgan import VQModel, get_config, load_vqgan, save_vqgan
+from nuwa_core.infinity.renderer import Renderer, RendererConfig
+from nuwa_core.infinity.vqgan import VQModel, get_config, load_vqgan, save_vqgan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,9 +69,9 @@ def test_render_and_optimize_decreases_loss_on_a_repeated_grid(decoder):
     opt = torch.optim.Adam(r.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(64, (2, 1, 4, 4), generator=torch.Generator().manual_seed(1))
-    first = train.render_and_optimize(r, train._TeacherForced(r), tokens, adc.Order.DOWN_RIGHT, opt, gen)["loss"]
+    first = renderer_stage.render_and_optimize(r, renderer_stage._TeacherForced(r), tokens, adc.Order.DOWN_RIGHT, opt, gen)["loss"]
     for _ in range(15):
-        last = train.render_and_optimize(r, train._TeacherForced(r), tokens, adc.Order.DOWN_RIGHT, opt, gen)["loss"]
+        last = renderer_stage.render_and_optimize(r, renderer_stage._TeacherForced(r), tokens, adc.Order.DOWN_RIGHT, opt, gen)["loss"]
     assert last < first - 0.5
 
 
@@ -82,7 +83,7 @@ def test_one_optimizer_step_per_patch_or_per_sample_with_accumulate():
         calls = []
         orig = opt.step
         opt.step = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
-        res = train.render_and_optimize(r, train._TeacherForced(r), tokens, adc.Order.RIGHT_DOWN, opt,
+        res = renderer_stage.render_and_optimize(r, renderer_stage._TeacherForced(r), tokens, adc.Order.RIGHT_DOWN, opt,
                                         torch.Generator(), accumulate=accumulate)
         assert res["optimizer_steps"] == expected == len(calls)
         assert res["patches"] == 6
@@ -93,18 +94,18 @@ def test_no_context_baseline_keeps_the_pool_empty():
     r = _tiny_renderer()
     opt = torch.optim.Adam(r.parameters(), lr=1e-3)
     tokens = torch.randint(64, (1, 1, 4, 4), generator=torch.Generator().manual_seed(1))
-    res = train.render_and_optimize(r, train._TeacherForced(r), tokens, adc.Order.DOWN_LEFT, opt, torch.Generator(),
+    res = renderer_stage.render_and_optimize(r, renderer_stage._TeacherForced(r), tokens, adc.Order.DOWN_LEFT, opt, torch.Generator(),
                                     no_context=True)
     assert res["peak_pool"] == 0 and res["optimizer_steps"] == 4
 
 
 def test_augmented_crops_are_seeded_and_in_range():
     img = torch.rand(3, 40, 120) * 2 - 1
-    a = train.random_crops([img], 3, (16, 32), torch.Generator().manual_seed(5), train.Augment())
-    b = train.random_crops([img], 3, (16, 32), torch.Generator().manual_seed(5), train.Augment())
+    a = data.random_crops([img], 3, (16, 32), torch.Generator().manual_seed(5), data.Augment())
+    b = data.random_crops([img], 3, (16, 32), torch.Generator().manual_seed(5), data.Augment())
     assert a.shape == (3, 3, 16, 32) and torch.equal(a, b)
     assert a.min() >= -1 and a.max() <= 1
-    plain = train.random_crops([img], 1, (40, 120), torch.Generator(), train.Augment.off())
+    plain = data.random_crops([img], 1, (40, 120), torch.Generator(), data.Augment.off())
     assert torch.allclose(plain[0], img, atol=1e-5)  # no augmentation: the identity window
 
 
@@ -113,13 +114,13 @@ def test_rotation_keeps_a_wide_strips_horizon_level():
     out of the image (tan(10 deg) * 512 px would move the ends by 90 px of a 64 px strip)."""
     img = -torch.ones(3, 64, 512)
     img[:, :32] = 1.0  # white sky over a black field
-    aug = dataclasses.replace(train.Augment.off(), rotate_deg=10.0)
+    aug = dataclasses.replace(data.Augment.off(), rotate_deg=10.0)
     for seed in range(4):
-        x = train.random_crops([img], 1, (64, 512), torch.Generator().manual_seed(seed), aug)[0, 0]
+        x = data.random_crops([img], 1, (64, 512), torch.Generator().manual_seed(seed), aug)[0, 0]
         horizon = (x > 0).float().sum(0)  # sky pixels in each column
         # a square of the short side moves its ends by tan(10 deg) * 32 = 5.6 px
         assert horizon.min() >= 32 - 7 and horizon.max() <= 32 + 7, (seed, horizon.min(), horizon.max())
-    square = train.random_crops([img[:, :, :64]], 1, (64, 64), torch.Generator().manual_seed(0), aug)[0, 0]
+    square = data.random_crops([img[:, :, :64]], 1, (64, 64), torch.Generator().manual_seed(0), aug)[0, 0]
     tilt = (square > 0).float().sum(0)
     assert tilt[-1] - tilt[0] != 0  # a square crop still rotates
 
@@ -127,7 +128,7 @@ def test_rotation_keeps_a_wide_strips_horizon_level():
 # ---- whole runs, resume, checkpoints -----------------------------------------------------------
 
 def _weights(out: Path):
-    return load_state_dict(train.train_paths(out)[0])[0]
+    return load_state_dict(loop.train_paths(out)[0])[0]
 
 
 def test_vqgan_resume_equals_one_run(tmp_path):
@@ -146,7 +147,7 @@ def test_vqgan_resume_equals_one_run(tmp_path):
 def test_decoder_finetune_keeps_the_tokens_and_swaps_into_a_bundle(tmp_path, tokenizer):
     img = _image(tmp_path / "a.png")
     torch.set_num_threads(1)
-    with pytest.raises(train.TrainingError, match="--init"):
+    with pytest.raises(loop.TrainingError, match="--init"):
         train.main(_vq_args(img, tmp_path / "x.safetensors", "--steps", "1", "--train", "decoder"))
     dec = tmp_path / "dec.safetensors"
     train.main(_vq_args(img, dec, "--steps", "4", "--lr", "1e-2", "--train", "decoder", "--init", str(tokenizer),
@@ -159,7 +160,7 @@ def test_decoder_finetune_keeps_the_tokens_and_swaps_into_a_bundle(tmp_path, tok
     bundle = tmp_path / "r.safetensors"
     train.main(_r_args(img, tokenizer, bundle, "--steps", "1", "--save-dtype", "fp32"))
     train.main(["bundle", "--model", str(bundle), "--tokenizer", str(dec), "--out", str(tmp_path / "swapped.safetensors")])
-    from nuwa_core.generation import NuwaInfinity
+    from nuwa_core.infinity.generation import NuwaInfinity
     old, new = NuwaInfinity.load(bundle), NuwaInfinity.load(tmp_path / "swapped.safetensors")
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     assert torch.equal(old.vqgan.encode_tokens(x), new.vqgan.encode_tokens(x))
@@ -172,7 +173,7 @@ def test_decoder_finetune_keeps_the_tokens_and_swaps_into_a_bundle(tmp_path, tok
     # a tokenizer trained whole makes other tokens: refused, saying why
     full = tmp_path / "full.safetensors"
     train.main(_vq_args(img, full, "--steps", "2", "--lr", "1e-2", "--init", str(tokenizer), "--save-dtype", "fp32"))
-    with pytest.raises(train.TrainingError, match="other tokens"):
+    with pytest.raises(loop.TrainingError, match="other tokens"):
         train.main(["bundle", "--model", str(bundle), "--tokenizer", str(full), "--out", str(tmp_path / "bad.safetensors")])
     assert not (tmp_path / "bad.safetensors").exists()
 
@@ -187,8 +188,8 @@ def test_renderer_resume_equals_one_run_and_bundle_loads(tmp_path, tokenizer):
     a, b = _weights(tmp_path / "one.safetensors"), _weights(tmp_path / "two.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    from nuwa_core.generation import NuwaInfinity
-    from nuwa_core.patch_samplers import SamplerSettings
+    from nuwa_core.infinity.generation import NuwaInfinity
+    from nuwa_core.infinity.patch_samplers import SamplerSettings
     m = NuwaInfinity.load(tmp_path / "one.safetensors")
     st = m.blank_canvas(1, 3)
     st = m.generate(st, m.plan_fill(st), SamplerSettings(top_k=8), generator=torch.Generator().manual_seed(0))
@@ -200,7 +201,7 @@ def test_renderer_init_fine_tunes_a_bundle_and_refuses_one_that_does_not_fit(tmp
     torch.set_num_threads(1)
     base = tmp_path / "base.safetensors"
     train.main(_r_args(img, tokenizer, base, "--steps", "2", "--save-dtype", "fp32"))
-    from nuwa_core.generation import NuwaInfinity
+    from nuwa_core.infinity.generation import NuwaInfinity
     want = NuwaInfinity.load(base).renderer.state_dict()
     # lr 0: the run's weights are exactly where it started
     train.main(_r_args(img, tokenizer, tmp_path / "ft.safetensors", "--steps", "1", "--lr", "0", "--init", str(base),
@@ -212,12 +213,12 @@ def test_renderer_init_fine_tunes_a_bundle_and_refuses_one_that_does_not_fit(tmp
     fresh = NuwaInfinity.load(tmp_path / "fresh.safetensors").renderer.state_dict()
     assert not all(torch.equal(want[k], fresh[k]) for k in want)
 
-    with pytest.raises(train.TrainingError, match="d_model"):
+    with pytest.raises(loop.TrainingError, match="d_model"):
         train.main(_r_args(img, tokenizer, tmp_path / "x.safetensors", "--steps", "1", "--init", str(base), "--dim", "64"))
     torch.manual_seed(1)
     other = tmp_path / "other_vq.safetensors"
     save_vqgan(VQModel(get_config("tiny")), other)
-    with pytest.raises(train.TrainingError, match="other tokens"):
+    with pytest.raises(loop.TrainingError, match="other tokens"):
         train.main(_r_args(img, other, tmp_path / "y.safetensors", "--steps", "1", "--init", str(base)))
 
 
@@ -230,9 +231,9 @@ def test_accumulate_counts_one_step_per_sample(tmp_path, tokenizer):
 def test_resume_with_another_config_is_refused_naming_it(tmp_path, tokenizer):
     img = _image(tmp_path / "a.png")
     train.main(_r_args(img, tokenizer, tmp_path / "r.safetensors", "--steps", "1"))
-    with pytest.raises(train.TrainingError, match="d_model"):
+    with pytest.raises(loop.TrainingError, match="d_model"):
         train.main(_r_args(img, tokenizer, tmp_path / "r.safetensors", "--steps", "2", "--resume", "--dim", "64"))
-    with pytest.raises(train.TrainingError, match="no training checkpoint"):
+    with pytest.raises(loop.TrainingError, match="no training checkpoint"):
         train.main(_r_args(img, tokenizer, tmp_path / "none.safetensors", "--steps", "2", "--resume"))
 
 
@@ -241,13 +242,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer):
     out = tmp_path / "n.safetensors"
     args = _r_args(img, tokenizer, out, "--steps", "10", "--debug-nan-at", "3")
     args[args.index("--save-every") + 1] = "2"
-    with pytest.raises(train.TrainingDiverged, match=r"step 3.*last good checkpoint.*step 2"):
+    with pytest.raises(loop.TrainingDiverged, match=r"step 3.*last good checkpoint.*step 2"):
         train.main(args)
-    state = torch.load(train.train_paths(out)[1], weights_only=True)
+    state = torch.load(loop.train_paths(out)[1], weights_only=True)
     assert state["step"] == 2
     assert not out.exists()  # no model written from a diverged run
     v = _vq_args(img, tmp_path / "v.safetensors", "--steps", "5", "--debug-nan-at", "1")
-    with pytest.raises(train.TrainingDiverged, match="NaN"):
+    with pytest.raises(loop.TrainingDiverged, match="NaN"):
         train.main(v)
 
 
@@ -269,24 +270,24 @@ def test_atomic_write_leaves_the_old_file_when_a_write_dies(tmp_path):
 def test_bad_inputs_name_the_problem(tmp_path, tokenizer):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(train.TrainingError, match="no image files"):
+    with pytest.raises(loop.TrainingError, match="no image files"):
         train.main(_vq_args(empty, tmp_path / "x.safetensors", "--steps", "1"))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(train.TrainingError, match="bad.png"):
+    with pytest.raises(loop.TrainingError, match="bad.png"):
         train.main(_vq_args(broken, tmp_path / "x.safetensors", "--steps", "1"))
     small = _image(tmp_path / "small" / "s.png", w=6, h=6)
-    with pytest.raises(train.TrainingError, match="s.png.*smaller than"):
+    with pytest.raises(loop.TrainingError, match="s.png.*smaller than"):
         train.main(_r_args(small, tokenizer, tmp_path / "x.safetensors", "--steps", "1"))
-    with pytest.raises(train.TrainingError, match="no such file"):
+    with pytest.raises(loop.TrainingError, match="no such file"):
         train.main(_vq_args(tmp_path / "missing", tmp_path / "x.safetensors", "--steps", "1"))
     assert train.cli(_vq_args(empty, tmp_path / "x.safetensors", "--steps", "1")) == 2
 
 
 def test_rgba_images_are_composited(tmp_path):
     img = _image(tmp_path / "rgba.png", mode="RGBA")
-    (x,) = train.load_images(str(img))
+    (x,) = data.load_images(str(img))
     assert x.shape == (3, 32, 64)
 
 
@@ -306,12 +307,12 @@ def test_sigterm_saves_before_exiting(tmp_path, tokenizer):
     proc = subprocess.Popen([sys.executable, "-m", "nuwa_core.train", *args],
                             cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not train.train_paths(out)[1].exists() and time.time() < deadline:  # the loop (and handler) runs
+    while not loop.train_paths(out)[1].exists() and time.time() < deadline:  # the loop (and handler) runs
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    state = torch.load(train.train_paths(out)[1], weights_only=True)
+    state = torch.load(loop.train_paths(out)[1], weights_only=True)
     assert state["step"] > 0 and out.is_file()
 
 
@@ -340,6 +341,6 @@ def test_token_bank_with_wrap_trains(tmp_path, tokenizer):
                              "--token-bank", "3", "--wrap"))
     assert res["optimizer_steps"] == 8
     bank = [torch.arange(12).view(2, 6)]
-    crops = train.token_crops(bank, 20, (2, 4), torch.Generator().manual_seed(0), wrap=True)
+    crops = renderer_stage.token_crops(bank, 20, (2, 4), torch.Generator().manual_seed(0), wrap=True)
     assert crops.shape == (20, 1, 2, 4)
     assert ((crops[:, 0, 0, 1:] - crops[:, 0, 0, :-1]) % 6 == 1).all()  # consecutive columns, wrapping

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from nuwa_core import checkpoint, images
-from nuwa_core.vqgan import (PRESETS, _blend_weights, VectorQuantizer, VQModel, get_config, infer_config,
+from nuwa_core.infinity.vqgan import (PRESETS, _blend_weights, VectorQuantizer, VQModel, get_config, infer_config,
                              load_vqgan, save_vqgan)
 
 

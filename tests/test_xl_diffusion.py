@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nuwa_core.diffusion import (SamplingCancelled, ldm_alphas_cumprod, q_sample, sample_ddim, sample_ddpm,
+from nuwa_core.xl.diffusion import (SamplingCancelled, ldm_alphas_cumprod, q_sample, sample_ddim, sample_ddpm,
                                  timesteps_for, training_loss)
 
 

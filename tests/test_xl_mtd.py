@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nuwa_core import checkpoint
-from nuwa_core.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig, load_mtd, save_mtd
+from nuwa_core.xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig, load_mtd, save_mtd
 
 
 def inputs(b=2, f=5, seed=0, context_dim=32):

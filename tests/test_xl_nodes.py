@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nuwa_core.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
-from nuwa_core.t_klvae import TKLVAE, TKLVAEConfig, save_t_klvae
-from nuwa_core.nuwa_xl import save_mtd_xl
+from nuwa_core.xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
+from nuwa_core.xl.t_klvae import TKLVAE, TKLVAEConfig, save_t_klvae
+from nuwa_core.xl.model import save_mtd_xl
 
 REPO = Path(__file__).resolve().parent.parent
 XL_IDS = ("NUWAXLModelLoader", "NUWAXLGlobalDiffusion", "NUWAXLLocalDiffusion", "NUWAXLCoarseToFine", "NUWAXLDecode")

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 from nuwa_core import checkpoint
-from nuwa_core.t_klvae import (MARKER_KEY, TKLVAE, TKLVAEConfig, config_from_image_vae, load_t_klvae,
+from nuwa_core.xl.t_klvae import (MARKER_KEY, TKLVAE, TKLVAEConfig, config_from_image_vae, load_t_klvae,
                                save_t_klvae, t_klvae_from_state_dict)
 
 CH, CH_MULT, NRB, Z = 8, (1, 2, 2), 1, 4

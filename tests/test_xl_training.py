@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from nuwa_core import nuwa_xl, train, xl_training as xt
+from nuwa_core import train
+from nuwa_core.training import data as xt_data, loop, xl as xt
+from nuwa_core.xl import model as nuwa_xl
 from nuwa_core.checkpoint import load_state_dict
-from nuwa_core.mask_temporal_diffusion import load_mtd
-from nuwa_core.t_klvae import TKLVAE, TKLVAEConfig, load_t_klvae, save_t_klvae
+from nuwa_core.xl.mask_temporal_diffusion import load_mtd
+from nuwa_core.xl.t_klvae import TKLVAE, TKLVAEConfig, load_t_klvae, save_t_klvae
 
 REAL_VIDEO = Path("/work/shared/data/video/vtest_opencv.avi")
 
@@ -53,7 +55,7 @@ def _xl_args(frames, vae, out, *extra):
 
 
 def _weights(out: Path):
-    return load_state_dict(train.train_paths(out)[0])[0]
+    return load_state_dict(loop.train_paths(out)[0])[0]
 
 
 def _same(a: Path, b: Path):
@@ -64,16 +66,16 @@ def _same(a: Path, b: Path):
 
 
 def test_frame_folder_reading_resizes_and_crops(frames):
-    v, fps = xt.read_video(frames, (16, 16), frame_step=2)
+    v, fps = xt_data.read_video(frames, (16, 16), frame_step=2)
     assert v.dtype == torch.uint8 and v.shape == (12, 3, 16, 16) and fps == 5.0
-    assert xt.parse_size("64x48") == (64, 48) and xt.parse_size("32") == (32, 32)
-    with pytest.raises(train.TrainingError, match="WIDTHxHEIGHT"):
-        xt.parse_size("wide")
+    assert xt_data.parse_size("64x48") == (64, 48) and xt_data.parse_size("32") == (32, 32)
+    with pytest.raises(loop.TrainingError, match="WIDTHxHEIGHT"):
+        xt_data.parse_size("wide")
 
 
 @pytest.mark.skipif(not REAL_VIDEO.is_file(), reason="the OpenCV sample video is not on this machine")
 def test_reads_a_video_file():
-    v, fps = xt.read_video(REAL_VIDEO, (32, 24), frame_step=100)
+    v, fps = xt_data.read_video(REAL_VIDEO, (32, 24), frame_step=100)
     assert v.shape == (8, 3, 24, 32) and abs(fps - 0.1) < 1e-6
 
 
@@ -93,9 +95,9 @@ def test_xl_batch_samples_each_level_at_its_stride():
             assert mask[i].tolist() == [1.0, 0.0, 1.0]
             assert torch.equal(cond[i, 0], x0[i, 0]) and torch.equal(cond[i, -1], x0[i, -1]) and not cond[i, 1].any()
     assert set(lv.tolist()) == {0, 1, 2}
-    with pytest.raises(train.TrainingError, match="needs 9 video frames"):
+    with pytest.raises(loop.TrainingError, match="needs 9 video frames"):
         xt.xl_batch([lat[0][:8]], 1, L, depth, [0], gen)
-    with pytest.raises(train.TrainingError, match="depth >= 2"):
+    with pytest.raises(loop.TrainingError, match="depth >= 2"):
         xt.role_levels("local", 1)
 
 
@@ -142,7 +144,7 @@ def test_xl_resume_equals_one_run_and_the_file_loads(tmp_path, frames, vae_file)
 
 def test_xl_resume_with_another_role_is_refused(tmp_path, frames, vae_file):
     train.main(_xl_args(frames, vae_file, tmp_path / "r.safetensors", "--steps", "1"))
-    with pytest.raises(train.TrainingError, match="role"):
+    with pytest.raises(loop.TrainingError, match="role"):
         train.main(_xl_args(frames, vae_file, tmp_path / "r.safetensors", "--steps", "2", "--resume", "--role", "local"))
 
 
@@ -156,12 +158,12 @@ def test_xl_with_text_embeddings_and_global_role(tmp_path, frames, vae_file):
     model, info = nuwa_xl.load_mtd_xl(tmp_path / "g.safetensors")
     assert model.config.context_dim == 12 and info["prompts"] == "text" and info["role"] == "global"
     save_file({"embeddings": torch.randn(5, 2, 12)}, str(emb))
-    with pytest.raises(train.TrainingError, match="frames=24"):
+    with pytest.raises(loop.TrainingError, match="frames=24"):
         train.main(_xl_args(frames, vae_file, tmp_path / "h.safetensors", "--steps", "1", "--text-embeddings", str(emb)))
 
 
 def test_xl_nan_stops_without_overwriting(tmp_path, frames, vae_file):
-    with pytest.raises(train.TrainingDiverged, match="NaN"):
+    with pytest.raises(loop.TrainingDiverged, match="NaN"):
         train.main(_xl_args(frames, vae_file, tmp_path / "n.safetensors", "--steps", "3", "--debug-nan-at", "1"))
     assert not (tmp_path / "n.safetensors").exists()
 

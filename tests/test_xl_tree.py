@@ -4,9 +4,9 @@ import functools
 import pytest
 import torch
 
-from nuwa_core.diffusion import SamplingCancelled, sample_ddim, sample_ddpm
-from nuwa_core.diffusion_over_diffusion import depth_for, fill_between, frames_for, generate_long_video
-from nuwa_core.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
+from nuwa_core.xl.diffusion import SamplingCancelled, sample_ddim, sample_ddpm
+from nuwa_core.xl.diffusion_over_diffusion import depth_for, fill_between, frames_for, generate_long_video
+from nuwa_core.xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
 
 SHAPE = (4, 4, 4)
 D = 8

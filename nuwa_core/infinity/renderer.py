@@ -28,10 +28,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .arbitrary_direction_controller import Coord, Order, RelativePositionEmbedding, local_permutation
-from .attention import attention
+from ..attention import attention
 
 DECODERS = ("ar", "nar", "pnar")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import checkpoint
+from .. import checkpoint
 from .diffusion_over_diffusion import fill_between, generate_keyframes, generate_long_video
 from .mask_temporal_diffusion import KIND as MTD_KIND, MaskTemporalDiffusion, load_mtd_with_metadata
 from .t_klvae import TKLVAE, load_t_klvae

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint
-from .checkpoint import CheckpointError
+from .. import checkpoint
+from ..checkpoint import CheckpointError
 
 KIND = "t_klvae"
 MARKER_KEY = "nuwa_t_klvae.version"

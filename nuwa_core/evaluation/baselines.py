@@ -1,4 +1,4 @@
-"""Baselines NUWA-Infinity is compared with (``python -m nuwa_core.baselines``).
+"""Baselines NUWA-Infinity is compared with (``python -m nuwa_core.evaluation.baselines``).
 
 - **No context**: a renderer trained with ``train renderer --no-context`` and generated with
   ``model.generate(..., extent=(0, 0, 0))``: every patch is rendered on its own, so what a seam
@@ -13,7 +13,7 @@
 The command line generates, for one bundle, the images the evaluation compares (a panorama N
 times wider than the training image, and outpainting back into a held-out crop of it):
 
-    python -m nuwa_core.baselines MODEL --image TRAIN.png --kind nuwa|no_context|taming --out DIR
+    python -m nuwa_core.evaluation.baselines MODEL --image TRAIN.png --kind nuwa|no_context|taming --out DIR
 """
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from .arbitrary_direction_controller import Order
-from .generation import UNKNOWN, CanvasState, NuwaInfinity
-from .images import image_to_model, load_image, save_image
-from .patch_samplers import SamplerSettings, filter_logits, sample_categorical
-from .renderer import Context, Renderer
+from ..images import image_to_model, load_image, save_image
+from ..infinity.arbitrary_direction_controller import Order
+from ..infinity.canvas import UNKNOWN, CanvasState
+from ..infinity.generation import NuwaInfinity
+from ..infinity.patch_samplers import SamplerSettings, filter_logits, sample_categorical
+from ..infinity.renderer import Context, Renderer
 
 KINDS = ("nuwa", "no_context", "taming")
 
@@ -170,7 +171,7 @@ def generate_images(model: NuwaInfinity, kind: str, image: torch.Tensor, setting
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nuwa_core.baselines", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m nuwa_core.evaluation.baselines", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="a NUWA-Infinity bundle (.safetensors)")
     p.add_argument("--image", type=Path, required=True, help="the (training) image: panorama height, held-out crop")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_state_dict, load_strict
-from .train import TrainingError
+from ..checkpoint import load_state_dict, load_strict
+from .loop import TrainingError
 
 ENCODE_BATCH = 32
 

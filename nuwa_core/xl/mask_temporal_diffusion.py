@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint
+from .. import checkpoint
 from .t_klvae import TemporalConv, to_frames, from_frames
 
 KIND = "mask_temporal_diffusion"

@@ -1,4 +1,4 @@
-"""NUWA-Infinity inference: the paper's Algorithm 2, a canvas state, and the model bundle.
+"""NUWA-Infinity inference: the paper's Algorithm 2 and the model bundle (a VQGAN and a renderer).
 
     q_1:K = ADC.Split(h)                        given patches, pre-cached first
     for each q_k: c = NCP.Select(q_k); a_k = NUWA(q_k, c, e, y); NCP.Add(a_k); NCP.Remove()
@@ -6,181 +6,33 @@
     for each p_n: c = NCP.Select(p_n); p_n, a_n = NUWA(0, c, e, y); NCP.Add(a_n); NCP.Remove()
     return VQGAN.decode(x)
 
-A CanvasState is the token grid, which patches are known, the pool and the given pixels: it is
-what a generation returns and what can be saved and continued later.
+The canvas it reads and returns (tokens, known patches, pool, given pixels) is canvas.CanvasState.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
+from ..checkpoint import CheckpointError, config_from_json, config_to_json, load_state_dict, load_strict, save_model_file
+from ..images import check_finite, image_to_model, model_to_image
+from ..memory import check_memory
 from . import arbitrary_direction_controller as adc
 from .arbitrary_direction_controller import Coord, Grid, Order, Plan
-from .checkpoint import (CheckpointError, atomic_write, config_from_json, config_to_json, load_state_dict,
-                         load_strict, save_model_file)
-from .images import check_finite, image_to_model, model_to_image
+from .canvas import UNKNOWN, CanvasState
 from .nearby_context_pool import NearbyContextPool, last_needed_steps
 from .patch_samplers import SAMPLERS, SamplerSettings
 from .renderer import Context, Renderer, RendererConfig
 from .vqgan import VQGANConfig, VQModel
 
 BUNDLE_KIND = "nuwa_infinity"
-CANVAS_KIND = "nuwa_canvas"
-UNKNOWN = -1  # token id of a patch not generated yet
 
 
 class GenerationCancelled(Exception):
     """Raised by callers' callbacks to abort; `generate` itself stops cleanly when a callback returns False."""
-
-
-@dataclass
-class CanvasState:
-    tokens: torch.Tensor            # [B, F, h, w] token ids, UNKNOWN where not generated
-    known: torch.Tensor             # [F, H, W] bool, per patch
-    patch_size: tuple               # (pf, ph, pw) tokens per patch
-    pool: NearbyContextPool | None = None
-    given: torch.Tensor | None = None   # IMAGE [B, Hpx, Wpx, 3] kept as is on frame 0
-    given_origin: tuple = (0, 0)        # (row px, column px) of `given` on the canvas
-    pixels_per_token: int = 16          # the VQGAN's downsampling factor
-
-    @property
-    def grid(self) -> Grid:
-        return tuple(self.known.shape)
-
-    @property
-    def batch(self) -> int:
-        return self.tokens.shape[0]
-
-    def patch_slices(self, coord: Coord):
-        (pf, ph, pw), (k, i, j) = self.patch_size, coord
-        return (slice(None), slice(k * pf, (k + 1) * pf), slice(i * ph, (i + 1) * ph), slice(j * pw, (j + 1) * pw))
-
-    def patch_tokens(self, coord: Coord) -> torch.Tensor:
-        """[B, M] raster tokens of one patch."""
-        return self.tokens[self.patch_slices(coord)].flatten(1)
-
-    def set_patch(self, coord: Coord, tokens: torch.Tensor) -> None:
-        view = self.tokens[self.patch_slices(coord)]
-        view.copy_(tokens.view(view.shape).to(view.device))
-        self.known[coord] = True
-
-    def clone(self) -> "CanvasState":
-        pool = None
-        if self.pool is not None:
-            pool = NearbyContextPool(self.pool.extent)
-            pool.caches = dict(self.pool.caches)
-        return dataclasses.replace(self, tokens=self.tokens.clone(), known=self.known.clone(), pool=pool)
-
-    def grown(self, plan: Plan) -> "CanvasState":
-        """A copy on the plan's grid: the old canvas moved by plan.offset, new frames appended."""
-        state = self.clone()
-        (f0, h0, w0), (f1, h1, w1), (top, left) = self.grid, plan.grid, plan.offset
-        if f1 < f0 or h1 < h0 + top or w1 < w0 + left:
-            raise ValueError(f"plan grid {plan.grid} with offset {plan.offset} does not contain the canvas {self.grid}")
-        if (f1, h1, w1) == (f0, h0, w0):
-            return state
-        pf, ph, pw = self.patch_size
-        tokens = self.tokens.new_full((self.batch, f1 * pf, h1 * ph, w1 * pw), UNKNOWN)
-        tokens[:, :f0 * pf, top * ph:(top + h0) * ph, left * pw:(left + w0) * pw] = self.tokens
-        known = torch.zeros(plan.grid, dtype=torch.bool)
-        known[:f0, top:top + h0, left:left + w0] = self.known
-        state.tokens, state.known = tokens, known
-        if state.pool is not None:
-            state.pool.shift(top, left)
-        px = self.pixels_per_token
-        state.given_origin = (self.given_origin[0] + top * ph * px, self.given_origin[1] + left * pw * px)
-        return state
-
-    def forget(self, cells) -> "CanvasState":
-        """A copy with the patches where `cells` (bool [F, rows, cols], the patch grid) is True
-        made unknown again, so a plan_fill + generate regenerates exactly those (mask inpainting).
-
-        Dropped, because it describes the old content: the tokens of those patches; the pool's
-        caches of those patches and of every cached patch within the pool's extent of one (their
-        hidden states attended to the old tokens; generate() re-caches them from their tokens);
-        the given pixels over those patches (decode pastes them back, they would cover the new
-        ones). The canvas holds one rectangle of given pixels: when the kept part is still a
-        rectangle it is cropped to it, when the forgotten patches cut a hole in it all of it is
-        dropped (the tokens decode there instead). Everything else is kept as is.
-        """
-        cells = torch.as_tensor(cells).to(device="cpu")
-        if tuple(cells.shape) != tuple(self.grid):
-            raise ValueError(f"forget: the mask must be the canvas' patch grid (frames, rows, cols) = "
-                             f"{tuple(self.grid)}, got shape {tuple(cells.shape)}")
-        cells = cells.bool()
-        state = self.clone()
-        coords = [tuple(c) for c in torch.nonzero(cells).tolist()]
-        if not coords:
-            return state
-        for coord in coords:
-            state.tokens[state.patch_slices(coord)] = UNKNOWN
-        state.known = state.known & ~cells
-        if state.pool is not None:
-            stale = [c for c in state.pool.caches if any(adc.within_extent(c, f, state.pool.extent) for f in coords)]
-            for c in stale:
-                del state.pool.caches[c]
-        if state.given is not None and cells[0].any():
-            state.given, state.given_origin = self._given_without(cells[0])
-        return state
-
-    def _given_without(self, cells: torch.Tensor):
-        """(given, origin) with the pixels of the frame-0 patches `cells` [rows, cols] removed."""
-        (_, ph, pw), px = self.patch_size, self.pixels_per_token
-        top, left = self.given_origin
-        gh, gw = self.given.shape[1:3]
-        kept = torch.ones(gh, gw, dtype=torch.bool)
-        for i, j in torch.nonzero(cells).tolist():
-            r0, c0 = i * ph * px - top, j * pw * px - left
-            kept[max(0, r0):max(0, r0 + ph * px), max(0, c0):max(0, c0 + pw * px)] = False
-        if kept.all():
-            return self.given, self.given_origin
-        rows, cols = torch.nonzero(kept.any(1)).flatten(), torch.nonzero(kept.any(0)).flatten()
-        if len(rows) == 0:
-            return None, (0, 0)
-        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        if not kept[r0:r1, c0:c1].all():
-            return None, (0, 0)  # a hole: one rectangle cannot hold what is left
-        return self.given[:, r0:r1, c0:c1].clone(), (top + r0, left + c0)
-
-    # ---- persistence -------------------------------------------------------------------------
-    def save(self, path) -> None:
-        """One .safetensors file: tokens, known patches, given pixels and the pool's caches."""
-        tensors = {"tokens": self.tokens.cpu().contiguous(), "known": self.known.to(torch.uint8).contiguous()}
-        if self.given is not None:
-            tensors["given"] = self.given.cpu().contiguous()
-        extent = None
-        if self.pool is not None:
-            extent = list(self.pool.extent)
-            for (k, i, j), cache in self.pool.caches.items():
-                tensors[f"pool.{k}.{i}.{j}"] = cache.cpu().contiguous()
-        meta = {"nuwa_kind": CANVAS_KIND, "patch_size": json.dumps(list(self.patch_size)),
-                "given_origin": json.dumps(list(self.given_origin)), "pool_extent": json.dumps(extent),
-                "pixels_per_token": str(self.pixels_per_token)}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-    @classmethod
-    def load(cls, path) -> "CanvasState":
-        tensors, meta = load_state_dict(path)
-        if meta.get("nuwa_kind") != CANVAS_KIND:
-            raise CheckpointError(f"{path} is not a NUWA canvas (kind {meta.get('nuwa_kind')!r}, expected {CANVAS_KIND!r})")
-        extent = json.loads(meta["pool_extent"])
-        pool = None
-        if extent is not None:
-            pool = NearbyContextPool(tuple(extent))
-            for name, value in tensors.items():
-                if name.startswith("pool."):
-                    pool.add(tuple(int(x) for x in name.split(".")[1:]), value)
-        return cls(tokens=tensors["tokens"], known=tensors["known"].bool(),
-                   patch_size=tuple(json.loads(meta["patch_size"])), pool=pool, given=tensors.get("given"),
-                   given_origin=tuple(json.loads(meta["given_origin"])), pixels_per_token=int(meta["pixels_per_token"]))
 
 
 Callback = Callable[[int, int, CanvasState], "bool | None"]
@@ -466,24 +318,3 @@ def _pool_fits(pool: NearbyContextPool | None, cfg: RendererConfig, state: Canva
         return False
     return all(c.shape[0] == cfg.n_layer and c.shape[1] == state.batch and c.shape[2] == cfg.tokens_per_patch
                and c.shape[3] == cfg.d_model for c in pool.caches.values())
-
-
-def available_bytes(device=None) -> int | None:
-    """Free memory on the device that will hold the canvas (None when unknown)."""
-    if device is not None and torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def check_memory(needed: int, what: str) -> None:
-    free = available_bytes()
-    if free is not None and needed > free:
-        raise MemoryError(f"{what} needs about {needed / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is "
-                          f"available; generate a smaller canvas or extend it in several steps")

@@ -21,7 +21,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_state_dict, load_strict
+from ..checkpoint import load_state_dict, load_strict
 
 # VGG16 `features` indices of the five slices (each ends at a ReLU) and their output channels
 VGG16_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))

@@ -1,0 +1,371 @@
+"""The `renderer` stage: the render-and-optimize strategy (NUWA-Infinity, Algorithm 1).
+
+Every training sample is split into patches in a random one of the four ADC orders; each patch is
+rendered teacher-forced from the Nearby Context Pool, its loss optimized at once (`--accumulate`:
+one step per sample instead), and its detached cache added to the pool for the patches after it.
+Captions (`--clip` or `--text-embeddings`, see captions.py) feed the cross-attention, dropped with
+probability --text-drop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoint import stored_dtype
+from ..images import save_image
+from ..infinity import arbitrary_direction_controller as adc
+from ..infinity.generation import NuwaInfinity
+from ..infinity.nearby_context_pool import NearbyContextPool, last_needed_steps
+from ..infinity.patch_samplers import SamplerSettings
+from ..infinity.renderer import Context, Renderer, RendererConfig
+from ..infinity.vqgan import VQModel, load_vqgan
+from . import captions
+from .bundle import token_tensors_that_differ
+from .data import Augment, list_images, load_images, random_crops, random_crops_with_sources
+from .loop import Dist, Run, TrainingError, dtype_named, dump_replica, set_lr
+
+DEFAULT_LR = 3e-4
+
+
+def parse_triple(text: str, name: str) -> tuple[int, int, int]:
+    try:
+        vals = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) == 2:
+        vals = (1,) + vals
+    if len(vals) != 3 or min(vals) < 0:
+        raise TrainingError(f"{name} {text!r}: expected ROWSxCOLS or F,H,W whole numbers")
+    return vals
+
+
+def renderer_config_from_args(args, vocab: int) -> RendererConfig:
+    return RendererConfig(vocab_size=vocab, patch_size=parse_triple(args.patch, "--patch"), n_layer=args.layers,
+                          n_head=args.heads, d_model=args.dim, extent=parse_triple(args.extent, "--extent"),
+                          text_dim=args.text_dim, decoder=args.decoder, rpe=args.rpe)
+
+
+class _TeacherForced(nn.Module):
+    """Lets DistributedDataParallel see `teacher_forced` as the module's forward."""
+
+    def __init__(self, renderer: Renderer):
+        super().__init__()
+        self.renderer = renderer
+
+    def forward(self, tokens, order, ctx, masked, text=None):
+        return self.renderer.teacher_forced(tokens, order, ctx, self.renderer.text_kv(text), masked=masked)
+
+
+def pnar_mask(b: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    """P-NAR training mask: a ratio r ~ U(0,1] per sample, cos(pi/2 r) of the tokens hidden (>= 1)."""
+    r = torch.rand(b, generator=gen)
+    n = (torch.cos(math.pi / 2 * r) * m).ceil().clamp(1, m).long()
+    scores = torch.rand(b, m, generator=gen)
+    ranks = scores.argsort(1).argsort(1)
+    return ranks < n[:, None]
+
+
+def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tensor, order, opt,
+                        gen: torch.Generator, label_smoothing: float = 0.0, accumulate: bool = False,
+                        no_context: bool = False, lr_fn=None, check=None,
+                        text: torch.Tensor | None = None) -> dict:
+    """Algorithm 1 on one batch of token grids [B, F*pf, H*ph, W*pw]: returns losses and step counts.
+    text [B, T, D]: caption features for every patch's cross-attention (None: unconditioned).
+
+    Every patch is rendered from the pool's context, its loss is optimized at once (or summed and
+    optimized once per sample with `accumulate`), and its detached cache added to the pool.
+    """
+    cfg = renderer.config
+    pf, ph, pw = cfg.patch_size
+    b, ft, h, w = tokens.shape
+    grid = (ft // pf, h // ph, w // pw)
+    steps = adc.split(grid, order)
+    last = last_needed_steps(steps, cfg.extent)
+    pool = NearbyContextPool(cfg.extent)
+    device = tokens.device
+    losses, n_opt = [], 0
+    if accumulate:
+        opt.zero_grad(set_to_none=True)
+    for t, coord in enumerate(steps):
+        k, i, j = coord
+        patch = tokens[:, k * pf:(k + 1) * pf, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].reshape(b, -1)
+        ctx = Context(None, None, 0) if no_context else Context.from_pool(pool.select(coord), coord, renderer.rel, device)
+        masked = pnar_mask(b, patch.shape[1], gen).to(device) if cfg.decoder == "pnar" else None
+        logits, cache = model(patch, order, ctx, masked, text)
+        if cfg.decoder == "pnar":
+            loss = F.cross_entropy(logits[masked], patch[masked], label_smoothing=label_smoothing)
+        else:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), patch.reshape(-1),
+                                   label_smoothing=label_smoothing)
+        if check is not None:
+            check(loss)
+        if accumulate:
+            (loss / len(steps)).backward()
+        else:
+            if lr_fn is not None:
+                lr_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n_opt += 1
+        losses.append(loss.item())
+        if not no_context:
+            pool.add(coord, cache.detach())
+            pool.remove(t, last)
+    if accumulate:
+        if lr_fn is not None:
+            lr_fn()
+        opt.step()
+        n_opt += 1
+    return {"loss": sum(losses) / len(losses), "first_patch": losses[0], "optimizer_steps": n_opt,
+            "patches": len(steps), "peak_pool": pool.peak_size}
+
+
+@torch.no_grad()
+def build_token_bank(vq: VQModel, images: list[torch.Tensor], variants: int, aug: Augment, seed: int, device,
+                     f: int, tile: int = 8) -> list[torch.Tensor]:
+    """Encode every training image `variants` times once, up front: variant 0 as is, 1 flipped,
+    the rest through the full augmentation at the image's own size. -> list of token grids [h, w].
+
+    CPU budget: encoding a fresh augmented crop per sample costs far more than the renderer step."""
+    gen = torch.Generator().manual_seed(seed + 777)
+    bank = []
+    for img in images:
+        H, W = img.shape[-2] // f * f, img.shape[-1] // f * f
+        img = img[:, :H, :W]
+        for v in range(variants):
+            if v == 0:
+                x = img[None]
+            elif v == 1:
+                x = img.flip(-1)[None]
+            else:
+                x = random_crops([img], 1, (H, W), gen, dataclasses.replace(aug, scale=(1.0, 1.0)))
+            # windows of a patch-sized tile, as NuwaInfinity.decode uses: the tokenizer's mid attention
+            # is global, so one pass over a whole large image sees far more tokens than it was trained on
+            bank.append(vq.encode_tokens_tiled(x.to(device), tile=tile, overlap=tile // 4)[0].cpu())
+    return bank
+
+
+def token_crops(bank: list[torch.Tensor], n: int, size: tuple[int, int], gen: torch.Generator,
+                wrap: bool) -> torch.Tensor:
+    """n random token crops [n, 1, h, w] from the bank; `wrap`: columns wrap around (360-degree panoramas)."""
+    return token_crops_with_sources(bank, n, size, gen, wrap)[0]
+
+
+def token_crops_with_sources(bank: list[torch.Tensor], n: int, size: tuple[int, int], gen: torch.Generator,
+                             wrap: bool) -> tuple[torch.Tensor, list[int]]:
+    """token_crops, and the bank index each crop came from."""
+    h, w = size
+    out, sources = [], []
+    for _ in range(n):
+        sources.append(int(torch.randint(len(bank), (1,), generator=gen)))
+        grid = bank[sources[-1]]
+        H, W = grid.shape
+        top = int(torch.randint(H - h + 1, (1,), generator=gen))
+        if wrap:
+            left = int(torch.randint(W, (1,), generator=gen))
+            cols = (torch.arange(w) + left) % W
+        else:
+            left = int(torch.randint(W - w + 1, (1,), generator=gen))
+            cols = torch.arange(left, left + w)
+        out.append(grid[top:top + h][:, cols])
+    return torch.stack(out)[:, None], sources
+
+
+def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
+    return {"stage": "renderer", "renderer": dataclasses.asdict(rcfg), "tokenizer": str(Path(args.tokenizer).name),
+            "sample_patches": args.sample_patches, "batch": args.batch, "lr": args.lr, "one_shot": args.one_shot,
+            "downscale": args.downscale, "seed": args.seed, "accumulate": args.accumulate,
+            "no_context": args.no_context, "label_smoothing": args.label_smoothing,
+            "token_bank": args.token_bank, "wrap": args.wrap,
+            "world": int(os.environ.get("WORLD_SIZE", "1")),
+            **({"init": Path(args.init).name} if args.init else {}),  # only when used: older runs still resume
+            # only with captions, so checkpoints from before captions existed still resume
+            **({"text": {"clip": Path(args.clip).name if args.clip else "", "clip_model": args.clip_model or "",
+                         "embeddings": Path(args.text_embeddings).name if args.text_embeddings else "",
+                         "drop": args.text_drop}} if rcfg.text_dim else {})}
+
+
+def caption_features(args) -> torch.Tensor | None:
+    """[n_images, T, D] caption features of the training images (in list_images order), or None."""
+    if args.clip and args.text_embeddings:
+        raise TrainingError("give captions either as --clip (encode the .txt files) or as --text-embeddings, not both")
+    if not (0.0 <= args.text_drop <= 1.0):
+        raise TrainingError(f"--text-drop is a probability in 0..1, got {args.text_drop}")
+    if not args.clip and not args.text_embeddings:
+        if args.text_dim:
+            raise TrainingError(f"--text-dim {args.text_dim} builds a text-conditioned renderer, which needs "
+                                f"captions: give --clip (with --clip-model) or --text-embeddings")
+        return None
+    paths = list_images(args.images)
+    if args.text_embeddings:
+        text = captions.load_text_embeddings(args.text_embeddings, paths)
+    elif not args.clip_model:
+        raise TrainingError("--clip needs --clip-model, the open_clip architecture of the weights (e.g. ViT-B-32; "
+                            "ViT-L-14-quickgelu for OpenAI's CLIP-L, the SD1 text encoder ComfyUI uses)")
+    else:
+        text = captions.encode_captions(args.clip, args.clip_model, paths, args.clip_allow_pickle)
+    width = text.shape[-1]
+    if args.text_dim and args.text_dim != width:
+        raise TrainingError(f"--text-dim {args.text_dim} does not match the caption features, which are {width} "
+                            f"wide ({args.clip or args.text_embeddings}); use --text-dim {width} or leave it out")
+    args.text_dim = width
+    return text
+
+
+def init_renderer(renderer: Renderer, bundle_path, vq: VQModel) -> None:
+    """Start `renderer` from the renderer of a trained bundle (fine-tuning): same configuration, and
+    the bundle's tokenizer must make the same tokens as the one this run trains on."""
+    bundle = NuwaInfinity.load(bundle_path)
+    theirs = bundle.renderer.config
+    if theirs != renderer.config:
+        diff = {k: (v, getattr(renderer.config, k)) for k, v in dataclasses.asdict(theirs).items()
+                if v != getattr(renderer.config, k)}
+        raise TrainingError(f"--init {bundle_path} holds a renderer of another configuration than the flags build "
+                            f"(field: bundle's vs flags'): {diff}; give the flags that match it")
+    changed = token_tensors_that_differ(bundle.vqgan, vq, stored_dtype(bundle_path))
+    if changed:
+        raise TrainingError(f"--init {bundle_path} was trained on other tokens than --tokenizer makes "
+                            f"({len(changed)} encoder/codebook tensors differ, e.g. {changed[0]}); give the "
+                            f"tokenizer it was trained with")
+    renderer.load_state_dict(bundle.renderer.float().state_dict())
+
+
+def train_renderer(args) -> dict:
+    text = caption_features(args)  # before seeding: building a CLIP tower draws random numbers
+    dist = Dist()
+    torch.manual_seed(args.seed)
+    vq = load_vqgan(args.tokenizer).float().to(dist.device).eval()
+    for p in vq.parameters():
+        p.requires_grad_(False)
+    rcfg = renderer_config_from_args(args, vq.config.n_embed)
+    if args.label_smoothing is None:
+        args.label_smoothing = 0.15 if args.one_shot else 0.0
+    f = vq.downsample_factor
+    rows, cols = parse_triple(args.sample_patches, "--sample-patches")[1:]
+    _, ph, pw = rcfg.patch_size
+    crop = (rows * ph * f, cols * pw * f)
+    images = load_images(args.images, args.downscale, (ph * f, pw * f))
+    if not args.one_shot:  # whole images: crop to whole patches, no resampling
+        for n, img in enumerate(images):
+            if img.shape[-2] < crop[0] or img.shape[-1] < crop[1]:
+                crop = (min(crop[0], img.shape[-2] // (ph * f) * ph * f), min(crop[1], img.shape[-1] // (pw * f) * pw * f))
+    renderer = Renderer(rcfg)
+    if args.init and not args.resume:  # a resumed run's own weights replace these anyway
+        init_renderer(renderer, args.init, vq)
+    renderer.to(dist.device).train()
+    # a dropped caption leaves the cross-attention weights without gradients on that rank
+    model = dist.wrap(_TeacherForced(renderer), find_unused_parameters=text is not None)
+    opt = torch.optim.AdamW(renderer.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
+    run = Run("renderer", args, dist, {"renderer": renderer}, {"renderer": opt}, renderer_config_dict(args, rcfg),
+              data_gen)
+    step, opt_steps = 0, 0
+    if args.resume:
+        st = run.resume()
+        step, opt_steps = int(st["step"]), int(st["optimizer_steps"])
+    aug = Augment() if args.one_shot else Augment.off()
+    bank = None
+    if args.token_bank:
+        bank = build_token_bank(vq, images, args.token_bank, aug, args.seed, dist.device, f, max(rcfg.patch_size[1:]))
+
+    def lr_fn():
+        nonlocal opt_steps
+        set_lr(opt, args.lr, opt_steps, args.warmup)
+        opt_steps += 1
+
+    def one_step(step, check):
+        if bank is not None:
+            tokens, sources = token_crops_with_sources(bank, args.batch, (crop[0] // f, crop[1] // f), data_gen,
+                                                       args.wrap)
+            tokens, sources = tokens.to(dist.device), [s // args.token_bank for s in sources]
+        else:
+            x, sources = random_crops_with_sources(images, args.batch, crop, data_gen, aug)
+            with torch.no_grad():  # patch-sized windows, as in build_token_bank
+                t = max(rcfg.patch_size[1:])
+                tokens = vq.encode_tokens_tiled(x.to(dist.device), tile=t, overlap=t // 4)[:, None]  # [B, 1, h, w]
+        order = adc.ORDERS[int(torch.randint(len(adc.ORDERS), (1,), generator=data_gen))]
+        captions = None
+        # caption dropout, one draw per step (the whole batch): the renderer also learns to render without text
+        if text is not None and torch.rand((), generator=data_gen).item() >= args.text_drop:
+            captions = text[sources].to(dist.device)
+        res = render_and_optimize(renderer, model, tokens, order, opt, data_gen, args.label_smoothing,
+                                  args.accumulate, args.no_context, lr_fn, check, text=captions)
+        return {"optimizer_steps": opt_steps, "loss": res["loss"], "first_patch": res["first_patch"],
+                "order": order.value, "peak_pool": res["peak_pool"]}
+
+    tokens_per_sample = (crop[0] // f) * (crop[1] // f)
+
+    def postfix(st, steps_per_s):
+        return {"loss": f"{st['loss']:.3f}", "tok_s": f"{args.batch * dist.world * tokens_per_sample * steps_per_s:.0f}"}
+
+    fields = ["step", "optimizer_steps", "time", "loss", "first_patch", "order", "peak_pool"]
+    step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,
+                                    sample=lambda path: _renderer_samples(vq, renderer, images, path),
+                                    extra=lambda: {"optimizer_steps": opt_steps})
+    if args.debug_dump_replicas:
+        dump_replica(run.out, renderer, dist)
+    if dist.main:
+        NuwaInfinity(vq, renderer).save(run.out, dtype=dtype_named(args.save_dtype))
+        print(f"[train] renderer: stopped ({stopped}) at step {step} ({opt_steps} optimizer steps); wrote {run.out}",
+              file=sys.stderr)
+    run.finish()
+    return {"step": step, "stopped": stopped, "optimizer_steps": opt_steps, **stats}
+
+
+@torch.no_grad()
+def _renderer_samples(vq, renderer, images, path: Path):
+    """A 1 x 4 patch canvas generated from nothing, decoded."""
+    was = renderer.training
+    renderer.eval()
+    m = NuwaInfinity(vq, renderer)
+    st = m.blank_canvas(1, 4)
+    st = m.generate(st, m.plan_fill(st), SamplerSettings(top_k=64), generator=torch.Generator().manual_seed(0))
+    save_image(m.decode(st), path)
+    renderer.train(was)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--tokenizer", required=True, help="the frozen VQGAN .safetensors")
+    p.add_argument("--init", default=None, help="fine-tune: start from the renderer of this bundle (e.g. the shipped "
+                   "model; the flags must build the same renderer, --tokenizer must make its tokens)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--patch", default="8x8", help="tokens per patch, ROWSxCOLS")
+    p.add_argument("--extent", default="0,1,1", help="E_F,E_H,E_W context extent in patches")
+    p.add_argument("--decoder", choices=("ar", "nar", "pnar"), default="ar")
+    p.add_argument("--rpe", choices=("pre", "post"), default="pre")
+    p.add_argument("--text-dim", type=int, default=0, help="caption feature width D (0: taken from the captions)")
+    p.add_argument("--sample-patches", default="2x4", help="patches per training sample, ROWSxCOLS")
+    p.add_argument("--label-smoothing", type=float, default=None, help="default 0.15 with --one-shot, else 0")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--token-bank", type=int, default=0, help="encode each image N times up front (0: encode "
+                   "every augmented sample; N>0: variant 0 plain, 1 flipped, the rest augmented) then crop tokens")
+    p.add_argument("--wrap", action="store_true", help="token crops wrap around horizontally (360-degree panoramas)")
+    p.add_argument("--accumulate", action="store_true", help="one optimizer step per sample (ablation)")
+    p.add_argument("--no-context", action="store_true", help="baseline: every patch without context")
+    p.add_argument("--clip", default=None, help="captions: encode each image's same-name .txt with the open_clip "
+                   "text tower in this local file (.safetensors; per-token last-layer features, as ComfyUI's "
+                   "CLIP Text Encode gives them). Needs open_clip: pip install open_clip_torch")
+    p.add_argument("--clip-model", default=None, help="open_clip architecture of --clip, e.g. ViT-B-32 (D=512) or "
+                   "ViT-L-14-quickgelu (OpenAI CLIP-L = ComfyUI's SD1 text encoder, D=768), or a .json config")
+    p.add_argument("--clip-allow-pickle", action="store_true", help="let --clip read a .bin/.pt file "
+                   "(torch.load with weights_only=True) instead of only .safetensors")
+    p.add_argument("--text-embeddings", default=None, help="captions precomputed: a .safetensors with one tensor "
+                   "per image file stem, [T, D] or [D]")
+    p.add_argument("--text-drop", type=float, default=0.1, help="probability that a training step's batch goes "
+                   "without captions, so the model also renders unconditioned")
+
+
+def run(args) -> dict:
+    if args.lr is None:
+        args.lr = DEFAULT_LR
+    return train_renderer(args)

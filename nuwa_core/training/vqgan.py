@@ -1,0 +1,205 @@
+"""The `vqgan` stage: train or fine-tune the tokenizer.
+
+L1 (+ LPIPS from a local file, `--lpips`) + codebook/commitment loss, and a small PatchGAN
+discriminator (hinge loss) switched on after --disc-start steps. `--train decoder` fine-tunes only
+the decoder, so the tokens (and renderers trained on them) stay valid; the `bundle` stage then swaps
+such a decoder into a trained model.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..images import model_to_image, save_image
+from ..infinity.vqgan import VQModel, get_config, load_vqgan, save_vqgan
+from .data import Augment, fixed_crops, load_images, random_crops
+from .loop import Dist, Run, TrainingError, dtype_named, dump_replica, set_lr
+from .perceptual_loss import load_lpips
+
+DEFAULT_LR = 2e-4
+
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN (pix2pix NLayerDiscriminator layout, GroupNorm instead of BatchNorm so
+    the batch composition does not change its output)."""
+
+    def __init__(self, ch: int = 32, n_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)]
+        c = ch
+        for i in range(1, n_layers):
+            c_out = min(ch * 2 ** i, ch * 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2, 1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
+            c = c_out
+        layers += [nn.Conv2d(c, c, 4, 1, 1), nn.GroupNorm(8, c), nn.LeakyReLU(0.2), nn.Conv2d(c, 1, 4, 1, 1)]
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@torch.no_grad()
+def _restart_dead_codes(vq: VQModel, usage: torch.Tensor, z: torch.Tensor, gen: torch.Generator) -> int:
+    """Codes unused since the last restart take the value of random encoder outputs (CPU-budget trick
+    against codebook collapse). z: [N, C] encoder outputs of the current batch."""
+    dead = torch.nonzero(usage == 0).flatten()
+    if len(dead) == 0 or len(z) == 0:
+        return 0
+    pick = torch.randint(len(z), (len(dead),), generator=gen)
+    noise = 0.01 * z.std() * torch.randn(len(dead), z.shape[1], generator=gen)
+    vq.quantize.embedding.weight.data[dead] = (z[pick].cpu() + noise).to(vq.quantize.embedding.weight)
+    return len(dead)
+
+
+def vqgan_config_dict(args) -> dict:
+    return {"stage": "vqgan", "preset": args.preset, "crop": args.crop, "batch": args.batch, "lr": args.lr,
+            "disc_start": args.disc_start, "disc_weight": args.disc_weight, "one_shot": args.one_shot,
+            "downscale": args.downscale, "seed": args.seed, "restart_every": args.restart_every,
+            "world": int(os.environ.get("WORLD_SIZE", "1")), "init": args.init or "", "train": args.train,
+            # only when used, so checkpoints from before --lpips existed still resume
+            **({"lpips": Path(args.lpips).name, "lpips_weight": args.lpips_weight} if args.lpips else {})}
+
+
+def train_vqgan(args) -> dict:
+    dist = Dist()
+    torch.manual_seed(args.seed)
+    f = get_config(args.preset).downsample_factor
+    if args.crop % f:
+        raise TrainingError(f"--crop {args.crop} must be a multiple of the preset's downsample factor {f}")
+    images = load_images(args.images, args.downscale, (args.crop, args.crop))
+    cfg = get_config(args.preset)
+    if args.init:
+        vq = load_vqgan(args.init).float()
+        cfg = vq.config
+    elif args.train == "decoder":
+        raise TrainingError("--train decoder fine-tunes the decoder of an existing tokenizer: give that "
+                            "tokenizer with --init")
+    else:
+        vq = VQModel(cfg)
+    if args.train == "decoder":  # tokens stay exactly as they were: renderers trained on them stay valid
+        for part in (vq.encoder, vq.quant_conv, vq.quantize):
+            part.requires_grad_(False)
+        args.restart_every = 0
+    perceptual = None
+    if args.lpips:
+        if args.crop < 16:
+            raise TrainingError(f"--lpips needs --crop >= 16 (its VGG16 halves the image 4 times), got {args.crop}")
+        perceptual = load_lpips(args.lpips).to(dist.device)
+    disc = PatchDiscriminator(n_layers=3 if args.crop >= 32 else 2)  # its 4x4 convs need >= 2 px at the end
+    vq.to(dist.device).train()
+    disc.to(dist.device).train()
+    opt_g = torch.optim.Adam([p for p in vq.parameters() if p.requires_grad], lr=args.lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
+    run = Run("vqgan", args, dist, {"vqgan": vq, "disc": disc}, {"vqgan": opt_g, "disc": opt_d},
+              vqgan_config_dict(args), data_gen)
+    step, usage = 0, torch.zeros(cfg.n_embed, dtype=torch.long)
+    if args.resume:
+        st = run.resume()
+        step, usage = int(st["step"]), st["usage"]
+    vq_ddp, disc_ddp = dist.wrap(vq), dist.wrap(disc)
+    aug = Augment() if args.one_shot else Augment(scale=(0.8, 1.0), rotate_deg=0.0, shear=0.0, noise=0.0)
+    sample_in = fixed_crops(images, 4, (args.crop, args.crop))
+
+    def one_step(step, check):
+        x = random_crops(images, args.batch, (args.crop, args.crop), data_gen, aug).to(dist.device)
+        set_lr(opt_g, args.lr, step, args.warmup)
+        set_lr(opt_d, args.lr, step, args.warmup)
+        rec, q_loss, ids = vq_ddp(x)
+        l1 = (rec - x).abs().mean()
+        lpips = perceptual(rec, x).mean() if perceptual is not None else torch.zeros(())
+        loss = l1 + args.lpips_weight * lpips + q_loss
+        use_disc = step >= args.disc_start
+        g_adv = torch.zeros(())
+        if use_disc:
+            for p in disc.parameters():
+                p.requires_grad_(False)
+            g_adv = -disc_ddp(rec).mean() if not dist.enabled else -disc(rec).mean()
+            loss = loss + args.disc_weight * g_adv
+            for p in disc.parameters():
+                p.requires_grad_(True)
+        check(loss)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        d_loss = torch.zeros(())
+        if use_disc:
+            logits = disc_ddp(torch.cat([x, rec.detach()]))  # one pass: DDP allows one forward per backward
+            real, fake = logits[:len(x)], logits[len(x):]
+            d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+        usage.add_(torch.bincount(ids.flatten().cpu(), minlength=cfg.n_embed))
+        restarted, done = 0, step + 1
+        if args.restart_every and done % args.restart_every == 0:  # independent of --steps: resumable
+            with torch.no_grad():
+                z = vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
+            if dist.enabled:  # identical restarts on every rank: use rank 0's batch
+                import torch.distributed as td
+                td.broadcast(z, 0)
+                td.all_reduce(usage)
+            restarted = _restart_dead_codes(vq, usage, z, data_gen if not dist.enabled else
+                                            torch.Generator().manual_seed(args.seed + done))
+            usage.zero_()
+        return {"loss": loss.item(), "l1": l1.item(), "lpips": lpips.item(), "codebook": q_loss.item(),
+                "g_adv": g_adv.item(), "d_loss": d_loss.item(), "codes_used": int((usage > 0).sum()),
+                "restarted": restarted}
+
+    def postfix(st, steps_per_s):
+        return {"l1": f"{st['l1']:.4f}", "cb": f"{st['codebook']:.4f}", "d": f"{st['d_loss']:.3f}",
+                "ips": f"{args.batch * dist.world * steps_per_s:.1f}"}
+
+    fields = ["step", "time", "loss", "l1", "codebook", "g_adv", "d_loss", "codes_used", "restarted"]
+    fields += ["lpips"] if perceptual is not None else []
+    step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,
+                                    sample=lambda path: _vq_samples(vq, sample_in, path),
+                                    extra=lambda: {"usage": usage.clone()})
+    if args.debug_dump_replicas:
+        dump_replica(run.out, vq, dist)
+    if dist.main:
+        save_vqgan(vq, run.out, dtype=dtype_named(args.save_dtype))
+        print(f"[train] vqgan: stopped ({stopped}) at step {step}; wrote {run.out} and its training checkpoint",
+              file=sys.stderr)
+    run.finish()
+    return {"step": step, "stopped": stopped, **stats}
+
+
+@torch.no_grad()
+def _vq_samples(vq: VQModel, x: torch.Tensor, path: Path):
+    was = vq.training
+    vq.eval()
+    rec = vq(x.to(vq.quant_conv.weight.device))[0].cpu()
+    vq.train(was)
+    grid = torch.cat([torch.cat(list(x), dim=2), torch.cat(list(rec), dim=2)], dim=1)  # [3, 2h, n*w]
+    save_image(model_to_image(grid[None]), path)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--preset", default="small_f8")
+    p.add_argument("--init", default=None, help="start from this VQGAN file (fine-tuning)")
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--train", choices=("all", "decoder"), default="all",
+                   help="decoder: fine-tune only the decoder of the --init tokenizer (its encoder and codebook, "
+                   "hence its tokens, stay fixed; no code restarts), e.g. to sharpen it with the discriminator "
+                   "without retraining the renderers that use it")
+    p.add_argument("--disc-start", type=int, default=2000)
+    p.add_argument("--disc-weight", type=float, default=0.1)
+    p.add_argument("--restart-every", type=int, default=100, help="re-seed unused codes every N steps (0: off)")
+    p.add_argument("--lpips", default=None, help="add the LPIPS perceptual loss (VGG16): a local .safetensors "
+                   "holding lpips.LPIPS(net='vgg').state_dict() (nothing is downloaded)")
+    p.add_argument("--lpips-weight", type=float, default=1.0, help="weight of the LPIPS loss (with --lpips)")
+
+
+def run(args) -> dict:
+    if args.lr is None:
+        args.lr = DEFAULT_LR
+    return train_vqgan(args)

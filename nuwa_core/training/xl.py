@@ -1,0 +1,226 @@
+"""The `xl` stage (NUWA-XL): train Mask Temporal Diffusion directly on long videos.
+
+Each clip is sampled the way the tree uses the model (Diffusion over Diffusion, with L frames per
+call and `depth` levels): level k of the tree has its frames (L-1)^(depth-1-k) video frames apart.
+- level 0 (global): L frames spread over (L-1)^depth frames of the video, no visual condition
+  (cond zeros, mask all zeros: exactly what the model sees from generate_keyframes);
+- level k >= 1 (local): L frames at that level's stride, the first and last given (mask 1 there),
+  as fill_between passes them.
+`--role global|local|both` picks the levels one model learns (both: one model serves the whole tree).
+Prompts are per-frame text embeddings from `--text-embeddings FILE` ([video frames, n, d], one video),
+dropped to the null context (zeros) with probability `--text-drop`; without them the model is
+unconditional and always sees the zero context. Loss: diffusion.training_loss (eps MSE, eq. 5).
+
+Latents are precomputed once with the frozen T-KLVAE (posterior mean x its latent_scale). All random
+choices (clip, level, timestep, noise) come from one data generator, so `--resume` continues exactly.
+The trained file is written by xl.model.save_mtd_xl.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..xl import diffusion
+from ..xl.diffusion_over_diffusion import _check_tree
+from ..xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
+from ..xl.model import XLModel, contact_sheet, load_mtd_xl, save_mtd_xl, save_png
+from ..xl.t_klvae import TKLVAE, TKLVAEConfig, load_t_klvae
+from .data import load_videos, parse_size, to_model
+from .loop import Dist, Run, TrainingError, dtype_named, set_lr
+
+DEFAULT_LR = 2e-4
+
+
+def mtd_preset(name: str, latent_channels: int, context_dim: int) -> MTDConfig:
+    kw = {"latent_channels": latent_channels, "context_dim": context_dim}
+    presets = {
+        "tiny": lambda: MTDConfig.tiny(**kw),
+        "small": lambda: MTDConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=2,
+                                   attention_levels=(0, 1), num_heads=4, num_groups=8, **kw),
+        "sd": lambda: MTDConfig.sd(**kw),
+    }
+    if name not in presets:
+        raise TrainingError(f"--preset {name!r}: choose one of {sorted(presets)}")
+    return presets[name]()
+
+
+def role_levels(role: str, depth: int) -> list[int]:
+    levels = {"global": [0], "local": list(range(1, depth)), "both": list(range(depth))}[role]
+    if not levels:
+        raise TrainingError(f"--role local needs --depth >= 2 (depth {depth} has no local level)")
+    return levels
+
+
+def level_stride(L: int, depth: int, level: int) -> int:
+    """Video frames between consecutive frames of tree level `level` (0 = global)."""
+    return (L - 1) ** (depth - 1 - level)
+
+
+def load_text_embeddings(path: str | None, frames: int) -> torch.Tensor | None:
+    if not path:
+        return None
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        tensors = load_file(path)
+    else:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    emb = tensors if isinstance(tensors, torch.Tensor) else (
+        tensors.get("embeddings") if "embeddings" in tensors else next(iter(tensors.values())))
+    if emb.ndim == 2:
+        emb = emb[:, None]
+    if emb.ndim != 3 or emb.shape[0] != frames:
+        raise TrainingError(f"--text-embeddings {path}: expected [frames={frames}, n, d] (one entry per "
+                            f"video frame after --frame-step), got {tuple(emb.shape)}")
+    return emb.float()
+
+
+@torch.no_grad()
+def encode_videos(vae: TKLVAE, videos: list[torch.Tensor], chunk: int, device) -> list[torch.Tensor]:
+    """uint8 videos -> diffusion latents (posterior mean x latent_scale) [F, c, h, w], chunk frames at a time."""
+    vae.eval()
+    out = []
+    for v in videos:
+        parts = [vae.encode(to_model(v[s:s + chunk])[None].to(device))[0].cpu() for s in range(0, v.shape[0], chunk)]
+        out.append(torch.cat(parts) * vae.config.latent_scale)
+    return out
+
+
+def xl_batch(latents: list[torch.Tensor], n: int, L: int, depth: int, levels: list[int], gen: torch.Generator,
+             text: torch.Tensor | None = None, text_drop: float = 0.0, context_dim: int = 0,
+             time_reverse: bool = False):
+    """One training batch: x0 [n, L, c, h, w], context [n, L, m, d], cond [n, L, c, h, w], mask [n, L], levels [n]."""
+    xs, ctxs, conds, masks, lv = [], [], [], [], []
+    for _ in range(n):
+        level = levels[int(torch.randint(len(levels), (1,), generator=gen))]
+        stride = level_stride(L, depth, level)
+        span = (L - 1) * stride
+        lengths = torch.tensor([max(z.shape[0] - span, 0) for z in latents], dtype=torch.float64)
+        if float(lengths.sum()) == 0:
+            raise TrainingError(
+                f"tree level {level} needs {span + 1} video frames (L={L}, depth={depth}: stride {stride}) but the "
+                f"longest video has {max(z.shape[0] for z in latents)}; lower --depth / --L / --frame-step")
+        vi = int(torch.multinomial(lengths, 1, generator=gen))
+        start = int(torch.randint(int(lengths[vi]), (1,), generator=gen))
+        idx = start + stride * torch.arange(L)
+        if time_reverse and bool(torch.rand((), generator=gen) < 0.5):
+            idx = idx.flip(0)
+        x0 = latents[vi][idx]
+        cond, mask = torch.zeros_like(x0), torch.zeros(L)
+        if level > 0:
+            cond[0], cond[-1] = x0[0], x0[-1]
+            mask[0] = mask[-1] = 1.0
+        if text is not None:
+            ctx = text[idx]
+            if text_drop and bool(torch.rand((), generator=gen) < text_drop):
+                ctx = torch.zeros_like(ctx)
+        else:
+            ctx = torch.zeros(L, 1, context_dim)
+        xs.append(x0), ctxs.append(ctx), conds.append(cond), masks.append(mask), lv.append(level)
+    return torch.stack(xs), torch.stack(ctxs), torch.stack(conds), torch.stack(masks), torch.tensor(lv)
+
+
+def xl_config_dict(args, mcfg: MTDConfig, vae_cfg: TKLVAEConfig) -> dict:
+    return {"stage": "xl", "preset": args.preset, "init": args.init or "", "vae": Path(args.vae).name,
+            "vae_latent_scale": vae_cfg.latent_scale, "size": args.size, "frame_step": args.frame_step,
+            "L": args.L, "depth": args.depth, "role": args.role, "batch": args.batch, "lr": args.lr,
+            "seed": args.seed, "text_embeddings": Path(args.text_embeddings).name if args.text_embeddings else "",
+            "text_drop": args.text_drop, "time_reverse": args.time_reverse,
+            "world": int(os.environ.get("WORLD_SIZE", "1")), "model": dataclasses.asdict(mcfg)}
+
+
+def train_xl(args) -> dict:
+    dist = Dist()
+    torch.manual_seed(args.seed)
+    _check_tree(args.L, args.depth)
+    levels = role_levels(args.role, args.depth)
+    vae = load_t_klvae(args.vae).float().to(dist.device)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    size = parse_size(args.size)
+    f = vae.config.downsample_factor
+    if size[0] % f or size[1] % f:
+        raise TrainingError(f"--size {args.size}: width and height must be multiples of the T-KLVAE's "
+                            f"downsampling factor {f}")
+    videos, fps = load_videos(args.videos, size, args.frame_step, args.max_frames, 1)
+    text = load_text_embeddings(args.text_embeddings, videos[0].shape[0]) if args.text_embeddings else None
+    if text is not None and len(videos) != 1:
+        raise TrainingError("--text-embeddings: per-frame embeddings are supported for one video only")
+    context_dim = text.shape[-1] if text is not None else args.context_dim
+    if args.init:
+        model, _ = load_mtd_xl(args.init)
+        model = model.float()
+    else:
+        model = MaskTemporalDiffusion(mtd_preset(args.preset, vae.config.z_channels, context_dim))
+    mcfg = model.config
+    if mcfg.context_dim != context_dim and text is not None:
+        raise TrainingError(f"--text-embeddings are {context_dim} wide but the model takes {mcfg.context_dim}")
+    context_dim = mcfg.context_dim
+    lh, lw = size[1] // f, size[0] // f
+    if lh % mcfg.downsample_factor or lw % mcfg.downsample_factor:
+        raise TrainingError(f"latents of {lw}x{lh} (--size {args.size} / {f}) must be multiples of the MTD's "
+                            f"downsampling factor {mcfg.downsample_factor}; change --size or the preset")
+    latents = encode_videos(vae, videos, args.encode_chunk, dist.device)
+    model.to(dist.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
+    run = Run("xl", args, dist, {"mtd": model}, {"mtd": opt}, xl_config_dict(args, mcfg, vae.config), data_gen)
+    info = {"role": args.role, "L": args.L, "depth": args.depth, "prompts": "text" if text is not None else "none",
+            "fps": fps, "width": size[0], "height": size[1], "latent_shape": [mcfg.latent_channels, lh, lw],
+            "vae": Path(args.vae).name}
+    step = int(run.resume()["step"]) if args.resume else 0
+    ddp = dist.wrap(model)
+
+    def one_step(step, check):
+        x0, ctx, cond, mask, lv = xl_batch(latents, args.batch, args.L, args.depth, levels, data_gen, text,
+                                           args.text_drop, context_dim, args.time_reverse)
+        x0, ctx, cond, mask = (t.to(dist.device) for t in (x0, ctx, cond, mask))
+        set_lr(opt, args.lr, step, args.warmup)
+        loss = diffusion.training_loss(lambda x, t: ddp(x, t, ctx, cond, mask), x0, generator=data_gen)
+        check(loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        return {"loss": loss.item(), "level": float(lv.float().mean())}
+
+    def sample(path):
+        frames = XLModel(vae, model, model, info).generate(L=args.L, depth=min(args.depth, 2), steps=20, seed=0)
+        save_png(contact_sheet(frames), path)
+        model.train()
+
+    step, stopped, stats = run.loop(step, one_step, ["step", "time", "loss", "level"],
+                                    postfix=lambda st, _: {"loss": f"{st['loss']:.4f}"},
+                                    sample=sample if args.role == "both" else None)
+    if dist.main:
+        save_mtd_xl(model, run.out, info, dtype=dtype_named(args.save_dtype))
+        print(f"[train] xl: stopped ({stopped}) at step {step}; wrote {run.out}", file=sys.stderr)
+    run.finish()
+    return {"step": step, "stopped": stopped, **stats}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--vae", required=True, help="the frozen T-KLVAE .safetensors")
+    p.add_argument("--preset", default="small", help="MTD size: tiny | small | sd (used without --init)")
+    p.add_argument("--init", default=None, help="start from this MTD file")
+    p.add_argument("--L", type=int, default=5, help="frames per diffusion call")
+    p.add_argument("--depth", type=int, default=3, help="tree depth the strides are sampled for")
+    p.add_argument("--role", choices=("global", "local", "both"), default="both",
+                   help="global: keyframes only; local: in-filling levels; both: one model for the whole tree")
+    p.add_argument("--text-embeddings", default=None, help="per-frame prompt embeddings [frames, n, d] "
+                   "(.safetensors with 'embeddings' or .pt); without: unconditional (zero context)")
+    p.add_argument("--text-drop", type=float, default=0.1, help="probability of the null (zero) context")
+    p.add_argument("--context-dim", type=int, default=32, help="prompt width of an unconditional model")
+    p.add_argument("--time-reverse", action="store_true", help="random time reversal of clips")
+    p.add_argument("--encode-chunk", type=int, default=16, help="frames per T-KLVAE encode call")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+
+
+def run(args) -> dict:
+    if args.lr is None:
+        args.lr = DEFAULT_LR
+    return train_xl(args)
