@@ -10,4 +10,4 @@
     evaluation/   `python -m nuwa_core.eval`: metrics; the baselines NUWA-Infinity is compared with
     checkpoint, images, attention, memory, weights: shared by both papers
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_workflows import API_DIR, DEFAULT_IMAGE, REPO, RUNS_ON_DEFAULT_MODEL, UI_DIR, pack_mappings  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: its helper modules, however this file is run
+from _pack import import_pack  # noqa: E402
+from _workflows import API_DIR, DEFAULT_IMAGE, REPO, RUNS_ON_DEFAULT_MODEL, UI_DIR, XL_WORKFLOWS  # noqa: E402
 
 WIDTH = 512
 STRIP_ASPECT = 4  # strips of 4:1 ...
@@ -59,7 +60,7 @@ def load_image(image: str):
 
 def run_workflow(prompt: dict) -> list[torch.Tensor]:
     """The IMAGE batches reaching the workflow's SaveImage nodes, in node-id order."""
-    mappings, results = pack_mappings(), {}
+    mappings, results = import_pack().NODE_CLASS_MAPPINGS, {}
 
     def value(nid: str):
         if nid in results:
@@ -103,7 +104,7 @@ def thumbnail(image: torch.Tensor) -> Image.Image:
 
 def contact_sheet(webp: Path) -> Image.Image:
     """Every frame of an animated WEBP, SHEET_COLS a row, at the frames' size (scaled down to SHEET_MAX_WIDTH)."""
-    from conftest import animated_frames
+    from _comfyui import animated_frames
     frames = animated_frames(webp)
     w, h = frames[0].size
     cols = min(SHEET_COLS, len(frames))
@@ -120,9 +121,7 @@ def main_comfyui(names: list[str]) -> None:
     """Run the NUWA-XL workflows on a real ComfyUI (COMFYUI_DIR, COMFYUI_PYTHON) and write their thumbnails."""
     import os
     import tempfile
-    from conftest import start_comfyui
-    from test_comfyui_server import run_xl_workflow
-    from test_workflows import XL_WORKFLOWS
+    from _comfyui import run_xl_workflow, start_comfyui
     for name in names:
         if name not in XL_WORKFLOWS:
             raise SystemExit(f"{name}: --comfyui makes the NUWA-XL workflows' thumbnails {XL_WORKFLOWS}")

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from nuwa_core import train
 from nuwa_core.training import loop, renderer as renderer_stage
 from nuwa_core.checkpoint import CheckpointError
-from test_train import _image, _r_args, _weights, tokenizer  # noqa: F401 (tokenizer: fixture)
+from _training import renderer_args, trained_weights, write_image
 
 WIDTH = 12
 
@@ -19,7 +19,7 @@ WIDTH = 12
 def _folder(tmp_path, captions=("a red sky", "green hills")):
     folder = tmp_path / "images"
     for n, caption in enumerate(captions):
-        _image(folder / f"img{n}.png", seed=n)
+        write_image(folder / f"img{n}.png", seed=n)
         (folder / f"img{n}.txt").write_text(caption, encoding="utf-8")
     return folder
 
@@ -35,16 +35,16 @@ def test_text_embeddings_train_resume_exactly_and_the_bundle_generates_with_text
     folder, emb = _folder(tmp_path), _embeddings(tmp_path)
     torch.set_num_threads(1)
     text_args = ("--text-embeddings", str(emb), "--text-drop", "0.5")
-    train.main(_r_args(folder, tokenizer, tmp_path / "one.safetensors", "--steps", "4", *text_args))
-    train.main(_r_args(folder, tokenizer, tmp_path / "two.safetensors", "--steps", "2", *text_args))
-    train.main(_r_args(folder, tokenizer, tmp_path / "two.safetensors", "--steps", "4", "--resume", *text_args))
-    a, b = _weights(tmp_path / "one.safetensors"), _weights(tmp_path / "two.safetensors")
+    train.main(renderer_args(folder, tokenizer, tmp_path / "one.safetensors", "--steps", "4", *text_args))
+    train.main(renderer_args(folder, tokenizer, tmp_path / "two.safetensors", "--steps", "2", *text_args))
+    train.main(renderer_args(folder, tokenizer, tmp_path / "two.safetensors", "--steps", "4", "--resume", *text_args))
+    a, b = trained_weights(tmp_path / "one.safetensors"), trained_weights(tmp_path / "two.safetensors")
     assert any(k.endswith(".xk.weight") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(loop.TrainingError, match="text.drop"):  # another caption dropout: another run
-        train.main(_r_args(folder, tokenizer, tmp_path / "two.safetensors", "--steps", "5", "--resume",
-                           "--text-embeddings", str(emb)))
+        train.main(renderer_args(folder, tokenizer, tmp_path / "two.safetensors", "--steps", "5", "--resume",
+                                 "--text-embeddings", str(emb)))
 
     from nuwa_core.infinity.generation import NuwaInfinity
     from nuwa_core.infinity.patch_samplers import SamplerSettings
@@ -64,31 +64,31 @@ def test_text_embeddings_train_resume_exactly_and_the_bundle_generates_with_text
 def test_text_embeddings_errors_name_the_problem(tmp_path, tokenizer):
     folder = _folder(tmp_path)
     with pytest.raises(loop.TrainingError, match="no embedding for 1 training image.*img1"):
-        train.main(_r_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1",
-                           "--text-embeddings", str(_embeddings(tmp_path, stems=("img0",)))))
+        train.main(renderer_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1",
+                                 "--text-embeddings", str(_embeddings(tmp_path, stems=("img0",)))))
     emb = _embeddings(tmp_path)
     with pytest.raises(loop.TrainingError, match=f"--text-dim 16 does not match.*{WIDTH} wide"):
-        train.main(_r_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1",
-                           "--text-embeddings", str(emb), "--text-dim", "16"))
+        train.main(renderer_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1",
+                                 "--text-embeddings", str(emb), "--text-dim", "16"))
     with pytest.raises(loop.TrainingError, match="needs captions"):
-        train.main(_r_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1", "--text-dim", "16"))
+        train.main(renderer_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1", "--text-dim", "16"))
     with pytest.raises(loop.TrainingError, match="not both"):
-        train.main(_r_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1",
-                           "--text-embeddings", str(emb), "--clip", "c.safetensors", "--clip-model", "ViT-B-32"))
+        train.main(renderer_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1",
+                                 "--text-embeddings", str(emb), "--clip", "c.safetensors", "--clip-model", "ViT-B-32"))
 
 
 def test_vector_embeddings_are_one_token(tmp_path, tokenizer):
     folder, emb = _folder(tmp_path), _embeddings(tmp_path, shape=(WIDTH,))
-    res = train.main(_r_args(folder, tokenizer, tmp_path / "v.safetensors", "--steps", "1",
-                             "--text-embeddings", str(emb), "--text-drop", "0"))
+    res = train.main(renderer_args(folder, tokenizer, tmp_path / "v.safetensors", "--steps", "1",
+                                   "--text-embeddings", str(emb), "--text-drop", "0"))
     assert res["step"] == 1
 
 
 def test_clip_names_images_without_caption_and_a_missing_open_clip(tmp_path, tokenizer, monkeypatch):
     folder = _folder(tmp_path)
     (folder / "img1.txt").unlink()
-    args = _r_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1",
-                   "--clip", str(tmp_path / "clip.safetensors"), "--clip-model", "ViT-B-32")
+    args = renderer_args(folder, tokenizer, tmp_path / "x.safetensors", "--steps", "1",
+                         "--clip", str(tmp_path / "clip.safetensors"), "--clip-model", "ViT-B-32")
     with pytest.raises(loop.TrainingError, match=r"no caption \(same-name .txt\) for 1 training image.*img1.png"):
         train.main(args)
     (folder / "img1.txt").write_text("", encoding="utf-8")  # an empty caption is allowed
@@ -135,8 +135,8 @@ def test_clip_features_are_open_clips_tokens_before_pooling(tiny_clip):
 def test_clip_captions_train_a_text_renderer(tmp_path, tokenizer, tiny_clip):
     config, weights, _ = tiny_clip
     folder = _folder(tmp_path)
-    res = train.main(_r_args(folder, tokenizer, tmp_path / "c.safetensors", "--steps", "2",
-                             "--clip", str(weights), "--clip-model", str(config), "--text-drop", "0"))
+    res = train.main(renderer_args(folder, tokenizer, tmp_path / "c.safetensors", "--steps", "2",
+                                   "--clip", str(weights), "--clip-model", str(config), "--text-drop", "0"))
     assert res["step"] == 2
     from nuwa_core.infinity.generation import NuwaInfinity
     assert NuwaInfinity.load(tmp_path / "c.safetensors").renderer.config.text_dim == TINY_CLIP["text_cfg"]["width"]

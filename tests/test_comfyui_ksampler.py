@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from test_comfyui_server import run_prompt
-
 pytestmark = pytest.mark.comfyui
 
 REPO = Path(__file__).resolve().parent.parent
@@ -159,7 +157,7 @@ def _saved(server, outputs, node):
 def test_stock_ksampler_makes_keyframes(comfyui_server):
     if not _has_default_model():
         pytest.skip("models/nuwa_xl/mtd_default.safetensors is absent")
-    types, outputs = run_prompt(comfyui_server, keyframes_prompt(), "keyframes", RUN_TIMEOUT)
+    types, outputs = comfyui_server.run_prompt(keyframes_prompt(), "keyframes", RUN_TIMEOUT)
     assert "progress" in types  # KSampler's own progress
     sizes = _saved(comfyui_server, outputs, "7")
     assert sizes == [(64, 48)] * 5, sizes
@@ -180,6 +178,6 @@ def test_stock_ksampler_fills_between_keyframes(comfyui_server):
         "12": {"class_type": "NUWAXLDecodeLatent", "inputs": {"xl_model": ["1", 0], "samples": ["11", 0]}},
         "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "nuwa_xl_ksampler_local"}},
     })
-    _, outputs = run_prompt(comfyui_server, prompt, "keyframes + local level", RUN_TIMEOUT)
+    _, outputs = comfyui_server.run_prompt(prompt, "keyframes + local level", RUN_TIMEOUT)
     assert _saved(comfyui_server, outputs, "13") == [(64, 48)] * 17
     assert len(_saved(comfyui_server, outputs, "7")) == 5

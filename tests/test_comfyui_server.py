@@ -6,86 +6,23 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from _comfyui import SHIPPED_RUN_TIMEOUT, animated_frames, run_xl_workflow
+from _pack import import_pack
+from _workflows import API_DIR, CORE_NODES, DEFAULT_IMAGE, DEFAULT_MODEL, UI_DIR, XL_WORKFLOWS
+
 pytestmark = pytest.mark.comfyui
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((Path(__file__).resolve().parent / "workflows").glob("*.json"))
 RUN_TIMEOUT = 300
-
-
-def _pack_mappings():
-    name = "_nuwa_pack_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    module = sys.modules[name]
-    return module.NODE_CLASS_MAPPINGS, module.NODE_DISPLAY_NAME_MAPPINGS
-
-
-def _queue(server, prompt, client_id):
-    status, body = server.post("/prompt", {"prompt": prompt, "client_id": client_id})
-    assert status == 200, f"POST /prompt answered {status}: {json.dumps(body, indent=1)[:3000]}"
-    return body["prompt_id"]
-
-
-def _follow(server, ws, prompt_id, deadline, on_message=None):
-    """Collect this prompt's websocket messages until it succeeds, fails or is interrupted."""
-    seen = []
-    try:
-        for msg in ws.messages(deadline):
-            data = msg.get("data") or {}
-            if data.get("prompt_id") not in (None, prompt_id):
-                continue
-            seen.append(msg)
-            if on_message is not None:
-                on_message(msg)
-            if msg["type"] in ("execution_success", "execution_error", "execution_interrupted"):
-                return seen
-    except TimeoutError:
-        raise AssertionError(f"prompt {prompt_id} did not finish in time; last messages: "
-                             f"{[m['type'] for m in seen][-20:]}\nserver log:\n{server.log()[-3000:]}") from None
-    return seen
-
-
-def _history(server, prompt_id, timeout: float = 30):
-    """The prompt's /history entry. ComfyUI sends execution_success before it files the history
-    entry, so it can be missing for a moment right after the websocket says the run finished."""
-    deadline = time.monotonic() + timeout
-    while True:
-        history = server.get(f"/history/{prompt_id}")
-        if prompt_id in history or time.monotonic() > deadline:
-            assert prompt_id in history, f"prompt {prompt_id} finished but is not in /history"
-            return history[prompt_id]
-        time.sleep(0.2)
-
-
-def run_prompt(server, prompt: dict, label: str, timeout: float) -> tuple[list[str], dict]:
-    """Queue an API prompt, follow it to execution_success (or fail with its last message and the
-    server log) -> (websocket message types, its /history outputs)."""
-    client_id = uuid.uuid4().hex
-    ws = server.websocket(client_id)
-    try:
-        prompt_id = _queue(server, prompt, client_id)
-        seen = _follow(server, ws, prompt_id, time.monotonic() + timeout)
-    finally:
-        ws.close()
-    types = [m["type"] for m in seen]
-    assert types and types[-1] == "execution_success", (
-        f"{label}: {json.dumps(seen[-1] if seen else None, indent=1)[:4000]}\nserver log:\n{server.log()[-4000:]}")
-    return types, _history(server, prompt_id)["outputs"]
 
 
 def test_pack_imports_without_failure(comfyui_server):
@@ -97,7 +34,8 @@ def test_pack_imports_without_failure(comfyui_server):
 
 def test_object_info_lists_every_node(comfyui_server):
     info = comfyui_server.get("/object_info")
-    mappings, names = _pack_mappings()
+    pack = import_pack()
+    mappings, names = pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
     missing = sorted(set(mappings) - set(info))
     assert not missing, f"nodes missing from /object_info: {missing}"
     for node_id in mappings:
@@ -115,7 +53,7 @@ def test_object_info_lists_every_node(comfyui_server):
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
 def test_workflow_runs(comfyui_server, workflow):
     prompt = json.loads(workflow.read_text())
-    types, outputs = run_prompt(comfyui_server, prompt, workflow.name, RUN_TIMEOUT)
+    types, outputs = comfyui_server.run_prompt(prompt, workflow.name, RUN_TIMEOUT)
     assert "progress" in types, f"{workflow.name}: no progress message; saw {sorted(set(types))}"
     save_nodes = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
     for nid in save_nodes:
@@ -166,8 +104,8 @@ def test_interrupt_stops_a_long_run(comfyui_server):
             interrupted["sent"] = True
 
     try:
-        prompt_id = _queue(comfyui_server, prompt, client_id)
-        seen = _follow(comfyui_server, ws, prompt_id, time.monotonic() + RUN_TIMEOUT, on_message)
+        prompt_id = comfyui_server.queue(prompt, client_id)
+        seen = comfyui_server.follow(ws, prompt_id, time.monotonic() + RUN_TIMEOUT, on_message)
     finally:
         ws.close()
     assert interrupted["sent"], "the renderer never reported progress"
@@ -182,10 +120,6 @@ def test_interrupt_stops_a_long_run(comfyui_server):
 
 # --- the shipped example workflows (workflows/, API copies in tests/workflows/shipped/) ---
 
-SHIPPED_API = Path(__file__).resolve().parent / "workflows" / "shipped"
-SHIPPED_RUN_TIMEOUT = float(os.environ.get("NUWA_WORKFLOW_TIMEOUT", "900"))
-
-
 def _shipped_file(env: str, name: str) -> Path | None:
     """The shipped default model/image in models/nuwa/, or a stand-in named by an env variable."""
     value = os.environ.get(env)
@@ -197,7 +131,6 @@ def _shipped_file(env: str, name: str) -> Path | None:
 def shipped_server(comfyui_server):
     """The server, with the shipped model reachable and the shipped image in its input folder."""
     import shutil
-    from test_workflows import DEFAULT_IMAGE, DEFAULT_MODEL
     model = _shipped_file("NUWA_WORKFLOW_MODEL", DEFAULT_MODEL)
     if model is None:
         pytest.skip(f"models/nuwa/{DEFAULT_MODEL} is absent (set NUWA_WORKFLOW_MODEL to use another bundle)")
@@ -214,10 +147,9 @@ def shipped_server(comfyui_server):
 
 def test_shipped_workflows_match_object_info(comfyui_server):
     """Every node of every shipped workflow exists in the live server, and the stock nodes'
-    sockets and widgets are what tests/test_workflows.py's allow-list says."""
-    from test_workflows import CORE_NODES
+    sockets and widgets are what tests/_workflows.py's allow-list says."""
     info = comfyui_server.get("/object_info")
-    shipped = sorted(SHIPPED_API.glob("*.json"))
+    shipped = sorted(API_DIR.glob("*.json"))
     assert shipped
     for path in shipped:
         for nid, node in json.loads(path.read_text()).items():
@@ -245,9 +177,9 @@ def test_shipped_workflow_runs(shipped_server, name):
     (text_to_image_wide needs a text-conditioned model and a CLIP checkpoint: never run here.)"""
     from PIL import Image
     server = shipped_server
-    prompt = json.loads((SHIPPED_API / f"{name}.json").read_text())
+    prompt = json.loads((API_DIR / f"{name}.json").read_text())
     start = time.monotonic()
-    types, outputs = run_prompt(server, prompt, name, SHIPPED_RUN_TIMEOUT)
+    types, outputs = server.run_prompt(prompt, name, SHIPPED_RUN_TIMEOUT)
     print(f"{name}: ran in {time.monotonic() - start:.1f}s")
     saved = [outputs[nid]["images"] for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
     assert saved and all(saved), f"{name}: SaveImage produced nothing: {outputs}"
@@ -324,7 +256,6 @@ def test_frontend_loads_shipped_workflows(comfyui_server, tmp_path):
     (NUWA_PLAYWRIGHT_CORE=path/to/node_modules/playwright-core) or chromium (NUWA_CHROMIUM)."""
     import shutil
     import subprocess
-    from test_workflows import UI_DIR
     chromium = os.environ.get("NUWA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(chromium).is_file():
         pytest.skip("chromium is not installed (Debian package `chromium`, or set NUWA_CHROMIUM)")
@@ -345,7 +276,7 @@ def test_frontend_loads_shipped_workflows(comfyui_server, tmp_path):
         missing_dialogs = [d for d in result["dialogs"] if "missing" in d.lower()]
         assert not missing_dialogs, f"{path.name}: {missing_dialogs}"
         prompt = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in result["prompt"].items()}
-        expected = json.loads((SHIPPED_API / path.name).read_text())
+        expected = json.loads((API_DIR / path.name).read_text())
         assert prompt == expected, f"{path.name}: the frontend converts it to\n{json.dumps(prompt, indent=1)}"
 
 
@@ -359,32 +290,16 @@ def _xl_frames(prompt: dict) -> int:
     raise AssertionError("no NUWA-XL Coarse-to-Fine or Empty Latent Video in the workflow")
 
 
-def run_xl_workflow(server, name: str) -> tuple[list[str], Path]:
-    """Run a shipped NUWA-XL workflow's API copy; (websocket message types, its saved animated WEBP).
-    Also used by tests/make_thumbnails.py --comfyui."""
-    prompt = json.loads((SHIPPED_API / f"{name}.json").read_text())
-    types, outputs = run_prompt(server, prompt, name, SHIPPED_RUN_TIMEOUT)
-    saved = [o["images"] for nid, o in outputs.items() if prompt[nid]["class_type"] == "SaveAnimatedWEBP"]
-    assert saved and saved[0], f"{name}: SaveAnimatedWEBP produced nothing: {outputs}"
-    return types, server.base / "output" / saved[0][0]["subfolder"] / saved[0][0]["filename"]
-
-
-def _xl_workflow_names() -> list[str]:
-    from test_workflows import XL_WORKFLOWS
-    return list(XL_WORKFLOWS)
-
-
-@pytest.mark.parametrize("name", _xl_workflow_names())
+@pytest.mark.parametrize("name", list(XL_WORKFLOWS))
 def test_shipped_xl_workflow_runs(comfyui_server, name):
     """The NUWA-XL workflows (Coarse-to-Fine; stock KSampler per level) run on the shipped default XL model
     (models/nuwa_xl) and save an animated WEBP with every frame of the tree."""
-    from conftest import animated_frames
     if not (REPO / "models" / "nuwa_xl" / "mtd_default.safetensors").is_file():
         pytest.skip("models/nuwa_xl/mtd_default.safetensors is absent")
     start = time.monotonic()
     types, webp = run_xl_workflow(comfyui_server, name)
     print(f"{name}: ran in {time.monotonic() - start:.1f}s")
     assert "progress" in types
-    prompt = json.loads((SHIPPED_API / f"{name}.json").read_text())
+    prompt = json.loads((API_DIR / f"{name}.json").read_text())
     frames = animated_frames(webp)  # merged identical frames counted by their duration
     assert len(frames) == _xl_frames(prompt), (len(frames), _xl_frames(prompt))

@@ -4,7 +4,6 @@ import torch
 from _tiny import tiny_model
 from nuwa_core import memory
 from nuwa_core.infinity import generation
-from nuwa_core.infinity.arbitrary_direction_controller import Order
 from nuwa_core.checkpoint import CheckpointError
 from nuwa_core.infinity.canvas import CanvasState
 from nuwa_core.infinity.generation import NuwaInfinity

@@ -1,6 +1,5 @@
 """The repository root imports as a ComfyUI pack with ComfyUI absent; nuwa_core never imports ComfyUI."""
 import ast
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path

@@ -9,7 +9,7 @@ from nuwa_core import train
 from nuwa_core.training import loop
 from nuwa_core.checkpoint import CheckpointError
 from nuwa_core.training.perceptual_loss import LPIPS, load_lpips
-from test_train import _image, _vq_args
+from _training import vqgan_args, write_image
 
 # lpips.LPIPS(net='vgg').state_dict() without its `lins.N` duplicates: torchvision vgg16().features
 # indices of the 13 convolutions, in five slices; one bias-free 1x1 head per slice
@@ -58,16 +58,16 @@ def test_wrong_layout_names_the_missing_keys(tmp_path):
 
 
 def test_vqgan_trains_with_lpips(tmp_path):
-    img = _image(tmp_path / "a.png")
+    img = write_image(tmp_path / "a.png")
     weights = _random_lpips_file(tmp_path / "lpips.safetensors")
     torch.set_num_threads(1)
-    res = train.main(_vq_args(img, tmp_path / "v.safetensors", "--steps", "2", "--lpips", str(weights),
-                              "--lpips-weight", "0.5"))
+    res = train.main(vqgan_args(img, tmp_path / "v.safetensors", "--steps", "2", "--lpips", str(weights),
+                                "--lpips-weight", "0.5"))
     assert res["step"] == 2 and res["lpips"] > 0 and (tmp_path / "v.safetensors").is_file()
     with pytest.raises(loop.TrainingError, match="lpips"):  # another loss: not the same run
-        train.main(_vq_args(img, tmp_path / "v.safetensors", "--steps", "3", "--resume"))
+        train.main(vqgan_args(img, tmp_path / "v.safetensors", "--steps", "3", "--resume"))
     with pytest.raises(CheckpointError, match="not found"):
-        train.main(_vq_args(img, tmp_path / "w.safetensors", "--steps", "1", "--lpips", str(tmp_path / "none.pth")))
+        train.main(vqgan_args(img, tmp_path / "w.safetensors", "--steps", "1", "--lpips", str(tmp_path / "none.pth")))
 
 
 def test_matches_the_lpips_package(tmp_path):

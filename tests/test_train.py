@@ -8,57 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from nuwa_core.infinity import arbitrary_direction_controller as adc
 from nuwa_core import train
 from nuwa_core.training import data, loop, renderer as renderer_stage
-from nuwa_core.checkpoint import atomic_write, load_state_dict
+from nuwa_core.checkpoint import atomic_write
 from nuwa_core.infinity.renderer import Renderer, RendererConfig
 from nuwa_core.infinity.vqgan import VQModel, get_config, load_vqgan, save_vqgan
 
+from _training import renderer_args, trained_weights, vqgan_args, write_image
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _image(path: Path, w=64, h=32, seed=0, mode="RGB"):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([np.sin(xx / 5.0 + c) * 0.5 + 0.5 + 0.1 * np.cos(yy / 3.0) for c in range(3)], -1)
-    arr = (np.clip(base + 0.05 * rng.standard_normal(base.shape), 0, 1) * 255).astype(np.uint8)
-    img = Image.fromarray(arr)
-    if mode == "RGBA":
-        img = img.convert("RGBA")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
 
 
 def _tiny_renderer(decoder="ar", vocab=64):
     torch.manual_seed(0)
     return Renderer(RendererConfig(vocab_size=vocab, patch_size=(1, 2, 2), n_layer=1, n_head=2, d_model=32,
                                    extent=(0, 1, 1), decoder=decoder))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tok") / "tiny_vq.safetensors"
-    save_vqgan(VQModel(get_config("tiny")), path)
-    return path
-
-
-def _vq_args(img, out, *extra):
-    return ["vqgan", "--images", str(img), "--out", str(out), "--preset", "tiny", "--crop", "16", "--batch", "2",
-            "--warmup", "2", "--disc-start", "2", "--restart-every", "3", "--quiet", "--save-every", "0", *extra]
-
-
-def _r_args(img, tok, out, *extra):
-    return ["renderer", "--images", str(img), "--tokenizer", str(tok), "--out", str(out), "--layers", "1",
-            "--heads", "2", "--dim", "32", "--patch", "2x2", "--extent", "0,1,1", "--sample-patches", "2x2",
-            "--batch", "2", "--warmup", "2", "--quiet", "--save-every", "0", *extra]
 
 
 # ---- render-and-optimize ----------------------------------------------------------------------
@@ -127,38 +95,34 @@ def test_rotation_keeps_a_wide_strips_horizon_level():
 
 # ---- whole runs, resume, checkpoints -----------------------------------------------------------
 
-def _weights(out: Path):
-    return load_state_dict(loop.train_paths(out)[0])[0]
-
-
 def test_vqgan_resume_equals_one_run(tmp_path):
-    img = _image(tmp_path / "a.png")
+    img = write_image(tmp_path / "a.png")
     torch.set_num_threads(1)
-    res = train.main(_vq_args(img, tmp_path / "one.safetensors", "--steps", "6", "--one-shot"))
+    res = train.main(vqgan_args(img, tmp_path / "one.safetensors", "--steps", "6", "--one-shot"))
     assert res["step"] == 6 and (tmp_path / "one.safetensors").is_file()
-    train.main(_vq_args(img, tmp_path / "two.safetensors", "--steps", "3", "--one-shot"))
-    train.main(_vq_args(img, tmp_path / "two.safetensors", "--steps", "6", "--one-shot", "--resume"))
-    a, b = _weights(tmp_path / "one.safetensors"), _weights(tmp_path / "two.safetensors")
+    train.main(vqgan_args(img, tmp_path / "two.safetensors", "--steps", "3", "--one-shot"))
+    train.main(vqgan_args(img, tmp_path / "two.safetensors", "--steps", "6", "--one-shot", "--resume"))
+    a, b = trained_weights(tmp_path / "one.safetensors"), trained_weights(tmp_path / "two.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
 def test_decoder_finetune_keeps_the_tokens_and_swaps_into_a_bundle(tmp_path, tokenizer):
-    img = _image(tmp_path / "a.png")
+    img = write_image(tmp_path / "a.png")
     torch.set_num_threads(1)
     with pytest.raises(loop.TrainingError, match="--init"):
-        train.main(_vq_args(img, tmp_path / "x.safetensors", "--steps", "1", "--train", "decoder"))
+        train.main(vqgan_args(img, tmp_path / "x.safetensors", "--steps", "1", "--train", "decoder"))
     dec = tmp_path / "dec.safetensors"
-    train.main(_vq_args(img, dec, "--steps", "4", "--lr", "1e-2", "--train", "decoder", "--init", str(tokenizer),
-                        "--save-dtype", "fp32"))
+    train.main(vqgan_args(img, dec, "--steps", "4", "--lr", "1e-2", "--train", "decoder", "--init", str(tokenizer),
+                          "--save-dtype", "fp32"))
     before, after = load_vqgan(tokenizer).state_dict(), load_vqgan(dec).state_dict()
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv.", "quantize."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
 
     bundle = tmp_path / "r.safetensors"
-    train.main(_r_args(img, tokenizer, bundle, "--steps", "1", "--save-dtype", "fp32"))
+    train.main(renderer_args(img, tokenizer, bundle, "--steps", "1", "--save-dtype", "fp32"))
     train.main(["bundle", "--model", str(bundle), "--tokenizer", str(dec), "--out", str(tmp_path / "swapped.safetensors")])
     from nuwa_core.infinity.generation import NuwaInfinity
     old, new = NuwaInfinity.load(bundle), NuwaInfinity.load(tmp_path / "swapped.safetensors")
@@ -172,20 +136,20 @@ def test_decoder_finetune_keeps_the_tokens_and_swaps_into_a_bundle(tmp_path, tok
 
     # a tokenizer trained whole makes other tokens: refused, saying why
     full = tmp_path / "full.safetensors"
-    train.main(_vq_args(img, full, "--steps", "2", "--lr", "1e-2", "--init", str(tokenizer), "--save-dtype", "fp32"))
+    train.main(vqgan_args(img, full, "--steps", "2", "--lr", "1e-2", "--init", str(tokenizer), "--save-dtype", "fp32"))
     with pytest.raises(loop.TrainingError, match="other tokens"):
         train.main(["bundle", "--model", str(bundle), "--tokenizer", str(full), "--out", str(tmp_path / "bad.safetensors")])
     assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_renderer_resume_equals_one_run_and_bundle_loads(tmp_path, tokenizer):
-    img = _image(tmp_path / "a.png")
+    img = write_image(tmp_path / "a.png")
     torch.set_num_threads(1)
-    res = train.main(_r_args(img, tokenizer, tmp_path / "one.safetensors", "--steps", "4", "--one-shot"))
+    res = train.main(renderer_args(img, tokenizer, tmp_path / "one.safetensors", "--steps", "4", "--one-shot"))
     assert res["optimizer_steps"] == 4 * 4  # 2x2 patches per sample, one step each
-    train.main(_r_args(img, tokenizer, tmp_path / "two.safetensors", "--steps", "2", "--one-shot"))
-    train.main(_r_args(img, tokenizer, tmp_path / "two.safetensors", "--steps", "4", "--one-shot", "--resume"))
-    a, b = _weights(tmp_path / "one.safetensors"), _weights(tmp_path / "two.safetensors")
+    train.main(renderer_args(img, tokenizer, tmp_path / "two.safetensors", "--steps", "2", "--one-shot"))
+    train.main(renderer_args(img, tokenizer, tmp_path / "two.safetensors", "--steps", "4", "--one-shot", "--resume"))
+    a, b = trained_weights(tmp_path / "one.safetensors"), trained_weights(tmp_path / "two.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
     from nuwa_core.infinity.generation import NuwaInfinity
@@ -197,57 +161,58 @@ def test_renderer_resume_equals_one_run_and_bundle_loads(tmp_path, tokenizer):
 
 
 def test_renderer_init_fine_tunes_a_bundle_and_refuses_one_that_does_not_fit(tmp_path, tokenizer):
-    img = _image(tmp_path / "a.png")
+    img = write_image(tmp_path / "a.png")
     torch.set_num_threads(1)
     base = tmp_path / "base.safetensors"
-    train.main(_r_args(img, tokenizer, base, "--steps", "2", "--save-dtype", "fp32"))
+    train.main(renderer_args(img, tokenizer, base, "--steps", "2", "--save-dtype", "fp32"))
     from nuwa_core.infinity.generation import NuwaInfinity
     want = NuwaInfinity.load(base).renderer.state_dict()
     # lr 0: the run's weights are exactly where it started
-    train.main(_r_args(img, tokenizer, tmp_path / "ft.safetensors", "--steps", "1", "--lr", "0", "--init", str(base),
-                       "--save-dtype", "fp32"))
+    train.main(renderer_args(img, tokenizer, tmp_path / "ft.safetensors", "--steps", "1", "--lr", "0",
+                             "--init", str(base), "--save-dtype", "fp32"))
     got = NuwaInfinity.load(tmp_path / "ft.safetensors").renderer.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
-    train.main(_r_args(img, tokenizer, tmp_path / "fresh.safetensors", "--steps", "1", "--lr", "0", "--seed", "3",
-                       "--save-dtype", "fp32"))
+    train.main(renderer_args(img, tokenizer, tmp_path / "fresh.safetensors", "--steps", "1", "--lr", "0", "--seed", "3",
+                             "--save-dtype", "fp32"))
     fresh = NuwaInfinity.load(tmp_path / "fresh.safetensors").renderer.state_dict()
     assert not all(torch.equal(want[k], fresh[k]) for k in want)
 
     with pytest.raises(loop.TrainingError, match="d_model"):
-        train.main(_r_args(img, tokenizer, tmp_path / "x.safetensors", "--steps", "1", "--init", str(base), "--dim", "64"))
+        train.main(renderer_args(img, tokenizer, tmp_path / "x.safetensors", "--steps", "1", "--init", str(base),
+                                 "--dim", "64"))
     torch.manual_seed(1)
     other = tmp_path / "other_vq.safetensors"
     save_vqgan(VQModel(get_config("tiny")), other)
     with pytest.raises(loop.TrainingError, match="other tokens"):
-        train.main(_r_args(img, other, tmp_path / "y.safetensors", "--steps", "1", "--init", str(base)))
+        train.main(renderer_args(img, other, tmp_path / "y.safetensors", "--steps", "1", "--init", str(base)))
 
 
 def test_accumulate_counts_one_step_per_sample(tmp_path, tokenizer):
-    img = _image(tmp_path / "a.png")
-    res = train.main(_r_args(img, tokenizer, tmp_path / "acc.safetensors", "--steps", "3", "--accumulate"))
+    img = write_image(tmp_path / "a.png")
+    res = train.main(renderer_args(img, tokenizer, tmp_path / "acc.safetensors", "--steps", "3", "--accumulate"))
     assert res["optimizer_steps"] == 3
 
 
 def test_resume_with_another_config_is_refused_naming_it(tmp_path, tokenizer):
-    img = _image(tmp_path / "a.png")
-    train.main(_r_args(img, tokenizer, tmp_path / "r.safetensors", "--steps", "1"))
+    img = write_image(tmp_path / "a.png")
+    train.main(renderer_args(img, tokenizer, tmp_path / "r.safetensors", "--steps", "1"))
     with pytest.raises(loop.TrainingError, match="d_model"):
-        train.main(_r_args(img, tokenizer, tmp_path / "r.safetensors", "--steps", "2", "--resume", "--dim", "64"))
+        train.main(renderer_args(img, tokenizer, tmp_path / "r.safetensors", "--steps", "2", "--resume", "--dim", "64"))
     with pytest.raises(loop.TrainingError, match="no training checkpoint"):
-        train.main(_r_args(img, tokenizer, tmp_path / "none.safetensors", "--steps", "2", "--resume"))
+        train.main(renderer_args(img, tokenizer, tmp_path / "none.safetensors", "--steps", "2", "--resume"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer):
-    img = _image(tmp_path / "a.png")
+    img = write_image(tmp_path / "a.png")
     out = tmp_path / "n.safetensors"
-    args = _r_args(img, tokenizer, out, "--steps", "10", "--debug-nan-at", "3")
+    args = renderer_args(img, tokenizer, out, "--steps", "10", "--debug-nan-at", "3")
     args[args.index("--save-every") + 1] = "2"
     with pytest.raises(loop.TrainingDiverged, match=r"step 3.*last good checkpoint.*step 2"):
         train.main(args)
     state = torch.load(loop.train_paths(out)[1], weights_only=True)
     assert state["step"] == 2
     assert not out.exists()  # no model written from a diverged run
-    v = _vq_args(img, tmp_path / "v.safetensors", "--steps", "5", "--debug-nan-at", "1")
+    v = vqgan_args(img, tmp_path / "v.safetensors", "--steps", "5", "--debug-nan-at", "1")
     with pytest.raises(loop.TrainingDiverged, match="NaN"):
         train.main(v)
 
@@ -271,22 +236,22 @@ def test_bad_inputs_name_the_problem(tmp_path, tokenizer):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(loop.TrainingError, match="no image files"):
-        train.main(_vq_args(empty, tmp_path / "x.safetensors", "--steps", "1"))
+        train.main(vqgan_args(empty, tmp_path / "x.safetensors", "--steps", "1"))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "bad.png").write_bytes(b"not a png")
     with pytest.raises(loop.TrainingError, match="bad.png"):
-        train.main(_vq_args(broken, tmp_path / "x.safetensors", "--steps", "1"))
-    small = _image(tmp_path / "small" / "s.png", w=6, h=6)
+        train.main(vqgan_args(broken, tmp_path / "x.safetensors", "--steps", "1"))
+    small = write_image(tmp_path / "small" / "s.png", w=6, h=6)
     with pytest.raises(loop.TrainingError, match="s.png.*smaller than"):
-        train.main(_r_args(small, tokenizer, tmp_path / "x.safetensors", "--steps", "1"))
+        train.main(renderer_args(small, tokenizer, tmp_path / "x.safetensors", "--steps", "1"))
     with pytest.raises(loop.TrainingError, match="no such file"):
-        train.main(_vq_args(tmp_path / "missing", tmp_path / "x.safetensors", "--steps", "1"))
-    assert train.cli(_vq_args(empty, tmp_path / "x.safetensors", "--steps", "1")) == 2
+        train.main(vqgan_args(tmp_path / "missing", tmp_path / "x.safetensors", "--steps", "1"))
+    assert train.cli(vqgan_args(empty, tmp_path / "x.safetensors", "--steps", "1")) == 2
 
 
 def test_rgba_images_are_composited(tmp_path):
-    img = _image(tmp_path / "rgba.png", mode="RGBA")
+    img = write_image(tmp_path / "rgba.png", mode="RGBA")
     (x,) = data.load_images(str(img))
     assert x.shape == (3, 32, 64)
 
@@ -300,9 +265,9 @@ def _env():
 def test_sigterm_saves_before_exiting(tmp_path, tokenizer):
     import signal
     import time
-    img = _image(tmp_path / "a.png")
+    img = write_image(tmp_path / "a.png")
     out = tmp_path / "s.safetensors"
-    args = _r_args(img, tokenizer, out, "--steps", "100000")
+    args = renderer_args(img, tokenizer, out, "--steps", "100000")
     args[args.index("--save-every") + 1] = "1"
     proc = subprocess.Popen([sys.executable, "-m", "nuwa_core.train", *args],
                             cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
@@ -321,11 +286,11 @@ def test_sigterm_saves_before_exiting(tmp_path, tokenizer):
                     reason="torchrun not found")
 @pytest.mark.parametrize("stage", ["renderer", "vqgan"])
 def test_two_process_ddp_keeps_replicas_identical(tmp_path, tokenizer, stage):
-    img = _image(tmp_path / "a.png")
+    img = write_image(tmp_path / "a.png")
     out = tmp_path / "ddp.safetensors"
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    args = (_r_args(img, tokenizer, out, "--steps", "2", "--debug-dump-replicas") if stage == "renderer" else
-            _vq_args(img, out, "--steps", "4", "--debug-dump-replicas"))  # disc on from step 2, restart at 3
+    args = (renderer_args(img, tokenizer, out, "--steps", "2", "--debug-dump-replicas") if stage == "renderer" else
+            vqgan_args(img, out, "--steps", "4", "--debug-dump-replicas"))  # disc on from step 2, restart at 3
     cmd = [torchrun, "--nproc_per_node=2", "--master_port=29517", "-m", "nuwa_core.train", *args]
     res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -336,9 +301,9 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path, tokenizer, stage):
 
 
 def test_token_bank_with_wrap_trains(tmp_path, tokenizer):
-    img = _image(tmp_path / "a.png")
-    res = train.main(_r_args(img, tokenizer, tmp_path / "b.safetensors", "--steps", "2", "--one-shot",
-                             "--token-bank", "3", "--wrap"))
+    img = write_image(tmp_path / "a.png")
+    res = train.main(renderer_args(img, tokenizer, tmp_path / "b.safetensors", "--steps", "2", "--one-shot",
+                                   "--token-bank", "3", "--wrap"))
     assert res["optimizer_steps"] == 8
     bank = [torch.arange(12).view(2, 6)]
     crops = renderer_stage.token_crops(bank, 20, (2, 4), torch.Generator().manual_seed(0), wrap=True)

@@ -1,7 +1,6 @@
 """weights.json manifest and nuwa_core.weights: schema, verification, lookup errors, atomic fetch."""
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 

@@ -2,8 +2,8 @@
 
 Runs without ComfyUI and in seconds. For every shipped workflow:
 - every node type is one of ours (NODE_CLASS_MAPPINGS) or a stock ComfyUI node of the small
-  allow-list below, whose sockets and widget names are spelled out here (the real-server test
-  checks the allow-list against a live /object_info);
+  allow-list CORE_NODES in tests/_workflows.py, whose sockets and widget names are spelled out there
+  (the real-server test checks the allow-list against a live /object_info);
 - `widgets_values` match the node's widgets in order, type, min/max/step and combo choices,
   including the frontend's extra `control_after_generate` value after seed widgets and the
   LoadImage upload button;
@@ -16,75 +16,21 @@ Regenerate the API copies after editing a UI workflow:  python tests/test_workfl
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-# ComfyUI serves a pack's `workflows/` in Workflow -> Browse Templates (it prefers the name
-# `example_workflows/` and logs a hint, but this project's layout keeps `workflows/`).
-UI_DIR = REPO / "workflows"
-API_DIR = Path(__file__).resolve().parent / "workflows" / "shipped"
-DEFAULT_MODEL = "nuwa_infinity_default.safetensors"
-DEFAULT_IMAGE = "nuwa_infinity_default.png"  # models/nuwa/, copied into ComfyUI's input folder
-# workflows that run on the shipped default model (the text one needs a text-conditioned model)
-RUNS_ON_DEFAULT_MODEL = ("outpaint_spiral", "infinite_panorama")
-EXPECTED = ("outpaint_spiral", "infinite_panorama", "text_to_image_wide", "nuwa_xl_long_video", "nuwa_xl_ksampler")
-# NUWA-XL: its own loader and model files; run on the shipped default XL model (models/nuwa_xl) by the real-server
-# test, and their thumbnails come from such a run (python tests/make_thumbnails.py --comfyui)
-XL_WORKFLOWS = ("nuwa_xl_long_video", "nuwa_xl_ksampler")
-# the stock KSampler's sampler and scheduler names a shipped workflow may use (the real-server test checks that the
-# live server offers them)
-KSAMPLER_SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_sde", "ddim", "uni_pc"]
-KSAMPLER_SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
+from _pack import import_pack
+from _workflows import API_DIR, CORE_NODES, DEFAULT_IMAGE, DEFAULT_MODEL, EXPECTED, UI_DIR, XL_WORKFLOWS
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 SEED_WIDGET_NAMES = ("seed", "noise_seed")  # the frontend adds control_after_generate to these
 
-# Stock ComfyUI nodes the shipped workflows may use: sockets in, widgets (name, spec), sockets out.
-# "file" combos list files on the user's machine, so any string passes; "upload" is the
-# frontend's image-upload button, stored in widgets_values but not sent to the server.
-CORE_NODES = {
-    "LoadImage": {"inputs": [], "widgets": [("image", ("file", {})), ("upload", ("upload", {"value": "image"}))],
-                  "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")]},
-    "SaveImage": {"inputs": [("images", "IMAGE")], "widgets": [("filename_prefix", ("STRING", {}))], "outputs": []},
-    "PreviewImage": {"inputs": [("images", "IMAGE")], "widgets": [], "outputs": []},
-    "CLIPTextEncode": {"inputs": [("clip", "CLIP")], "widgets": [("text", ("STRING", {"multiline": True}))],
-                       "outputs": [("CONDITIONING", "CONDITIONING")]},
-    "SaveAnimatedWEBP": {"inputs": [("images", "IMAGE")],
-                         "widgets": [("filename_prefix", ("STRING", {})),
-                                     ("fps", ("FLOAT", {"min": 0.01, "max": 1000.0, "step": 0.01})),
-                                     ("lossless", ("BOOLEAN", {})), ("quality", ("INT", {"min": 0, "max": 100})),
-                                     ("method", (["default", "fastest", "slowest"], {}))],
-                         "outputs": []},
-    "KSampler": {"inputs": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                            ("latent_image", "LATENT")],
-                 "widgets": [("seed", ("INT", {"min": 0, "max": 0xffffffffffffffff, "control_after_generate": True})),
-                             ("steps", ("INT", {"min": 1, "max": 10000})),
-                             ("cfg", ("FLOAT", {"min": 0.0, "max": 100.0, "step": 0.1})),
-                             ("sampler_name", (KSAMPLER_SAMPLERS, {})), ("scheduler", (KSAMPLER_SCHEDULERS, {})),
-                             ("denoise", ("FLOAT", {"min": 0.0, "max": 1.0, "step": 0.01}))],
-                 "outputs": [("LATENT", "LATENT")]},
-    "CheckpointLoaderSimple": {"inputs": [], "widgets": [("ckpt_name", ("file", {}))],
-                               "outputs": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]},
-}
 # frontend-only nodes: shown in the graph, never sent to the server
 VIRTUAL_NODES = {"Note": [("text", ("STRING", {}))], "MarkdownNote": [("text", ("STRING", {}))]}
-
-
-def pack_mappings() -> dict:
-    name = "_nuwa_pack_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name].NODE_CLASS_MAPPINGS
 
 
 def _is_widget(spec) -> bool:
@@ -98,7 +44,7 @@ def node_spec(node_type: str) -> dict:
         return CORE_NODES[node_type]
     if node_type in VIRTUAL_NODES:
         return {"inputs": [], "widgets": VIRTUAL_NODES[node_type], "outputs": []}
-    mappings = pack_mappings()
+    mappings = import_pack().NODE_CLASS_MAPPINGS
     if node_type not in mappings:
         raise KeyError(f"unknown node type {node_type!r}: neither ours ({sorted(mappings)}) "
                        f"nor an allowed core node ({sorted(CORE_NODES)})")

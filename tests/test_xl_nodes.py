@@ -1,58 +1,15 @@
 """NUWA-XL node functions with ComfyUI absent, on tiny random models (CPU, no downloads)."""
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from nuwa_core.xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
-from nuwa_core.xl.t_klvae import TKLVAE, TKLVAEConfig, save_t_klvae
-from nuwa_core.xl.model import save_mtd_xl
+from _pack import import_pack, node
+from _xl import load_xl, xl_cond
 
 REPO = Path(__file__).resolve().parent.parent
 XL_IDS = ("NUWAXLModelLoader", "NUWAXLGlobalDiffusion", "NUWAXLLocalDiffusion", "NUWAXLCoarseToFine", "NUWAXLDecode")
-
-
-@pytest.fixture(scope="module")
-def pack():
-    name = "_nuwa_pack_nodes_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name].NODE_CLASS_MAPPINGS
-
-
-def _node(pack, node_id):
-    cls = pack[node_id]
-    return getattr(cls(), cls.FUNCTION)
-
-
-def _save_tiny(folder: Path, prompts: str, context_dim: int = 8, suffix: str = ""):
-    torch.manual_seed(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_t_klvae(TKLVAE(TKLVAEConfig.tiny()), folder / f"vae{suffix}.safetensors")
-    info = {"role": "both", "L": 3, "depth": 2, "prompts": prompts, "fps": 6.0, "width": 16, "height": 16}
-    save_mtd_xl(MaskTemporalDiffusion(MTDConfig.tiny(context_dim=context_dim)), folder / f"mtd{suffix}.safetensors",
-                info)
-
-
-@pytest.fixture()
-def models_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("NUWA_MODELS_DIR", str(tmp_path))
-    _save_tiny(tmp_path / "nuwa_xl", "none")
-    _save_tiny(tmp_path / "nuwa", "text", suffix="_text")
-    return tmp_path
-
-
-def _load(pack, vae="vae.safetensors", mtd="mtd.safetensors", local="(same as global)"):
-    return _node(pack, "NUWAXLModelLoader")(vae, mtd, local)[0]
-
-
-def _cond(n_prompts, width=8, tokens=4, batch=1):
-    return [[torch.randn(batch, tokens, width), {"pooled_output": torch.randn(batch, width)}] for _ in range(n_prompts)]
 
 
 def test_nodes_are_registered_in_the_xl_category(pack):
@@ -67,76 +24,76 @@ def test_loader_lists_files_by_kind_default_first_and_names_folders(pack, models
     assert vaes[0] == "t_klvae_default.safetensors" and {"vae.safetensors", "vae_text.safetensors"} <= set(vaes)
     assert mtds[0] == "mtd_default.safetensors" and "mtd_text.safetensors" in mtds and "vae.safetensors" not in mtds
     assert locals_[0] == "(same as global)"
-    model = _load(pack)
+    model = load_xl(pack)
     assert model.global_mtd is model.local_mtd and not model.takes_prompts and model.fps == 6.0
-    two = _load(pack, mtd="mtd.safetensors", local="mtd_text.safetensors")
+    two = load_xl(pack, mtd="mtd.safetensors", local="mtd_text.safetensors")
     assert two.global_mtd is not two.local_mtd
     with pytest.raises(FileNotFoundError) as info:
-        _load(pack, mtd="absent.safetensors")
+        load_xl(pack, mtd="absent.safetensors")
     assert "absent.safetensors" in str(info.value) and str(models_dir / "nuwa_xl") in str(info.value)
     with pytest.raises(ValueError, match="not a Mask Temporal Diffusion"):
-        _load(pack, mtd="vae.safetensors")
+        load_xl(pack, mtd="vae.safetensors")
 
 
 def test_shipped_default_is_found_without_setup(pack, monkeypatch):
     monkeypatch.delenv("NUWA_MODELS_DIR", raising=False)
     if not (REPO / "models" / "nuwa_xl" / "mtd_default.safetensors").is_file():
         pytest.skip("the default XL model is not in this checkout")
-    model = _load(pack, "t_klvae_default.safetensors", "mtd_default.safetensors")
+    model = load_xl(pack, "t_klvae_default.safetensors", "mtd_default.safetensors")
     assert model.info["L"] >= 3
 
 
 def test_coarse_to_fine_makes_the_whole_tree(pack, models_dir):
-    model = _load(pack)
-    images, fps, latents = _node(pack, "NUWAXLCoarseToFine")(model, 3, 3, 2, 7, 0)
+    model = load_xl(pack)
+    images, fps, latents = node(pack, "NUWAXLCoarseToFine")(model, 3, 3, 2, 7, 0)
     assert images.shape == (9, 16, 16, 3) and 0 <= images.min() and images.max() <= 1 and fps == 6.0
     assert latents["latents"].shape[0] == 9
-    again, _, _ = _node(pack, "NUWAXLCoarseToFine")(model, 3, 3, 2, 7, 2)  # 2 segments per batch: same video
+    again, _, _ = node(pack, "NUWAXLCoarseToFine")(model, 3, 3, 2, 7, 2)  # 2 segments per batch: same video
     assert torch.allclose(again, images, atol=1e-5)
     # unconditional model: a conditioning of any width is ignored
-    ignored, _, _ = _node(pack, "NUWAXLCoarseToFine")(model, 3, 3, 2, 7, 0, _cond(1, width=768))
+    ignored, _, _ = node(pack, "NUWAXLCoarseToFine")(model, 3, 3, 2, 7, 0, xl_cond(1, width=768))
     assert torch.equal(ignored, images)
 
 
 def test_global_local_decode_chain_equals_the_tree(pack, models_dir):
-    model = _load(pack, "vae_text.safetensors", "mtd_text.safetensors")
-    cond = _cond(3)
-    (keys,) = _node(pack, "NUWAXLGlobalDiffusion")(model, 3, 2, 5, 2, cond)
+    model = load_xl(pack, "vae_text.safetensors", "mtd_text.safetensors")
+    cond = xl_cond(3)
+    (keys,) = node(pack, "NUWAXLGlobalDiffusion")(model, 3, 2, 5, 2, cond)
     assert keys["latents"].shape[0] == 3 and keys["frames_apart"] == 2.0
-    (filled,) = _node(pack, "NUWAXLLocalDiffusion")(model, keys, 3, 2, 5, 0)
+    (filled,) = node(pack, "NUWAXLLocalDiffusion")(model, keys, 3, 2, 5, 0)
     assert filled["latents"].shape[0] == 5 and torch.equal(filled["latents"][::2], keys["latents"])
-    images, fps = _node(pack, "NUWAXLDecode")(model, filled)
+    images, fps = node(pack, "NUWAXLDecode")(model, filled)
     assert images.shape == (5, 16, 16, 3) and fps == 6.0
-    _, key_fps = _node(pack, "NUWAXLDecode")(model, keys)
+    _, key_fps = node(pack, "NUWAXLDecode")(model, keys)
     assert key_fps == 3.0
-    one = _node(pack, "NUWAXLCoarseToFine")(model, 3, 2, 2, 5, 0, _cond(1))[0]
+    one = node(pack, "NUWAXLCoarseToFine")(model, 3, 2, 2, 5, 0, xl_cond(1))[0]
     assert one.shape == (5, 16, 16, 3)
 
 
 def test_bad_inputs_give_clear_errors(pack, models_dir):
-    model = _load(pack, "vae_text.safetensors", "mtd_text.safetensors")
-    c2f = _node(pack, "NUWAXLCoarseToFine")
+    model = load_xl(pack, "vae_text.safetensors", "mtd_text.safetensors")
+    c2f = node(pack, "NUWAXLCoarseToFine")
     with pytest.raises(ValueError, match="at least 3"):
         c2f(model, 2, 2, 2, 0, 0)
     with pytest.raises(ValueError, match="depth must be at least 1"):
         c2f(model, 3, 0, 2, 0, 0)
     with pytest.raises(ValueError, match="got 2 prompts; give 1 .* or 3"):
-        c2f(model, 3, 2, 2, 0, 0, _cond(2))
+        c2f(model, 3, 2, 2, 0, 0, xl_cond(2))
     with pytest.raises(ValueError, match="768 wide but this MTD model takes 8-wide"):
-        c2f(model, 3, 2, 2, 0, 0, _cond(1, width=768))
+        c2f(model, 3, 2, 2, 0, 0, xl_cond(1, width=768))
     with pytest.raises(ValueError, match="CLIP Text Encode"):
         c2f(model, 3, 2, 2, 0, 0, "a cat")
-    (keys,) = _node(pack, "NUWAXLGlobalDiffusion")(model, 3, 1, 0, 2)
+    (keys,) = node(pack, "NUWAXLGlobalDiffusion")(model, 3, 1, 0, 2)
     with pytest.raises(ValueError, match="give 1 .* or 3"):
-        _node(pack, "NUWAXLLocalDiffusion")(model, keys, 3, 1, 0, 0, _cond(2))
+        node(pack, "NUWAXLLocalDiffusion")(model, keys, 3, 1, 0, 0, xl_cond(2))
     with pytest.raises(ValueError, match="at least 2 input frames"):
-        _node(pack, "NUWAXLLocalDiffusion")(model, {"latents": keys["latents"][:1]}, 3, 1, 0, 0)
+        node(pack, "NUWAXLLocalDiffusion")(model, {"latents": keys["latents"][:1]}, 3, 1, 0, 0)
     with pytest.raises(ValueError, match="at least 3"):
-        _node(pack, "NUWAXLLocalDiffusion")(model, keys, 2, 1, 0, 0)
+        node(pack, "NUWAXLLocalDiffusion")(model, keys, 2, 1, 0, 0)
 
 
 def test_cancel_is_checked_every_step(pack, models_dir, monkeypatch):
-    xl_nodes = sys.modules["_nuwa_pack_nodes_test.nodes.xl_nodes"]
+    xl_nodes = sys.modules[f"{import_pack().__name__}.nodes.xl_nodes"]
     calls = []
 
     class Interrupted(Exception):
@@ -149,5 +106,5 @@ def test_cancel_is_checked_every_step(pack, models_dir, monkeypatch):
 
     monkeypatch.setattr(xl_nodes._comfy, "check_interrupted", check)
     with pytest.raises(Interrupted):
-        _node(pack, "NUWAXLCoarseToFine")(_load(pack), 3, 2, 2, 0, 0)
+        node(pack, "NUWAXLCoarseToFine")(load_xl(pack), 3, 2, 2, 0, 0)
     assert len(calls) == 3  # steps 1-2 of the global level, then the first local step

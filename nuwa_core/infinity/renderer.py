@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .arbitrary_direction_controller import Coord, Order, RelativePositionEmbedding, local_permutation
 from ..attention import attention
+from .arbitrary_direction_controller import Coord, Order, RelativePositionEmbedding, local_permutation
 
 DECODERS = ("ar", "nar", "pnar")
 

@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from .. import checkpoint
 
@@ -224,14 +225,14 @@ class VectorQuantizer(nn.Module):
     def nearest(self, z: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """z: [B, C, h, w] -> ids [B, h, w]; chunked so N x n_embed distances stay small."""
         B, C, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, C)
+        flat = rearrange(z, "B C h w -> (B h w) C")
         e = self.embedding.weight
         e2 = (e ** 2).sum(1)
         ids = [(e2 - 2 * part @ e.t()).argmin(1) for part in flat.split(chunk)]  # |z|^2 is constant per row
-        return torch.cat(ids).view(B, h, w)
+        return rearrange(torch.cat(ids), "(B h w) -> B h w", B=B, h=h)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [B, h, w] -> [B, C, h, w]
-        return self.embedding(ids).permute(0, 3, 1, 2).contiguous()
+        return rearrange(self.embedding(ids), "B h w C -> B C h w").contiguous()
 
     def forward(self, z):  # z: [B, C, h, w] -> (z_q [B, C, h, w], loss, ids [B, h, w])
         ids = self.nearest(z)

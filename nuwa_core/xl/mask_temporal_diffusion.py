@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .. import checkpoint
-from .t_klvae import TemporalConv, to_frames, from_frames
+from .t_klvae import TemporalConv
 
 KIND = "mask_temporal_diffusion"
 
@@ -131,11 +132,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: [N, n, dim], context: [N, m, context_dim] -> [N, n, dim]
         context = x if context is None else context
-        n, hd = x.shape[0], x.shape[2] // self.heads
-        q, k, v = (t.view(n, -1, self.heads, hd).transpose(1, 2)
+        q, k, v = (rearrange(t, "N n (heads d) -> N heads n d", heads=self.heads)
                    for t in (self.q(x), self.k(context), self.v(context)))
-        y = F.scaled_dot_product_attention(q, k, v)  # [N, heads, n, hd]
-        return self.out(y.transpose(1, 2).reshape(n, -1, self.heads * hd))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(rearrange(y, "N heads n d -> N n (heads d)"))
 
 
 class Transformer(nn.Module):
@@ -154,16 +154,16 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, f: int) -> torch.Tensor:
         # x: [(b f), c, h, w], context: [(b f), n, d]
-        bf, c, hh, ww = x.shape
-        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # [(b f), hw, c]
+        c, hh, ww = x.shape[1:]
+        h = self.proj_in(rearrange(self.norm(x), "bf c h w -> bf (h w) c"))
         h = h + self.sa(self.ln_sa(h))
         h = h + self.pa(self.ln_pa(h), context)
-        t = to_frames(h.transpose(1, 2).reshape(bf, c, hh, ww), f).transpose(1, 2)  # [(b h w), f, c]
+        t = rearrange(h, "(b f) (h w) c -> (b h w) f c", f=f, h=hh)  # every pixel's frames
         pos = sinusoidal_embedding(torch.arange(f, device=x.device), c).to(t.dtype)  # which frame is which
         t = t + self.ta(self.ln_ta(t) + pos)
-        h = from_frames(t.transpose(1, 2), f, hh, ww).flatten(2).transpose(1, 2)  # [(b f), hw, c]
+        h = rearrange(t, "(b h w) f c -> (b f) (h w) c", h=hh, w=ww)
         h = h + self.mlp(self.ln_mlp(h))
-        return x + self.proj_out(h).transpose(1, 2).reshape(bf, c, hh, ww)
+        return x + rearrange(self.proj_out(h), "bf (h w) c -> bf c h w", h=hh)
 
 
 class Layer(nn.Module):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from PIL import Image
 
 from .. import checkpoint
@@ -137,8 +138,7 @@ def contact_sheet(frames: torch.Tensor, cols: int = 0) -> torch.Tensor:
     cols = cols or math.ceil(math.sqrt(n * frames.shape[2] / frames.shape[3]))
     rows = math.ceil(n / cols)
     pad = torch.full((rows * cols - n, *frames.shape[1:]), -1.0, device=frames.device)
-    grid = torch.cat([frames, pad]).view(rows, cols, *frames.shape[1:])
-    return grid.permute(2, 0, 3, 1, 4).reshape(frames.shape[1], rows * frames.shape[2], cols * frames.shape[3]).cpu()
+    return rearrange(torch.cat([frames, pad]), "(rows cols) c h w -> c (rows h) (cols w)", rows=rows).cpu()
 
 
 def save_png(x: torch.Tensor, path) -> None:

@@ -22,6 +22,7 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .. import checkpoint
@@ -75,16 +76,13 @@ def _norm(c: int, groups: int) -> nn.GroupNorm:
 
 
 def to_frames(x: torch.Tensor, f: int) -> torch.Tensor:
-    """[(b f), c, h, w] -> [(b h w), c, f]"""
-    bf, c, h, w = x.shape
-    return x.view(bf // f, f, c, h, w).permute(0, 3, 4, 2, 1).reshape(-1, c, f)
+    """Every pixel's sequence of frames, for the temporal layers."""
+    return rearrange(x, "(b f) c h w -> (b h w) c f", f=f)
 
 
 def from_frames(x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
-    """[(b h w), c, f] -> [(b f), c, h, w]"""
-    bhw, c, _ = x.shape
-    b = bhw // (h * w)
-    return x.view(b, h, w, c, f).permute(0, 4, 3, 1, 2).reshape(b * f, c, h, w)
+    """The inverse of to_frames: back to a batch of frames."""
+    return rearrange(x, "(b h w) c f -> (b f) c h w", f=f, h=h, w=w)
 
 
 class TemporalConv(nn.Conv1d):

@@ -1,0 +1,53 @@
+"""The shipped example workflows: where they are, their names, the shipped default model and image they
+use, and the stock ComfyUI nodes they may use (tests/test_workflows.py checks the workflows against the
+pack's nodes and this allow-list; tests/test_comfyui_server.py runs them on a real server and checks the
+allow-list against it; tests/make_thumbnails.py draws their thumbnails)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# ComfyUI serves a pack's `workflows/` in Workflow -> Browse Templates (it prefers the name
+# `example_workflows/` and logs a hint, but this project's layout keeps `workflows/`).
+UI_DIR = REPO / "workflows"
+API_DIR = Path(__file__).resolve().parent / "workflows" / "shipped"
+DEFAULT_MODEL = "nuwa_infinity_default.safetensors"
+DEFAULT_IMAGE = "nuwa_infinity_default.png"  # models/nuwa/, copied into ComfyUI's input folder
+# workflows that run on the shipped default model (the text one needs a text-conditioned model)
+RUNS_ON_DEFAULT_MODEL = ("outpaint_spiral", "infinite_panorama")
+EXPECTED = ("outpaint_spiral", "infinite_panorama", "text_to_image_wide", "nuwa_xl_long_video", "nuwa_xl_ksampler")
+# NUWA-XL: its own loader and model files; run on the shipped default XL model (models/nuwa_xl) by the real-server
+# test, and their thumbnails come from such a run (python tests/make_thumbnails.py --comfyui)
+XL_WORKFLOWS = ("nuwa_xl_long_video", "nuwa_xl_ksampler")
+# the stock KSampler's sampler and scheduler names a shipped workflow may use (the real-server test checks that the
+# live server offers them)
+KSAMPLER_SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_sde", "ddim", "uni_pc"]
+KSAMPLER_SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
+
+# Stock ComfyUI nodes the shipped workflows may use: sockets in, widgets (name, spec), sockets out.
+# "file" combos list files on the user's machine, so any string passes; "upload" is the
+# frontend's image-upload button, stored in widgets_values but not sent to the server.
+CORE_NODES = {
+    "LoadImage": {"inputs": [], "widgets": [("image", ("file", {})), ("upload", ("upload", {"value": "image"}))],
+                  "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")]},
+    "SaveImage": {"inputs": [("images", "IMAGE")], "widgets": [("filename_prefix", ("STRING", {}))], "outputs": []},
+    "PreviewImage": {"inputs": [("images", "IMAGE")], "widgets": [], "outputs": []},
+    "CLIPTextEncode": {"inputs": [("clip", "CLIP")], "widgets": [("text", ("STRING", {"multiline": True}))],
+                       "outputs": [("CONDITIONING", "CONDITIONING")]},
+    "SaveAnimatedWEBP": {"inputs": [("images", "IMAGE")],
+                         "widgets": [("filename_prefix", ("STRING", {})),
+                                     ("fps", ("FLOAT", {"min": 0.01, "max": 1000.0, "step": 0.01})),
+                                     ("lossless", ("BOOLEAN", {})), ("quality", ("INT", {"min": 0, "max": 100})),
+                                     ("method", (["default", "fastest", "slowest"], {}))],
+                         "outputs": []},
+    "KSampler": {"inputs": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                            ("latent_image", "LATENT")],
+                 "widgets": [("seed", ("INT", {"min": 0, "max": 0xffffffffffffffff, "control_after_generate": True})),
+                             ("steps", ("INT", {"min": 1, "max": 10000})),
+                             ("cfg", ("FLOAT", {"min": 0.0, "max": 100.0, "step": 0.1})),
+                             ("sampler_name", (KSAMPLER_SAMPLERS, {})), ("scheduler", (KSAMPLER_SCHEDULERS, {})),
+                             ("denoise", ("FLOAT", {"min": 0.0, "max": 1.0, "step": 0.01}))],
+                 "outputs": [("LATENT", "LATENT")]},
+    "CheckpointLoaderSimple": {"inputs": [], "widgets": [("ckpt_name", ("file", {}))],
+                               "outputs": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]},
+}
