@@ -25,6 +25,12 @@ Metrics
   held-out crop). SSIM is Wang et al. 2004 with an 11x11 gaussian window, sigma 1.5,
   K1 = 0.01, K2 = 0.03, computed per channel over the valid region and averaged.
 
+Texture scores here (SWD, FD-EffLite0, drift) barely move between a real image, a patchwork of its
+patches and i.i.d. tokens, and a seam ratio on a decode that cross-fades over patch borders reads ~1
+whatever the content. Judge them only beside controls (controls.py); whether a continuation uses
+its context is measured against held-out truth at token resolution by region_scores.py and the
+protocol in continuation.py (``python -m nuwa_core.eval continuation``).
+
 The command line is `python -m nuwa_core.eval` (evaluation/cli.py).
 """
 from __future__ import annotations
