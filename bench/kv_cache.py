@@ -23,7 +23,7 @@ def decode_recompute(renderer, context, order, text_kv, batch, choose):
     perm, inv = renderer.permutation(order)
     tokens = torch.zeros(batch, m, dtype=torch.long)
     for t in range(m):
-        x = renderer.ar_inputs(tokens[:, :t + 1], order)  # slot t: token t-1 + position of t
+        x = renderer.ar_inputs(tokens[:, :t], order)  # slots 0..t; slot t predicts token t
         logits, _ = renderer(x, context, text_kv, causal=True)  # context K/V projected again
         tokens[:, t] = choose(logits[:, -1])
     return tokens[:, inv]
@@ -39,7 +39,7 @@ def main():
     for j in range(3):
         for i in range(5):
             if j < 2 or i < 2:
-                pool.add((0, i, j), torch.randn(cfg.n_layer, 1, cfg.tokens_per_patch, cfg.d_model))
+                pool.add((0, i, j), torch.randn(cfg.n_layer, 1, cfg.tokens_per_patch, cfg.d_model), Order.DOWN_RIGHT)
     context = Context.from_pool(pool.select(coord), coord, renderer.rel, "cpu")
     text_kv = renderer.text_kv(None)
     greedy = lambda logits: logits.argmax(-1)

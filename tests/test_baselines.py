@@ -63,7 +63,7 @@ def test_sliding_window_matches_bench_original_when_rows_equal_window():
                 j0 = min(max(j - W // 2, 0), C - W)
                 window = ref[:, :, j0:j0 + W].reshape(1, -1)
                 t = i * W + (j - j0)
-                logits, _ = g(g.ar_inputs(window[:, :t + 1], Order.RIGHT_DOWN), Context(None, None, 0),
+                logits, _ = g(g.ar_inputs(window[:, :t], Order.RIGHT_DOWN), Context(None, None, 0),
                               g.text_kv(None), causal=True)
                 ref[0, i, j] = sample_categorical(filter_logits(logits[:, -1], s), gen)
     out = taming_sliding_window(g, s, torch.Generator().manual_seed(0), rows=R, cols=C)
@@ -126,3 +126,39 @@ def test_whole_window_forward_samples_the_same_tokens():
     prefix = taming_sliding_window(g, s, torch.Generator().manual_seed(0), rows=6, cols=10)
     whole = taming_sliding_window(g, s, torch.Generator().manual_seed(0), rows=6, cols=10, whole_window=True)
     assert torch.equal(prefix, whole)
+
+
+def test_no_kind_sees_the_held_out_pixels_in_its_given_tokens(monkeypatch):
+    """Outpainting's given tokens come from the given pixels alone, for every kind: changing only
+    the held-out columns of the image changes none of them."""
+    m = tiny_model(extent=(0, 0, 0))
+    php, pwp = m.patch_pixels
+    f = m.vqgan.downsample_factor
+    image = torch.rand(1, php, 4 * pwp, 3, generator=torch.Generator().manual_seed(0))
+    other = image.clone()
+    other[:, :, 3 * pwp:] = torch.rand(1, php, pwp, 3, generator=torch.Generator().manual_seed(1))
+    given_cols = 3 * pwp // f
+    seen = []
+    sliding, generate = baselines.taming_sliding_window, m.generate
+
+    def spy_sliding(*args, tokens=None, **kwargs):
+        if tokens is not None:  # the outpainting call
+            seen.append(tokens[:, :, :given_cols].clone())
+            assert (tokens[:, :, given_cols:] == UNKNOWN).all()
+        return sliding(*args, tokens=tokens, **kwargs)
+
+    def spy_generate(state, plan, *args, **kwargs):
+        if state.known.any():
+            seen.append(state.tokens[:, 0].clone())
+        return generate(state, plan, *args, **kwargs)
+
+    monkeypatch.setattr(baselines, "taming_sliding_window", spy_sliding)
+    monkeypatch.setattr(m, "generate", spy_generate)
+    for kind in ("nuwa", "no_context", "taming"):
+        seen.clear()
+        for img in (image, other):
+            generate_images(m, kind, img, SamplerSettings(top_k=8), seed=0, width_factor=1, given_cols=3)
+        assert len(seen) == 2 and seen[0].shape[-1] == given_cols, kind
+        assert torch.equal(seen[0], seen[1]), kind
+    assert not torch.equal(baselines._encode(m, image, 4)[:, :, :given_cols],
+                           baselines._encode(m, other, 4)[:, :, :given_cols])  # whole-image encoding would

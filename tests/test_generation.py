@@ -7,6 +7,7 @@ from nuwa_core.infinity import generation
 from nuwa_core.checkpoint import CheckpointError
 from nuwa_core.infinity.canvas import CanvasState
 from nuwa_core.infinity.generation import NuwaInfinity
+from nuwa_core.infinity.nearby_context_pool import NearbyContextPool
 from nuwa_core.infinity.patch_samplers import SamplerSettings
 from nuwa_core.infinity.renderer import Context
 
@@ -45,20 +46,26 @@ def test_every_patch_generated_once_from_already_generated_context(monkeypatch):
         return original(cls, selected, coord, emb, device)
 
     monkeypatch.setattr(Context, "from_pool", classmethod(spy))
-    done = []
-    out = m.generate(st, plan, FAST, generator=seeded(), callback=lambda n, total, s: done.append(n))
+    done, marks = [], []  # marks: the selection that made each patch, the last one before its callback
+    out = m.generate(st, plan, FAST, generator=seeded(),
+                     callback=lambda n, total, s: done.append(n) or marks.append(len(selections) - 1))
     given = {(0, i + 1, j + 1) for i in range(2) for j in range(3)}
     planned = [c for _, c in plan.steps()]
     assert len(planned) == len(set(planned)) and set(planned).isdisjoint(given)
     assert done == list(range(1, len(planned) + 1)) and out.known.all()
-    pre, gen = selections[:len(selections) - len(planned)], selections[-len(planned):]
-    assert {c for c, _ in pre} <= given  # pre-caching only touches given patches
+    pre = selections[:marks[0]]
+    assert pre and {c for c, _ in pre} <= given  # pre-caching only touches given patches
     for coord, ctx in pre:
         assert set(ctx) <= given
-    for t, (coord, ctx) in enumerate(gen):
+    for t, n in enumerate(marks):
+        coord, ctx = selections[n]
         assert coord == planned[t]
         assert set(ctx) <= given | set(planned[:t]), (coord, ctx)  # only what exists already
         assert ctx  # outpainting always has context
+    for n, (coord, ctx) in enumerate(selections):  # re-encoding between segments: existing patches only
+        made = given | set(planned[:sum(mark < n for mark in marks)])
+        assert coord in made or n in marks
+        assert set(ctx) <= made, (coord, ctx)
 
 
 @pytest.mark.parametrize("decoder", ["ar", "nar", "pnar"])
@@ -281,3 +288,166 @@ def test_forget_with_a_wrong_mask_shape_names_expected_and_got():
         st.forget(torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"\(1, 2, 4\), got shape \(1, 32, 64\)"):
         st.forget(torch.ones(1, 32, 64))
+
+
+# ---- composed outpainting: caches re-encoded in each segment's order ----------------------------
+
+def _selected_orders(monkeypatch):
+    """Spy: for every patch generated, its step order and the orders of the caches it selects."""
+    from nuwa_core.infinity import generation as g
+    seen, original = [], g.SAMPLERS["ar"]
+
+    def sampler(renderer, context, order, *rest):
+        seen.append((order, list(pending)))
+        return original(renderer, context, order, *rest)
+
+    pending = []
+    select = NearbyContextPool.select
+
+    def spy(self, coord):
+        out = select(self, coord)
+        pending[:] = [self.orders[c] for c, _ in out]
+        return out
+
+    monkeypatch.setattr(NearbyContextPool, "select", spy)
+    monkeypatch.setitem(g.SAMPLERS, "ar", sampler)
+    return seen
+
+
+def test_reencode_feeds_every_segment_caches_made_in_its_own_order(monkeypatch):
+    m = tiny_model()
+    st = m.canvas_from_image(image())
+    plan = m.plan_extension(st, left=1, down=1, right=1, up=1)
+    assert len({s.order for s in plan.segments}) == 4
+    seen = _selected_orders(monkeypatch)
+    m.generate(st, plan, FAST, generator=seeded(), reencode=False)
+    assert any(o is not order for order, orders in seen for o in orders)  # without: orders mix
+    seen.clear()
+    m.generate(st, plan, FAST, generator=seeded(), reencode=True)
+    assert len(seen) == len(plan) and all(orders for _, orders in seen)
+    for order, orders in seen:
+        assert all(o is order for o in orders), (order, orders)
+
+
+def test_reencode_is_deterministic_bounded_and_a_no_op_in_one_direction(monkeypatch):
+    m = tiny_model()
+    st = m.canvas_from_image(image())
+    both = m.plan_extension(st, left=1, down=1, right=1, up=1)
+    a = m.generate(st, both, FAST, generator=seeded(3))
+    b = m.generate(st, both, FAST, generator=seeded(3))
+    off = m.generate(st, both, FAST, generator=seeded(3), reencode=False)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, off.tokens)
+    assert a.pool.peak_size == off.pool.peak_size  # re-encoding replaces caches, adds none
+    from nuwa_core.infinity import generation as g
+    done = []
+    original = g.reencode_pooled
+    monkeypatch.setattr(g, "reencode_pooled", lambda *args: done.extend(original(*args)) or [])
+    right = m.plan_extension(st, right=2)
+    x = m.generate(st, right, FAST, generator=seeded(4), reencode=True)
+    y = m.generate(st, right, FAST, generator=seeded(4), reencode=False)
+    more = m.generate(x, m.plan_extension(x, right=1), FAST, generator=seeded(5), reencode=True)
+    assert not done  # one direction, and a continuation in it: nothing to re-encode
+    assert torch.equal(x.tokens, y.tokens) and more.known.all()
+    for c in x.pool.caches:
+        assert torch.equal(x.pool.caches[c], y.pool.caches[c])
+
+
+def test_reencode_replaces_a_cache_with_the_one_its_order_makes():
+    """reencode_pooled: a cache made in another order becomes the teacher-forced one of the new order,
+    with the caches before it in that order as its context; one forward per re-encoded patch."""
+    from nuwa_core.infinity.arbitrary_direction_controller import Order
+    from nuwa_core.infinity.generation import reencode_pooled
+    m = tiny_model()
+    r, grid = m.renderer, (1, 2, 2)
+    tokens = {(0, i, j): torch.randint(0, 64, (1, 16), generator=seeded(i * 2 + j)) for i in range(2) for j in range(2)}
+    pool = NearbyContextPool((0, 1, 1))
+    empty = Context(None, None, 0)
+    for c, t in tokens.items():
+        pool.add(c, r.encode(t, Order.DOWN_RIGHT, empty, r.text_kv(None)), Order.DOWN_RIGHT)
+    calls = []
+    encode = r.encode
+    r.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)
+    done = reencode_pooled(r, pool, [(0, 1, 0), (0, 1, 1)], Order.RIGHT_UP, grid, tokens.__getitem__, r.text_kv(None))
+    assert done == [(0, 1, 0), (0, 1, 1)] and len(calls) == 2 and len(pool) == 4
+    assert pool.orders[(0, 1, 0)] is Order.RIGHT_UP and pool.orders[(0, 0, 0)] is Order.DOWN_RIGHT
+    # RIGHT_UP runs the bottom row first: (0,1,0) has no predecessor, (0,1,1) has (0,1,0), re-encoded
+    assert torch.allclose(pool.caches[(0, 1, 0)], encode(tokens[(0, 1, 0)], Order.RIGHT_UP, empty, r.text_kv(None)))
+    ctx = Context.from_pool([((0, 1, 0), pool.caches[(0, 1, 0)])], (0, 1, 1), r.rel, "cpu")
+    assert torch.allclose(pool.caches[(0, 1, 1)], encode(tokens[(0, 1, 1)], Order.RIGHT_UP, ctx, r.text_kv(None)))
+    assert reencode_pooled(r, pool, [(0, 1, 0)], Order.RIGHT_UP, grid, tokens.__getitem__, r.text_kv(None)) == []
+
+
+def test_pool_orders_survive_save_load_shift_and_forget(tmp_path):
+    m, _, st = _outpainted()
+    from nuwa_core.infinity.arbitrary_direction_controller import Order
+    assert set(st.pool.orders.values()) == {Order.DOWN_RIGHT}
+    st.save(tmp_path / "c.safetensors")
+    back = CanvasState.load(tmp_path / "c.safetensors")
+    assert back.pool.orders == st.pool.orders
+    grown = back.grown(m.plan_extension(back, left=1))
+    assert set(grown.pool.orders) == set(grown.pool.caches) == {(0, 0, 4), (0, 1, 4)}
+    gone = st.forget(_cells(st.grid, (0, 0, 2)))
+    assert gone.pool.orders == {} and st.pool.orders  # the input's pool is left alone
+
+
+# ---- transfer off (the "w/o caches" ablation) -----------------------------------------------------
+
+@pytest.mark.parametrize("decoder", ["ar", "pnar"])
+def test_transfer_off_pools_context_free_caches_when_generating(decoder):
+    m = tiny_model(decoder=decoder, transfer=False)
+    st = m.canvas_from_image(image())
+    out = m.generate(st, m.plan_extension(st, right=1, down=1), FAST, generator=seeded())
+    empty = Context(None, None, 0)
+    assert len(out.pool.caches) >= 3
+    for coord, cache in out.pool.caches.items():  # pre-cached given patches and generated ones
+        want = m.renderer.encode(out.patch_tokens(coord), out.pool.orders[coord], empty, m.renderer.text_kv(None))
+        assert torch.allclose(cache, want, atol=1e-5), coord
+    on = tiny_model(decoder=decoder)
+    lit = on.generate(st, on.plan_extension(st, right=1, down=1), FAST, generator=seeded())
+    coord = (0, 2, 3)  # the last patch: it had context
+    want = on.renderer.encode(lit.patch_tokens(coord), lit.pool.orders[coord], empty, on.renderer.text_kv(None))
+    assert not torch.allclose(lit.pool.caches[coord], want, atol=1e-5)
+
+
+def test_transfer_is_saved_in_the_bundle_and_old_configs_default_to_it(tmp_path):
+    import json
+    from safetensors.torch import load_file, save_file
+    from nuwa_core.checkpoint import read_metadata
+    m = tiny_model(transfer=False)
+    m.save(tmp_path / "off.safetensors")
+    assert NuwaInfinity.load(tmp_path / "off.safetensors").renderer.config.transfer is False
+    meta = read_metadata(tmp_path / "off.safetensors")
+    cfg = json.loads(meta["renderer_config"])
+    del cfg["transfer"]
+    save_file(load_file(tmp_path / "off.safetensors"), tmp_path / "old.safetensors",
+              metadata={**meta, "renderer_config": json.dumps(cfg)})
+    assert NuwaInfinity.load(tmp_path / "old.safetensors").renderer.config.transfer is True
+
+
+def test_an_ar_bundle_from_before_the_slot_change_names_the_fix(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from nuwa_core.checkpoint import read_metadata
+    tiny_model().save(tmp_path / "m.safetensors")
+    old = {k: v for k, v in load_file(tmp_path / "m.safetensors").items() if ".next_" not in k}
+    save_file(old, tmp_path / "old.safetensors", metadata=read_metadata(tmp_path / "m.safetensors"))
+    with pytest.raises(CheckpointError, match="next_end the file lacks.*retrain it"):
+        NuwaInfinity.load(tmp_path / "old.safetensors")
+
+
+# ---- decoding --------------------------------------------------------------------------------------
+
+def test_decode_without_blend_is_every_tile_decoded_on_its_own():
+    m = tiny_model()
+    st = m.blank_canvas(2, 3)
+    st = m.generate(st, m.plan_fill(st), FAST, generator=seeded())  # 8 x 12 tokens
+    f = m.vqgan.downsample_factor
+    for tile in (4, 5):
+        hard = m.decode(st, tile=tile, blend=False)
+        tokens = st.tokens[0, 0]
+        for y in range(0, 8, tile):
+            for x in range(0, 12, tile):
+                block = m.vqgan.decode_tokens(tokens[None, y:y + tile, x:x + tile])
+                want = ((block.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+                got = hard[:, y * f:(y + tile) * f, x * f:(x + tile) * f]
+                assert torch.allclose(got, want, atol=1e-5), (tile, y, x)
+    assert not torch.allclose(m.decode(st, tile=4), m.decode(st, tile=4, blend=False), atol=1e-3)

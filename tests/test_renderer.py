@@ -1,11 +1,14 @@
+import math
+
 import pytest
 import torch
 
 from _tiny import tiny_renderer
 from nuwa_core.infinity.arbitrary_direction_controller import ORDERS, Order
 from nuwa_core.infinity.nearby_context_pool import NearbyContextPool
-from nuwa_core.infinity.patch_samplers import (SamplerSettings, cosine_schedule, decode_ar, filter_logits, sample_categorical,
-                                     sample_pnar)
+from nuwa_core.infinity import patch_samplers
+from nuwa_core.infinity.patch_samplers import (SamplerSettings, cosine_schedule, decode_ar, filter_logits,
+                                               gumbel_temperature, sample_ar, sample_categorical, sample_pnar)
 from nuwa_core.infinity.renderer import Context, RendererConfig
 
 
@@ -15,7 +18,7 @@ def context_for(renderer, coord=(0, 1, 1), batch=2):
     pool = NearbyContextPool(cfg.extent)
     g = torch.Generator().manual_seed(1)
     for c in [(0, 0, 0), (0, 1, 0)]:
-        pool.add(c, torch.randn(cfg.n_layer, batch, cfg.tokens_per_patch, cfg.d_model, generator=g))
+        pool.add(c, torch.randn(cfg.n_layer, batch, cfg.tokens_per_patch, cfg.d_model, generator=g), Order.DOWN_RIGHT)
     return Context.from_pool(pool.select(coord), coord, renderer.rel, "cpu")
 
 
@@ -51,17 +54,20 @@ def test_context_changes_the_prediction_and_empty_context_works():
     assert not torch.allclose(with_ctx, without)
 
 
-def test_ar_logits_are_causal_in_the_local_order():
+@pytest.mark.parametrize("step", [0, 10, 15])
+def test_ar_logits_are_causal_in_the_local_order(step):
+    """The logits of token t (slot t) do not depend on tokens >= t."""
     r = tiny_renderer()
     order = Order.RIGHT_UP
     perm, _ = r.permutation(order)
     a = torch.randint(0, 64, (1, 16))
     b = a.clone()
-    b[0, perm[10]] = (a[0, perm[10]] + 1) % 64  # change the 11th generated token
-    la, _ = r.teacher_forced(a, order, Context(None, None, 0), r.text_kv(None))
-    lb, _ = r.teacher_forced(b, order, Context(None, None, 0), r.text_kv(None))
-    assert torch.allclose(la[:, perm[:11]], lb[:, perm[:11]], atol=1e-6)  # up to and incl. step 10
-    assert not torch.allclose(la[:, perm[11:]], lb[:, perm[11:]])
+    b[0, perm[step]] = (a[0, perm[step]] + 1) % 64
+    la, _ = r.teacher_forced(a, order, context_for(r, batch=1), r.text_kv(None))
+    lb, _ = r.teacher_forced(b, order, context_for(r, batch=1), r.text_kv(None))
+    assert torch.allclose(la[:, perm[:step + 1]], lb[:, perm[:step + 1]], atol=1e-6)  # up to and incl. `step`
+    if step < 15:
+        assert not torch.allclose(la[:, perm[step + 1:]], lb[:, perm[step + 1:]])
 
 
 @pytest.mark.parametrize("decoder", ["ar", "nar", "pnar"])
@@ -122,3 +128,108 @@ def test_config_errors_name_the_problem():
     r = tiny_renderer(text_dim=768)
     with pytest.raises(ValueError, match="512 wide .* 768"):
         r.text_kv(torch.zeros(1, 77, 512))
+
+
+@pytest.mark.parametrize("step", [15, 6])  # the patch's last token (the corner touching the next patches), a middle one
+@pytest.mark.parametrize("order", [Order.DOWN_RIGHT, Order.RIGHT_UP])
+def test_ar_cache_holds_each_token_at_its_own_position(step, order):
+    """Changing one token changes the layer-0 cache at that token's raster position and nowhere
+    else (slot r of the cache is token r), and the deeper layers after it; the last token too."""
+    r = tiny_renderer()
+    perm, _ = r.permutation(order)
+    a = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    b = a.clone()
+    b[:, perm[step]] = (a[:, perm[step]] + 1) % 64
+    ctx = context_for(r)
+    _, ca = r.teacher_forced(a, order, ctx, r.text_kv(None))
+    _, cb = r.teacher_forced(b, order, ctx, r.text_kv(None))
+    changed = (ca - cb).abs().amax(dim=(1, 3)) > 1e-6  # [L, M] raster
+    assert changed[0].tolist() == [i == int(perm[step]) for i in range(16)]
+    assert changed[1, perm[step:]].all() and not changed[1, perm[:step]].any()  # causal in the local order
+
+
+def test_sampled_ar_cache_is_the_context_free_one_with_transfer_off():
+    """decode_ar's own cache sees the context; with transfer off the AR sampler hands the pool the
+    cache of a pass without it, as teacher forcing does."""
+    r = tiny_renderer(transfer=False)
+    ctx = context_for(r)
+    tokens, pooled = sample_ar(r, ctx, Order.DOWN_LEFT, r.text_kv(None), 2, SamplerSettings(top_k=4),
+                               torch.Generator().manual_seed(0))
+    empty = r.encode(tokens, Order.DOWN_LEFT, Context(None, None, 0), r.text_kv(None))
+    assert torch.allclose(pooled, empty, atol=1e-5)
+    perm, _ = r.permutation(Order.DOWN_LEFT)
+    replay = []
+    _, own = decode_ar(r, ctx, Order.DOWN_LEFT, r.text_kv(None), 2,
+                       lambda logits: replay.append(1) or tokens[:, perm[len(replay) - 1]])
+    assert not torch.allclose(own, pooled, atol=1e-3)  # decoding's own cache saw the context
+
+
+@pytest.mark.parametrize("decoder", ["ar", "nar", "pnar"])
+def test_transfer_off_makes_the_cache_without_context_and_keeps_the_logits_with_it(decoder):
+    masked = torch.rand(2, 16, generator=torch.Generator().manual_seed(5)) < 0.5
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(6))
+    base = context_for(tiny_renderer())
+    other = Context(base.hidden * -2.0, base.rel, base.n_patches)
+    for transfer in (True, False):
+        r = tiny_renderer(decoder=decoder, transfer=transfer)
+        la, ca = r.teacher_forced(tokens, Order.RIGHT_DOWN, context_for(r), r.text_kv(None), masked=masked)
+        lb, cb = r.teacher_forced(tokens, Order.RIGHT_DOWN, other, r.text_kv(None), masked=masked)
+        assert not torch.allclose(la, lb)  # the patch's own prediction always sees its context
+        assert torch.allclose(ca, cb) is (not transfer)
+        if not transfer:
+            empty = r.teacher_forced(tokens, Order.RIGHT_DOWN, Context(None, None, 0), r.text_kv(None), masked=masked)
+            assert torch.allclose(ca, empty[1], atol=1e-6)
+            assert torch.allclose(ca, r.encode(tokens, Order.RIGHT_DOWN, context_for(r), r.text_kv(None)), atol=1e-6)
+
+
+def test_epsilon_cuts_the_models_own_distribution_before_top_k():
+    """p = .30 .12 then a floor of 62 codes. top_k=2 renormalises the kept pair to .71 / .29: an
+    epsilon of .2 applied after it would keep the .12 token; on the model's distribution it is cut."""
+    probs = torch.full((1, 64), 0.58 / 62)
+    probs[0, :2] = torch.tensor([0.3, 0.12])
+    kept = filter_logits(probs.log(), SamplerSettings(top_k=2, epsilon=0.2))
+    assert torch.isfinite(kept[0, 0]) and torch.isinf(kept[0, 1:]).all()
+    # epsilon reads the temperature-scaled distribution: the .12 token passes .1, at T = 2 (.05) it does not
+    plain = filter_logits(probs.log(), SamplerSettings(top_k=0, epsilon=0.1))
+    assert torch.isfinite(plain[0, :2]).all() and torch.isinf(plain[0, 2:]).all()
+    flat = filter_logits(probs.log(), SamplerSettings(top_k=0, temperature=2.0, epsilon=0.1))
+    assert torch.isfinite(flat[0, 0]) and torch.isinf(flat[0, 1:]).all()
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.1])
+def test_pnar_gumbel_temperature_is_linear_4_5_to_1_and_used_as_is(monkeypatch, factor):
+    """Each step's confidence noise is scaled by the linear 4.5 -> 1.0 schedule (appendix A) and
+    nothing else (no second (1 - r) annealing): a probe whose outcome flips where the temperature
+    crosses `factor` times the expected one pins it within 10% at every step."""
+    s = SamplerSettings(top_k=0, steps=4)
+    expected = [4.5 - 3.5 * (step + 1) / 4 for step in range(3)]  # steps 0..2 re-mask; the last fixes all
+    assert [gumbel_temperature((step + 1) / 4, s) for step in range(3)] == expected
+    assert gumbel_temperature(0.0, s) == 4.5 and gumbel_temperature(1.0, s) == 1.0
+    r = tiny_renderer(decoder="pnar")
+    logits = torch.zeros(1, 16, 64)
+    logits[0, :, 0] = 8.0 - 0.4 * torch.arange(16)  # token 0 everywhere, less sure further on
+    log_p = logits.log_softmax(-1)[..., 0]  # [1, 16]
+    probe = {"step": 0}
+    threshold = [factor * t for t in expected]
+
+    def noise(shape, generator, device):
+        if len(shape) == 3:  # sample_categorical: no noise, argmax
+            return torch.zeros(shape)
+        theta = threshold[probe["step"]]
+        probe["step"] += 1
+        return (-log_p / theta).expand(shape)  # confidence = log_p * (1 - t_g / theta)
+
+    seen = []
+    monkeypatch.setattr(patch_samplers, "gumbel_noise", noise)
+    monkeypatch.setattr(r, "forward", lambda x, *a, **k: (logits.expand(x.shape[0], -1, -1), None))
+    original = r.parallel_inputs
+    monkeypatch.setattr(r, "parallel_inputs", lambda tokens, order: seen.append(tokens.clone()) or original(tokens, order))
+    sample_pnar(r, Context(None, None, 0), Order.DOWN_RIGHT, r.text_kv(None), 1, s, torch.Generator())
+    # confidence = |log_p| (t_g / theta - 1): with t_g > theta the surest tokens (low index) score
+    # lowest and stay masked, with t_g < theta the least sure ones do
+    for step in range(3):
+        unknown = torch.nonzero(seen[step][0] == 64).flatten()  # ascending index = descending log_p
+        n_mask = max(1, min(len(unknown) - 1, math.floor(16 * cosine_schedule((step + 1) / 4))))
+        want = torch.zeros(16, dtype=torch.bool)
+        want[unknown[:n_mask] if factor < 1 else unknown[-n_mask:]] = True
+        assert torch.equal(seen[step + 1][0] == 64, want), step

@@ -78,7 +78,7 @@ def taming_sliding_window(gpt: Renderer, settings: SamplerSettings, generator: t
             j0 = min(max(j - ww // 2, 0), cols - ww)
             win = work[:, i0:i0 + wh, j0:j0 + ww].reshape(b, -1)
             t = (i - i0) * ww + (j - j0)  # position of the token inside its window (raster)
-            seen = win if whole_window else win[:, :t + 1]
+            seen = win if whole_window else win[:, :t]  # slot t (the last one then) predicts token t
             logits, _ = gpt(gpt.ar_inputs(seen, Order.RIGHT_DOWN), empty, text_kv, causal=True)
             new = sample_categorical(filter_logits(logits[:, t], settings), generator)
             work[:, i, j] = torch.where(todo.to(device), new, work[:, i, j])
@@ -112,7 +112,9 @@ def generate_images(model: NuwaInfinity, kind: str, image: torch.Tensor, setting
 
     - ``panorama``: a blank canvas as high as `image` and `width_factor` times as wide, filled;
     - ``outpaint``: `image`'s left `given_cols` patch columns given, the rest of its width
-      outpainted to the right (compare with `image` over the held-out columns);
+      outpainted to the right (compare with `image` over the held-out columns); every kind's
+      given tokens are encoded from the given pixels alone (cropped first: the tokenizer's
+      windows and receptive field would otherwise reach into the held-out columns);
     - ``reconstruction``: `image` through the tokenizer (encoded and decoded in `tile` windows).
 
     kind: 'nuwa' (the model's own context), 'no_context' (extent (0, 0, 0)) or 'taming' (the
@@ -152,14 +154,15 @@ def generate_images(model: NuwaInfinity, kind: str, image: torch.Tensor, setting
 
     start = time.perf_counter()
     given = image[:, :, :given_cols * pwp]
+    given_tokens = _encode(model, given, tile)
     if kind == "taming":
-        toks = real_tokens.clone()
-        toks[:, :, given_cols * pwp // f:] = UNKNOWN
+        toks = torch.full_like(real_tokens, UNKNOWN)
+        toks[:, :, :given_tokens.shape[2]] = given_tokens
         toks = taming_sliding_window(model.renderer, settings, gen(), tokens=toks)
         state = canvas_from_tokens(model, toks)
     else:
         canvas = model.canvas_from_image(given)
-        canvas.tokens[:, 0] = _encode(model, given, tile)
+        canvas.tokens[:, 0] = given_tokens
         state = model.generate(canvas, model.plan_extension(canvas, right=cols - given_cols), settings,
                                generator=gen(), extent=(0, 0, 0) if kind == "no_context" else None)
     state.given, state.given_origin = given, (0, 0)

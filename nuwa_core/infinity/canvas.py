@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, atomic_write, load_state_dict
 from . import arbitrary_direction_controller as adc
-from .arbitrary_direction_controller import Coord, Grid, Plan
+from .arbitrary_direction_controller import Coord, Grid, Order, Plan
 from .nearby_context_pool import NearbyContextPool
 
 CANVAS_KIND = "nuwa_canvas"
@@ -53,10 +53,7 @@ class CanvasState:
         self.known[coord] = True
 
     def clone(self) -> "CanvasState":
-        pool = None
-        if self.pool is not None:
-            pool = NearbyContextPool(self.pool.extent)
-            pool.caches = dict(self.pool.caches)
+        pool = None if self.pool is None else self.pool.copy()
         return dataclasses.replace(self, tokens=self.tokens.clone(), known=self.known.clone(), pool=pool)
 
     def grown(self, plan: Plan) -> "CanvasState":
@@ -106,7 +103,7 @@ class CanvasState:
         if state.pool is not None:
             stale = [c for c in state.pool.caches if any(adc.within_extent(c, f, state.pool.extent) for f in coords)]
             for c in stale:
-                del state.pool.caches[c]
+                state.pool.discard(c)
         if state.given is not None and cells[0].any():
             state.given, state.given_origin = self._given_without(cells[0])
         return state
@@ -132,18 +129,21 @@ class CanvasState:
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path) -> None:
-        """One .safetensors file: tokens, known patches, given pixels and the pool's caches."""
+        """One .safetensors file: tokens, known patches, given pixels and the pool's caches (with
+        the order each was made in)."""
         tensors = {"tokens": self.tokens.cpu().contiguous(), "known": self.known.to(torch.uint8).contiguous()}
         if self.given is not None:
             tensors["given"] = self.given.cpu().contiguous()
-        extent = None
+        extent, orders = None, {}
         if self.pool is not None:
             extent = list(self.pool.extent)
             for (k, i, j), cache in self.pool.caches.items():
                 tensors[f"pool.{k}.{i}.{j}"] = cache.cpu().contiguous()
+                order = self.pool.orders.get((k, i, j))
+                orders[f"{k}.{i}.{j}"] = None if order is None else order.value
         meta = {"nuwa_kind": CANVAS_KIND, "patch_size": json.dumps(list(self.patch_size)),
                 "given_origin": json.dumps(list(self.given_origin)), "pool_extent": json.dumps(extent),
-                "pixels_per_token": str(self.pixels_per_token)}
+                "pool_orders": json.dumps(orders), "pixels_per_token": str(self.pixels_per_token)}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -152,12 +152,14 @@ class CanvasState:
         if meta.get("nuwa_kind") != CANVAS_KIND:
             raise CheckpointError(f"{path} is not a NUWA canvas (kind {meta.get('nuwa_kind')!r}, expected {CANVAS_KIND!r})")
         extent = json.loads(meta["pool_extent"])
+        orders = json.loads(meta.get("pool_orders", "{}"))  # absent in older canvases: unknown
         pool = None
         if extent is not None:
             pool = NearbyContextPool(tuple(extent))
             for name, value in tensors.items():
                 if name.startswith("pool."):
-                    pool.add(tuple(int(x) for x in name.split(".")[1:]), value)
+                    order = orders.get(name[len("pool."):])
+                    pool.add(tuple(int(x) for x in name.split(".")[1:]), value, None if order is None else Order(order))
         return cls(tokens=tensors["tokens"], known=tensors["known"].bool(),
                    patch_size=tuple(json.loads(meta["patch_size"])), pool=pool, given=tensors.get("given"),
                    given_origin=tuple(json.loads(meta["given_origin"])), pixels_per_token=int(meta["pixels_per_token"]))

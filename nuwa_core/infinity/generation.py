@@ -6,12 +6,16 @@
     for each p_n: c = NCP.Select(p_n); p_n, a_n = NUWA(0, c, e, y); NCP.Add(a_n); NCP.Remove()
     return VQGAN.decode(x)
 
+Composed outpainting (several segments, each in its own basic order) would otherwise feed a
+segment caches made in another local order, which no training sample does; by default every
+segment first re-encodes, in its own order, the cached patches it can select (`reencode_pooled`).
+
 The canvas it reads and returns (tokens, known patches, pool, given pixels) is canvas.CanvasState.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -70,8 +74,14 @@ class NuwaInfinity(nn.Module):
                                   f"model (expected nuwa_kind={BUNDLE_KIND!r} in its metadata)")
         vqgan = VQModel(config_from_json(VQGANConfig, meta["vqgan_config"]))
         renderer = Renderer(config_from_json(RendererConfig, meta["renderer_config"]))
+        renderer_state = {k[9:]: v for k, v in tensors.items() if k.startswith("renderer.")}
+        if renderer.config.decoder == "ar" and "next_end" not in renderer_state:
+            raise CheckpointError(f"{path} holds an AR renderer from before its slots changed (every token is now "
+                                  f"cached at its own position, with next-position tables next_f/next_h/next_w/"
+                                  f"next_end the file lacks); this version cannot run it: retrain it "
+                                  f"(models/nuwa/TRAINING.md has the shipped model's commands)")
         load_strict(vqgan, {k[6:]: v for k, v in tensors.items() if k.startswith("vqgan.")}, f"{path} (vqgan)")
-        load_strict(renderer, {k[9:]: v for k, v in tensors.items() if k.startswith("renderer.")}, f"{path} (renderer)")
+        load_strict(renderer, renderer_state, f"{path} (renderer)")
         return cls(vqgan, renderer).to(device=device, dtype=dtype).eval()
 
     # ---- geometry --------------------------------------------------------------------------------
@@ -181,11 +191,16 @@ class NuwaInfinity(nn.Module):
     @torch.no_grad()
     def generate(self, state: CanvasState, plan: Plan, settings: SamplerSettings | None = None,
                  text: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 callback: Callback | None = None, extent: Grid | None = None) -> CanvasState:
+                 callback: Callback | None = None, extent: Grid | None = None,
+                 reencode: bool = True) -> CanvasState:
         """Generate the plan's patches on a copy of `state`; the input state is left untouched.
 
         extent (e_f, e_h, e_w): how far the Nearby Context Pool reaches; default the trained
         extent, smaller is allowed (less memory and time, less context), larger is not.
+
+        reencode: at the start of every segment, re-encode in the segment's order the cached
+        patches its patches can select that were made in another order (`reencode_pooled`; one
+        renderer forward each). Nothing changes for a plan in one order.
 
         callback(done, total, state) runs after every patch; returning False stops cleanly and
         returns the canvas with the patches made so far.
@@ -207,22 +222,31 @@ class NuwaInfinity(nn.Module):
         pool = state.pool if _pool_fits(state.pool, cfg, state, extent) else NearbyContextPool(extent)
         last = last_needed_steps([c for _, c in steps], extent, keep=self._frontier(plan, state, extent))
 
+        def patch_tokens(coord: Coord) -> torch.Tensor:
+            return state.patch_tokens(coord).to(self.device)
+
         for coord in self._precache_list(state, steps, pool, plan.precache_order, extent):
             context = Context.from_pool(pool.select(coord), coord, self.renderer.rel, self.device)
-            tokens = state.patch_tokens(coord).to(self.device)
-            pool.add(coord, self.renderer.encode(tokens, plan.precache_order, context, text_kv))
+            pool.add(coord, self.renderer.encode(patch_tokens(coord), plan.precache_order, context, text_kv),
+                     plan.precache_order)
         pool.remove(-1, last)
 
         sample = SAMPLERS[decoder]
         state.pool = pool
-        for t, (order, coord) in enumerate(steps):
-            context = Context.from_pool(pool.select(coord), coord, self.renderer.rel, self.device)
-            tokens, cache = sample(self.renderer, context, order, text_kv, state.batch, settings, generator)
-            state.set_patch(coord, tokens.cpu())
-            pool.add(coord, cache)
-            pool.remove(t, last)
-            if callback is not None and callback(t + 1, len(steps), state) is False:
-                break
+        t = 0
+        for segment in plan.segments:
+            if reencode:
+                near = {n for c in segment.patches for n in adc.neighbours(c, extent, state.grid)}
+                reencode_pooled(self.renderer, pool, near, segment.order, state.grid, patch_tokens, text_kv)
+            for coord in segment.patches:
+                context = Context.from_pool(pool.select(coord), coord, self.renderer.rel, self.device)
+                tokens, cache = sample(self.renderer, context, segment.order, text_kv, state.batch, settings, generator)
+                state.set_patch(coord, tokens.cpu())
+                pool.add(coord, cache, segment.order)
+                pool.remove(t, last)
+                t += 1
+                if callback is not None and callback(t, len(steps), state) is False:
+                    return state
         return state
 
     def _extent(self, extent) -> Grid:
@@ -296,9 +320,12 @@ class NuwaInfinity(nn.Module):
 
     # ---- decoding ------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, state: CanvasState, tile: int | None = None) -> torch.Tensor:
+    def decode(self, state: CanvasState, tile: int | None = None, blend: bool = True) -> torch.Tensor:
         """Canvas -> IMAGE [B*F, H, W, 3], decoded window by window; unknown patches are grey.
 
+        blend: neighbouring windows overlap and cross-fade (VQModel.decode_tokens_tiled); False:
+        every tile x tile block of tokens is decoded on its own and cut hard at its borders, so
+        seams show where the decoder cannot hide them (an evaluation control).
         The given image's own pixels are pasted back over its area.
         """
         b, ft, h, w = state.tokens.shape
@@ -306,7 +333,11 @@ class NuwaInfinity(nn.Module):
         tile = tile or self.vqgan_tile
         out = []
         for frame in tokens:  # one frame at a time keeps memory flat in the frame count too
-            x = self.vqgan.decode_tokens_tiled(frame.clamp(min=0)[None].to(self.device), tile=tile, overlap=tile // 4)
+            frame = frame.clamp(min=0)[None].to(self.device)
+            if blend:
+                x = self.vqgan.decode_tokens_tiled(frame, tile=tile, overlap=tile // 4)
+            else:
+                x = self.vqgan.decode_tokens_blocks(frame, tile=tile)
             out.append(model_to_image(x.float().cpu()))
         image = torch.cat(out)  # [B*F, H, W, 3]
         f_px = self.vqgan.downsample_factor
@@ -318,6 +349,28 @@ class NuwaInfinity(nn.Module):
             frame0 = image.view(b, ft, *image.shape[1:])[:, 0]
             frame0[:, top:top + gh, left:left + gw] = state.given.to(image.dtype)
         return image
+
+
+@torch.no_grad()
+def reencode_pooled(renderer: Renderer, pool: NearbyContextPool, coords: Iterable[Coord], order: Order, grid: Grid,
+                    patch_tokens: Callable[[Coord], torch.Tensor], text_kv: list) -> list[Coord]:
+    """Re-encode, teacher-forced in `order`, the pool's caches among `coords` that were made in
+    another (or an unknown) order, so what a segment in `order` selects is what training in
+    `order` makes. Returns the re-encoded coordinates; one renderer forward each.
+
+    They go in `order`'s sequence over `grid`, each with the pooled caches that precede it in
+    that order as its context (as in a training sample in `order`; one re-encoded before serves
+    the next). patch_tokens(coord) -> its tokens [B, M] raster, on the renderer's device.
+    Caches are replaced in place: the pool holds no more patches than before.
+    """
+    todo = sorted((c for c in set(coords) if c in pool and pool.orders.get(c) is not order),
+                  key=lambda c: adc.time_index(c, order, grid))
+    for coord in todo:
+        n = adc.time_index(coord, order, grid)
+        before = [(c, cache) for c, cache in pool.select(coord) if adc.time_index(c, order, grid) < n]
+        context = Context.from_pool(before, coord, renderer.rel, renderer.pos_f.device)
+        pool.add(coord, renderer.encode(patch_tokens(coord), order, context, text_kv), order)
+    return todo
 
 
 def _pool_fits(pool: NearbyContextPool | None, cfg: RendererConfig, state: CanvasState, extent: Grid) -> bool:

@@ -7,7 +7,9 @@ canvas is generated.
 
     Select(p): the caches within the extent of p. The pool only ever holds patches already
                generated, so these are exactly the context patches earlier in the order.
-    Add(a_n):  store the cache of a generated patch.
+    Add(a_n):  store the cache of a generated patch, and the local order it was made in (a
+               cache depends on it: AR slots, order embeddings), so composed orders can re-encode
+               (generation.reencode_pooled).
     Remove():  drop every cache that no future patch can select. What "future" means is given
                by the caller as the last step at which each patch is still needed (see
                `last_needed_steps`), so composed outpainting orders are handled like the four
@@ -21,7 +23,7 @@ from typing import Iterable
 
 import torch
 
-from .arbitrary_direction_controller import Coord, Grid, within_extent
+from .arbitrary_direction_controller import Coord, Grid, Order, within_extent
 
 NEEDED_FOREVER = float("inf")
 
@@ -30,6 +32,7 @@ class NearbyContextPool:
     def __init__(self, extent: Grid):
         self.extent = tuple(extent)
         self.caches: dict[Coord, torch.Tensor] = {}
+        self.orders: dict[Coord, Order | None] = {}  # None: not known (a canvas saved before orders were)
         self.peak_size = 0
 
     def select(self, coord: Coord) -> list[tuple[Coord, torch.Tensor]]:
@@ -37,19 +40,31 @@ class NearbyContextPool:
         return [(c, self.caches[c]) for c in sorted(self.caches)
                 if c != coord and within_extent(c, coord, self.extent)]
 
-    def add(self, coord: Coord, cache: torch.Tensor) -> None:
-        """NCP.Add: cache [L, B, M, d] of the patch at `coord`."""
+    def add(self, coord: Coord, cache: torch.Tensor, order: Order | None) -> None:
+        """NCP.Add: cache [L, B, M, d] of the patch at `coord`, made in local order `order`."""
         self.caches[coord] = cache
+        self.orders[coord] = order
         self.peak_size = max(self.peak_size, len(self.caches))
+
+    def discard(self, coord: Coord) -> None:
+        self.caches.pop(coord, None)
+        self.orders.pop(coord, None)
 
     def remove(self, step: int, last_needed: dict[Coord, float]) -> None:
         """NCP.Remove: evict caches no patch after `step` will select (unknown patches: evicted)."""
         for coord in [c for c in self.caches if last_needed.get(c, -1) <= step]:
-            del self.caches[coord]
+            self.discard(coord)
 
     def shift(self, rows: int, cols: int) -> None:
         """Move every cache when the canvas grows up (rows) or left (cols)."""
         self.caches = {(k, i + rows, j + cols): v for (k, i, j), v in self.caches.items()}
+        self.orders = {(k, i + rows, j + cols): v for (k, i, j), v in self.orders.items()}
+
+    def copy(self) -> "NearbyContextPool":
+        """A pool holding the same caches (not copied: they are never changed in place)."""
+        pool = NearbyContextPool(self.extent)
+        pool.caches, pool.orders = dict(self.caches), dict(self.orders)
+        return pool
 
     def __contains__(self, coord: Coord) -> bool:
         return coord in self.caches

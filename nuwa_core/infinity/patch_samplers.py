@@ -4,13 +4,15 @@ Every sampler is a plain function with one signature:
 
     sample(renderer, context, order, text_kv, batch, settings, generator) -> (tokens [B, M], cache [L, B, M, d])
 
-tokens and cache in raster order. The schedule (`cosine_schedule`) and the logit filters are kept
-apart from the network, as in MaskGIT.
+tokens and cache in raster order; the cache is what the patch adds to the pool (the one
+`Renderer.encode` makes). The schedules (`cosine_schedule`, `gumbel_temperature`) and the logit
+filters are kept apart from the network, as in MaskGIT.
 
     ar:   token by token with a preallocated KV cache; temperature, top-k (paper: 768), top-p.
     nar:  one parallel pass, gumbel sampling.
-    pnar: MaskGIT: cosine schedule, confidence = log p + t_g * gumbel * (1 - r) with the gumbel
-          temperature t_g annealed 4.5 -> 1.0, tokens already fixed never re-masked.
+    pnar: MaskGIT: cosine schedule, confidence = log p + t_g * gumbel, the gumbel temperature
+          t_g annealed linearly 4.5 -> 1.0 over the steps (appendix A; `gumbel_temperature`),
+          tokens already fixed never re-masked.
 """
 from __future__ import annotations
 
@@ -52,8 +54,12 @@ class SamplerSettings:
 
 
 def filter_logits(logits: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
-    """Scale by temperature, keep the top-k, the top-p nucleus and the tokens at least `epsilon`
-    likely; others get -inf (the most likely token always stays). [.., V]
+    """Scale by temperature, keep the tokens at least `epsilon` likely, then the top-k, then the
+    top-p nucleus; others get -inf (the most likely token always stays). [.., V]
+
+    epsilon is a probability under the model's own (temperature-scaled) distribution over the
+    whole vocabulary, so it is applied before top-k: after it, top-k's renormalised mass would
+    lift a floor token above epsilon.
 
     epsilon sampling (Hewitt et al. 2022, "Truncation sampling as language model desmoothing"): a
     renderer trained with label smoothing a over V codes gives every code at least about a / V, a
@@ -62,13 +68,13 @@ def filter_logits(logits: torch.Tensor, settings: SamplerSettings) -> torch.Tens
     """
     logits = logits / settings.temperature
     top_k, top_p = settings.top_k, settings.top_p
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
     if settings.epsilon > 0:
         probs = logits.softmax(-1)
         keep = (probs >= settings.epsilon) | (probs == probs.amax(-1, keepdim=True))
         logits = logits.masked_fill(~keep, float("-inf"))
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
@@ -92,46 +98,62 @@ def cosine_schedule(ratio: float) -> float:
     return math.cos(math.pi / 2 * ratio)
 
 
+def gumbel_temperature(ratio: float, settings: SamplerSettings) -> float:
+    """P-NAR confidence noise temperature after a fraction `ratio` of the steps: linear from
+    gumbel_start to gumbel_end (appendix A: 4.5 -> 1.0), the only annealing."""
+    return settings.gumbel_start + (settings.gumbel_end - settings.gumbel_start) * ratio
+
+
 @torch.no_grad()
 def sample_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch: int,
               settings: SamplerSettings, generator=None):
     def choose(logits):
         return sample_categorical(filter_logits(logits, settings), generator)
-    return decode_ar(renderer, context, order, text_kv, batch, choose)
+    tokens, cache = decode_ar(renderer, context, order, text_kv, batch, choose)
+    if not renderer.config.transfer:
+        cache = renderer.encode(tokens, order, context, text_kv)
+    return tokens, cache
 
 
 @torch.no_grad()
 def decode_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch: int, choose):
     """Token-by-token decoding with a preallocated KV cache; choose(logits [B, V]) -> tokens [B].
 
-    The context's keys and values are projected once per patch; each step runs one token
-    through every layer and attends to [context; patch keys so far].
+    The context's keys and values are projected once per patch; each step runs one slot
+    (renderer module docstring) through every layer and attends to [context; patch keys so far].
+    Slot t predicts token t; one more step after the last token runs slot M only as far as the
+    last layer's input, for the cache (no head).
     """
     cfg = renderer.config
-    m, d, dh = cfg.tokens_per_patch, cfg.d_model, cfg.d_model // cfg.n_head
+    m, d, dh, n_layer = cfg.tokens_per_patch, cfg.d_model, cfg.d_model // cfg.n_head, cfg.n_layer
     ctx_kv = renderer.context_kv(context)
     perm, inv = renderer.permutation(order)
-    pos = renderer.positions()[perm]  # [M, d] position of the token predicted at each step
+    pos = renderer.positions()[perm]  # [M, d] own position of each token, generation order
+    nxt = renderer.next_positions(order)  # [M + 1, d]
     n_ctx = 0 if context.hidden is None else context.hidden.shape[2]
     kv = []  # per layer: [context keys; patch keys] in one buffer, the context written once
     for layer_kv in ctx_kv:
-        k, v = (pos.new_zeros(batch, cfg.n_head, n_ctx + m, dh) for _ in range(2))
+        k, v = (pos.new_zeros(batch, cfg.n_head, n_ctx + m + 1, dh) for _ in range(2))
         if layer_kv is not None:
             k[:, :, :n_ctx], v[:, :, :n_ctx] = layer_kv
         kv.append((k, v, n_ctx))
-    hidden = pos.new_zeros(cfg.n_layer, batch, m, d)
+    hidden = pos.new_zeros(n_layer, batch, m, d)
     tokens = torch.zeros(batch, m, dtype=torch.long, device=pos.device)
-    masks = [renderer.attn_mask(l, context, 1, 1, causal=False) for l in range(cfg.n_layer)]
-    x = (renderer.order_emb.weight[order.id] + pos[0]).expand(batch, 1, d)
-    for t in range(m):
+    masks = [renderer.attn_mask(l, context, 1, 1, causal=False) for l in range(n_layer)]
+    x = (renderer.order_emb.weight[order.id] + nxt[0]).expand(batch, 1, d)
+    for t in range(m + 1):
         for l, blk in enumerate(renderer.blocks):
-            hidden[l, :, t] = x[:, 0]
+            if t:
+                hidden[l, :, t - 1] = x[:, 0]  # slot t holds token t-1
+            if t == m and l == n_layer - 1:
+                break
             mask = None if masks[l] is None else _grow_post_bias(masks[l], t + 1)
             x = blk(x, None, renderer.self_key_emb(l), mask, text_kv[l], kv_cache=kv[l], pos=t)
+        if t == m:
+            break
         token = choose(renderer.head(renderer.ln_f(x[:, 0])))
         tokens[:, t] = token
-        if t + 1 < m:
-            x = renderer.tok_emb(token)[:, None] + pos[t + 1]
+        x = renderer.tok_emb(token)[:, None] + pos[t] + nxt[t + 1]
     return tokens[:, inv], hidden[:, :, inv]
 
 
@@ -148,7 +170,7 @@ def sample_nar(renderer: Renderer, context: Context, order: Order, text_kv, batc
     masked = torch.full((batch, cfg.tokens_per_patch), cfg.mask_id, dtype=torch.long, device=renderer.pos_f.device)
     logits, _ = renderer(renderer.parallel_inputs(masked, order), context, text_kv, ctx_kv)
     tokens = sample_categorical(filter_logits(logits, settings), generator)
-    return tokens, renderer(renderer.parallel_inputs(tokens, order), context, text_kv, ctx_kv)[1]
+    return tokens, renderer.encode(tokens, order, context, text_kv, ctx_kv)
 
 
 @torch.no_grad()
@@ -170,13 +192,12 @@ def sample_pnar(renderer: Renderer, context: Context, order: Order, text_kv, bat
             break
         n_mask = max(1, min(n_unknown - 1, math.floor(m * cosine_schedule(ratio))))
         log_p = logits.log_softmax(-1).gather(-1, sampled[..., None])[..., 0]
-        t_g = settings.gumbel_start + (settings.gumbel_end - settings.gumbel_start) * ratio
-        confidence = log_p + t_g * (1 - ratio) * gumbel_noise(log_p.shape, generator, device)
+        confidence = log_p + gumbel_temperature(ratio, settings) * gumbel_noise(log_p.shape, generator, device)
         confidence = confidence.masked_fill(~unknown, float("inf"))  # fixed tokens stay fixed
         cut = confidence.sort(dim=-1).values[:, n_mask - 1:n_mask]
         unknown = confidence <= cut
         tokens = sampled.masked_fill(unknown, cfg.mask_id)
-    return tokens, renderer(renderer.parallel_inputs(tokens, order), context, text_kv, ctx_kv)[1]
+    return tokens, renderer.encode(tokens, order, context, text_kv, ctx_kv)
 
 
 SAMPLERS = {"ar": sample_ar, "nar": sample_nar, "pnar": sample_pnar}

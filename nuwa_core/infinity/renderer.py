@@ -11,15 +11,25 @@ its context patches c^(l) [B, Nc*M, d] (selected by the Nearby Context Pool):
     z = z + SelfAtt(Q, K, V)  (+ CrossAtt(LN(z), text) when a text width is configured)
     z = z + FFN(LN(z))
 
-The cache a_n is the input of every layer, [L, B, M, d], kept in raster token order.
+The cache a_n is the input of every layer for each of the patch's M tokens, [L, B, M, d], kept
+in raster token order: entry r holds token r at its own position.
 
 Three ways to fill a patch share these weights' layout but are trained separately
 (`RendererConfig.decoder`):
-  ar:   token by token in the direction's local order; slot t holds the previous token (or a
-        per-order start token) plus the position of token t; causal attention inside the patch.
+  ar:   token by token in the direction's local order, causal attention over M + 1 slots:
+          slot 0     = order start embedding                           + next(token 0)
+          slot t     = tok_emb(token t-1) + pos(token t-1's position)  + next(token t)   (1 <= t < M)
+          slot M     = tok_emb(token M-1) + pos(token M-1's position)  + end
+        where next(.) is a second axial table telling the slot where the token it predicts goes
+        (any local order works) and `end` a learned vector. Slot t (t < M) predicts token t; the
+        cache of token t is slot t+1, so every token, the patch's last included, is in the cache.
   nar:  all tokens in one parallel pass from [MASK] + position.
   pnar: MaskGIT-style: tokens or [MASK] + position, bidirectional, iterated by the sampler.
 For nar/pnar the cache comes from a second pass over the finished patch (`encode`).
+
+`RendererConfig.transfer` False is the paper's ablation without information transmission
+(Table 6, "w/o caches"): the cache a patch adds to the pool comes from a pass over the patch
+without its context, so nothing travels further than the extent; its own logits still see it.
 """
 from __future__ import annotations
 
@@ -48,6 +58,7 @@ class RendererConfig:
     rpe: str = "pre"                 # pre (paper) | post (ablation)
     mlp_ratio: int = 4
     dropout: float = 0.0
+    transfer: bool = True            # False: pool caches made without context (ablation, Table 6)
 
     def __post_init__(self):
         self.patch_size, self.extent = tuple(self.patch_size), tuple(self.extent)
@@ -160,6 +171,11 @@ class Renderer(nn.Module):
         self.pos_f = nn.Parameter(torch.randn(pf, d) * 0.02)  # axial absolute position in the patch
         self.pos_h = nn.Parameter(torch.randn(ph, d) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(pw, d) * 0.02)
+        if cfg.decoder == "ar":  # where the token a slot predicts goes (axial), and the slot after the last token
+            self.next_f = nn.Parameter(torch.randn(pf, d) * 0.02)
+            self.next_h = nn.Parameter(torch.randn(ph, d) * 0.02)
+            self.next_w = nn.Parameter(torch.randn(pw, d) * 0.02)
+            self.next_end = nn.Parameter(torch.randn(d) * 0.02)
         self.rel = RelativePositionEmbedding(cfg.extent, cfg.n_layer, d, cfg.n_head, cfg.rpe)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(d)
@@ -182,6 +198,12 @@ class Renderer(nn.Module):
         """Axial position embedding of every token of a patch, raster order. [M, d]"""
         return (self.pos_f[:, None, None] + self.pos_h[None, :, None] + self.pos_w[None, None]).flatten(0, 2)
 
+    def next_positions(self, order: Order) -> torch.Tensor:
+        """AR: what each of the M + 1 slots is told about the token it predicts, in generation
+        order: the next-position embedding of token t at slot t, `end` at slot M. [M + 1, d]"""
+        nxt = (self.next_f[:, None, None] + self.next_h[None, :, None] + self.next_w[None, None]).flatten(0, 2)
+        return torch.cat([nxt[self.permutation(order)[0]], self.next_end[None]])
+
     def permutation(self, order: Order) -> tuple[torch.Tensor, torch.Tensor]:
         """(generation order -> raster index, raster index -> generation order), both [M]."""
         if order not in self._perms:
@@ -191,15 +213,15 @@ class Renderer(nn.Module):
         return perm.to(self.pos_f.device), inv.to(self.pos_f.device)
 
     def ar_inputs(self, tokens_ordered: torch.Tensor, order: Order) -> torch.Tensor:
-        """Teacher-forced AR inputs. tokens_ordered [B, T] in generation order -> [B, T, d].
-
-        Slot t = embedding of token t-1 (the order's start token at t = 0) + position of token t.
+        """Teacher-forced AR inputs of the first T <= M tokens. tokens_ordered [B, T] in
+        generation order -> slots [B, T + 1, d] (module docstring): slot 0 the order's start,
+        slot t >= 1 token t-1 at its own position; each slot + where the token it predicts goes.
         """
         b, t = tokens_ordered.shape
         perm, _ = self.permutation(order)
         start = self.order_emb.weight[order.id].expand(b, 1, -1)
-        prev = torch.cat([start, self.tok_emb(tokens_ordered[:, :-1])], dim=1)
-        return prev + self.positions()[perm[:t]]
+        own = self.tok_emb(tokens_ordered) + self.positions()[perm[:t]]
+        return torch.cat([start, own], dim=1) + self.next_positions(order)[:t + 1]
 
     def parallel_inputs(self, tokens: torch.Tensor, order: Order) -> torch.Tensor:
         """nar/pnar inputs. tokens [B, M] raster (mask_id where unknown) -> [B, M, d]."""
@@ -243,14 +265,20 @@ class Renderer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: Context, text_kv: list, ctx_kv: list | None = None,
                 causal: bool = False):
-        """One pass over a whole patch. x [B, M, d] inputs -> (logits [B, M, V], cache [L, B, M, d])."""
+        """One pass over a whole patch. x [B, T, d] inputs -> (logits [B, T, V], layer inputs [L, B, T, d])."""
+        out, inputs = self.trunk(x, context, text_kv, ctx_kv, causal)
+        return self.head(self.ln_f(out)), inputs
+
+    def trunk(self, x: torch.Tensor, context: Context, text_kv: list, ctx_kv: list | None = None,
+              causal: bool = False):
+        """The L layers without the head: x [B, T, d] -> (output [B, T, d], layer inputs [L, B, T, d])."""
         ctx_kv = ctx_kv if ctx_kv is not None else self.context_kv(context)
-        cache = []
+        inputs = []
         for l, blk in enumerate(self.blocks):
-            cache.append(x)
+            inputs.append(x)
             x = blk(x, ctx_kv[l], self.self_key_emb(l), self.attn_mask(l, context, x.shape[1], x.shape[1], causal),
                     text_kv[l])
-        return self.head(self.ln_f(x)), torch.stack(cache)
+        return x, torch.stack(inputs)
 
     def self_key_emb(self, layer: int) -> torch.Tensor | None:
         if self.config.rpe != "pre":
@@ -260,24 +288,39 @@ class Renderer(nn.Module):
     # ---- the paper's NUWA(p, c, e, y) for a known patch: training and pre-caching ----------
     def teacher_forced(self, tokens: torch.Tensor, order: Order, context: Context,
                        text_kv: list, masked: torch.Tensor | None = None):
-        """tokens [B, M] raster -> (logits [B, M, V] raster, cache [L, B, M, d] raster).
+        """tokens [B, M] raster -> (logits [B, M, V] raster, cache for the pool [L, B, M, d] raster).
 
-        ar: one causal pass whose logits at token t condition on the tokens before t.
+        ar: one causal pass over M + 1 slots whose logits at token t condition on the tokens
+        before t; the cache is the same pass's slots 1..M.
         nar: logits from an all-[MASK] input; pnar: from the input with `masked` [B, M] hidden.
         For nar/pnar the cache is that of the finished patch (a second pass, as in the paper).
+        With transfer off, the cache is a second pass without the context (`encode`).
         """
         cfg = self.config
         if cfg.decoder == "ar":
-            perm, inv = self.permutation(order)
-            logits, cache = self(self.ar_inputs(tokens[:, perm], order), context, text_kv, causal=True)
-            return logits[:, inv], cache[:, :, inv]
-        hidden = torch.ones_like(tokens, dtype=torch.bool) if cfg.decoder == "nar" else masked
-        logits, _ = self(self.parallel_inputs(tokens.masked_fill(hidden, cfg.mask_id), order), context, text_kv)
+            logits, cache = self._ar_pass(tokens, order, context, text_kv, with_logits=True)
+            if cfg.transfer or context.hidden is None:
+                return logits, cache
+        else:
+            hidden = torch.ones_like(tokens, dtype=torch.bool) if cfg.decoder == "nar" else masked
+            logits, _ = self(self.parallel_inputs(tokens.masked_fill(hidden, cfg.mask_id), order), context, text_kv)
         with torch.no_grad():  # the cache only feeds later patches; nothing flows back through it
             return logits, self.encode(tokens, order, context, text_kv)
 
-    def encode(self, tokens: torch.Tensor, order: Order, context: Context, text_kv: list) -> torch.Tensor:
-        """Cache [L, B, M, d] of a finished patch (tokens [B, M] raster)."""
+    def encode(self, tokens: torch.Tensor, order: Order, context: Context, text_kv: list,
+               ctx_kv: list | None = None) -> torch.Tensor:
+        """The cache [L, B, M, d] raster a finished patch (tokens [B, M] raster) adds to the pool
+        (NCP.Add): its layer inputs, made with `context` (ctx_kv: its keys and values, when the
+        caller has them), or without any when transfer is off."""
+        if not self.config.transfer:
+            context, ctx_kv = Context(None, None, 0), None
         if self.config.decoder == "ar":
-            return self.teacher_forced(tokens, order, context, text_kv)[1]
-        return self(self.parallel_inputs(tokens, order), context, text_kv)[1]
+            return self._ar_pass(tokens, order, context, text_kv, with_logits=False)[1]
+        return self.trunk(self.parallel_inputs(tokens, order), context, text_kv, ctx_kv)[1]
+
+    def _ar_pass(self, tokens: torch.Tensor, order: Order, context: Context, text_kv: list, with_logits: bool):
+        """tokens [B, M] raster -> (logits [B, M, V] raster or None, cache [L, B, M, d] raster)."""
+        perm, inv = self.permutation(order)
+        out, inputs = self.trunk(self.ar_inputs(tokens[:, perm], order), context, text_kv, causal=True)
+        logits = self.head(self.ln_f(out[:, :-1]))[:, inv] if with_logits else None  # slot t predicts token t
+        return logits, inputs[:, :, 1:][:, :, inv]  # token t sits at slot t + 1

@@ -328,6 +328,24 @@ class VQModel(nn.Module):
         return out
 
     @torch.no_grad()
+    def decode_tokens_blocks(self, tokens: torch.Tensor, tile: int = 16) -> torch.Tensor:
+        """decode_tokens of every tile x tile block [B, <=tile, <=tile] on its own, pasted side by
+        side: hard cuts at the block borders (blocks at the far edges are smaller when the size
+        is not a multiple of tile). [B, h, w] -> [B, 3, h*f, w*f]"""
+        if tile < 1:
+            raise ValueError(f"tile must be >= 1 token, got {tile}")
+        f = self.downsample_factor
+        B, h, w = tokens.shape
+        out = None
+        for y in range(0, h, tile):
+            for x in range(0, w, tile):
+                piece = self.decode_tokens(tokens[:, y:y + tile, x:x + tile])
+                if out is None:
+                    out = piece.new_zeros(B, piece.shape[1], h * f, w * f)
+                out[:, :, y * f:(y + tile) * f, x * f:(x + tile) * f] = piece
+        return out
+
+    @torch.no_grad()
     def encode_tokens_tiled(self, x: torch.Tensor, tile: int = 16, overlap: int = 4) -> torch.Tensor:
         """encode_tokens in windows of (tile + 2*overlap) tokens' worth of pixels, keeping each
         window's centre tokens (the encoder's mid attention is global too)."""
