@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError
 from .images import load_image, save_image
 from .infinity.generation import NuwaInfinity
 from .infinity.patch_samplers import EPSILON_DEFAULT, SamplerSettings
@@ -39,7 +40,10 @@ def main(argv=None) -> dict:
     if not args.model.is_file():
         raise SystemExit(f"model file not found: {args.model} (the shipped default lives in {SHIPPED})")
     check_listed_file(args.model)
-    model = NuwaInfinity.load(args.model)
+    try:
+        model = NuwaInfinity.load(args.model)
+    except CheckpointError as err:  # e.g. a bundle older than the renderer's current layout
+        raise SystemExit(f"cannot run the demo on {args.model}: {err}") from None
     settings = SamplerSettings(top_k=args.top_k, temperature=args.temperature, epsilon=args.epsilon)
     image = load_image(args.image)  # [1, H, W, 3]
     php, pwp = model.patch_pixels

@@ -36,7 +36,8 @@ def test_text_embeddings_train_resume_exactly_and_the_bundle_generates_with_text
     torch.set_num_threads(1)
     text_args = ("--text-embeddings", str(emb), "--text-drop", "0.5")
     train.main(renderer_args(folder, tokenizer, tmp_path / "one.safetensors", "--steps", "4", *text_args))
-    train.main(renderer_args(folder, tokenizer, tmp_path / "two.safetensors", "--steps", "2", *text_args))
+    train.main(renderer_args(folder, tokenizer, tmp_path / "two.safetensors", "--steps", "4", "--stop-at", "2",
+                             *text_args))
     train.main(renderer_args(folder, tokenizer, tmp_path / "two.safetensors", "--steps", "4", "--resume", *text_args))
     a, b = trained_weights(tmp_path / "one.safetensors"), trained_weights(tmp_path / "two.safetensors")
     assert any(k.endswith(".xk.weight") for k in a)

@@ -147,11 +147,20 @@ def test_renderer_resume_equals_one_run_and_bundle_loads(tmp_path, tokenizer):
     torch.set_num_threads(1)
     res = train.main(renderer_args(img, tokenizer, tmp_path / "one.safetensors", "--steps", "4", "--one-shot"))
     assert res["optimizer_steps"] == 4 * 4  # 2x2 patches per sample, one step each
-    train.main(renderer_args(img, tokenizer, tmp_path / "two.safetensors", "--steps", "2", "--one-shot"))
+    # the learning rate decays over --steps: a run cut short with --stop-at continues it exactly
+    stopped = train.main(renderer_args(img, tokenizer, tmp_path / "two.safetensors", "--steps", "4", "--one-shot",
+                                       "--stop-at", "2"))
+    assert stopped["stopped"] == "stop-at" and stopped["step"] == 2
     train.main(renderer_args(img, tokenizer, tmp_path / "two.safetensors", "--steps", "4", "--one-shot", "--resume"))
     a, b = trained_weights(tmp_path / "one.safetensors"), trained_weights(tmp_path / "two.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # without decay, a run can also be extended: --steps 2, then --resume --steps 4
+    for name, steps in (("three", "2"), ("three", "4"), ("four", "4")):
+        train.main(renderer_args(img, tokenizer, tmp_path / f"{name}.safetensors", "--steps", steps, "--one-shot",
+                                 "--decay", "none", *(["--resume"] if (name, steps) == ("three", "4") else [])))
+    a, b = trained_weights(tmp_path / "three.safetensors"), trained_weights(tmp_path / "four.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
     from nuwa_core.infinity.generation import NuwaInfinity
     from nuwa_core.infinity.patch_samplers import SamplerSettings
     m = NuwaInfinity.load(tmp_path / "one.safetensors")
@@ -309,3 +318,20 @@ def test_token_bank_with_wrap_trains(tmp_path, tokenizer):
     crops = renderer_stage.token_crops(bank, 20, (2, 4), torch.Generator().manual_seed(0), wrap=True)
     assert crops.shape == (20, 1, 2, 4)
     assert ((crops[:, 0, 0, 1:] - crops[:, 0, 0, :-1]) % 6 == 1).all()  # consecutive columns, wrapping
+
+
+def test_lr_warms_up_then_decays_linearly_to_zero_at_the_last_step():
+    f = [loop.lr_factor(s, warmup=2, total=6) for s in range(7)]
+    assert f == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [loop.lr_factor(s, warmup=2) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]  # no total: constant
+
+
+def test_train_box_keeps_only_that_part_of_every_image(tmp_path):
+    img = write_image(tmp_path / "a.png", w=64, h=32)
+    whole = data.load_images(str(img))[0]
+    part = data.load_images(str(img), box=data.parse_box("8,4,40,20"))[0]
+    assert torch.equal(part, whole[:, 4:24, 8:48])
+    with pytest.raises(loop.TrainingError, match="reaches outside"):
+        data.load_images(str(img), box=(40, 0, 40, 32))
+    with pytest.raises(loop.TrainingError, match="X,Y,W,H"):
+        data.parse_box("8,4,40")

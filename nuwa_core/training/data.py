@@ -38,8 +38,23 @@ def list_images(spec: str) -> list[Path]:
     return files
 
 
-def load_images(spec: str, downscale: int = 1, min_size: tuple[int, int] = (1, 1)) -> list[torch.Tensor]:
-    """Files -> list of [3, H, W] in -1..1 (RGBA composited over white), each checked for size."""
+def parse_box(text: str | None) -> tuple[int, int, int, int] | None:
+    """"X,Y,W,H" (pixels) -> (x, y, w, h); None stays None."""
+    if text is None:
+        return None
+    try:
+        box = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or min(box) < 0 or box[2] < 1 or box[3] < 1:
+        raise TrainingError(f"--train-box {text!r}: expected X,Y,W,H in whole pixels (W, H >= 1), e.g. 0,0,768,128")
+    return box
+
+
+def load_images(spec: str, downscale: int = 1, min_size: tuple[int, int] = (1, 1),
+                box: tuple[int, int, int, int] | None = None) -> list[torch.Tensor]:
+    """Files -> list of [3, H, W] in -1..1 (RGBA composited over white), each checked for size;
+    `box` (x, y, w, h px after downscaling): only that part of every image."""
     out = []
     for path in list_images(spec):
         try:
@@ -52,6 +67,12 @@ def load_images(spec: str, downscale: int = 1, min_size: tuple[int, int] = (1, 1
             if h < 1 or w < 1:
                 raise TrainingError(f"{path} is too small to downscale by {downscale}")
             x = F.interpolate(x, size=(h, w), mode="area")
+        if box is not None:
+            bx, by, bw, bh = box
+            if bx + bw > x.shape[-1] or by + bh > x.shape[-2]:
+                raise TrainingError(f"--train-box {bx},{by},{bw},{bh} reaches outside {path.name}, which is "
+                                    f"{x.shape[-1]}x{x.shape[-2]} px after --downscale {downscale}")
+            x = x[..., by:by + bh, bx:bx + bw]
         h, w = x.shape[-2:]
         if h < min_size[0] or w < min_size[1]:
             raise TrainingError(f"training image {path} is {w}x{h} px (after --downscale {downscale}), smaller than "

@@ -219,10 +219,19 @@ def _progress(total, initial, enabled, desc):
                 mininterval=2.0, file=sys.stderr)
 
 
-def set_lr(opt, lr, step, warmup):
-    f = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_factor(step: int, warmup: int, total: int = 0) -> float:
+    """Linear warm-up over `warmup` steps; then, when `total` is given, linear decay to 0 at step
+    `total` (NUWA-Infinity appendix A: 5% warm-up, linear decay); else constant."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total > warmup:
+        return max(0.0, (total - step) / (total - warmup))
+    return 1.0
+
+
+def set_lr(opt, lr: float, step: int, warmup: int, total: int = 0) -> None:
     for g in opt.param_groups:
-        g["lr"] = lr * f
+        g["lr"] = lr * lr_factor(step, warmup, total)
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -237,8 +246,16 @@ class Run:
     def __init__(self, name: str, args, dist: Dist, modules: dict[str, nn.Module], optims: dict,
                  config: dict, data_gen: torch.Generator):
         self.name, self.args, self.dist = name, args, dist
-        self.modules, self.optims, self.config, self.data_gen = modules, optims, config, data_gen
+        # the learning-rate schedule and the training region change what a run learns: a resumed run
+        # must use the same ones (recorded only when used, so older checkpoints still resume)
+        shared = {k: getattr(args, k) for k in ("decay", "train_box") if getattr(args, k, None) not in (None, "none")}
+        self.config = {**config, **shared}
+        self.modules, self.optims, self.data_gen = modules, optims, data_gen
         self.out = Path(args.out)
+
+    def lr_total(self, units_per_step: int = 1) -> int:
+        """The step (in the units set_lr counts) where --decay linear reaches 0; 0 without decay."""
+        return self.args.steps * units_per_step if getattr(self.args, "decay", "none") == "linear" else 0
 
     def resume(self) -> dict:
         """Weights, optimizers and RNGs from the training checkpoint; -> its state (step, extras)."""
@@ -277,6 +294,9 @@ class Run:
                     reason = stop_reason(stop, dist, t0, args.max_minutes)
                     if reason:
                         stopped = reason
+                        break
+                    if args.stop_at and step >= args.stop_at:
+                        stopped = "stop-at"
                         break
                     res = one_step(step, check)
                     step += 1

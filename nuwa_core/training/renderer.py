@@ -28,7 +28,7 @@ from ..infinity.renderer import Context, Renderer, RendererConfig
 from ..infinity.vqgan import VQModel, load_vqgan
 from . import captions
 from .bundle import token_tensors_that_differ
-from .data import Augment, list_images, load_images, random_crops, random_crops_with_sources
+from .data import Augment, list_images, load_images, parse_box, random_crops, random_crops_with_sources
 from .loop import Dist, Run, TrainingError, dtype_named, dump_replica, set_lr
 
 DEFAULT_LR = 3e-4
@@ -80,7 +80,8 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
     text [B, T, D]: caption features for every patch's cross-attention (None: unconditioned).
 
     Every patch is rendered from the pool's context, its loss is optimized at once (or summed and
-    optimized once per sample with `accumulate`), and its detached cache added to the pool.
+    optimized once per sample with `accumulate`), and its detached cache added to the pool (made
+    without the context when the renderer's `transfer` is off: Renderer.teacher_forced).
     """
     cfg = renderer.config
     pf, ph, pw = cfg.patch_size
@@ -117,7 +118,7 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
             n_opt += 1
         losses.append(loss.item())
         if not no_context:
-            pool.add(coord, cache.detach())
+            pool.add(coord, cache.detach(), order)
             pool.remove(t, last)
     if accumulate:
         if lr_fn is not None:
@@ -252,7 +253,7 @@ def train_renderer(args) -> dict:
     rows, cols = parse_triple(args.sample_patches, "--sample-patches")[1:]
     _, ph, pw = rcfg.patch_size
     crop = (rows * ph * f, cols * pw * f)
-    images = load_images(args.images, args.downscale, (ph * f, pw * f))
+    images = load_images(args.images, args.downscale, (ph * f, pw * f), parse_box(args.train_box))
     if not args.one_shot:  # whole images: crop to whole patches, no resampling
         for n, img in enumerate(images):
             if img.shape[-2] < crop[0] or img.shape[-1] < crop[1]:
@@ -276,9 +277,12 @@ def train_renderer(args) -> dict:
     if args.token_bank:
         bank = build_token_bank(vq, images, args.token_bank, aug, args.seed, dist.device, f, max(rcfg.patch_size[1:]))
 
+    patches_per_sample = 1 if args.accumulate else math.prod(parse_triple(args.sample_patches, "--sample-patches"))
+    lr_total = run.lr_total(patches_per_sample)  # the warm-up and decay count optimizer steps
+
     def lr_fn():
         nonlocal opt_steps
-        set_lr(opt, args.lr, opt_steps, args.warmup)
+        set_lr(opt, args.lr, opt_steps, args.warmup, lr_total)
         opt_steps += 1
 
     def one_step(step, check):
@@ -333,6 +337,7 @@ def _renderer_samples(vq, renderer, images, path: Path):
 
 
 def add_arguments(p) -> None:
+    p.set_defaults(decay="linear")
     p.add_argument("--tokenizer", required=True, help="the frozen VQGAN .safetensors")
     p.add_argument("--init", default=None, help="fine-tune: start from the renderer of this bundle (e.g. the shipped "
                    "model; the flags must build the same renderer, --tokenizer must make its tokens)")

@@ -99,7 +99,7 @@ def train_t_klvae(args) -> dict:
         zshape = (x.shape[0] * x.shape[1], cfg.z_channels, size[1] // f, size[0] // f)
         noise = torch.randn(zshape, generator=data_gen)
         x, noise = x.to(dist.device), noise.to(dist.device)
-        set_lr(opt, args.lr, step, args.warmup)
+        set_lr(opt, args.lr, step, args.warmup, run.lr_total())
         rec, mean, logvar = ddp(x, noise)
         l1 = (rec - x).abs().mean()
         kl = torch.zeros((), device=x.device)

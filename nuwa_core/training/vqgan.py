@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..images import model_to_image, save_image
 from ..infinity.vqgan import VQModel, get_config, load_vqgan, save_vqgan
-from .data import Augment, fixed_crops, load_images, random_crops
+from .data import Augment, fixed_crops, load_images, parse_box, random_crops
 from .loop import Dist, Run, TrainingError, dtype_named, dump_replica, set_lr
 from .perceptual_loss import load_lpips
 
@@ -74,7 +74,7 @@ def train_vqgan(args) -> dict:
     f = get_config(args.preset).downsample_factor
     if args.crop % f:
         raise TrainingError(f"--crop {args.crop} must be a multiple of the preset's downsample factor {f}")
-    images = load_images(args.images, args.downscale, (args.crop, args.crop))
+    images = load_images(args.images, args.downscale, (args.crop, args.crop), parse_box(args.train_box))
     cfg = get_config(args.preset)
     if args.init:
         vq = load_vqgan(args.init).float()
@@ -111,8 +111,8 @@ def train_vqgan(args) -> dict:
 
     def one_step(step, check):
         x = random_crops(images, args.batch, (args.crop, args.crop), data_gen, aug).to(dist.device)
-        set_lr(opt_g, args.lr, step, args.warmup)
-        set_lr(opt_d, args.lr, step, args.warmup)
+        set_lr(opt_g, args.lr, step, args.warmup, run.lr_total())
+        set_lr(opt_d, args.lr, step, args.warmup, run.lr_total())
         rec, q_loss, ids = vq_ddp(x)
         l1 = (rec - x).abs().mean()
         lpips = perceptual(rec, x).mean() if perceptual is not None else torch.zeros(())

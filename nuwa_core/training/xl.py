@@ -178,7 +178,7 @@ def train_xl(args) -> dict:
         x0, ctx, cond, mask, lv = xl_batch(latents, args.batch, args.L, args.depth, levels, data_gen, text,
                                            args.text_drop, context_dim, args.time_reverse)
         x0, ctx, cond, mask = (t.to(dist.device) for t in (x0, ctx, cond, mask))
-        set_lr(opt, args.lr, step, args.warmup)
+        set_lr(opt, args.lr, step, args.warmup, run.lr_total())
         loss = diffusion.training_loss(lambda x, t: ddp(x, t, ctx, cond, mask), x0, generator=data_gen)
         check(loss)
         opt.zero_grad(set_to_none=True)
