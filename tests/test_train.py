@@ -335,3 +335,26 @@ def test_train_box_keeps_only_that_part_of_every_image(tmp_path):
         data.load_images(str(img), box=(40, 0, 40, 32))
     with pytest.raises(loop.TrainingError, match="X,Y,W,H"):
         data.parse_box("8,4,40")
+
+
+def test_training_walks_cover_every_patch_once_and_mix_orders_as_outpainting_does():
+    grid = (1, 3, 4)
+    every = sorted(adc.split(grid, adc.Order.DOWN_RIGHT))
+    basic = renderer_stage.training_steps(grid, torch.Generator().manual_seed(0), outpaint_share=0.0)
+    assert sorted(c for _, c in basic) == every and len({o for o, _ in basic}) == 1
+    mixed = 0
+    for seed in range(20):
+        walk = renderer_stage.training_steps(grid, torch.Generator().manual_seed(seed), outpaint_share=1.0)
+        assert sorted(c for _, c in walk) == every, seed
+        assert walk == renderer_stage.training_steps(grid, torch.Generator().manual_seed(seed), outpaint_share=1.0)
+        mixed += len({o for o, _ in walk}) > 1
+    assert mixed >= 10  # most outpainting plans grow on several sides, each strip in its own order
+
+
+def test_render_and_optimize_takes_a_walk_with_mixed_orders():
+    r = _tiny_renderer()
+    opt = torch.optim.Adam(r.parameters(), lr=1e-3)
+    tokens = torch.randint(64, (1, 1, 6, 8), generator=torch.Generator().manual_seed(1))  # 3 x 4 patches
+    walk = renderer_stage.training_steps((1, 3, 4), torch.Generator().manual_seed(3), outpaint_share=1.0)
+    res = renderer_stage.render_and_optimize(r, renderer_stage._TeacherForced(r), tokens, walk, opt, torch.Generator())
+    assert res["patches"] == 12 and res["optimizer_steps"] == 12 and res["peak_pool"] >= 2

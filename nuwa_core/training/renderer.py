@@ -49,7 +49,7 @@ def parse_triple(text: str, name: str) -> tuple[int, int, int]:
 def renderer_config_from_args(args, vocab: int) -> RendererConfig:
     return RendererConfig(vocab_size=vocab, patch_size=parse_triple(args.patch, "--patch"), n_layer=args.layers,
                           n_head=args.heads, d_model=args.dim, extent=parse_triple(args.extent, "--extent"),
-                          text_dim=args.text_dim, decoder=args.decoder, rpe=args.rpe)
+                          text_dim=args.text_dim, decoder=args.decoder, rpe=args.rpe, transfer=not args.no_transfer)
 
 
 class _TeacherForced(nn.Module):
@@ -72,11 +72,35 @@ def pnar_mask(b: int, m: int, gen: torch.Generator) -> torch.Tensor:
     return ranks < n[:, None]
 
 
-def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tensor, order, opt,
+def training_steps(grid: adc.Grid, gen: torch.Generator, outpaint_share: float) -> list[tuple[adc.Order, adc.Coord]]:
+    """The walk of one training sample's patches, (order, patch) in turn, drawn as generation walks a canvas.
+
+    With probability 1 - outpaint_share: one of the four basic orders over the whole grid (a canvas
+    grown from nothing). Otherwise an outpainting plan (ADC.Split at inference, appendix C): a random
+    known block of patches in the plan's pre-cache order, then the strips around it in the loop
+    circle, each in its direction's order, so later strips read caches made in other orders, as they
+    do when a painting is outpainted on several sides.
+    """
+    _, h, w = grid
+    order = adc.ORDERS[int(torch.randint(len(adc.ORDERS), (1,), generator=gen))]
+    if torch.rand((), generator=gen).item() >= outpaint_share or h * w == 1:
+        return [(order, c) for c in adc.split(grid, order)]
+    while True:  # a known block smaller than the grid
+        kh, kw = (int(torch.randint(1, n + 1, (1,), generator=gen)) for n in (h, w))
+        if (kh, kw) != (h, w):
+            break
+    top, left = int(torch.randint(h - kh + 1, (1,), generator=gen)), int(torch.randint(w - kw + 1, (1,), generator=gen))
+    plan = adc.plan_outpaint((grid[0], kh, kw), left=left, right=w - kw - left, up=top, down=h - kh - top)
+    known = [(k, i + top, j + left) for k, i, j in adc.split((grid[0], kh, kw), plan.precache_order)]
+    return [(plan.precache_order, c) for c in known] + plan.steps()
+
+
+def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tensor, walk, opt,
                         gen: torch.Generator, label_smoothing: float = 0.0, accumulate: bool = False,
                         no_context: bool = False, lr_fn=None, check=None,
                         text: torch.Tensor | None = None) -> dict:
     """Algorithm 1 on one batch of token grids [B, F*pf, H*ph, W*pw]: returns losses and step counts.
+    walk: one basic Order for the whole grid, or every patch as (order, coord) in turn (training_steps).
     text [B, T, D]: caption features for every patch's cross-attention (None: unconditioned).
 
     Every patch is rendered from the pool's context, its loss is optimized at once (or summed and
@@ -87,14 +111,14 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
     pf, ph, pw = cfg.patch_size
     b, ft, h, w = tokens.shape
     grid = (ft // pf, h // ph, w // pw)
-    steps = adc.split(grid, order)
-    last = last_needed_steps(steps, cfg.extent)
+    steps = [(walk, c) for c in adc.split(grid, walk)] if isinstance(walk, adc.Order) else list(walk)
+    last = last_needed_steps([c for _, c in steps], cfg.extent)
     pool = NearbyContextPool(cfg.extent)
     device = tokens.device
     losses, n_opt = [], 0
     if accumulate:
         opt.zero_grad(set_to_none=True)
-    for t, coord in enumerate(steps):
+    for t, (order, coord) in enumerate(steps):
         k, i, j = coord
         patch = tokens[:, k * pf:(k + 1) * pf, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].reshape(b, -1)
         ctx = Context(None, None, 0) if no_context else Context.from_pool(pool.select(coord), coord, renderer.rel, device)
@@ -185,7 +209,7 @@ def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
             "sample_patches": args.sample_patches, "batch": args.batch, "lr": args.lr, "one_shot": args.one_shot,
             "downscale": args.downscale, "seed": args.seed, "accumulate": args.accumulate,
             "no_context": args.no_context, "label_smoothing": args.label_smoothing,
-            "token_bank": args.token_bank, "wrap": args.wrap,
+            "token_bank": args.token_bank, "wrap": args.wrap, "outpaint_share": args.outpaint_share,
             "world": int(os.environ.get("WORLD_SIZE", "1")),
             **({"init": Path(args.init).name} if args.init else {}),  # only when used: older runs still resume
             # only with captions, so checkpoints from before captions existed still resume
@@ -241,6 +265,8 @@ def init_renderer(renderer: Renderer, bundle_path, vq: VQModel) -> None:
 
 def train_renderer(args) -> dict:
     text = caption_features(args)  # before seeding: building a CLIP tower draws random numbers
+    if not 0.0 <= args.outpaint_share <= 1.0:
+        raise TrainingError(f"--outpaint-share is a probability in 0..1, got {args.outpaint_share}")
     dist = Dist()
     torch.manual_seed(args.seed)
     vq = load_vqgan(args.tokenizer).float().to(dist.device).eval()
@@ -277,7 +303,8 @@ def train_renderer(args) -> dict:
     if args.token_bank:
         bank = build_token_bank(vq, images, args.token_bank, aug, args.seed, dist.device, f, max(rcfg.patch_size[1:]))
 
-    patches_per_sample = 1 if args.accumulate else math.prod(parse_triple(args.sample_patches, "--sample-patches"))
+    grid = (1, rows, cols)  # patches of one training sample
+    patches_per_sample = 1 if args.accumulate else rows * cols
     lr_total = run.lr_total(patches_per_sample)  # the warm-up and decay count optimizer steps
 
     def lr_fn():
@@ -295,22 +322,22 @@ def train_renderer(args) -> dict:
             with torch.no_grad():  # patch-sized windows, as in build_token_bank
                 t = max(rcfg.patch_size[1:])
                 tokens = vq.encode_tokens_tiled(x.to(dist.device), tile=t, overlap=t // 4)[:, None]  # [B, 1, h, w]
-        order = adc.ORDERS[int(torch.randint(len(adc.ORDERS), (1,), generator=data_gen))]
+        walk = training_steps(grid, data_gen, args.outpaint_share)
         captions = None
         # caption dropout, one draw per step (the whole batch): the renderer also learns to render without text
         if text is not None and torch.rand((), generator=data_gen).item() >= args.text_drop:
             captions = text[sources].to(dist.device)
-        res = render_and_optimize(renderer, model, tokens, order, opt, data_gen, args.label_smoothing,
+        res = render_and_optimize(renderer, model, tokens, walk, opt, data_gen, args.label_smoothing,
                                   args.accumulate, args.no_context, lr_fn, check, text=captions)
         return {"optimizer_steps": opt_steps, "loss": res["loss"], "first_patch": res["first_patch"],
-                "order": order.value, "peak_pool": res["peak_pool"]}
+                "orders": "+".join(dict.fromkeys(o.value for o, _ in walk)), "peak_pool": res["peak_pool"]}
 
     tokens_per_sample = (crop[0] // f) * (crop[1] // f)
 
     def postfix(st, steps_per_s):
         return {"loss": f"{st['loss']:.3f}", "tok_s": f"{args.batch * dist.world * tokens_per_sample * steps_per_s:.0f}"}
 
-    fields = ["step", "optimizer_steps", "time", "loss", "first_patch", "order", "peak_pool"]
+    fields = ["step", "optimizer_steps", "time", "loss", "first_patch", "orders", "peak_pool"]
     step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,
                                     sample=lambda path: _renderer_samples(vq, renderer, images, path),
                                     extra=lambda: {"optimizer_steps": opt_steps})
@@ -355,6 +382,11 @@ def add_arguments(p) -> None:
     p.add_argument("--token-bank", type=int, default=0, help="encode each image N times up front (0: encode "
                    "every augmented sample; N>0: variant 0 plain, 1 flipped, the rest augmented) then crop tokens")
     p.add_argument("--wrap", action="store_true", help="token crops wrap around horizontally (360-degree panoramas)")
+    p.add_argument("--outpaint-share", type=float, default=0.75, help="share of samples walked as an outpainting "
+                   "plan (a known block, then strips around it in the loop circle, orders mixed as at inference); "
+                   "the rest in one basic order")
+    p.add_argument("--no-transfer", action="store_true", help="ablation (w/o transfer): a patch's cache is made "
+                   "without its own context, so nothing travels beyond the extent")
     p.add_argument("--accumulate", action="store_true", help="one optimizer step per sample (ablation)")
     p.add_argument("--no-context", action="store_true", help="baseline: every patch without context")
     p.add_argument("--clip", default=None, help="captions: encode each image's same-name .txt with the open_clip "
