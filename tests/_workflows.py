@@ -11,10 +11,14 @@ REPO = Path(__file__).resolve().parent.parent
 # `example_workflows/` and logs a hint, but this project's layout keeps `workflows/`).
 UI_DIR = REPO / "workflows"
 API_DIR = Path(__file__).resolve().parent / "workflows" / "shipped"
-DEFAULT_MODEL = "nuwa_infinity_default.safetensors"
-DEFAULT_IMAGE = "nuwa_infinity_default.png"  # models/nuwa/, copied into ComfyUI's input folder
-# workflows that run on the shipped default model (the text one needs a text-conditioned model)
-RUNS_ON_DEFAULT_MODEL = ("outpaint_spiral", "infinite_panorama")
+DEFAULT_MODEL = "nuwa_infinity_default.safetensors"  # the panorama model
+PAINTING_MODEL = "nuwa_infinity_starry_night.safetensors"
+SHIPPED_MODELS = (DEFAULT_MODEL, PAINTING_MODEL)
+# workflows that run on a shipped model (the text one needs a text-conditioned model): (model, image or None);
+# the images are in models/nuwa/ and are copied into ComfyUI's input folder
+SHIPPED_RUNS = {"outpaint_spiral": (PAINTING_MODEL, "nuwa_infinity_starry_night.jpg"),
+                "infinite_panorama": (DEFAULT_MODEL, None)}
+SHIPPED_IMAGES = tuple(image for _, image in SHIPPED_RUNS.values() if image)
 EXPECTED = ("outpaint_spiral", "infinite_panorama", "text_to_image_wide", "nuwa_xl_long_video", "nuwa_xl_ksampler")
 # NUWA-XL: its own loader and model files; run on the shipped default XL model (models/nuwa_xl) by the real-server
 # test, and their thumbnails come from such a run (python tests/make_thumbnails.py --comfyui)

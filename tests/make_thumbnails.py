@@ -1,4 +1,4 @@
-"""Regenerate the shipped workflows' thumbnails (workflows/<name>.jpg) from the shipped default model.
+"""Regenerate the shipped workflows' thumbnails (workflows/<name>.jpg) from the shipped models.
 
     python tests/make_thumbnails.py                      # outpaint_spiral and infinite_panorama
     python tests/make_thumbnails.py outpaint_spiral      # just one
@@ -36,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: its helper modules, however this file is run
 from _pack import import_pack  # noqa: E402
-from _workflows import API_DIR, DEFAULT_IMAGE, REPO, RUNS_ON_DEFAULT_MODEL, UI_DIR, XL_WORKFLOWS  # noqa: E402
+from _workflows import API_DIR, REPO, SHIPPED_IMAGES, SHIPPED_RUNS, UI_DIR, XL_WORKFLOWS  # noqa: E402
 
 WIDTH = 512
 STRIP_ASPECT = 4  # strips of 4:1 ...
@@ -50,8 +50,8 @@ SHEET_MAX_WIDTH = 1024
 def load_image(image: str):
     """Stand-in for ComfyUI's LoadImage: IMAGE [1, H, W, 3] in 0..1 and an empty MASK."""
     path = REPO / "models" / "nuwa" / image
-    if image != DEFAULT_IMAGE or not path.is_file():
-        raise FileNotFoundError(f"LoadImage {image!r}: only the shipped {DEFAULT_IMAGE} in models/nuwa/ is known here")
+    if image not in SHIPPED_IMAGES or not path.is_file():
+        raise FileNotFoundError(f"LoadImage {image!r}: only the shipped {SHIPPED_IMAGES} in models/nuwa/ are known here")
     with Image.open(path) as img:
         pixels = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(pixels)[None]
@@ -142,9 +142,9 @@ def main_comfyui(names: list[str]) -> None:
 
 def main(names: list[str]) -> None:
     torch.manual_seed(0)
-    for name in names or RUNS_ON_DEFAULT_MODEL:
-        if name not in RUNS_ON_DEFAULT_MODEL:
-            raise SystemExit(f"{name}: not a workflow that runs on the shipped default model {RUNS_ON_DEFAULT_MODEL}")
+    for name in names or SHIPPED_RUNS:
+        if name not in SHIPPED_RUNS:
+            raise SystemExit(f"{name}: not a workflow that runs on a shipped model ({sorted(SHIPPED_RUNS)})")
         prompt = json.loads((API_DIR / f"{name}.json").read_text())
         image = run_workflow(prompt)[0]
         thumb = thumbnail(image)

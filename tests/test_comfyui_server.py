@@ -16,7 +16,7 @@ import pytest
 
 from _comfyui import SHIPPED_RUN_TIMEOUT, animated_frames, run_xl_workflow
 from _pack import import_pack
-from _workflows import API_DIR, CORE_NODES, DEFAULT_IMAGE, DEFAULT_MODEL, UI_DIR, XL_WORKFLOWS
+from _workflows import API_DIR, CORE_NODES, SHIPPED_IMAGES, SHIPPED_MODELS, UI_DIR, XL_WORKFLOWS
 
 pytestmark = pytest.mark.comfyui
 
@@ -120,34 +120,24 @@ def test_interrupt_stops_a_long_run(comfyui_server):
 
 # --- the shipped example workflows (workflows/, API copies in tests/workflows/shipped/) ---
 
-def _shipped_file(env: str, name: str) -> Path | None:
-    """The shipped default model/image in models/nuwa/, or a stand-in named by an env variable."""
-    value = os.environ.get(env)
-    path = Path(value) if value else REPO / "models" / "nuwa" / name
-    return path if path.is_file() else None
-
-
 @pytest.fixture(scope="module")
 def shipped_server(comfyui_server):
-    """The server, with the shipped model reachable and the shipped image in its input folder."""
+    """The server, with the shipped models reachable (ComfyUI searches the pack's models/nuwa/) and the
+    shipped example images in its input folder."""
     import shutil
-    model = _shipped_file("NUWA_WORKFLOW_MODEL", DEFAULT_MODEL)
-    if model is None:
-        pytest.skip(f"models/nuwa/{DEFAULT_MODEL} is absent (set NUWA_WORKFLOW_MODEL to use another bundle)")
-    image = _shipped_file("NUWA_WORKFLOW_IMAGE", DEFAULT_IMAGE)
-    if image is None:
-        pytest.skip(f"models/nuwa/{DEFAULT_IMAGE} is absent (set NUWA_WORKFLOW_IMAGE to use another image)")
     from nuwa_core.checkpoint import CheckpointError
     from nuwa_core.infinity.generation import NuwaInfinity
-    try:
-        NuwaInfinity.load(model)
-    except CheckpointError as err:  # a real failure of the shipped workflows, named before ComfyUI hides it
-        pytest.fail(f"the shipped workflows cannot run: {err}")
-    if model != REPO / "models" / "nuwa" / DEFAULT_MODEL:  # ComfyUI/models/nuwa is searched first
-        target = comfyui_server.base / "models" / "nuwa" / DEFAULT_MODEL
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(model, target)
-    shutil.copyfile(image, comfyui_server.base / "input" / DEFAULT_IMAGE)
+    shipped = REPO / "models" / "nuwa"
+    for name in (*SHIPPED_MODELS, *SHIPPED_IMAGES):
+        if not (shipped / name).is_file():
+            pytest.skip(f"models/nuwa/{name} is absent")
+    for name in SHIPPED_MODELS:
+        try:
+            NuwaInfinity.load(shipped / name)
+        except CheckpointError as err:  # a real failure of the shipped workflows, named before ComfyUI hides it
+            pytest.fail(f"the shipped workflows cannot run: {err}")
+    for name in SHIPPED_IMAGES:
+        shutil.copyfile(shipped / name, comfyui_server.base / "input" / name)
     return comfyui_server
 
 

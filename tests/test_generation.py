@@ -80,9 +80,30 @@ def test_outpainting_keeps_the_given_tokens_and_pixels(decoder, extension):
     assert torch.equal(out.tokens[:, :, top * 4:top * 4 + 8, left * 4:left * 4 + 12], st.tokens)
     assert out.known.all() and out.grid == (1, 2 + top + extension.get("down", 0),
                                             3 + left + extension.get("right", 0))
-    decoded = m.decode(out)
     px = (top * 16, left * 16)
-    assert torch.allclose(decoded[:, px[0]:px[0] + 32, px[1]:px[1] + 48], img, atol=1e-6)
+    hard = m.decode(out, feather=0)
+    assert torch.allclose(hard[:, px[0]:px[0] + 32, px[1]:px[1] + 48], img, atol=1e-6)
+    # by default the given pixels fade in over two tokens (8 px here) from the sides that meet generated ones
+    feathered = m.decode(out)
+    f = 8
+    inner = (slice(None), slice(px[0] + (f if top else 0), px[0] + 32 - (f if extension.get("down") else 0)),
+             slice(px[1] + (f if left else 0), px[1] + 48 - (f if extension.get("right") else 0)))
+    assert torch.allclose(feathered[inner], hard[inner], atol=1e-6)
+    outside = torch.ones(hard.shape[1:3], dtype=torch.bool)
+    outside[px[0]:px[0] + 32, px[1]:px[1] + 48] = False
+    assert torch.equal(feathered[:, outside], hard[:, outside])  # generated pixels are not touched
+    if extension.get("right"):  # the last given column is mostly the decoded reconstruction
+        edge = px[1] + 47
+        assert (feathered[:, px[0]:px[0] + 32, edge] - hard[:, px[0]:px[0] + 32, edge]).abs().max() > 1e-3
+
+
+def test_given_weight_ramps_only_towards_generated_pixels():
+    from nuwa_core.infinity.generation import given_weight
+    w = given_weight((4, 6), (0, 2), (4, 10), feather=3)  # given touches the canvas' top and bottom
+    assert torch.equal(w[:, 0], torch.full((4,), 0.25)) and torch.equal(w[:, 2], torch.full((4,), 0.75))
+    assert torch.allclose(w[0], torch.tensor([0.25, 0.5, 0.75, 0.75, 0.5, 0.25]))
+    assert torch.equal(given_weight((4, 6), (0, 0), (4, 6), feather=3), torch.ones(4, 6))  # nothing generated
+    assert torch.equal(given_weight((4, 6), (0, 2), (4, 10), feather=0), torch.ones(4, 6))
 
 
 def test_text_conditioning_changes_the_canvas():
@@ -278,7 +299,7 @@ def test_generate_after_forget_fills_only_the_forgotten_patches():
     assert torch.equal(out.tokens[:, :, :, 4:], st.tokens[:, :, :, 4:])
     assert not torch.equal(out.tokens[:, :, :, :4], st.tokens[:, :, :, :4])
     decoded = m.decode(out)
-    assert torch.allclose(decoded[:, :, 16:48], img[:, :, 16:], atol=1e-6)  # kept given pixels
+    assert torch.allclose(decoded[:, :, 24:40], img[:, :, 24:40], atol=1e-6)  # kept given pixels (inside the 8 px fades)
     assert not torch.allclose(decoded[:, :, :16], img[:, :, :16], atol=1e-3)  # regenerated, not pasted over
 
 

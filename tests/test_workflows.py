@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from _pack import import_pack
-from _workflows import API_DIR, CORE_NODES, DEFAULT_IMAGE, DEFAULT_MODEL, EXPECTED, UI_DIR, XL_WORKFLOWS
+from _workflows import API_DIR, CORE_NODES, EXPECTED, SHIPPED_MODELS, SHIPPED_RUNS, UI_DIR, XL_WORKFLOWS
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -75,8 +75,8 @@ def widget_problem(node_type: str, name: str, spec, value) -> str | None:
     kind, opts = spec
     where = f"{node_type}.{name}={value!r}"
     if node_type == "NUWAModelLoader" and name == "model_name":
-        # the combo lists the files present; shipped workflows must name the shipped model
-        return None if value == DEFAULT_MODEL else f"{where}: shipped workflows load {DEFAULT_MODEL!r}"
+        # the combo lists the files present; shipped workflows must name a shipped model
+        return None if value in SHIPPED_MODELS else f"{where}: shipped workflows load one of {SHIPPED_MODELS}"
     if node_type == "NUWACanvasLoad" and name == "canvas_file":
         return None if isinstance(value, str) and value.endswith(".nuwacanvas.safetensors") else \
             f"{where}: expected a .nuwacanvas.safetensors file name"
@@ -271,10 +271,13 @@ def test_specific_contents():
         if name in XL_WORKFLOWS:
             continue
         loaders = [n for n in prompt.values() if n["class_type"] == "NUWAModelLoader"]
-        assert loaders and all(n["inputs"]["model_name"] == DEFAULT_MODEL for n in loaders), name
-    # (a) outpainting: the shipped image, extended on all four sides, order drawing previewed
+        assert loaders and all(n["inputs"]["model_name"] in SHIPPED_MODELS for n in loaders), name
+    for name, (model, image) in SHIPPED_RUNS.items():  # each template on the model made for it
+        assert {n["inputs"]["model_name"] for n in api[name].values() if n["class_type"] == "NUWAModelLoader"} == {model}
+        assert [n["inputs"]["image"] for n in api[name].values() if n["class_type"] == "LoadImage"] == \
+            ([image] if image else []), name
+    # (a) outpainting: the painting, extended on all four sides, order drawing previewed
     a = api["outpaint_spiral"]
-    assert [n["inputs"]["image"] for n in a.values() if n["class_type"] == "LoadImage"] == [DEFAULT_IMAGE]
     planner = next(n for n in a.values() if n["class_type"] == "NUWADirectionPlanner")["inputs"]
     assert min(planner[k] for k in ("left", "right", "up", "down")) >= 1, planner
     previews = [n["inputs"]["images"] for n in a.values() if n["class_type"] == "PreviewImage"]

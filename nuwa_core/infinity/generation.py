@@ -320,13 +320,16 @@ class NuwaInfinity(nn.Module):
 
     # ---- decoding ------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, state: CanvasState, tile: int | None = None, blend: bool = True) -> torch.Tensor:
+    def decode(self, state: CanvasState, tile: int | None = None, blend: bool = True,
+               feather: int | None = None) -> torch.Tensor:
         """Canvas -> IMAGE [B*F, H, W, 3], decoded window by window; unknown patches are grey.
 
         blend: neighbouring windows overlap and cross-fade (VQModel.decode_tokens_tiled); False:
         every tile x tile block of tokens is decoded on its own and cut hard at its borders, so
         seams show where the decoder cannot hide them (an evaluation control).
-        The given image's own pixels are pasted back over its area.
+        The given image's own pixels are composited back over its area, faded in over `feather` px
+        (default two tokens) from every edge that meets generated pixels, so the tokenizer's
+        reconstruction error does not draw a line around them (0: pasted with a hard edge).
         """
         b, ft, h, w = state.tokens.shape
         tokens = state.tokens.reshape(b * ft, h, w)
@@ -347,8 +350,30 @@ class NuwaInfinity(nn.Module):
             top, left = state.given_origin
             gh, gw = state.given.shape[1:3]
             frame0 = image.view(b, ft, *image.shape[1:])[:, 0]
-            frame0[:, top:top + gh, left:left + gw] = state.given.to(image.dtype)
+            feather = 2 * f_px if feather is None else feather
+            weight = given_weight((gh, gw), (top, left), tuple(frame0.shape[1:3]), feather)[None, :, :, None]
+            region = frame0[:, top:top + gh, left:left + gw]
+            region.copy_(torch.lerp(region, state.given.to(image.dtype), weight))  # exact where weight is 1
         return image
+
+
+def given_weight(size: tuple[int, int], origin: tuple[int, int], canvas: tuple[int, int], feather: int) -> torch.Tensor:
+    """[h, w] weight of given pixels of `size` at `origin` on a canvas of `canvas` px: 1 inside, ramping
+    linearly to 1 / (feather + 1) at each edge that borders the canvas (not at the canvas' own borders)."""
+    (h, w), (top, left), (ch, cw) = size, origin, canvas
+    weight = torch.ones(h, w)
+    if feather <= 0:
+        return weight
+    ramp = lambda n: ((torch.arange(n) + 1) / (feather + 1)).clamp(max=1.0)  # noqa: E731
+    if top > 0:
+        weight = torch.minimum(weight, ramp(h)[:, None])
+    if top + h < ch:
+        weight = torch.minimum(weight, ramp(h).flip(0)[:, None])
+    if left > 0:
+        weight = torch.minimum(weight, ramp(w)[None, :])
+    if left + w < cw:
+        weight = torch.minimum(weight, ramp(w).flip(0)[None, :])
+    return weight
 
 
 @torch.no_grad()

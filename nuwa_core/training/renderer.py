@@ -210,6 +210,7 @@ def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
             "downscale": args.downscale, "seed": args.seed, "accumulate": args.accumulate,
             "no_context": args.no_context, "label_smoothing": args.label_smoothing,
             "token_bank": args.token_bank, "wrap": args.wrap, "outpaint_share": args.outpaint_share,
+            "augment": [args.aug_min_scale, args.aug_rotate, args.aug_shear, args.aug_noise],
             "world": int(os.environ.get("WORLD_SIZE", "1")),
             **({"init": Path(args.init).name} if args.init else {}),  # only when used: older runs still resume
             # only with captions, so checkpoints from before captions existed still resume
@@ -298,7 +299,8 @@ def train_renderer(args) -> dict:
     if args.resume:
         st = run.resume()
         step, opt_steps = int(st["step"]), int(st["optimizer_steps"])
-    aug = Augment() if args.one_shot else Augment.off()
+    aug = Augment(scale=(args.aug_min_scale, 1.0), rotate_deg=args.aug_rotate, shear=args.aug_shear,
+                  noise=args.aug_noise) if args.one_shot else Augment.off()
     bank = None
     if args.token_bank:
         bank = build_token_bank(vq, images, args.token_bank, aug, args.seed, dist.device, f, max(rcfg.patch_size[1:]))
@@ -382,6 +384,11 @@ def add_arguments(p) -> None:
     p.add_argument("--token-bank", type=int, default=0, help="encode each image N times up front (0: encode "
                    "every augmented sample; N>0: variant 0 plain, 1 flipped, the rest augmented) then crop tokens")
     p.add_argument("--wrap", action="store_true", help="token crops wrap around horizontally (360-degree panoramas)")
+    p.add_argument("--aug-min-scale", type=float, default=0.6, help="one-shot: smallest random-resized-crop window, "
+                   "as a share of the largest that fits (appendix D)")
+    p.add_argument("--aug-rotate", type=float, default=4.0, help="one-shot: largest rotation in degrees")
+    p.add_argument("--aug-shear", type=float, default=0.08, help="one-shot: largest shear")
+    p.add_argument("--aug-noise", type=float, default=0.02, help="one-shot: pixel noise std (-1..1 units)")
     p.add_argument("--outpaint-share", type=float, default=0.75, help="share of samples walked as an outpainting "
                    "plan (a known block, then strips around it in the loop circle, orders mixed as at inference); "
                    "the rest in one basic order")
