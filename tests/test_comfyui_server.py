@@ -16,7 +16,7 @@ import pytest
 
 from _comfyui import SHIPPED_RUN_TIMEOUT, animated_frames, run_xl_workflow
 from _pack import import_pack
-from _workflows import API_DIR, CORE_NODES, SHIPPED_IMAGES, SHIPPED_MODELS, UI_DIR, XL_WORKFLOWS
+from _workflows import API_DIR, CORE_NODES, SHIPPED_IMAGES, SHIPPED_MODELS, SHIPPED_RUNS, UI_DIR, XL_WORKFLOWS
 
 pytestmark = pytest.mark.comfyui
 
@@ -169,7 +169,8 @@ def test_shipped_workflows_match_object_info(comfyui_server):
 
 @pytest.mark.parametrize("name", ["outpaint_spiral", "infinite_panorama"])
 def test_shipped_workflow_runs(shipped_server, name):
-    """The API copies of the shipped outpainting and panorama workflows run on the shipped model.
+    """The API copies of the shipped outpainting and panorama workflows run on the shipped models
+    (outpaint_spiral on the painting model and its image).
     (text_to_image_wide needs a text-conditioned model and a CLIP checkpoint: never run here.)"""
     from PIL import Image
     server = shipped_server
@@ -183,7 +184,7 @@ def test_shipped_workflow_runs(shipped_server, name):
     with Image.open(path) as img:
         size = img.size
     if name == "outpaint_spiral":
-        with Image.open(server.base / "input" / "nuwa_infinity_default.png") as src:
+        with Image.open(server.base / "input" / SHIPPED_RUNS[name][1]) as src:
             assert size[0] > src.width and size[1] > src.height, (size, src.size)  # grown on every side
         previews = [nid for nid, n in prompt.items() if n["class_type"] == "PreviewImage"]
         assert all(outputs[nid]["images"] for nid in previews), "the order preview is missing"

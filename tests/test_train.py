@@ -358,3 +358,24 @@ def test_render_and_optimize_takes_a_walk_with_mixed_orders():
     walk = renderer_stage.training_steps((1, 3, 4), torch.Generator().manual_seed(3), outpaint_share=1.0)
     res = renderer_stage.render_and_optimize(r, renderer_stage._TeacherForced(r), tokens, walk, opt, torch.Generator())
     assert res["patches"] == 12 and res["optimizer_steps"] == 12 and res["peak_pool"] >= 2
+
+
+def test_a_strip_trains_on_caches_re_encoded_in_its_own_order_as_generation_reads_them():
+    """A known column walked down-left, then the strip to its right (down-right): with re-encoding
+    (the default), the strip's losses are those of a walk made in down-right throughout, which is
+    what generate(reencode=True) feeds it at inference; without, they differ."""
+    r = _tiny_renderer().eval()
+    tokens = torch.randint(64, (1, 1, 4, 4), generator=torch.Generator().manual_seed(2))  # 2 x 2 patches
+    known, strip = [(0, 0, 0), (0, 1, 0)], [(0, 0, 1), (0, 1, 1)]
+
+    def strip_losses(known_order, reencode):
+        losses = []
+        walk = [(known_order, c) for c in known] + [(adc.Order.DOWN_RIGHT, c) for c in strip]
+        renderer_stage.render_and_optimize(r, renderer_stage._TeacherForced(r), tokens, walk,
+                                           torch.optim.SGD(r.parameters(), lr=0.0), torch.Generator(),
+                                           check=lambda loss: losses.append(loss.item()), reencode=reencode)
+        return losses[len(known):]
+
+    made_in_order = strip_losses(adc.Order.DOWN_RIGHT, reencode=True)
+    assert strip_losses(adc.Order.DOWN_LEFT, reencode=True) == pytest.approx(made_in_order, abs=1e-5)
+    assert strip_losses(adc.Order.DOWN_LEFT, reencode=False) != pytest.approx(made_in_order, abs=1e-5)

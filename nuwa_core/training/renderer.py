@@ -9,6 +9,7 @@ probability --text-drop.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from ..checkpoint import stored_dtype
 from ..images import save_image
 from ..infinity import arbitrary_direction_controller as adc
-from ..infinity.generation import NuwaInfinity
+from ..infinity.generation import NuwaInfinity, reencode_pooled
 from ..infinity.nearby_context_pool import NearbyContextPool, last_needed_steps
 from ..infinity.patch_samplers import SamplerSettings
 from ..infinity.renderer import Context, Renderer, RendererConfig
@@ -98,7 +99,7 @@ def training_steps(grid: adc.Grid, gen: torch.Generator, outpaint_share: float) 
 def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tensor, walk, opt,
                         gen: torch.Generator, label_smoothing: float = 0.0, accumulate: bool = False,
                         no_context: bool = False, lr_fn=None, check=None,
-                        text: torch.Tensor | None = None) -> dict:
+                        text: torch.Tensor | None = None, reencode: bool = True) -> dict:
     """Algorithm 1 on one batch of token grids [B, F*pf, H*ph, W*pw]: returns losses and step counts.
     walk: one basic Order for the whole grid, or every patch as (order, coord) in turn (training_steps).
     text [B, T, D]: caption features for every patch's cross-attention (None: unconditioned).
@@ -106,6 +107,9 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
     Every patch is rendered from the pool's context, its loss is optimized at once (or summed and
     optimized once per sample with `accumulate`), and its detached cache added to the pool (made
     without the context when the renderer's `transfer` is off: Renderer.teacher_forced).
+    reencode: where the walk changes order (a new strip of an outpainting plan), the pooled caches
+    the strip can select are first re-encoded in its order, as `NuwaInfinity.generate(reencode=True)`
+    does, so a strip trains on the contexts it will read at inference.
     """
     cfg = renderer.config
     pf, ph, pw = cfg.patch_size
@@ -118,9 +122,16 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
     losses, n_opt = [], 0
     if accumulate:
         opt.zero_grad(set_to_none=True)
-    for t, (order, coord) in enumerate(steps):
+    def patch_tokens(coord: adc.Coord) -> torch.Tensor:  # [B, M] raster
         k, i, j = coord
-        patch = tokens[:, k * pf:(k + 1) * pf, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].reshape(b, -1)
+        return tokens[:, k * pf:(k + 1) * pf, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].reshape(b, -1)
+
+    for t, (order, coord) in enumerate(steps):
+        if reencode and not no_context and t > 0 and order is not steps[t - 1][0]:
+            strip = [c for o, c in itertools.takewhile(lambda s: s[0] is order, steps[t:])]
+            near = {n for c in strip for n in adc.neighbours(c, cfg.extent, grid)}
+            reencode_pooled(renderer, pool, near, order, grid, patch_tokens, renderer.text_kv(text))
+        patch = patch_tokens(coord)
         ctx = Context(None, None, 0) if no_context else Context.from_pool(pool.select(coord), coord, renderer.rel, device)
         masked = pnar_mask(b, patch.shape[1], gen).to(device) if cfg.decoder == "pnar" else None
         logits, cache = model(patch, order, ctx, masked, text)
@@ -210,6 +221,7 @@ def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
             "downscale": args.downscale, "seed": args.seed, "accumulate": args.accumulate,
             "no_context": args.no_context, "label_smoothing": args.label_smoothing,
             "token_bank": args.token_bank, "wrap": args.wrap, "outpaint_share": args.outpaint_share,
+            "reencode": not args.no_reencode,
             "augment": [args.aug_min_scale, args.aug_rotate, args.aug_shear, args.aug_noise],
             "world": int(os.environ.get("WORLD_SIZE", "1")),
             **({"init": Path(args.init).name} if args.init else {}),  # only when used: older runs still resume
@@ -330,7 +342,8 @@ def train_renderer(args) -> dict:
         if text is not None and torch.rand((), generator=data_gen).item() >= args.text_drop:
             captions = text[sources].to(dist.device)
         res = render_and_optimize(renderer, model, tokens, walk, opt, data_gen, args.label_smoothing,
-                                  args.accumulate, args.no_context, lr_fn, check, text=captions)
+                                  args.accumulate, args.no_context, lr_fn, check, text=captions,
+                                  reencode=not args.no_reencode)
         return {"optimizer_steps": opt_steps, "loss": res["loss"], "first_patch": res["first_patch"],
                 "orders": "+".join(dict.fromkeys(o.value for o, _ in walk)), "peak_pool": res["peak_pool"]}
 
@@ -394,6 +407,9 @@ def add_arguments(p) -> None:
                    "the rest in one basic order")
     p.add_argument("--no-transfer", action="store_true", help="ablation (w/o transfer): a patch's cache is made "
                    "without its own context, so nothing travels beyond the extent")
+    p.add_argument("--no-reencode", action="store_true", help="a strip of an outpainting plan reads the pooled caches "
+                   "as earlier strips made them, in other orders (default: re-encoded in the strip's order first, "
+                   "as generate(reencode=True) does at inference)")
     p.add_argument("--accumulate", action="store_true", help="one optimizer step per sample (ablation)")
     p.add_argument("--no-context", action="store_true", help="baseline: every patch without context")
     p.add_argument("--clip", default=None, help="captions: encode each image's same-name .txt with the open_clip "
