@@ -9,7 +9,6 @@ probability --text-drop.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import os
 import sys
@@ -128,7 +127,8 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
 
     for t, (order, coord) in enumerate(steps):
         if reencode and not no_context and t > 0 and order is not steps[t - 1][0]:
-            strip = [c for o, c in itertools.takewhile(lambda s: s[0] is order, steps[t:])]
+            end = next((u for u in range(t, len(steps)) if steps[u][0] is not order), len(steps))
+            strip = [c for _, c in steps[t:end]]
             near = {n for c in strip for n in adc.neighbours(c, cfg.extent, grid)}
             reencode_pooled(renderer, pool, near, order, grid, patch_tokens, renderer.text_kv(text))
         patch = patch_tokens(coord)
