@@ -18,8 +18,10 @@ def available_bytes(device=None) -> int | None:
     return None
 
 
-def check_memory(needed: int, what: str) -> None:
-    free = available_bytes()
+def check_memory(needed: int, what: str, device=None) -> None:
+    """Refuse `needed` bytes beyond what `device` (None: host RAM) has free."""
+    free = available_bytes(device)
     if free is not None and needed > free:
+        where = "on " + str(device) if device is not None and torch.device(device).type == "cuda" else "in RAM"
         raise MemoryError(f"{what} needs about {needed / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is "
-                          f"available; generate a smaller canvas or extend it in several steps")
+                          f"available {where}; generate a smaller canvas or extend it in several steps")

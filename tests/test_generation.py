@@ -216,6 +216,21 @@ def test_a_canvas_larger_than_memory_is_refused_with_an_estimate(monkeypatch):
         m.generate(st, m.plan_extension(m.generate(st, m.plan_fill(st)), right=4000))
 
 
+def test_the_memory_check_asks_the_device_that_holds_the_canvas(monkeypatch):
+    asked = []
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: asked.append(device))  # None: unknown
+    m = tiny_model()
+    st = m.blank_canvas(1, 1)
+    m.generate(st, m.plan_fill(st))
+    assert asked and all(d is not None and torch.device(d) == m.device for d in asked)
+
+
+def test_a_cuda_canvas_is_checked_against_the_gpus_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000_000, 80 * 2**30))
+    with pytest.raises(MemoryError, match=r"only 0\.0 GiB is available on cuda:0"):
+        memory.check_memory(2**30, "this generation", torch.device("cuda:0"))
+
+
 def test_wrong_decoder_and_plans_are_refused():
     m = tiny_model()
     st = m.blank_canvas(1, 2)

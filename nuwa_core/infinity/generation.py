@@ -217,7 +217,7 @@ class NuwaInfinity(nn.Module):
         state = state.grown(plan)
         steps = plan.steps()
         self._check_plan(state, steps)
-        check_memory(self.estimate_bytes(state.grid, state.batch), "this generation")
+        check_memory(self.estimate_bytes(state.grid, state.batch), "this generation", self.device)
         text_kv = self.renderer.text_kv(self._text(text, state.batch))
         pool = state.pool if _pool_fits(state.pool, cfg, state, extent) else NearbyContextPool(extent)
         last = last_needed_steps([c for _, c in steps], extent, keep=self._frontier(plan, state, extent))
