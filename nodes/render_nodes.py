@@ -105,7 +105,7 @@ class NUWAPatchRenderer:
             extent = tuple(t if e < 0 else e for e, t in zip(context["extent"], trained))
         _comfy.load_for_run(getattr(model, "comfy_patcher", None))
         state = spec.prepare(canvas)  # a copy: the input canvas is never modified
-        generator = torch.Generator(device=model.device).manual_seed(int(seed) % (2 ** 63))
+        generator = torch.Generator().manual_seed(int(seed) % (2 ** 63))  # CPU noise, as ComfyUI: one image per seed on every device
         total = len(spec.plan)
         progress = _comfy.Progress(total)
         last = {"t": 0.0, "cost": 0.0}

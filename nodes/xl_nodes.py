@@ -362,7 +362,7 @@ class NUWAXLCoarseToFine:
         cb = _Sampling(model, total)
         if levels is None:
             levels = model.null_prompts()
-        gen = torch.Generator(device=model.device).manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
         with torch.no_grad():
             lat = generate_long_video(model.global_mtd, model.local_mtd,
                                       levels if isinstance(levels, list) else levels.to(model.device), L, depth,

@@ -5,7 +5,9 @@ Every sampler is a plain function with one signature:
     sample(renderer, context, order, text_kv, batch, settings, generator) -> (tokens [B, M], cache [L, B, M, d])
 
 tokens and cache in raster order; the cache is what the patch adds to the pool (the one
-`Renderer.encode` makes). The schedules (`cosine_schedule`, `gumbel_temperature`) and the logit
+`Renderer.encode` makes). `generator` is a CPU generator: every random draw is made on the CPU and
+moved to the model's device, so a seed gives the same tokens on CPU, CUDA and MPS (up to the
+logits' float rounding). The schedules (`cosine_schedule`, `gumbel_temperature`) and the logit
 filters are kept apart from the network, as in MaskGIT.
 
     ar:   token by token with a preallocated KV cache; temperature, top-k (paper: 768), top-p.
@@ -84,13 +86,20 @@ def filter_logits(logits: torch.Tensor, settings: SamplerSettings) -> torch.Tens
 
 
 def gumbel_noise(shape, generator, device) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0 - 1e-7)
-    return -torch.log(-torch.log(u))
+    """Standard Gumbel noise of `shape` on `device`, drawn on the CPU and then moved.
+
+    The uniform draw and its transform both run on the CPU (as ComfyUI makes its noise), so a seed
+    gives the same noise, bit for bit, whatever device the model runs on; `generator` must be a CPU
+    generator (None: torch's default one).
+    """
+    u = torch.rand(tuple(shape), generator=generator, dtype=torch.float32).clamp_(1e-20, 1.0 - 1e-7)
+    return (-torch.log(-torch.log(u))).to(device)
 
 
 def sample_categorical(logits: torch.Tensor, generator) -> torch.Tensor:
-    """One draw per row by the gumbel-max trick (reproducible with a generator). [.., V] -> [..]"""
-    return (logits + gumbel_noise(logits.shape, generator, logits.device)).argmax(-1)
+    """One draw per row by the gumbel-max trick (reproducible with a CPU generator): the noise is the
+    same on every device, so only the logits' float rounding can change a token. [.., V] -> [..]"""
+    return (logits.float() + gumbel_noise(logits.shape, generator, logits.device)).argmax(-1)
 
 
 def cosine_schedule(ratio: float) -> float:

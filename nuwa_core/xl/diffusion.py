@@ -5,7 +5,9 @@ Samplers are plain functions with one signature (k-diffusion style):
     sampler(model_fn, x_T, steps, *, alphas_cumprod=None, generator=None, callback=None) -> x_0
 
 `model_fn(x, t)` predicts the noise eps of `x` at float timesteps `t` [B] in [0, 999] (what
-ComfyUI passes too); conditions are bound into `model_fn` by the caller. `callback(info)` runs once
+ComfyUI passes too); conditions are bound into `model_fn` by the caller. `generator` is a CPU
+generator: every random draw here is made on the CPU and then moved to the latents' device (as
+ComfyUI makes its noise), so a seed gives the same noise on every device. `callback(info)` runs once
 per step with {"i", "total", "t", "x", "denoised"}; returning True cancels (SamplingCancelled).
 """
 from __future__ import annotations
@@ -43,12 +45,24 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
     return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
 
 
+def cpu_randn(shape, generator: torch.Generator | None = None, device=None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU from `generator` (a CPU generator; None: torch's
+    default) and then moved to `device`: the same seed gives the same noise on every device."""
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def cpu_randint(high: int, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Integers in [0, high) drawn on the CPU from `generator`, then moved to `device`."""
+    return torch.randint(0, high, tuple(shape), generator=generator).to(device)
+
+
 def training_loss(model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None,
                   alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 5: MSE between eps and model_fn(x_t, t) at a uniformly drawn t per sample. -> scalar"""
     ac = _schedule(alphas_cumprod)
-    t = torch.randint(0, ac.shape[0], (x0.shape[0],), generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = cpu_randint(ac.shape[0], (x0.shape[0],), generator, x0.device)
+    noise = cpu_randn(x0.shape, generator, x0.device, x0.dtype)
     x_t = q_sample(x0, t, noise, ac)
     return F.mse_loss(model_fn(x_t, t.to(x0.dtype)), noise)
 
@@ -62,7 +76,7 @@ def timesteps_for(steps: int, num_timesteps: int = NUM_TIMESTEPS) -> list[int]:
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return cpu_randn(x.shape, generator, x.device, x.dtype)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import sample_ddim
+from .diffusion import cpu_randn, sample_ddim
 
 
 def frames_for(L: int, depth: int) -> int:
@@ -73,7 +73,7 @@ def generate_keyframes(global_model, prompts: torch.Tensor, L: int, latent_shape
     _check_tree(L, 1)
     context = level_prompts(prompts, L, "global prompts")[None]  # [1, L, n, d]
     if noise is None:
-        noise = torch.randn((1, L, *latent_shape), generator=generator, device=context.device)
+        noise = cpu_randn((1, L, *latent_shape), generator, context.device)
     x0 = sampler(lambda x, t: global_model(x, t, context), noise, steps, generator=generator, callback=callback)
     return x0[0]
 
@@ -101,8 +101,7 @@ def fill_between(local_model, keyframes: torch.Tensor, prompts: torch.Tensor, L:
     mask = torch.zeros(segments, L, dtype=keyframes.dtype, device=keyframes.device)
     mask[:, 0] = mask[:, -1] = 1.0
     if noise is None:
-        noise = torch.randn((segments, L, *shape), generator=generator, device=keyframes.device,
-                            dtype=keyframes.dtype)
+        noise = cpu_randn((segments, L, *shape), generator, keyframes.device, keyframes.dtype)
     elif tuple(noise.shape) != (segments, L, *shape):
         raise ValueError(f"expected noise of shape {(segments, L, *shape)}, got {tuple(noise.shape)}")
 

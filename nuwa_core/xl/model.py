@@ -108,14 +108,14 @@ class XLModel:
 
     @torch.no_grad()
     def keyframes(self, prompts, L, steps, seed, callback=None, width=0, height=0):
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
         prompts = self.null_prompts() if prompts is None else prompts.to(self.device)
         return generate_keyframes(self.global_mtd, prompts, L, self.latent_shape(width, height), steps=steps,
                                   generator=gen, callback=callback)
 
     @torch.no_grad()
     def fill(self, keyframes, prompts, L, steps, seed, callback=None, max_batch=None):
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
         prompts = self.null_prompts() if prompts is None else prompts.to(self.device)
         return fill_between(self.local_mtd, keyframes.to(self.device), prompts, L, steps=steps, generator=gen,
                             callback=callback, max_batch=max_batch)
@@ -124,7 +124,7 @@ class XLModel:
     def generate(self, L=5, depth=3, steps=50, seed=0, prompts=None, callback=None, max_batch=None,
                  width=0, height=0) -> torch.Tensor:
         """The whole tree -> frames [(L-1)^depth + 1, 3, H, W] in -1..1."""
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
         prompts = self.null_prompts() if prompts is None else prompts
         lat = generate_long_video(self.global_mtd, self.local_mtd, prompts, L, depth,
                                   self.latent_shape(width, height), steps=steps, generator=gen,

@@ -292,8 +292,9 @@ class TKLVAE(nn.Module):
             mean, logvar = moments.chunk(2, dim=1)
             if sample:
                 std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-                mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device,
-                                                dtype=mean.dtype)
+                # drawn on the CPU (generator: a CPU generator), then moved: the same draw on every device
+                noise = torch.randn(tuple(mean.shape), generator=generator, dtype=torch.float32)
+                mean = mean + std * noise.to(mean.device, mean.dtype)
         else:
             mean = moments
         return mean.view(b, f, *mean.shape[1:])
