@@ -64,14 +64,63 @@ def anchor_shares(anchor: str) -> tuple[float, float]:
     return _ANCHOR_SHARES[anchor]
 
 
+def patches_for_pixels(pixels: int, patch_px: int) -> int:
+    """Whole patches that cover `pixels` px (a pixel pad is rounded up, as stock outpainting pads)."""
+    return math.ceil(max(int(pixels), 0) / patch_px)
+
+
+def mask_on_canvas(mask: torch.Tensor | None, canvas) -> torch.Tensor | None:
+    """MASK [B,H,W] or [H,W] (1 = generate) -> [B, Hpx, Wpx] on the canvas' pixel grid, or None
+    when nothing is painted (LoadImage gives an all-zero 64x64 mask for an image without alpha).
+
+    Accepted sizes: the canvas' own (a mask made for the decoded canvas), the image the canvas was
+    encoded from (mapped through the encode's crop or resize, as `ImagePadForOutpaint` and the
+    mask editor give it), or the given pixels' (the image after cropping)."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() != 3:
+        raise ValueError(f"mask: expected a MASK [batch, height, width], got shape {tuple(mask.shape)}")
+    mask = mask.detach().float().cpu().clamp(0, 1)
+    if not mask.any():
+        return None
+    size, canvas_px = tuple(mask.shape[1:]), canvas.pixel_size
+    if size == canvas_px:
+        return mask
+    given = canvas.given
+    placed = None
+    if given is not None and size == tuple(given.shape[1:3]):
+        placed = mask
+    elif given is not None and canvas.source_size is not None and size == tuple(canvas.source_size):
+        top, left, h, w = canvas.source_box
+        placed = mask[:, top:top + h, left:left + w]
+        if tuple(placed.shape[1:]) != tuple(given.shape[1:3]):  # the encode resized the image
+            binary = bool(((placed == 0) | (placed == 1)).all())
+            placed = torch.nn.functional.interpolate(
+                placed[:, None], size=tuple(given.shape[1:3]), mode="nearest-exact" if binary else "bilinear",
+                align_corners=None if binary else False)[:, 0].clamp(0, 1)
+    if placed is None:
+        sizes = [f"the canvas {canvas_px[1]}x{canvas_px[0]}"]
+        if canvas.source_size is not None:
+            sizes.append(f"the encoded image {canvas.source_size[1]}x{canvas.source_size[0]}")
+        raise ValueError(f"mask is {size[1]}x{size[0]} px; it must be the size of {' or '.join(sizes)} px "
+                         "(width x height)")
+    out = torch.zeros(placed.shape[0], *canvas_px)
+    top, left = canvas.given_origin
+    out[:, top:top + placed.shape[1], left:left + placed.shape[2]] = placed
+    return out
+
+
 def mask_to_patch_grid(mask: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     """MASK [B,H,W] (1 = generate) -> bool [F, rows, cols]: a patch is regenerated if any of its
-    area is masked. One mask per frame, or one mask for every frame."""
+    area is masked, even faintly (a feathered edge blends new pixels there). One mask per frame,
+    or one mask for every frame."""
     f, rows, cols = grid
     if mask.dim() == 2:
         mask = mask[None]
     m = mask.float()[:, None]
-    cells = torch.nn.functional.adaptive_max_pool2d(m, (rows, cols))[:, 0] > 0.5
+    cells = torch.nn.functional.adaptive_max_pool2d(m, (rows, cols))[:, 0] > 0
     if cells.shape[0] == 1:
         cells = cells.expand(f, rows, cols)
     elif cells.shape[0] != f:

@@ -41,29 +41,46 @@ def _palette(n: int) -> list[tuple[int, int, int]]:
     return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.61803) % 1.0, 0.45, 0.95)) for i in range(max(n, 1))]
 
 
-def draw_plan(plan, grid, known=None, cell: int | None = None) -> torch.Tensor:
+def plan_cells(plans, grid) -> list[tuple[tuple[int, int, int], int]]:
+    """((frame, row, column) on `grid`, segment number) of every planned patch, in generation order.
+    Plans made before the last one (a mask's fill before an extension) sit on the canvas before
+    it grew: they are moved by the last plan's offset."""
+    top, left = tuple(plans[-1].offset) if len(plans) > 1 else (0, 0)
+    cells, segment = [], 0
+    for n, plan in enumerate(plans):
+        dy, dx = (top, left) if n < len(plans) - 1 else (0, 0)
+        for seg in plan.segments:
+            cells += [((int(k), int(i) + dy, int(j) + dx), segment) for k, i, j in seg.patches]
+            segment += 1
+    return cells
+
+
+def draw_plan(plans, grid, known=None, cell: int | None = None, caption: str | None = None) -> torch.Tensor:
     """IMAGE [F, H, W, 3] of the canvas grid: known patches grey, each new patch coloured by its
-    segment (one basic order) and numbered in generation order (1 = first)."""
+    segment (one basic order) and numbered in generation order (1 = first); `caption` in a band on top."""
+    plans = plans if isinstance(plans, (list, tuple)) else [plans]
     f, rows, cols = grid
     cell = cell or max(16, min(64, 1024 // max(rows, cols, 1)))
     known_cells = torch.zeros(grid, dtype=torch.bool) if known is None else known
-    step_of, seg_of = {}, {}
-    for s_i, seg in enumerate(plan.segments):
-        for coord in seg.patches:
-            step_of[tuple(coord)] = len(step_of) + 1
-            seg_of[tuple(coord)] = s_i
-    colours = _palette(len(plan.segments))
+    ordered = plan_cells(plans, grid)
+    step_of = {c: n + 1 for n, (c, _) in enumerate(ordered)}
+    seg_of = dict(ordered)
+    colours = _palette(max((s for _, s in ordered), default=0) + 1)
     try:
         font = ImageFont.load_default(size=max(8, cell // 3))
+        caption_font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
+        font = caption_font = ImageFont.load_default()
+    band = 22 if caption else 0
     frames = []
     for k in range(f):
-        img = Image.new("RGB", (cols * cell, rows * cell), (40, 40, 40))
+        img = Image.new("RGB", (max(cols * cell, 8 * len(caption or "")), rows * cell + band), (40, 40, 40))
         d = ImageDraw.Draw(img)
+        if caption:
+            d.text((4, 3), caption, fill=(230, 230, 230), font=caption_font)
         for i in range(rows):
             for j in range(cols):
-                box = (j * cell, i * cell, (j + 1) * cell - 1, (i + 1) * cell - 1)
+                box = (j * cell, band + i * cell, (j + 1) * cell - 1, band + (i + 1) * cell - 1)
                 c = (k, i, j)
                 if c in step_of:
                     d.rectangle(box, fill=colours[seg_of[c]], outline=(20, 20, 20))
@@ -79,9 +96,12 @@ def draw_plan(plan, grid, known=None, cell: int | None = None) -> torch.Tensor:
 
 class NUWADirectionPlanner:
     DESCRIPTION = ("Plans what to generate and in which order (Arbitrary Direction Controller): extend the canvas "
-                   "by whole patches left/right/up/down, grow it to a target size around an anchor, or, with a "
-                   "mask, regenerate the masked patches. Outputs the plan and a picture of it: numbered cells "
-                   "show the generation order, one colour per basic order, grey = kept patches.")
+                   "left/right/up/down (in patches, or in pixels rounded up to whole patches), grow it to a target "
+                   "size around an anchor, regenerate what a mask paints, or both: a mask from the mask editor or "
+                   "ImagePadForOutpaint (the image's size, as encoded) is mapped onto the canvas, and outside it the "
+                   "output keeps the image's own pixels, faded in over `feather` px. Outputs the plan and a picture "
+                   "of it: numbered cells show the generation order, one colour per basic order, grey = kept "
+                   "patches; its caption gives the patch size in pixels.")
     CATEGORY = CATEGORY
     FUNCTION = "plan"
     RETURN_TYPES = ("NUWA_PLAN", "IMAGE")
@@ -91,16 +111,17 @@ class NUWADirectionPlanner:
 
     @classmethod
     def INPUT_TYPES(cls):
-        patches = {"default": 0, "min": 0, "max": 256, "step": 1}
+        pads = {"default": 0, "min": 0, "max": 65536, "step": 1}
+        side = "{} of the canvas: patches, or pixels when units = pixels (rounded up to whole patches)."
         return {
             "required": {
                 "model": ("NUWA_MODEL", {"tooltip": "From NUWA Model Loader; gives the patch size in pixels."}),
                 "canvas": ("NUWA_CANVAS", {"tooltip": "The canvas to extend or fill (VQGAN Encode, Canvas Load, "
                                                       "or a blank canvas from the Patch Renderer's output)."}),
-                "left": ("INT", dict(patches, tooltip="Patches to add on the left.")),
-                "right": ("INT", dict(patches, default=1, tooltip="Patches to add on the right.")),
-                "up": ("INT", dict(patches, tooltip="Patches to add on top.")),
-                "down": ("INT", dict(patches, tooltip="Patches to add at the bottom.")),
+                "left": ("INT", dict(pads, tooltip="Added on the left " + side.format("left"))),
+                "right": ("INT", dict(pads, default=1, tooltip="Added on the right " + side.format("right"))),
+                "up": ("INT", dict(pads, tooltip="Added on top " + side.format("top"))),
+                "down": ("INT", dict(pads, tooltip="Added at the bottom " + side.format("bottom"))),
                 "target_width": ("INT", {"default": 0, "min": 0, "max": 65536, "step": 8, "tooltip":
                     "If > 0: grow the canvas to at least this many pixels wide (replaces left/right)."}),
                 "target_height": ("INT", {"default": 0, "min": 0, "max": 65536, "step": 8, "tooltip":
@@ -109,44 +130,68 @@ class NUWADirectionPlanner:
                     "Where the existing canvas stays when growing to a target size."}),
             },
             "optional": {
-                "mask": ("MASK", {"tooltip": "If given: regenerate every patch the mask touches (1 = generate), "
-                                             "on the canvas as it is (no growth); extension widgets are ignored."}),
+                "mask": ("MASK", {"tooltip": "Regenerate what it paints (1 = generate; soft values blend): every patch "
+                                             "it touches is regenerated, and outside the mask the image's own pixels "
+                                             "are kept. The size of the encoded image (before fit) or of the canvas. "
+                                             "An empty mask is ignored. Combines with extension."}),
+                "units": (list(UNITS), {"default": "patches", "tooltip":
+                    "What left/right/up/down count: whole patches, or pixels rounded up to whole patches "
+                    "(the patch size in pixels is written on the order preview)."}),
+                "feather": ("INT", {"default": -1, "min": -1, "max": 1024, "tooltip":
+                    "Pixels over which the image's own pixels fade into generated ones at their edge; beyond it the "
+                    "output equals the input exactly. 0 = hard edge, -1 = two tokens."}),
             },
         }
 
-    def plan(self, model, canvas, left, right, up, down, target_width, target_height, anchor, mask=None):
+    def plan(self, model, canvas, left, right, up, down, target_width, target_height, anchor, mask=None,
+             units="patches", feather=-1):
         f, rows, cols = canvas.grid
-        regenerate = None
-        if mask is not None:
-            regenerate = _engine.mask_to_patch_grid(mask, (f, rows, cols))
-            if not regenerate.any():
-                raise ValueError("mask: no patch is masked (MASK 1 = area to generate); nothing to plan")
-            plan = model.plan_fill(canvas.forget(regenerate))
-            known = _known(canvas) & ~regenerate
-        else:
-            if target_width > 0 or target_height > 0:
-                ph, pw = model.patch_pixels
-                share_up, share_left = _engine.anchor_shares(anchor)
-                if target_width > 0:
-                    left, right = _engine.extension_for_target(cols, target_width, pw, share_left)
-                if target_height > 0:
-                    up, down = _engine.extension_for_target(rows, target_height, ph, share_up)
-            grown = f * (rows + up + down) * (cols + left + right)
-            if grown > MAX_PATCHES:
-                raise ValueError(f"the planned canvas has {grown} patches, more than {MAX_PATCHES}; "
-                                 f"plan in several runs (Canvas Save / Load) or extend by fewer patches")
-            if left + right + up + down == 0:
-                if bool(_known(canvas).all()):
-                    raise ValueError("nothing to plan: the canvas is fully generated and no extension, target "
-                                     "size or mask was given")
-                plan = model.plan_fill(canvas)
-            else:
-                plan = model.plan_extension(canvas, left=left, right=right, up=up, down=down)
-            offset = tuple(plan.offset)
-            known = torch.zeros(tuple(plan.grid), dtype=torch.bool)
-            known[:f, offset[0]:offset[0] + rows, offset[1]:offset[1] + cols] = _known(canvas)
-        preview = draw_plan(plan, tuple(plan.grid), known)
-        return (PlanSpec(plan, regenerate), preview.to(_comfy.intermediate_device()))
+        ph, pw = model.patch_pixels
+        if units not in UNITS:
+            raise ValueError(f"units must be one of {UNITS}, got {units!r}")
+        if units == "pixels":
+            left, right = _engine.patches_for_pixels(left, pw), _engine.patches_for_pixels(right, pw)
+            up, down = _engine.patches_for_pixels(up, ph), _engine.patches_for_pixels(down, ph)
+        if target_width > 0 or target_height > 0:
+            share_up, share_left = _engine.anchor_shares(anchor)
+            if target_width > 0:
+                left, right = _engine.extension_for_target(cols, target_width, pw, share_left)
+            if target_height > 0:
+                up, down = _engine.extension_for_target(rows, target_height, ph, share_up)
+        grown = f * (rows + up + down) * (cols + left + right)
+        if grown > MAX_PATCHES:
+            raise ValueError(f"the planned canvas has {grown} patches, more than {MAX_PATCHES}; "
+                             f"plan in several runs (Canvas Save / Load) or extend by fewer patches")
+        pixel_mask = _engine.mask_on_canvas(mask, canvas)
+        regenerate = None if pixel_mask is None else _engine.mask_to_patch_grid(pixel_mask, (f, rows, cols))
+        extend = left + right + up + down > 0
+        plans = []
+        if regenerate is not None:
+            plans.append(model.plan_fill(canvas.forget(regenerate, pixel_mask[0])))
+        elif not extend:
+            if bool(_known(canvas).all()):
+                raise ValueError("nothing to plan: the canvas is fully generated and no extension, target "
+                                 "size or painted mask was given")
+            plans.append(model.plan_fill(canvas))
+        if extend:
+            plans.append(model.plan_extension(canvas, left=left, right=right, up=up, down=down))
+        grid, offset = tuple(plans[-1].grid), tuple(plans[-1].offset) if extend else (0, 0)
+        kept = _known(canvas) if regenerate is None else _known(canvas) & ~regenerate
+        known = torch.zeros(grid, dtype=torch.bool)
+        known[:f, offset[0]:offset[0] + rows, offset[1]:offset[1] + cols] = kept
+        spec = PlanSpec(plans, regenerate, None if pixel_mask is None else pixel_mask[0],
+                        None if feather < 0 else int(feather))
+        caption = (f"{grid[2]} x {grid[1]} patches of {pw} x {ph} px = {grid[2] * pw} x {grid[1] * ph} px, "
+                   f"{len(spec)} to generate")
+        preview = draw_plan(plans, grid, known, caption=caption)
+        ui = {"nuwa_plan": [{"grid": list(grid), "old_grid": [f, rows, cols], "offset": list(offset),
+                             "patch_px": [ph, pw], "order": [list(c) for c, _ in plan_cells(plans, grid)],
+                             "segments": [len(s.patches) for p in plans for s in p.segments],
+                             "known": known[0].int().tolist()}]}
+        return {"ui": ui, "result": (spec, preview.to(_comfy.intermediate_device()))}
+
+
+UNITS = ("patches", "pixels")
 
 
 def _known(canvas) -> torch.Tensor:
@@ -155,24 +200,32 @@ def _known(canvas) -> torch.Tensor:
 
 @dataclass
 class PlanSpec:
-    """NUWA_PLAN: the core Plan plus, for mask plans, the patches to forget before generating."""
-    plan: object
-    regenerate: torch.Tensor | None = None
+    """NUWA_PLAN: the core Plans run one after the other (a mask's fill, then an extension) and,
+    for mask plans, what to forget before generating and which pixels the mask regenerates."""
+    plans: list
+    regenerate: torch.Tensor | None = None   # bool [F, rows, cols] of the canvas before growth
+    pixel_mask: torch.Tensor | None = None   # [Hpx, Wpx] frame 0 of that canvas, 1 = regenerate
+    feather: int | None = None               # px; None keeps the canvas' setting
 
     def prepare(self, canvas):
+        """A copy of the canvas ready for the first plan (the input canvas is never modified)."""
         if self.regenerate is None:
-            return canvas.clone()
-        if tuple(self.regenerate.shape) != tuple(canvas.grid):
+            state = canvas.clone()
+        elif tuple(self.regenerate.shape) != tuple(canvas.grid):
             raise ValueError(f"the plan was made for a canvas of {tuple(self.regenerate.shape)} patches, "
                              f"this canvas has {tuple(canvas.grid)}: connect the same canvas to both nodes")
-        return canvas.forget(self.regenerate)
+        else:
+            state = canvas.forget(self.regenerate, self.pixel_mask)
+        if self.feather is not None:
+            state.feather = self.feather
+        return state
 
     def __len__(self):
-        return len(self.plan)
+        return sum(len(p) for p in self.plans)
 
 
 def as_plan_spec(plan) -> PlanSpec:
-    return plan if isinstance(plan, PlanSpec) else PlanSpec(plan)
+    return plan if isinstance(plan, PlanSpec) else PlanSpec([plan])
 
 
 NODE_CLASS_MAPPINGS = {"NUWAContextPool": NUWAContextPool, "NUWADirectionPlanner": NUWADirectionPlanner}

@@ -106,23 +106,28 @@ class NUWAPatchRenderer:
         _comfy.load_for_run(getattr(model, "comfy_patcher", None))
         state = spec.prepare(canvas)  # a copy: the input canvas is never modified
         generator = torch.Generator().manual_seed(int(seed) % (2 ** 63))  # CPU noise, as ComfyUI: one image per seed on every device
-        total = len(spec.plan)
+        total = len(spec)
         progress = _comfy.Progress(total)
         last = {"t": 0.0, "cost": 0.0}
+
+        finished = 0  # patches of the plans run before this one (a mask's fill, then an extension)
 
         def callback(done, total_, current):
             _comfy.check_interrupted()  # raises ComfyUI's interrupt; nothing half-written escapes
             preview = None
             now = time.perf_counter()
             # previews decode the canvas: keep them to about a fifth of the run's time
-            if progress.bar is not None and (done == total_ or now - last["t"] >= 5 * last["cost"]):
+            if progress.bar is not None and (finished + done == total or now - last["t"] >= 5 * last["cost"]):
                 preview = _preview(model, current)
                 last["t"], last["cost"] = time.perf_counter(), time.perf_counter() - now
-            progress.update(done, preview)
+            progress.update(finished + done, preview)
             return True
 
-        result = model.generate(state, spec.plan, settings, text=text, generator=generator, callback=callback,
-                                extent=extent)
+        result = state
+        for core_plan in spec.plans:  # one generator through all of them: a seed gives one canvas
+            result = model.generate(result, core_plan, settings, text=text, generator=generator, callback=callback,
+                                    extent=extent)
+            finished += len(core_plan)
         image = model.decode(result)
         device = _comfy.intermediate_device()
         return (image.to(device), result)

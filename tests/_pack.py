@@ -33,6 +33,12 @@ def import_pack() -> ModuleType:
 
 
 def node(mappings, node_id: str):
-    """The bound FUNCTION of a fresh instance of node `node_id` (as ComfyUI calls it)."""
+    """The FUNCTION of a fresh instance of node `node_id`, called as ComfyUI calls it: its outputs
+    (the "result" of a node that also returns UI data; a UI-only node's dict as it is)."""
     cls = mappings[node_id]
-    return getattr(cls(), cls.FUNCTION)
+    function = getattr(cls(), cls.FUNCTION)
+
+    def call(*args, **kwargs):
+        out = function(*args, **kwargs)
+        return out["result"] if isinstance(out, dict) and "result" in out else out
+    return call

@@ -106,6 +106,32 @@ def test_given_weight_ramps_only_towards_generated_pixels():
     assert torch.equal(given_weight((4, 6), (0, 2), (4, 10), feather=0), torch.ones(4, 6))
 
 
+def test_given_weight_keeps_unmasked_pixels_and_ramps_around_a_hole():
+    from nuwa_core.infinity.generation import given_weight
+    regenerate = torch.zeros(9, 9)
+    regenerate[4, 4] = 1  # one pixel in the middle of a given image that covers the whole canvas
+    w = given_weight((9, 9), (0, 0), (9, 9), feather=2, regenerate=regenerate)
+    assert w[4, 4] == 0 and w[3, 3] == w[4, 5] == pytest.approx(1 / 3) and w[2, 4] == pytest.approx(2 / 3)
+    assert w[1, 4] == 1 and w[0].eq(1).all()  # farther than the feather: the given pixel as it is
+    soft = torch.full((9, 9), 0.25)
+    assert torch.equal(given_weight((9, 9), (0, 0), (9, 9), feather=2, regenerate=soft), torch.full((9, 9), 0.75))
+
+
+def test_canvas_file_keeps_the_mask_feather_and_source(tmp_path):
+    m = tiny_model()
+    st = m.canvas_from_image(torch.rand(1, 40, 60, 3), fit="crop")
+    assert st.source_size == (40, 60) and st.source_box == (4, 6, 32, 48)
+    mask = torch.zeros(st.pixel_size)
+    mask[2:5, 3:9] = 0.5
+    st = st.forget(_cells(st.grid, (0, 0, 0)), mask)
+    st.feather = 3
+    st.save(tmp_path / "c.safetensors")
+    back = CanvasState.load(tmp_path / "c.safetensors")
+    assert torch.equal(back.given_mask, st.given_mask) and back.given_mask.max() == 0.5
+    assert (back.feather, back.source_size, back.source_box) == (3, (40, 60), (4, 6, 32, 48))
+    assert torch.equal(m.decode(back), m.decode(st))
+
+
 def test_text_conditioning_changes_the_canvas():
     m = tiny_model(text_dim=16)
     st = m.blank_canvas(1, 3)
@@ -294,12 +320,14 @@ def test_forget_makes_the_masked_patches_unknown_and_keeps_everything_else():
     assert (left.tokens[:, :, :, :4] == generation.UNKNOWN).all()
     assert torch.equal(left.tokens[:, :, :, 4:], before[:, :, :, 4:])
     assert set(left.pool.caches) == {(0, 0, 3), (0, 1, 3)}  # out of the extent of column 0: still valid
-    assert torch.equal(left.given, img[:, :, 16:]) and left.given_origin == (0, 16)  # cropped, not dropped
+    assert torch.equal(left.given, img) and left.given_origin == (0, 0)  # the given pixels are kept...
+    assert left.given_mask[:, :16].eq(1).all() and left.given_mask[:, 16:].eq(0).all()  # ...and masked where new
     near = st.forget(_cells(st.grid, (0, 0, 2)))
     assert not near.pool.caches  # both cached patches are within the extent: they attended to it
-    assert near.given is None  # a hole in the given rectangle: no pixels pasted over the new patch
-    outside = st.forget(_cells(st.grid, (0, 1, 3)))  # an outpainted patch: the given pixels stay
-    assert torch.equal(outside.given, img) and outside.given_origin == (0, 0)
+    assert torch.equal(near.given, img)  # a hole in the given rectangle: only the hole is masked
+    assert near.given_mask[:16, 32:].eq(1).all() and near.given_mask.sum() == 16 * 16
+    outside = st.forget(_cells(st.grid, (0, 1, 3)))  # an outpainted patch: no given pixel is masked
+    assert torch.equal(outside.given, img) and not outside.given_mask.any()
     assert torch.equal(st.forget(torch.zeros(st.grid, dtype=torch.bool)).tokens, before)
 
 

@@ -31,7 +31,7 @@ def test_encode_plan_render_decode(pack, model):
     (canvas,) = node(pack, "NUWAVQGANEncode")(model, image, "crop")
     before = canvas.tokens.clone()
     plan, preview = node(pack, "NUWADirectionPlanner")(model, canvas, 1, 1, 0, 1, 0, 0, "center")
-    assert len(plan) == 3 * 4 - 2 * 2 and tuple(plan.plan.grid) == (1, 3, 4)
+    assert len(plan) == 3 * 4 - 2 * 2 and tuple(plan.plans[-1].grid) == (1, 3, 4)
     assert preview.shape == (1, 3 * preview.shape[1] // 3, preview.shape[2], 3) and preview.max() <= 1
     image_out, grown = node(pack, "NUWAPatchRenderer")(model, canvas, plan, 5, "auto", 4, 1.0, 16, 1.0)
     assert image_out.shape == (1, 48, 64, 3) and bool(grown.known.all())
@@ -55,15 +55,113 @@ def test_render_epsilon_reaches_the_sampler(pack, model):
 def test_target_size_and_mask_plans(pack, model):
     (canvas,) = node(pack, "NUWAVQGANEncode")(model, torch.rand(1, 32, 32, 3), "refuse")
     plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 0, 0, 0, 0, 64, 48, "top_left")
-    assert tuple(plan.plan.grid) == (1, 3, 4) and tuple(plan.plan.offset) == (0, 0)
+    assert tuple(plan.plans[-1].grid) == (1, 3, 4) and tuple(plan.plans[-1].offset) == (0, 0)
     mask = torch.zeros(1, 32, 32)
     mask[:, 20:30, 20:30] = 1
     plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 0, 0, 0, 0, 0, 0, "center", mask)
-    assert [tuple(c) for s in plan.plan.segments for c in s.patches] == [(0, 1, 1)]
+    assert [tuple(c) for s in plan.plans[0].segments for c in s.patches] == [(0, 1, 1)]
     _, out = node(pack, "NUWAPatchRenderer")(model, canvas, plan, 1, "auto", 4, 1.0, 16, 1.0)
     assert bool(out.known.all()) and bool(canvas.known.all())
-    with pytest.raises(ValueError, match="no patch is masked"):
+    with pytest.raises(ValueError, match="no extension, target size or painted mask"):
         node(pack, "NUWADirectionPlanner")(model, canvas, 0, 0, 0, 0, 0, 0, "center", torch.zeros(1, 32, 32))
+
+
+# ---- the artist's pixels: masks, crops, pixel pads ---------------------------------------------
+
+def _within(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """bool [H, W]: pixels within `px` (chessboard) of a masked one."""
+    grown = mask.float()[None, None]
+    for _ in range(px):
+        grown = torch.nn.functional.max_pool2d(grown, 3, stride=1, padding=1)
+    return grown[0, 0] > 0
+
+
+def _stroke_mask(h, w):
+    """An L-shaped stroke: what remains of the image is no rectangle (it dropped the whole image before)."""
+    mask = torch.zeros(1, h, w)
+    mask[:, 3:13, 20:27] = 1
+    mask[:, 10:13, 20:40] = 1
+    return mask
+
+
+@pytest.mark.parametrize("feather", [0, 4])
+def test_a_painted_mask_keeps_the_image_outside_it(pack, model, feather):
+    image = torch.rand(1, 32, 48, 3)
+    (canvas,) = node(pack, "NUWAVQGANEncode")(model, image, "refuse")
+    mask = _stroke_mask(32, 48)
+    plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 0, 0, 0, 0, 0, 0, "center", mask, feather=feather)
+    assert sorted(c for p in plan.plans for s in p.segments for c in s.patches) == [(0, 0, 1), (0, 0, 2)]
+    out, grown = node(pack, "NUWAPatchRenderer")(model, canvas, plan, 2, "auto", 4, 1.0, 16, 1.0)
+    near = _within(mask[0], feather)
+    assert torch.equal(out[0][~near], image[0][~near]), "pixels outside the mask (and its feather) changed"
+    assert (out[0][mask[0] > 0] - image[0][mask[0] > 0]).abs().mean() > 0.05, "the masked area was not regenerated"
+    band = near & (mask[0] == 0)
+    if feather:  # the band blends: neither the input nor the decoded pixels alone
+        assert (out[0][band] - image[0][band]).abs().max() > 1e-4
+    (decoded,) = node(pack, "NUWAVQGANDecode")(model, grown)
+    assert torch.equal(decoded, out), "the canvas keeps the mask and feather for later decodes"
+
+
+def test_a_mask_the_size_of_the_image_lands_on_the_cropped_canvas(pack, model):
+    """fit=crop cuts 6 px off the left of a 60 px wide image: a stroke at x = 38-39 of the image is at
+    x = 32-33 of the canvas, in its third column (pooling the uncropped mask put it in the second)."""
+    image = torch.rand(1, 32, 60, 3)
+    (canvas,) = node(pack, "NUWAVQGANEncode")(model, image, "crop")
+    assert canvas.grid == (1, 2, 3) and canvas.source_box == (0, 6, 32, 48)
+    mask = torch.zeros(1, 32, 60)
+    mask[:, 20:24, 38:40] = 1
+    plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 0, 0, 0, 0, 0, 0, "center", mask, feather=0)
+    assert [c for p in plan.plans for s in p.segments for c in s.patches] == [(0, 1, 2)]
+    out, _ = node(pack, "NUWAPatchRenderer")(model, canvas, plan, 2, "auto", 4, 1.0, 16, 1.0)
+    kept = torch.ones(32, 48, dtype=torch.bool)
+    kept[20:24, 32:34] = False
+    assert torch.equal(out[0][kept], image[0, :, 6:54][kept])
+
+
+def test_a_resized_image_takes_its_mask_resized(pack, model):
+    (canvas,) = node(pack, "NUWAVQGANEncode")(model, torch.rand(1, 30, 50, 3), "resize")  # -> 32 x 48
+    mask = torch.zeros(1, 30, 50)
+    mask[:, :, 40:] = 1  # the right fifth: x >= 38.4 on the canvas, the third column only
+    plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 0, 0, 0, 0, 0, 0, "center", mask)
+    assert sorted(c for p in plan.plans for s in p.segments for c in s.patches) == [(0, 0, 2), (0, 1, 2)]
+
+
+def test_a_mask_combines_with_extension_and_an_empty_mask_is_ignored(pack, model):
+    image = torch.rand(1, 32, 48, 3)
+    (canvas,) = node(pack, "NUWAVQGANEncode")(model, image, "refuse")
+    mask = torch.zeros(1, 32, 48)
+    mask[:, 0:8, 0:8] = 1
+    plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 0, 1, 0, 0, 0, 0, "center", mask, feather=0)
+    assert [len(p) for p in plan.plans] == [1, 2] and tuple(plan.plans[-1].grid) == (1, 2, 4)
+    out, grown = node(pack, "NUWAPatchRenderer")(model, canvas, plan, 4, "auto", 4, 1.0, 16, 1.0)
+    assert out.shape == (1, 32, 64, 3) and bool(grown.known.all())
+    kept = torch.ones(32, 48, dtype=torch.bool)
+    kept[0:8, 0:8] = False
+    assert torch.equal(out[0, :, :48][kept], image[0][kept])
+    unpainted = torch.zeros(1, 64, 64)  # LoadImage's mask of an image without alpha: a different size, all 0
+    plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 0, 1, 0, 0, 0, 0, "center", unpainted)
+    assert [len(p) for p in plan.plans] == [2] and plan.regenerate is None
+
+
+def test_a_mask_of_another_size_names_the_sizes_that_fit(pack, model):
+    (canvas,) = node(pack, "NUWAVQGANEncode")(model, torch.rand(1, 32, 60, 3), "crop")
+    with pytest.raises(ValueError, match=r"mask is 20x10 px; .*the canvas 48x32 or the encoded image 60x32"):
+        node(pack, "NUWADirectionPlanner")(model, canvas, 0, 0, 0, 0, 0, 0, "center", torch.ones(1, 10, 20))
+
+
+def test_pads_in_pixels_round_up_to_patches_and_the_preview_names_the_patch_size(pack, model):
+    (canvas,) = node(pack, "NUWAVQGANEncode")(model, torch.rand(1, 32, 32, 3), "refuse")
+    plan, preview = node(pack, "NUWADirectionPlanner")(model, canvas, 1, 20, 0, 16, 0, 0, "center", None,
+                                                       units="pixels")
+    assert tuple(plan.plans[-1].grid) == (1, 3, 5) and tuple(plan.plans[-1].offset) == (0, 1)
+    out = pack["NUWADirectionPlanner"]().plan(model, canvas, 1, 20, 0, 16, 0, 0, "center", units="pixels")
+    info = out["ui"]["nuwa_plan"][0]
+    assert info["grid"] == [1, 3, 5] and info["old_grid"] == [1, 2, 2] and info["offset"] == [0, 1]
+    assert info["patch_px"] == [16, 16] and len(info["order"]) == 15 - 4 == sum(info["segments"])
+    assert info["known"][0] == [0, 1, 1, 0, 0] and info["known"][2] == [0] * 5
+    assert preview.shape[1] > 3 * 16, "the caption band is missing"
+    with pytest.raises(ValueError, match="units must be one of"):
+        node(pack, "NUWADirectionPlanner")(model, canvas, 1, 0, 0, 0, 0, 0, "center", None, units="inches")
 
 
 def test_empty_canvas_and_context(pack, model):

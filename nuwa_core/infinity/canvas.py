@@ -30,6 +30,10 @@ class CanvasState:
     given: torch.Tensor | None = None   # IMAGE [B, Hpx, Wpx, 3] kept as is on frame 0
     given_origin: tuple = (0, 0)        # (row px, column px) of `given` on the canvas
     pixels_per_token: int = 16          # the VQGAN's downsampling factor
+    given_mask: torch.Tensor | None = None  # [Hpx, Wpx] over `given`, 1 = regenerated (not shown), None = all 0
+    feather: int | None = None          # px the given pixels fade over at their edge; None = two tokens
+    source_size: tuple | None = None    # (H, W) px of the image the canvas was encoded from
+    source_box: tuple | None = None     # (top, left, height, width) of that image that became `given`
 
     @property
     def grid(self) -> Grid:
@@ -76,17 +80,17 @@ class CanvasState:
         state.given_origin = (self.given_origin[0] + top * ph * px, self.given_origin[1] + left * pw * px)
         return state
 
-    def forget(self, cells) -> "CanvasState":
+    def forget(self, cells, pixel_mask: torch.Tensor | None = None) -> "CanvasState":
         """A copy with the patches where `cells` (bool [F, rows, cols], the patch grid) is True
         made unknown again, so a plan_fill + generate regenerates exactly those (mask inpainting).
 
         Dropped, because it describes the old content: the tokens of those patches; the pool's
         caches of those patches and of every cached patch within the pool's extent of one (their
-        hidden states attended to the old tokens; generate() re-caches them from their tokens);
-        the given pixels over those patches (decode pastes them back, they would cover the new
-        ones). The canvas holds one rectangle of given pixels: when the kept part is still a
-        rectangle it is cropped to it, when the forgotten patches cut a hole in it all of it is
-        dropped (the tokens decode there instead). Everything else is kept as is.
+        hidden states attended to the old tokens; generate() re-caches them from their tokens).
+        The given pixels are kept: `given_mask` marks which of them the new content replaces at
+        decode, `pixel_mask` ([Hpx, Wpx] of frame 0 on the canvas, 1 = regenerate, soft values
+        blend) when given, else the whole area of the forgotten frame-0 patches. Outside it, the
+        decoded canvas shows the given pixels as they are.
         """
         cells = torch.as_tensor(cells).to(device="cpu")
         if tuple(cells.shape) != tuple(self.grid):
@@ -104,28 +108,27 @@ class CanvasState:
             stale = [c for c in state.pool.caches if any(adc.within_extent(c, f, state.pool.extent) for f in coords)]
             for c in stale:
                 state.pool.discard(c)
-        if state.given is not None and cells[0].any():
-            state.given, state.given_origin = self._given_without(cells[0])
+        if state.given is not None:
+            state.given_mask = self._regenerated_given(cells[0], pixel_mask)
         return state
 
-    def _given_without(self, cells: torch.Tensor):
-        """(given, origin) with the pixels of the frame-0 patches `cells` [rows, cols] removed."""
-        (_, ph, pw), px = self.patch_size, self.pixels_per_token
+    @property
+    def pixel_size(self) -> tuple[int, int]:
+        """(H, W) px of one frame of the decoded canvas."""
+        return self.tokens.shape[2] * self.pixels_per_token, self.tokens.shape[3] * self.pixels_per_token
+
+    def _regenerated_given(self, cells: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
+        """given_mask after also regenerating `pixel_mask` (canvas px) or the frame-0 patches `cells`."""
         top, left = self.given_origin
         gh, gw = self.given.shape[1:3]
-        kept = torch.ones(gh, gw, dtype=torch.bool)
-        for i, j in torch.nonzero(cells).tolist():
-            r0, c0 = i * ph * px - top, j * pw * px - left
-            kept[max(0, r0):max(0, r0 + ph * px), max(0, c0):max(0, c0 + pw * px)] = False
-        if kept.all():
-            return self.given, self.given_origin
-        rows, cols = torch.nonzero(kept.any(1)).flatten(), torch.nonzero(kept.any(0)).flatten()
-        if len(rows) == 0:
-            return None, (0, 0)
-        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        if not kept[r0:r1, c0:c1].all():
-            return None, (0, 0)  # a hole: one rectangle cannot hold what is left
-        return self.given[:, r0:r1, c0:c1].clone(), (top + r0, left + c0)
+        if pixel_mask is None:
+            (_, ph, pw), px = self.patch_size, self.pixels_per_token
+            pixel_mask = cells.float().repeat_interleave(ph * px, 0).repeat_interleave(pw * px, 1)
+        elif tuple(pixel_mask.shape) != self.pixel_size:
+            raise ValueError(f"forget: pixel_mask must cover the canvas, {self.pixel_size} px (height, width), "
+                             f"got shape {tuple(pixel_mask.shape)}")
+        new = pixel_mask[top:top + gh, left:left + gw].detach().float().cpu().clamp(0, 1)
+        return new if self.given_mask is None else torch.maximum(self.given_mask, new)
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path) -> None:
@@ -134,6 +137,8 @@ class CanvasState:
         tensors = {"tokens": self.tokens.cpu().contiguous(), "known": self.known.to(torch.uint8).contiguous()}
         if self.given is not None:
             tensors["given"] = self.given.cpu().contiguous()
+        if self.given_mask is not None:
+            tensors["given_mask"] = self.given_mask.cpu().contiguous()
         extent, orders = None, {}
         if self.pool is not None:
             extent = list(self.pool.extent)
@@ -143,7 +148,9 @@ class CanvasState:
                 orders[f"{k}.{i}.{j}"] = None if order is None else order.value
         meta = {"nuwa_kind": CANVAS_KIND, "patch_size": json.dumps(list(self.patch_size)),
                 "given_origin": json.dumps(list(self.given_origin)), "pool_extent": json.dumps(extent),
-                "pool_orders": json.dumps(orders), "pixels_per_token": str(self.pixels_per_token)}
+                "pool_orders": json.dumps(orders), "pixels_per_token": str(self.pixels_per_token),
+                "feather": json.dumps(self.feather), "source_size": json.dumps(self.source_size),
+                "source_box": json.dumps(self.source_box)}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -160,6 +167,13 @@ class CanvasState:
                 if name.startswith("pool."):
                     order = orders.get(name[len("pool."):])
                     pool.add(tuple(int(x) for x in name.split(".")[1:]), value, None if order is None else Order(order))
+        optional = {name: json.loads(meta.get(name, "null")) for name in ("feather", "source_size", "source_box")}
         return cls(tokens=tensors["tokens"], known=tensors["known"].bool(),
                    patch_size=tuple(json.loads(meta["patch_size"])), pool=pool, given=tensors.get("given"),
-                   given_origin=tuple(json.loads(meta["given_origin"])), pixels_per_token=int(meta["pixels_per_token"]))
+                   given_origin=tuple(json.loads(meta["given_origin"])), pixels_per_token=int(meta["pixels_per_token"]),
+                   given_mask=tensors.get("given_mask"), feather=optional["feather"],
+                   source_size=_tuple_or_none(optional["source_size"]), source_box=_tuple_or_none(optional["source_box"]))
+
+
+def _tuple_or_none(value):
+    return None if value is None else tuple(value)

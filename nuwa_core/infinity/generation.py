@@ -131,6 +131,7 @@ class NuwaInfinity(nn.Module):
         """
         x = image_to_model(image)  # [B, 3, H, W]
         (php, pwp), (_, _, h, w) = self.patch_pixels, x.shape
+        box = (0, 0, h, w)  # the part of the image that becomes the canvas (masks are mapped through it)
         if h % php or w % pwp:
             rows, cols = max(1, round(h / php)), max(1, round(w / pwp))
             if fit == "crop":
@@ -139,6 +140,7 @@ class NuwaInfinity(nn.Module):
                     raise ValueError(f"image {w}x{h} px is smaller than one {pwp}x{php} px patch; use fit='resize'")
                 top, left = (h - rows * php) // 2, (w - cols * pwp) // 2
                 x = x[:, :, top:top + rows * php, left:left + cols * pwp]
+                box = (top, left, rows * php, cols * pwp)
             elif fit == "resize":
                 x = F.interpolate(x, size=(rows * php, cols * pwp), mode="bicubic", align_corners=False).clamp(-1, 1)
             elif fit == "refuse":
@@ -153,6 +155,7 @@ class NuwaInfinity(nn.Module):
         state.tokens[:, :self.patch_size[0]] = tokens[:, None]
         state.known[0] = True
         state.given = model_to_image(x.cpu())
+        state.source_size, state.source_box = (h, w), box
         return state
 
     @property
@@ -327,9 +330,11 @@ class NuwaInfinity(nn.Module):
         blend: neighbouring windows overlap and cross-fade (VQModel.decode_tokens_tiled); False:
         every tile x tile block of tokens is decoded on its own and cut hard at its borders, so
         seams show where the decoder cannot hide them (an evaluation control).
-        The given image's own pixels are composited back over its area, faded in over `feather` px
-        (default two tokens) from every edge that meets generated pixels, so the tokenizer's
-        reconstruction error does not draw a line around them (0: pasted with a hard edge).
+        The given image's own pixels are composited back over its area except where its mask
+        regenerated them, faded in over `feather` px (default: the canvas' own setting, else two
+        tokens) from every edge that meets generated pixels, so the tokenizer's reconstruction
+        error does not draw a line around them (0: pasted with a hard edge). Farther than that
+        from generated pixels the output equals the given image exactly.
         """
         b, ft, h, w = state.tokens.shape
         tokens = state.tokens.reshape(b * ft, h, w)
@@ -350,30 +355,40 @@ class NuwaInfinity(nn.Module):
             top, left = state.given_origin
             gh, gw = state.given.shape[1:3]
             frame0 = image.view(b, ft, *image.shape[1:])[:, 0]
-            feather = 2 * f_px if feather is None else feather
-            weight = given_weight((gh, gw), (top, left), tuple(frame0.shape[1:3]), feather)[None, :, :, None]
+            if feather is None:
+                feather = 2 * f_px if state.feather is None else state.feather
+            weight = given_weight((gh, gw), (top, left), tuple(frame0.shape[1:3]), feather,
+                                  regenerate=state.given_mask)[None, :, :, None]
             region = frame0[:, top:top + gh, left:left + gw]
             region.copy_(torch.lerp(region, state.given.to(image.dtype), weight))  # exact where weight is 1
         return image
 
 
-def given_weight(size: tuple[int, int], origin: tuple[int, int], canvas: tuple[int, int], feather: int) -> torch.Tensor:
-    """[h, w] weight of given pixels of `size` at `origin` on a canvas of `canvas` px: 1 inside, ramping
-    linearly to 1 / (feather + 1) at each edge that borders the canvas (not at the canvas' own borders)."""
+def given_weight(size: tuple[int, int], origin: tuple[int, int], canvas: tuple[int, int], feather: int,
+                 regenerate: torch.Tensor | None = None) -> torch.Tensor:
+    """[h, w] weight of given pixels of `size` at `origin` on a canvas of `canvas` px.
+
+    1 - regenerate (the given mask: 1 = replaced by generated pixels, soft values blend), and
+    within `feather` px of a canvas pixel that shows no given pixel (outside the given rectangle,
+    or fully regenerated) at most d / (feather + 1), d the chessboard distance to it: a linear ramp
+    that reaches 1 / (feather + 1) next to generated pixels. The canvas' own borders do not count.
+    """
     (h, w), (top, left), (ch, cw) = size, origin, canvas
-    weight = torch.ones(h, w)
+    keep = torch.ones(h, w) if regenerate is None else (1 - regenerate.float().cpu()).clamp(0, 1)
     if feather <= 0:
-        return weight
-    ramp = lambda n: ((torch.arange(n) + 1) / (feather + 1)).clamp(max=1.0)  # noqa: E731
-    if top > 0:
-        weight = torch.minimum(weight, ramp(h)[:, None])
-    if top + h < ch:
-        weight = torch.minimum(weight, ramp(h).flip(0)[:, None])
-    if left > 0:
-        weight = torch.minimum(weight, ramp(w)[None, :])
-    if left + w < cw:
-        weight = torch.minimum(weight, ramp(w).flip(0)[None, :])
-    return weight
+        return keep
+    # a window of the canvas around the given rectangle: nothing farther than `feather` px matters
+    r0, c0 = max(top - feather, 0), max(left - feather, 0)
+    r1, c1 = min(top + h + feather, ch), min(left + w + feather, cw)
+    shown = torch.zeros(r1 - r0, c1 - c0)
+    inside = (slice(top - r0, top - r0 + h), slice(left - c0, left - c0 + w))
+    shown[inside] = (keep > 0).float()
+    generated = (1 - shown)[None, None]  # [1, 1, H, W]
+    ramp = torch.zeros(h, w)
+    for _ in range(feather + 1):  # after k dilations, `generated` holds every pixel within k px of one
+        ramp += 1 - generated[0, 0][inside]
+        generated = F.max_pool2d(generated, 3, stride=1, padding=1)  # -inf padding: borders are not generated
+    return torch.minimum(keep, ramp / (feather + 1))
 
 
 @torch.no_grad()
