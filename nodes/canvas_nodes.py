@@ -69,9 +69,26 @@ def _safe_prefix(prefix: str) -> str:
     return "/".join(parts)
 
 
+def _numbered(prefix: str) -> tuple[Path, re.Pattern]:
+    """The output folder of `prefix` and the pattern of the files Canvas Save numbers in it."""
+    prefix = _safe_prefix(prefix)
+    folder = (_comfy.output_directory() / prefix).parent
+    return folder, re.compile(re.escape(Path(prefix).name) + r"_(\d{5})" + re.escape(CANVAS_SUFFIX) + "$")
+
+
+def latest_canvas(prefix: str) -> Path | None:
+    """The last canvas Canvas Save wrote under `prefix` (the highest counter), or None."""
+    folder, pattern = _numbered(prefix)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name)) and p.is_file()]
+    return max(found)[1] if found else None
+
+
 class NUWACanvasSave:
-    DESCRIPTION = ("Saves a canvas (tokens, which patches are known) to ComfyUI's output folder so a long "
-                   "generation can be resumed or extended later with Canvas Load.")
+    DESCRIPTION = ("Saves a canvas (tokens, which patches are known, the image's own pixels and mask) to ComfyUI's "
+                   "output folder, numbered, so a generation can be grown further in a later run: Canvas Load "
+                   "lists it, and its 'latest' choice always takes the last one saved under a prefix.")
     CATEGORY = CATEGORY
     FUNCTION = "save"
     OUTPUT_NODE = True
@@ -80,74 +97,121 @@ class NUWACanvasSave:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "canvas": ("NUWA_CANVAS", {"tooltip": "The canvas to keep."}),
-            "filename_prefix": ("STRING", {"default": "nuwa/canvas", "tooltip":
-                f"Path inside the output folder; a counter and '{CANVAS_SUFFIX}' are appended. "
-                "Copy the file into the input folder to load it again."}),
-        }}
+        return {
+            "required": {
+                "canvas": ("NUWA_CANVAS", {"tooltip": "The canvas to keep."}),
+                "filename_prefix": ("STRING", {"default": "nuwa/canvas", "tooltip":
+                    f"Path inside the output folder; a counter and '{CANVAS_SUFFIX}' are appended. Canvas Load "
+                    "with 'latest' and the same prefix loads the last one."}),
+            },
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "The decoded canvas (Patch Renderer's image): saved beside the canvas "
+                                               "as a PNG of the same name and shown on this node."}),
+            },
+        }
 
-    def save(self, canvas, filename_prefix):
-        prefix = _safe_prefix(filename_prefix)
-        out_dir = _comfy.output_directory()
-        folder = (out_dir / prefix).parent
-        base = Path(prefix).name
+    def save(self, canvas, filename_prefix, image=None):
+        folder, pattern = _numbered(filename_prefix)
         folder.mkdir(parents=True, exist_ok=True)
-        pattern = re.compile(re.escape(base) + r"_(\d{5})" + re.escape(CANVAS_SUFFIX) + "$")
         used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))]
-        name = f"{base}_{(max(used) + 1) if used else 1:05d}{CANVAS_SUFFIX}"
+        name = f"{Path(_safe_prefix(filename_prefix)).name}_{(max(used) + 1) if used else 1:05d}{CANVAS_SUFFIX}"
         canvas.save(folder / name)
+        out_dir = _comfy.output_directory()
         subfolder = os.path.relpath(folder, out_dir)
         subfolder = "" if subfolder == "." else subfolder.replace(os.sep, "/")
-        return {"ui": {"nuwa_canvas": [{"filename": name, "subfolder": subfolder, "type": "output"}]}}
+        ui = {"nuwa_canvas": [{"filename": name, "subfolder": subfolder, "type": "output"}]}
+        if image is not None:
+            from PIL import Image
+            png = name[:-len(CANVAS_SUFFIX)] + ".png"
+            pixels = (image[0].detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype("uint8")
+            Image.fromarray(pixels).save(folder / png)
+            ui["images"] = [{"filename": png, "subfolder": subfolder, "type": "output"}]
+        return {"ui": ui}
 
 
-def _input_canvases() -> list[str]:
-    root = _comfy.input_directory()
-    if not root.is_dir():
-        return []
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob(f"*{CANVAS_SUFFIX}") if p.is_file())
+LATEST = "latest"
+OUTPUT_TAG = " [output]"
+
+
+def _listed_canvases() -> list[str]:
+    """Canvases in the output folder (annotated as ComfyUI annotates them) then in the input folder."""
+    names = []
+    for root, tag in ((_comfy.output_directory(), OUTPUT_TAG), (_comfy.input_directory(), "")):
+        if root.is_dir():
+            names += sorted(p.relative_to(root).as_posix() + tag for p in root.rglob(f"*{CANVAS_SUFFIX}")
+                            if p.is_file())
+    return names
 
 
 class NUWACanvasLoad:
-    DESCRIPTION = ("Loads a canvas saved by Canvas Save from ComfyUI's input folder, to resume or "
-                   "extend a generation.")
+    DESCRIPTION = ("Loads a canvas saved by Canvas Save, to grow it further: 'latest' takes the last one saved "
+                   "under `latest_prefix` (so every queued run continues the previous one), or pick a file from the "
+                   "output or input folder. With 'latest' and nothing saved yet, the `start` canvas is used.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("NUWA_CANVAS",)
     RETURN_NAMES = ("canvas",)
-    OUTPUT_TOOLTIPS = ("The saved canvas, with its known patches and tokens.",)
+    OUTPUT_TOOLTIPS = ("The saved canvas, with its known patches, tokens, pool and given pixels.",)
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "canvas_file": (_input_canvases(), {"tooltip":
-                f"A '{CANVAS_SUFFIX}' file in ComfyUI's input folder (copy it there from the output folder)."}),
-        }}
+        return {
+            "required": {
+                "canvas_file": ([LATEST] + _listed_canvases(), {"default": LATEST, "tooltip":
+                    f"'latest': the last canvas saved under latest_prefix; or a '{CANVAS_SUFFIX}' file from the "
+                    "output folder ([output]) or the input folder. Press R in the editor to refresh the list."}),
+            },
+            "optional": {
+                "latest_prefix": ("STRING", {"default": "nuwa/canvas", "tooltip":
+                    "The Canvas Save filename_prefix whose last file 'latest' loads."}),
+                "start": ("NUWA_CANVAS", {"lazy": True, "tooltip":
+                    "Used (and only then computed) when 'latest' finds no saved canvas: the first run's canvas, "
+                    "e.g. VQGAN Encode of your image."}),
+            },
+        }
 
     @classmethod
-    def _path(cls, canvas_file) -> Path:
-        root = _comfy.input_directory().resolve()
-        path = (root / canvas_file).resolve()
+    def _path(cls, canvas_file, latest_prefix="nuwa/canvas") -> Path | None:
+        if canvas_file == LATEST:
+            return latest_canvas(latest_prefix)
+        if canvas_file.endswith(OUTPUT_TAG):
+            root, name = _comfy.output_directory().resolve(), canvas_file[:-len(OUTPUT_TAG)]
+        else:
+            root, name = _comfy.input_directory().resolve(), canvas_file
+        path = (root / name).resolve()
         if root not in path.parents:
-            raise ValueError(f"canvas_file {canvas_file!r} must be inside the input folder {root}")
+            raise ValueError(f"canvas_file {canvas_file!r} must be inside the folder {root}")
         return path
 
     @classmethod
-    def IS_CHANGED(cls, canvas_file):
-        path = cls._path(canvas_file)
-        return path.stat().st_mtime_ns if path.is_file() else float("nan")
+    def IS_CHANGED(cls, canvas_file, latest_prefix="nuwa/canvas", start=None):
+        path = cls._path(canvas_file, latest_prefix)
+        if path is None or not path.is_file():
+            return "none"  # 'latest' with nothing saved yet: the start canvas decides
+        return f"{path}:{path.stat().st_mtime_ns}"
 
     @classmethod
-    def VALIDATE_INPUTS(cls, canvas_file):
-        path = cls._path(canvas_file)
-        if not path.is_file():
+    def VALIDATE_INPUTS(cls, canvas_file, latest_prefix="nuwa/canvas"):
+        path = cls._path(canvas_file, latest_prefix)
+        if canvas_file != LATEST and not path.is_file():
             return f"Canvas file not found: {canvas_file} (looked in {path.parent})"
         return True
 
-    def load(self, canvas_file):
+    def check_lazy_status(self, canvas_file, latest_prefix="nuwa/canvas", start=None):
+        path = self._path(canvas_file, latest_prefix)
+        return ["start"] if start is None and (path is None or not path.is_file()) else []
+
+    def load(self, canvas_file, latest_prefix="nuwa/canvas", start=None):
         from nuwa_core.infinity.canvas import CanvasState
-        return (CanvasState.load(self._path(canvas_file)),)
+        path = self._path(canvas_file, latest_prefix)
+        if path is not None and path.is_file():
+            return (CanvasState.load(path),)
+        if canvas_file == LATEST and start is not None:
+            return (start,)
+        folder, _ = _numbered(latest_prefix)
+        raise ValueError(f"no canvas saved under '{latest_prefix}' yet (looked for {Path(latest_prefix).name}_NNNNN"
+                         f"{CANVAS_SUFFIX} in {folder}): connect a start canvas (e.g. VQGAN Encode of your image) "
+                         "for the first run, or pick a saved file")
 
 
 NODE_CLASS_MAPPINGS = {

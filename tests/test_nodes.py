@@ -191,14 +191,42 @@ def test_canvas_save_load_round_trip(pack, model, tmp_path, monkeypatch):
     ui = node(pack, "NUWACanvasSave")(canvas, "runs/../x/canvas")
     saved = ui["ui"]["nuwa_canvas"][0]
     assert saved["filename"] == "canvas_00001.nuwacanvas.safetensors" and saved["subfolder"] == "runs/x"
-    src = tmp_path / "output" / "runs" / "x" / saved["filename"]
-    (tmp_path / "input").mkdir()
-    src.rename(tmp_path / "input" / saved["filename"])
     cls = pack["NUWACanvasLoad"]
-    assert cls.INPUT_TYPES()["required"]["canvas_file"][0] == [saved["filename"]]
-    assert cls.VALIDATE_INPUTS(saved["filename"]) is True
-    assert "not found" in cls.VALIDATE_INPUTS("nope.nuwacanvas.safetensors")
+    listed = f"runs/x/{saved['filename']} [output]"
+    assert cls.INPUT_TYPES()["required"]["canvas_file"][0] == ["latest", listed]  # no copying to input/
+    assert cls.VALIDATE_INPUTS(listed) is True
+    (loaded,) = node(pack, "NUWACanvasLoad")(listed)
+    assert torch.equal(loaded.tokens, canvas.tokens) and torch.equal(loaded.given, canvas.given)
+    (tmp_path / "input").mkdir()  # canvases copied into the input folder, as before, still load
+    (tmp_path / "output" / "runs" / "x" / saved["filename"]).rename(tmp_path / "input" / saved["filename"])
+    assert cls.INPUT_TYPES()["required"]["canvas_file"][0] == ["latest", saved["filename"]]
     (loaded,) = node(pack, "NUWACanvasLoad")(saved["filename"])
     assert torch.equal(loaded.tokens, canvas.tokens)
-    with pytest.raises(ValueError, match="inside the input folder"):
+    assert "not found" in cls.VALIDATE_INPUTS("nope.nuwacanvas.safetensors")
+    with pytest.raises(ValueError, match="inside the folder"):
         cls.VALIDATE_INPUTS("../../etc/passwd")
+
+
+def test_latest_continues_the_last_saved_canvas_and_starts_from_start(pack, model, tmp_path, monkeypatch):
+    """A canvas grown run after run: 'latest' loads what the previous run saved under the prefix; before
+    the first save it asks for (lazily) and passes on the start canvas."""
+    monkeypatch.chdir(tmp_path)
+    cls, load = pack["NUWACanvasLoad"], node(pack, "NUWACanvasLoad")
+    (start,) = node(pack, "NUWAVQGANEncode")(model, torch.rand(1, 32, 32, 3), "refuse")
+    assert cls().check_lazy_status("latest", "grow/c") == ["start"] and cls.IS_CHANGED("latest", "grow/c") == "none"
+    with pytest.raises(ValueError, match=r"no canvas saved under 'grow/c' yet .*connect a start canvas"):
+        load("latest", "grow/c")
+    widths = []
+    for run in range(3):
+        (canvas,) = load("latest", "grow/c", start=start)
+        plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 0, 1, 0, 0, 0, 0, "center")
+        image, grown = node(pack, "NUWAPatchRenderer")(model, canvas, plan, run, "auto", 4, 1.0, 16, 1.0)
+        ui = node(pack, "NUWACanvasSave")(grown, "grow/c", image)
+        widths.append(image.shape[2])
+        assert cls().check_lazy_status("latest", "grow/c") == []
+        assert ui["ui"]["images"][0]["filename"] == f"c_{run + 1:05d}.png"
+    assert widths == [48, 64, 80]  # each run continued the previous one
+    changed = cls.IS_CHANGED("latest", "grow/c")
+    assert changed.endswith(str((tmp_path / "output" / "grow" / "c_00003.nuwacanvas.safetensors").stat().st_mtime_ns))
+    (other,) = load("latest", "other/c", start=start)
+    assert other is start  # another prefix: nothing saved there yet
