@@ -69,5 +69,8 @@ _ensure_core_importable()
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_model_folders  # noqa: E402
 
 register_model_folders()
+from .nodes._comfy import copy_example_inputs
+
+copy_example_inputs()  # the images the templates load, into ComfyUI's input folder (absent ones only)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -159,3 +159,60 @@ def load_for_run(patcher) -> None:
         return
     import comfy.model_management as mm  # type: ignore
     mm.load_models_gpu([patcher])
+
+
+def copy_example_inputs(input_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Copy the shipped images that the templates' LoadImage nodes name (example_workflows/*.json) from
+    the pack's models/<folder>/ into ComfyUI's input folder, so every template runs on first open.
+    A file already there is left alone (it may be the user's own). Never raises: a read-only input
+    folder or a broken template is logged and the pack loads anyway. Returns the files written.
+    Without ComfyUI (no `folder_paths`) and no `input_dir`, nothing is copied."""
+    import json
+    import shutil
+    import tempfile
+    copied: list[Path] = []
+    try:
+        if input_dir is None:
+            fp = _folder_paths()
+            if fp is None:
+                return copied
+            input_dir = fp.get_input_directory()
+        target_dir = Path(input_dir)
+        wanted: set[str] = set()
+        for template in sorted((PACK_DIR / "example_workflows").glob("*.json")):
+            try:
+                nodes = json.loads(template.read_text(encoding="utf-8")).get("nodes", [])
+            except (OSError, ValueError) as err:
+                log.warning("ComfyUI-NUWA: template %s unreadable: %s", template.name, err)
+                continue
+            for node in nodes:
+                values = node.get("widgets_values") if node.get("type") == "LoadImage" else None
+                if values and isinstance(values[0], str) and values[0] == Path(values[0]).name:
+                    wanted.add(values[0])  # a plain file name, never a path out of input/
+        for name in sorted(wanted):
+            if (target_dir / name).exists():
+                continue
+            sources = sorted(p for p in PACK_MODELS_DIR.glob(f"*/{name}") if p.is_file())
+            if not sources:
+                log.warning("ComfyUI-NUWA: a template loads %s, which the pack does not ship", name)
+                continue
+            try:
+                target_dir.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=target_dir)
+                os.close(fd)
+                try:
+                    shutil.copyfile(sources[0], tmp)
+                    os.replace(tmp, target_dir / name)  # whole or absent, never half a file
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+                copied.append(target_dir / name)
+            except OSError as err:
+                log.warning("ComfyUI-NUWA: could not copy the example image %s into %s (%s); copy it there "
+                            "by hand to run the templates that load it", sources[0], target_dir, err)
+        if copied:
+            log.info("ComfyUI-NUWA: copied the templates' example images into %s: %s", target_dir,
+                     ", ".join(p.name for p in copied))
+    except Exception as err:  # noqa: BLE001  (loading the pack must never fail over an example image)
+        log.warning("ComfyUI-NUWA: example images not copied: %s", err)
+    return copied

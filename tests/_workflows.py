@@ -7,15 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# ComfyUI serves a pack's `workflows/` in Workflow -> Browse Templates (it prefers the name
-# `example_workflows/` and logs a hint, but this project's layout keeps `workflows/`).
-UI_DIR = REPO / "workflows"
+# ComfyUI serves a pack's `example_workflows/` in Workflow -> Browse Templates (GET /workflow_templates lists
+# them by pack folder, /api/workflow_templates/<pack folder>/<name>.json serves them; a same-name .jpg is the
+# thumbnail). It also finds `workflows/` and a few other names, but logs a hint to rename them.
+UI_DIR = REPO / "example_workflows"
 API_DIR = Path(__file__).resolve().parent / "workflows" / "shipped"
 DEFAULT_MODEL = "nuwa_infinity_default.safetensors"  # the panorama model
 PAINTING_MODEL = "nuwa_infinity_starry_night.safetensors"
 SHIPPED_MODELS = (DEFAULT_MODEL, PAINTING_MODEL)
-# workflows that run on a shipped model (the text one needs a text-conditioned model): (model, image or None);
-# the images are in models/nuwa/ and are copied into ComfyUI's input folder
+# templates that run on first open in a fresh ComfyUI on a shipped model: (model, image or None). The images ship in
+# models/nuwa/; the pack copies them into ComfyUI's input folder when ComfyUI loads it (nodes/_comfy.py
+# copy_example_inputs). text_to_image_wide needs a text-conditioned model that is not shipped (its note says so).
 SHIPPED_RUNS = {"outpaint_spiral": (PAINTING_MODEL, "nuwa_infinity_starry_night.jpg"),
                 "infinite_panorama": (DEFAULT_MODEL, None)}
 SHIPPED_IMAGES = tuple(image for _, image in SHIPPED_RUNS.values() if image)
@@ -23,6 +25,11 @@ EXPECTED = ("outpaint_spiral", "infinite_panorama", "text_to_image_wide", "nuwa_
 # NUWA-XL: its own loader and model files; run on the shipped default XL model (models/nuwa_xl) by the real-server
 # test, and their thumbnails come from such a run (python tests/make_thumbnails.py --comfyui)
 XL_WORKFLOWS = ("nuwa_xl_long_video", "nuwa_xl_ksampler")
+# every template is one or the other: the runnable ones are queued from the real frontend in a fresh ComfyUI by the
+# real-server test; a template that cannot run on the shipped models starts its note with NOT_RUNNABLE_NOTE
+RUNNABLE = (*SHIPPED_RUNS, *XL_WORKFLOWS)
+NOT_RUNNABLE = ("text_to_image_wide",)
+NOT_RUNNABLE_NOTE = "DOES NOT RUN ON THE SHIPPED MODELS"
 # the stock KSampler's sampler and scheduler names a shipped workflow may use (the real-server test checks that the
 # live server offers them)
 KSAMPLER_SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_sde", "ddim", "uni_pc"]

@@ -1,4 +1,4 @@
-"""Regenerate the shipped workflows' thumbnails (workflows/<name>.jpg) from the shipped models.
+"""Regenerate the shipped workflows' thumbnails (example_workflows/<name>.jpg) from the shipped models.
 
     python tests/make_thumbnails.py                      # outpaint_spiral and infinite_panorama
     python tests/make_thumbnails.py outpaint_spiral      # just one
@@ -9,8 +9,8 @@
 Runs each workflow's API copy (tests/workflows/shipped/<name>.json) with the pack's own node
 functions, wired as the JSON wires them, without ComfyUI: only the nodes the SaveImage node
 depends on are run (previews and Canvas Save are not needed for a picture). The two stock nodes
-on that path are stood in for: LoadImage reads the file from models/nuwa/ (the server test copies
-it from there into ComfyUI's input folder), SaveImage hands back its images. CPU, seeded by the
+on that path are stood in for: LoadImage reads the file from models/nuwa/ (inside ComfyUI the pack
+copies it from there into the input folder), SaveImage hands back its images. CPU, seeded by the
 workflow's own seed, so a rerun on the same model gives the same pictures (a few minutes).
 
 Thumbnails: the saved image scaled to 512 px wide; a panorama wider than 8:1 is cut into strips

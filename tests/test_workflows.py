@@ -1,4 +1,4 @@
-"""The shipped example workflows (UI format, `workflows/`) against the pack's nodes.
+"""The shipped example workflows (UI format, `example_workflows/`) against the pack's nodes.
 
 Runs without ComfyUI and in seconds. For every shipped workflow:
 - every node type is one of ours (NODE_CLASS_MAPPINGS) or a stock ComfyUI node of the small
@@ -17,13 +17,15 @@ Regenerate the API copies after editing a UI workflow:  python tests/test_workfl
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 import pytest
 
 from _pack import import_pack
-from _workflows import API_DIR, CORE_NODES, EXPECTED, SHIPPED_MODELS, SHIPPED_RUNS, UI_DIR, XL_WORKFLOWS
+from _workflows import (API_DIR, CORE_NODES, EXPECTED, NOT_RUNNABLE, NOT_RUNNABLE_NOTE, REPO, RUNNABLE, SHIPPED_IMAGES,
+                        SHIPPED_MODELS, SHIPPED_RUNS, UI_DIR, XL_WORKFLOWS)
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -333,6 +335,59 @@ def test_specific_contents():
     notes = [n for n in wf["nuwa_xl_ksampler"]["nodes"] if n["type"] in VIRTUAL_NODES]
     assert notes and "unconditional" in notes[0]["widgets_values"][0]
     assert len(wf["nuwa_xl_ksampler"]["groups"]) >= 4
+
+
+def _loaded_images(workflow: dict) -> list[str]:
+    return [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "LoadImage"]
+
+
+def test_every_template_runs_on_the_shipped_models_or_says_it_does_not():
+    """A template is runnable (queued from the real frontend by the real-server test) or its note opens by saying
+    that it does not run on the shipped models; a template that is neither fails here."""
+    assert not set(RUNNABLE) & set(NOT_RUNNABLE)
+    for path in WORKFLOWS:
+        workflow = json.loads(path.read_text())
+        notes = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] in VIRTUAL_NODES]
+        says_not = [t for t in [workflow["extra"]["nuwa_note"], *notes] if t.lstrip("#* ").startswith(NOT_RUNNABLE_NOTE)]
+        if path.stem in NOT_RUNNABLE:
+            assert notes and len(says_not) == 1 + len(notes), f"{path.name}: every note must open with {NOT_RUNNABLE_NOTE!r}"
+        else:
+            assert path.stem in RUNNABLE, f"{path.name}: neither in RUNNABLE nor in NOT_RUNNABLE (tests/_workflows.py)"
+            assert not says_not, path.name
+    note = json.loads((UI_DIR / "text_to_image_wide.json").read_text())["extra"]["nuwa_note"]
+    assert "text-conditioned" in note and "none ships" in note, note
+
+
+def test_templates_load_only_images_the_pack_ships():
+    """LoadImage can only open files in ComfyUI's input folder: every image a template loads is a plain
+    file name shipped in models/<folder>/, which the pack copies there (nodes/_comfy.py copy_example_inputs)."""
+    loaded = set()
+    for path in WORKFLOWS:
+        for name in _loaded_images(json.loads(path.read_text())):
+            assert isinstance(name, str) and name == Path(name).name, f"{path.name}: LoadImage {name!r} is not a file name"
+            assert sorted((REPO / "models").glob(f"*/{name}")), f"{path.name}: LoadImage {name!r} is not shipped in models/"
+            loaded.add(name)
+    assert set(SHIPPED_IMAGES) <= loaded
+
+
+def test_the_pack_copies_the_templates_images_into_the_input_folder(tmp_path, caplog):
+    copy = import_pack().nodes._comfy.copy_example_inputs
+    wanted = sorted({name for path in WORKFLOWS for name in _loaded_images(json.loads(path.read_text()))})
+    assert wanted, "no template loads an image (outpaint_spiral loads its painting)"
+    input_dir = tmp_path / "input"
+    assert sorted(p.name for p in copy(input_dir)) == wanted
+    assert sorted(p.name for p in input_dir.iterdir()) == wanted  # no temporary files left behind
+    for name in wanted:
+        shipped = next((REPO / "models").glob(f"*/{name}"))
+        assert (input_dir / name).read_bytes() == shipped.read_bytes(), name
+    assert copy(input_dir) == []  # present: nothing to do
+    (input_dir / wanted[0]).write_bytes(b"the user's own file of that name")
+    assert copy(input_dir) == [] and (input_dir / wanted[0]).read_bytes() == b"the user's own file of that name"
+    blocker = tmp_path / "not_a_folder"  # an input folder that cannot be made: logged, never raised
+    blocker.write_text("x")
+    with caplog.at_level(logging.WARNING, logger="ComfyUI-NUWA"):
+        assert copy(blocker / "input") == []
+    assert "could not copy" in caplog.text and wanted[0] in caplog.text
 
 
 def test_converter_handles_seed_control_and_upload_widgets():
