@@ -29,7 +29,7 @@ from ..checkpoint import (
     load_strict,
     save_model_file,
 )
-from ..images import check_finite, image_to_model, model_to_image
+from ..images import check_finite, image_to_model, model_to_image, to_rgb
 from ..memory import check_memory
 from . import arbitrary_direction_controller as adc
 from .arbitrary_direction_controller import Coord, Grid, Order, Plan
@@ -154,7 +154,12 @@ class NuwaInfinity(nn.Module):
         state = self.blank_canvas(x.shape[2] // php, x.shape[3] // pwp, frames=frames, batch=x.shape[0])
         state.tokens[:, :self.patch_size[0]] = tokens[:, None]
         state.known[0] = True
-        state.given = model_to_image(x.cpu())
+        top, left, bh, bw = box
+        if (bh, bw) == tuple(x.shape[2:]):  # the image's own values: [-1, 1] and back is not exact in float
+            rgb = to_rgb(image.detach().cpu().float()).clamp(0, 1)
+            state.given = rgb[:, top:top + bh, left:left + bw].clone()
+        else:  # resized
+            state.given = model_to_image(x.cpu())
         state.source_size, state.source_box = (h, w), box
         return state
 
@@ -223,6 +228,8 @@ class NuwaInfinity(nn.Module):
         check_memory(self.estimate_bytes(state.grid, state.batch), "this generation", self.device)
         text_kv = self.renderer.text_kv(self._text(text, state.batch))
         pool = state.pool if _pool_fits(state.pool, cfg, state, extent) else NearbyContextPool(extent)
+        # a canvas from a file or a node's output keeps its caches on the CPU: onto the model's device and dtype
+        pool.caches = {c: cache.to(self.device, self.renderer.pos_f.dtype) for c, cache in pool.caches.items()}
         last = last_needed_steps([c for _, c in steps], extent, keep=self._frontier(plan, state, extent))
 
         def patch_tokens(coord: Coord) -> torch.Tensor:
