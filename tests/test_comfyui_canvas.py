@@ -87,3 +87,32 @@ def test_a_canvas_grows_over_queued_runs(comfyui_server):
     first, second = canvases
     assert second.grid == (1, 2, 4) and bool(second.known.all())
     assert second.tokens[..., :first.tokens.shape[-1]].equal(first.tokens), "run 2 did not continue run 1's canvas"
+
+
+def test_stock_image_pad_for_outpaint_feeds_the_planner(comfyui_server):
+    """ImagePadForOutpaint's IMAGE (grey pads) and MASK (1 on the pads, feathered into the image): the pad's
+    patches are generated, and every pixel of the image its mask leaves at 0 comes back byte for byte."""
+    server = comfyui_server
+    rgb = np.random.default_rng(2).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(server.base / "input" / "nuwa_test_pad.png")
+    prompt = {
+        "1": {"class_type": "NUWAModelLoader", "inputs": {"model_name": MODEL}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "nuwa_test_pad.png"}},
+        "3": {"class_type": "ImagePadForOutpaint", "inputs": {"image": ["2", 0], "left": 0, "top": 0, "right": 16,
+                                                              "bottom": 0, "feathering": 6}},
+        "4": {"class_type": "NUWAVQGANEncode", "inputs": {"model": ["1", 0], "image": ["3", 0], "fit": "crop"}},
+        "5": {"class_type": "NUWADirectionPlanner", "inputs": {
+            "model": ["1", 0], "canvas": ["4", 0], "left": 0, "right": 0, "up": 0, "down": 0, "target_width": 0,
+            "target_height": 0, "anchor": "center", "mask": ["3", 1], "units": "patches", "feather": 0}},
+        "6": {"class_type": "NUWAPatchRenderer", "inputs": {
+            "model": ["1", 0], "canvas": ["4", 0], "plan": ["5", 0], "seed": 7, "decoder": "auto", "steps": 4,
+            "temperature": 1.0, "top_k": 16, "top_p": 1.0}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "nuwa_test/padded"}},
+    }
+    _, outputs = server.run_prompt(prompt, "pad for outpaint", RUN_TIMEOUT)
+    # the feathered mask reaches 6 px into the image: its second column of patches and the pad's are generated
+    assert sorted(map(tuple, outputs["5"]["nuwa_plan"][0]["order"])) == [(0, 0, 1), (0, 0, 2), (0, 1, 1), (0, 1, 2)]
+    out = _saved(server, outputs["7"]["images"][0])
+    assert out.shape == (32, 48, 3)
+    assert np.array_equal(out[:, :32 - 6], rgb[:, :32 - 6]), "the image's pixels outside the mask changed"
+    assert np.abs(out[:, 32:].astype(int) - 128).mean() > 5, "the pad is still grey"
