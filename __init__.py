@@ -73,4 +73,6 @@ from .nodes._comfy import copy_example_inputs
 
 copy_example_inputs()  # the images the templates load, into ComfyUI's input folder (absent ones only)
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+WEB_DIRECTORY = "./web"  # the Direction Planner's frontend extension (web/js/)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
