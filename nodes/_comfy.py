@@ -137,7 +137,35 @@ def input_directory() -> Path:
     return Path(fp.get_input_directory()) if fp is not None else Path.cwd() / "input"
 
 
-def wrap_for_memory_management(model):
+# ---- ComfyUI's memory manager ------------------------------------------------------------------
+# NUWA models are plain PyTorch modules (no comfy.ops layers that cast weights on the fly), so they
+# run only with every weight on one device. A ModelPatcher lets ComfyUI load and offload them like
+# its own models; load_for_run asks for a full load with an estimate of the run's working memory
+# and refuses, naming what was needed and what was free, when ComfyUI could place only part of
+# the weights (low VRAM, --novram, other models in the way): never a device-mismatch crash.
+
+MiB = 2 ** 20
+INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class ModelDoesNotFitError(MemoryError):
+    """ComfyUI could not put all of a NUWA model's weights on its device."""
+
+
+def inference_dtype(parameters: int, supported=INFERENCE_DTYPES) -> torch.dtype:
+    """The dtype to run a model of `parameters` weights in on ComfyUI's device: ComfyUI's own choice
+    for diffusion models (comfy.model_management.unet_dtype, which honours --fp32-unet, --bf16-unet,
+    --fp16-unet and --force-fp32 and asks should_use_bf16 / should_use_fp16 of the device), among
+    `supported` in order of preference; float32 without ComfyUI and on the CPU."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return torch.float32
+    dtype = mm.unet_dtype(device=mm.get_torch_device(), model_params=int(parameters), supported_dtypes=list(supported))
+    return dtype if dtype in supported else torch.float32
+
+
+def wrap_for_memory_management(model, name: str = "NUWA model"):
     """Wrap the model's networks in a comfy ModelPatcher so ComfyUI's memory manager can load
     them to the GPU and offload them when another model needs room. Returns the patcher or None."""
     try:
@@ -148,18 +176,96 @@ def wrap_for_memory_management(model):
     # a holder module: ModelPatcher sets attributes such as `.device` on what it wraps, which
     # must not clash with the engine model's own properties
     nets = torch.nn.ModuleDict({"nuwa": model})
-    size = sum(p.numel() * p.element_size() for p in nets.parameters())
+    nets.nuwa_name = name
+    size = sum(t.numel() * t.element_size() for t in list(nets.parameters()) + list(nets.buffers()))
     return comfy.model_patcher.ModelPatcher(nets, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device(), size=size)
 
 
-def load_for_run(patcher) -> None:
-    """Ask ComfyUI to put the model on its device (offloading others if needed) before a run."""
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def misplaced_tensors(module: torch.nn.Module, device) -> list[str]:
+    """Names of the module's parameters and buffers that are not on `device`."""
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    return [name for name, t in tensors if not _same_device(t.device, device)]
+
+
+def load_for_run(patcher, memory_required: int = 0) -> None:
+    """Ask ComfyUI to put the model on its device (offloading others if needed) before a run, with
+    `memory_required` bytes of working memory (activations, the context pool) kept free beside
+    the weights. A NUWA model runs only whole on one device: if ComfyUI placed only part of it,
+    raise ModelDoesNotFitError naming what was needed and what was free."""
     if patcher is None:
         return
     import comfy.model_management as mm  # type: ignore
-    mm.load_models_gpu([patcher])
+    memory_required = max(int(memory_required), 0)
+    mm.load_models_gpu([patcher], memory_required=memory_required, minimum_memory_required=memory_required)
+    device = patcher.load_device
+    off = misplaced_tensors(patcher.model, device)
+    if not off:
+        return
+    size, loaded = patcher.model_size(), patcher.loaded_size()
+    try:
+        free = mm.get_free_memory(device)
+    except Exception:  # noqa: BLE001  (a device ComfyUI cannot measure: name what is known)
+        free = None
+    try:  # every weight back on the offload device: a consistent model, loaded afresh next time
+        patcher.detach()
+    except Exception as err:  # noqa: BLE001  (the refusal below is what the user must see)
+        log.warning("ComfyUI-NUWA: could not offload the partly loaded model: %s", err)
+    name = getattr(patcher.model, "nuwa_name", "NUWA model")
+    hint = ""
+    if getattr(mm, "vram_state", None) == mm.VRAMState.NO_VRAM:
+        hint = " ComfyUI runs with --novram, which keeps model weights off the GPU; start it without --novram."
+    free_text = "an unknown amount" if free is None else f"{free / MiB:.0f} MiB"
+    raise ModelDoesNotFitError(
+        f"The {name} needs all of its {size / MiB:.0f} MiB of weights plus about {memory_required / MiB:.0f} MiB "
+        f"of working memory on {device}, but ComfyUI placed only {loaded / MiB:.0f} MiB of the weights there "
+        f"({free_text} free; {len(off)} weight tensors, e.g. {off[0]}, were left elsewhere). NUWA models cannot "
+        f"run split between devices: unload other models (Unload Models / a smaller workflow), make a smaller "
+        f"canvas or batch, or start ComfyUI with --cpu.{hint}")
 
+
+
+# ---- NUWA-Infinity working memory (nuwa_core.memory's estimates for a node's run) ---------------
+
+def _model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def vqgan_memory(model, batch: int = 1) -> int:
+    """Working memory of VQGAN Encode / Decode: one window of the tiled VQGAN at a time."""
+    from nuwa_core.memory import vqgan_window_bytes
+    return vqgan_window_bytes(model.vqgan.config, model.vqgan_tile, max(int(batch), 1), _model_dtype(model))
+
+
+def render_memory(model, canvas, plan, extent=None) -> int:
+    """Working memory of the Patch Renderer: the renderer with its context pool on the largest grid
+    the plan grows the canvas to, plus a VQGAN window for the previews and the final decode."""
+    from nuwa_core.memory import renderer_working_bytes
+    grids = [tuple(canvas.grid)]
+    for p in getattr(plan, "plans", None) or [getattr(plan, "plan", plan)]:
+        grid = getattr(p, "grid", None)
+        if grid is not None:
+            grids.append(tuple(grid))
+    grid = tuple(max(g[i] for g in grids) for i in range(3))
+    cfg = model.renderer.config
+    return (renderer_working_bytes(cfg, grid, canvas.batch, extent or cfg.extent, _model_dtype(model))
+            + vqgan_memory(model, 1))
+
+
+def canvas_to(state, device):
+    """The canvas with its pool's caches moved to `device` (ComfyUI's intermediate device for a node's
+    output: the canvas sits in ComfyUI's output cache, where GPU caches would hold VRAM for good).
+    Tokens and given pixels already live on the CPU. The pool's dict is replaced, not edited: a copy
+    of the pool shares its cache tensors with the canvas it came from."""
+    pool = getattr(state, "pool", None)
+    if pool is not None and pool.caches:
+        pool.caches = {coord: cache.to(device) for coord, cache in pool.caches.items()}
+    return state
 
 def copy_example_inputs(input_dir: str | os.PathLike | None = None) -> list[Path]:
     """Copy the shipped images that the templates' LoadImage nodes name (example_workflows/*.json) from

@@ -35,6 +35,7 @@ class NUWAVQGANEncode:
         }}
 
     def encode(self, model, image, fit):
+        _comfy.load_for_run(getattr(model, "comfy_patcher", None), _comfy.vqgan_memory(model, image.shape[0]))
         with torch.inference_mode():
             state = model.canvas_from_image(image.detach().cpu().float().clamp(0, 1), fit=fit)
         return (state,)
@@ -57,6 +58,7 @@ class NUWAVQGANDecode:
 
     def decode(self, model, canvas):
         _comfy.check_interrupted()
+        _comfy.load_for_run(getattr(model, "comfy_patcher", None), _comfy.vqgan_memory(model))
         image = model.decode(canvas)
         return (image.to(_comfy.intermediate_device()),)
 

@@ -1,6 +1,8 @@
 """NUWA Model Loader."""
 from __future__ import annotations
 
+import torch
+
 from . import _comfy, _engine
 
 CATEGORY = "NUWA/Infinity"
@@ -27,7 +29,12 @@ class NUWAModelLoader:
     def load(self, model_name):
         path = _comfy.model_path(model_name)
         model = _engine.load_model(path, device="cpu")
-        patcher = _comfy.wrap_for_memory_management(model)
+        # ComfyUI's dtype for the device (bf16 / fp16 where it supports them, fp32 on the CPU); the
+        # weights are kept in it on the offload device too
+        dtype = _comfy.inference_dtype(sum(p.numel() for p in model.parameters()))
+        if dtype != torch.float32:
+            model = model.to(dtype=dtype)
+        patcher = _comfy.wrap_for_memory_management(model, f"NUWA-Infinity model {model_name}")
         if patcher is not None:
             try:
                 model.comfy_patcher = patcher

@@ -103,7 +103,7 @@ class NUWAPatchRenderer:
         if context is not None:
             trained = tuple(model.renderer.config.extent)
             extent = tuple(t if e < 0 else e for e, t in zip(context["extent"], trained))
-        _comfy.load_for_run(getattr(model, "comfy_patcher", None))
+        _comfy.load_for_run(getattr(model, "comfy_patcher", None), _comfy.render_memory(model, canvas, plan, extent))
         state = spec.prepare(canvas)  # a copy: the input canvas is never modified
         generator = torch.Generator().manual_seed(int(seed) % (2 ** 63))  # CPU noise, as ComfyUI: one image per seed on every device
         total = len(spec)
@@ -130,7 +130,7 @@ class NUWAPatchRenderer:
             finished += len(core_plan)
         image = model.decode(result)
         device = _comfy.intermediate_device()
-        return (image.to(device), result)
+        return (image.to(device), _comfy.canvas_to(result, device))
 
 
 NODE_CLASS_MAPPINGS = {"NUWAEmptyCanvas": NUWAEmptyCanvas, "NUWAPatchRenderer": NUWAPatchRenderer}
