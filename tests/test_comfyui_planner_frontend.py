@@ -148,6 +148,24 @@ const path = require('path');
     step('edited', edited);
     await page.screenshot({path: path.join(shots, 'planner_edited.png')});
 
+    // a target width replaces left/right (split by the anchor); dragging a side hands the axis back
+    // to the widgets, starting from what the target gave
+    await page.evaluate(() => {
+      const node = window.__planner, pw = node.nuwaPlanner.state.canvas.pw, cols = node.nuwaPlanner.state.canvas.cols;
+      for (const [name, v] of [['left', 0], ['right', 0], ['anchor', 'center'], ['target_width', (cols + 4) * pw]]) {
+        node.widgets.find(w => w.name === name).value = v;
+      }
+      window.app.graph.setDirtyCanvas(true, true);
+    });
+    await page.waitForTimeout(300);
+    const target = await where();
+    await page.mouse.move(...target.rightEdge);
+    await page.mouse.down();
+    await page.mouse.move(target.rightEdge[0] + 1.2 * target.cellPx, target.rightEdge[1], {steps: 6});
+    await page.mouse.up();
+    await page.waitForTimeout(300);
+    step('target', {before: target, after: await where()});
+
     // run it: model loader, an empty 32 x 32 image, encode, the planner, a preview of its order
     const run = await page.evaluate(async (model) => {
       const app = window.app, LG = window.LiteGraph;
@@ -332,6 +350,15 @@ def test_queued_run_draws_the_nodes_plan(session):
     assert state["offset"] == payload["offset"] == [1, 1]
     assert state["order"] == len([c for c in payload["order"] if c[0] == 0])
     assert f"patch {payload['patch_px'][1]}\u00d7{payload['patch_px'][0]} px" in state["text"][0], state["text"]
+
+
+def test_target_width_drawn_and_handed_back_by_a_drag(session):
+    before, after = session["steps"]["target"]["before"], session["steps"]["target"]["after"]
+    assert before["values"]["target_width"] > 0 and before["values"]["right"] == 0
+    assert before["state"]["extension"] == {"left": 2, "right": 2, "up": before["values"]["up"],
+                                            "down": before["values"]["down"]}, before["state"]
+    assert after["values"]["target_width"] == 0, after["values"]
+    assert (after["values"]["left"], after["values"]["right"]) == (2, 3), after["values"]
 
 
 def test_pixel_units_drag_by_the_reported_patch_size(session):
