@@ -205,7 +205,9 @@ const path = require('path');
               payload: planner.nuwaPlanner.payload};
     }, model);
     step('run', run);
-    await page.waitForTimeout(300);
+    await page.evaluate(() => { const a = window.app; a.canvas.ds.offset = [760, 0]; a.graph.setDirtyCanvas(true, true); });
+    await page.waitForTimeout(500);
+    await page.screenshot({path: path.join(shots, 'planner_after_run.png')});
 
     // pixel units after the run: a drag of one patch adds the patch size the node reported
     await page.evaluate(() => {
@@ -222,9 +224,7 @@ const path = require('path');
     await page.mouse.up();
     await page.waitForTimeout(300);
     step('pixels', {before: pixels, after: await where()});
-    await page.evaluate(() => { const a = window.app; a.canvas.ds.offset = [760, 0]; a.graph.setDirtyCanvas(true, true); });
-    await page.waitForTimeout(500);
-    await page.screenshot({path: path.join(shots, 'planner_after_run.png')});
+    await page.screenshot({path: path.join(shots, 'planner_pixels.png')});
   } finally {
     await browser.close();
   }
