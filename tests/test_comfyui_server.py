@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from _comfyui import SHIPPED_RUN_TIMEOUT, animated_frames, run_xl_workflow
+from _comfyui import PACK_LINK_NAME, SHIPPED_RUN_TIMEOUT, animated_frames, run_xl_workflow
 from _pack import import_pack
-from _workflows import API_DIR, CORE_NODES, SHIPPED_IMAGES, SHIPPED_MODELS, SHIPPED_RUNS, UI_DIR, XL_WORKFLOWS
+from _workflows import API_DIR, CORE_NODES, RUNNABLE, SHIPPED_IMAGES, SHIPPED_MODELS, SHIPPED_RUNS, UI_DIR, XL_WORKFLOWS
 
 pytestmark = pytest.mark.comfyui
 
@@ -118,13 +118,13 @@ def test_interrupt_stops_a_long_run(comfyui_server):
     assert comfyui_server.get("/system_stats")["system"]
 
 
-# --- the shipped example workflows (workflows/, API copies in tests/workflows/shipped/) ---
+# --- the shipped example workflows (example_workflows/, API copies in tests/workflows/shipped/) ---
 
 @pytest.fixture(scope="module")
 def shipped_server(comfyui_server):
-    """The server, with the shipped models reachable (ComfyUI searches the pack's models/nuwa/) and the
-    shipped example images in its input folder."""
-    import shutil
+    """The server, with the shipped models reachable (ComfyUI searches the pack's models/nuwa/). Nothing is
+    put into its input folder: the pack copied the templates' example images there when ComfyUI loaded it
+    (checked here), as in a user's fresh ComfyUI."""
     from nuwa_core.checkpoint import CheckpointError
     from nuwa_core.infinity.generation import NuwaInfinity
     shipped = REPO / "models" / "nuwa"
@@ -137,8 +137,143 @@ def shipped_server(comfyui_server):
         except CheckpointError as err:  # a real failure of the shipped workflows, named before ComfyUI hides it
             pytest.fail(f"the shipped workflows cannot run: {err}")
     for name in SHIPPED_IMAGES:
-        shutil.copyfile(shipped / name, comfyui_server.base / "input" / name)
+        copied = comfyui_server.base / "input" / name
+        assert copied.is_file(), (f"the pack did not copy {name} into ComfyUI's input folder when it loaded:\n"
+                                  f"{comfyui_server.log()[-3000:]}")
+        assert copied.read_bytes() == (shipped / name).read_bytes(), name
     return comfyui_server
+
+
+def test_templates_are_served_from_example_workflows(comfyui_server):
+    """Workflow -> Browse Templates: /workflow_templates lists the pack's templates under its folder name,
+    and each template and its thumbnail is served from example_workflows/ (no rename hint in the log)."""
+    import urllib.request
+    listed = comfyui_server.get("/workflow_templates")
+    names = sorted(p.stem for p in UI_DIR.glob("*.json"))
+    assert sorted(listed.get(PACK_LINK_NAME, [])) == names, listed
+    for name in names:
+        for suffix in (".json", ".jpg"):
+            url = f"{comfyui_server.url}/api/workflow_templates/{PACK_LINK_NAME}/{name}{suffix}"
+            with urllib.request.urlopen(url, timeout=30) as r:
+                assert r.status == 200 and r.read() == (UI_DIR / f"{name}{suffix}").read_bytes(), url
+    assert "consider renaming it to 'example_workflows'" not in comfyui_server.log()
+
+
+# The real frontend opens each runnable template as Browse Templates does (fetched from the server's template
+# route, app.loadGraphData), queues it with its own Queue call (app.queuePrompt), reads the prompt id from its
+# POST /api/prompt and waits for the prompt's /history entry. Runs first among the shipped-template tests, so
+# its runs are real ones (the API-copy runs below then find the nodes' outputs in ComfyUI's cache).
+_QUEUE_SCRIPT = r"""
+const { chromium } = require(process.env.NUWA_PLAYWRIGHT_CORE);
+(async () => {
+  const [url, pack, timeoutS, ...names] = process.argv.slice(2);
+  const browser = await chromium.launch({executablePath: process.env.NUWA_CHROMIUM, headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking']});
+  const out = {results: {}};
+  try {
+    const page = await browser.newPage();
+    let pageErrors = [];
+    page.on('pageerror', e => pageErrors.push(String(e)));
+    await page.goto(url, {waitUntil: 'load', timeout: 180000});
+    await page.waitForFunction(() => window.app && window.app.graph && window.LiteGraph, null, {timeout: 180000});
+    await page.waitForTimeout(2000);
+    for (const name of names) {
+      pageErrors = [];
+      const started = Date.now();
+      const result = {};
+      out.results[name] = result;
+      await page.keyboard.press('Escape');
+      const loaded = await page.evaluate(async ([pack, name]) => {
+        const r = await fetch(`/api/workflow_templates/${pack}/${name}.json`);
+        if (r.status !== 200) return {status: r.status};
+        await window.app.loadGraphData(await r.json(), true, true, name);
+        return {status: 200, nodes: window.app.graph.nodes.length};
+      }, [pack, name]);
+      result.loaded = loaded;
+      if (loaded.status !== 200) continue;
+      await page.waitForTimeout(1000);
+      const posted = page.waitForResponse(r => r.url().endsWith('/api/prompt') && r.request().method() === 'POST',
+                                          {timeout: 120000});
+      await page.evaluate(() => window.app.queuePrompt(0, 1));
+      const response = await posted;
+      result.postStatus = response.status();
+      result.postBody = await response.json();
+      const id = result.postBody.prompt_id;
+      if (result.postStatus === 200 && id) {
+        const deadline = Date.now() + Number(timeoutS) * 1000;
+        while (Date.now() < deadline) {
+          const history = await page.evaluate(async id => (await fetch(`/api/history/${id}`)).json(), id);
+          if (history[id]) {
+            result.status = history[id].status;
+            result.outputs = history[id].outputs;
+            result.prompt = history[id].prompt[2];
+            break;
+          }
+          await page.waitForTimeout(1000);
+        }
+      }
+      result.dialogs = await page.evaluate(() => [...document.querySelectorAll('.p-dialog')].map(d => d.innerText));
+      result.pageErrors = pageErrors;
+      result.seconds = (Date.now() - started) / 1000;
+    }
+  } finally {
+    await browser.close();
+  }
+  console.log(JSON.stringify(out));
+})().catch(e => { console.error(e); process.exit(1); });
+"""
+
+
+def _browser() -> tuple[str, str]:
+    """(chromium, playwright-core) for the frontend tests, or skip."""
+    import shutil
+    chromium = os.environ.get("NUWA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).is_file():
+        pytest.skip("chromium is not installed (Debian package `chromium`, or set NUWA_CHROMIUM)")
+    playwright = _playwright_core()
+    if shutil.which("node") is None or playwright is None:
+        pytest.skip("node or playwright-core missing (npm install playwright-core; set NUWA_PLAYWRIGHT_CORE)")
+    return chromium, playwright
+
+
+def test_frontend_queues_every_runnable_template(shipped_server, tmp_path):
+    """Each runnable template (tests/_workflows.py RUNNABLE: all but those whose model is not shipped), opened
+    and queued from the real frontend in this fresh ComfyUI, is accepted, runs to success on the shipped models
+    with every saving node's files written, and the page raises no error. What ran is the template's API copy."""
+    import subprocess
+    if not (REPO / "models" / "nuwa_xl" / "mtd_default.safetensors").is_file():
+        pytest.skip("models/nuwa_xl/mtd_default.safetensors is absent")
+    chromium, playwright = _browser()
+    script = tmp_path / "queue_templates.js"
+    script.write_text(_QUEUE_SCRIPT)
+    env = dict(os.environ, NUWA_PLAYWRIGHT_CORE=playwright, NUWA_CHROMIUM=chromium)
+    start = time.monotonic()
+    run = subprocess.run(["node", str(script), shipped_server.url + "/", PACK_LINK_NAME, str(SHIPPED_RUN_TIMEOUT),
+                          *RUNNABLE], check=False, capture_output=True, text=True, env=env,
+                         timeout=SHIPPED_RUN_TIMEOUT * len(RUNNABLE) + 600)
+    assert run.returncode == 0, f"browser script failed:\n{run.stderr[-4000:]}\n{run.stdout[-2000:]}"
+    results = json.loads(run.stdout.strip().splitlines()[-1])["results"]
+    print(f"queued {len(RUNNABLE)} templates from the frontend in {time.monotonic() - start:.0f}s: "
+          + ", ".join(f"{n} {results[n].get('seconds', 0):.0f}s" for n in RUNNABLE))
+    for name in RUNNABLE:
+        result = results[name]
+        assert result["loaded"]["status"] == 200, f"{name}: the template route answered {result['loaded']}"
+        assert result["postStatus"] == 200, f"{name}: the server refused the prompt: {json.dumps(result['postBody'])[:3000]}"
+        assert result.get("status"), f"{name}: no /history entry within {SHIPPED_RUN_TIMEOUT:.0f}s"
+        assert result["status"]["status_str"] == "success" and result["status"]["completed"], (
+            f"{name}: {json.dumps(result['status'])[:4000]}\nserver log:\n{shipped_server.log()[-3000:]}")
+        assert not result["pageErrors"], f"{name}: page errors {result['pageErrors']}"
+        assert not result["dialogs"], f"{name}: dialogs {result['dialogs']}"
+        api = json.loads((API_DIR / f"{name}.json").read_text())
+        ran = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in result["prompt"].items()}
+        assert ran == api, f"{name}: the frontend queued\n{json.dumps(ran, indent=1)}"
+        saving = [nid for nid, n in api.items() if n["class_type"] in ("SaveImage", "SaveAnimatedWEBP")]
+        assert saving, f"{name}: no saving node"
+        for nid in saving:
+            files = result["outputs"].get(nid, {}).get("images")
+            assert files, f"{name}: {api[nid]['class_type']} {nid} saved nothing: {result['outputs']}"
+            for f in files:
+                assert (shipped_server.base / "output" / f["subfolder"] / f["filename"]).is_file(), f
 
 
 def test_shipped_workflows_match_object_info(comfyui_server):
@@ -251,14 +386,8 @@ def test_frontend_loads_shipped_workflows(comfyui_server, tmp_path):
     node type registered, no 'missing nodes' dialog, and the frontend's own API conversion
     (graphToPrompt) equal to the committed API copy. Skipped without node, playwright-core
     (NUWA_PLAYWRIGHT_CORE=path/to/node_modules/playwright-core) or chromium (NUWA_CHROMIUM)."""
-    import shutil
     import subprocess
-    chromium = os.environ.get("NUWA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(chromium).is_file():
-        pytest.skip("chromium is not installed (Debian package `chromium`, or set NUWA_CHROMIUM)")
-    playwright = _playwright_core()
-    if shutil.which("node") is None or playwright is None:
-        pytest.skip("node or playwright-core missing (npm install playwright-core; set NUWA_PLAYWRIGHT_CORE)")
+    chromium, playwright = _browser()
     script = tmp_path / "load_workflows.js"
     script.write_text(_BROWSER_SCRIPT)
     files = sorted(UI_DIR.glob("*.json"))
@@ -296,7 +425,10 @@ def test_shipped_xl_workflow_runs(comfyui_server, name):
     start = time.monotonic()
     types, webp = run_xl_workflow(comfyui_server, name)
     print(f"{name}: ran in {time.monotonic() - start:.1f}s")
-    assert "progress" in types
     prompt = json.loads((API_DIR / f"{name}.json").read_text())
+    cached = {nid for m in comfyui_server.last_messages if m["type"] == "execution_cached" for nid in m["data"]["nodes"]}
+    samplers = {nid for nid, n in prompt.items() if n["class_type"] in ("NUWAXLCoarseToFine", "KSampler")}
+    if samplers - cached:  # not all served from the cache (the frontend test queues the same template first)
+        assert "progress" in types, f"{name}: no progress message; saw {sorted(set(types))}"
     frames = animated_frames(webp)  # merged identical frames counted by their duration
     assert len(frames) == _xl_frames(prompt), (len(frames), _xl_frames(prompt))
