@@ -23,7 +23,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from _comfyui import PACK_LINK_NAME, TEST_MODEL
 
 pytestmark = pytest.mark.comfyui
@@ -240,7 +239,7 @@ def _playwright_core() -> str | None:
     if shutil.which("node") is None:
         return None
     found = subprocess.run(["node", "-e", "console.log(require.resolve('playwright-core'))"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
     return (found.stdout.strip() or None) if found.returncode == 0 else None
 
 
@@ -273,7 +272,7 @@ def session(comfyui_server, browser_env, tmp_path_factory):
     script = work / "planner.js"
     script.write_text(_BROWSER_SCRIPT)
     run = subprocess.run(["node", str(script), comfyui_server.url + "/", str(shots), TEST_MODEL, str(DRAG_PATCHES)],
-                         capture_output=True, text=True, env=browser_env, timeout=600)
+                         capture_output=True, text=True, env=browser_env, timeout=600, check=False)
     assert run.returncode == 0, f"browser script failed:\n{run.stderr[-4000:]}\n{run.stdout[-2000:]}"
     out = json.loads(run.stdout.strip().splitlines()[-1])
     out["steps"] = {s["name"]: s for s in out["steps"]}
@@ -342,7 +341,7 @@ def test_queued_run_draws_the_nodes_plan(session):
     if run["payload"] is None:
         pytest.skip("the planner node sends no `nuwa_plan` UI payload yet (nodes/planning_nodes.py)")
     payload = run["payload"]
-    f, rows, cols = payload["old_grid"]
+    _, rows, cols = payload["old_grid"]
     state = run["state"]
     assert state["mode"] == "plan", state
     assert state["canvas"]["rows"] == rows and state["canvas"]["cols"] == cols and state["canvas"]["known"]
@@ -365,7 +364,7 @@ def test_pixel_units_drag_by_the_reported_patch_size(session):
     run = session["steps"]["run"]
     if run["payload"] is None:
         pytest.skip("the planner node sends no `nuwa_plan` UI payload yet (nodes/planning_nodes.py)")
-    ph, pw = run["payload"]["patch_px"]
+    pw = run["payload"]["patch_px"][1]
     before, after = session["steps"]["pixels"]["before"], session["steps"]["pixels"]["after"]
     assert before["values"]["units"] == "pixels" and before["values"]["right"] == 2 * pw
     assert before["state"]["mode"] == "plan"  # the same plan as the run, in pixels
