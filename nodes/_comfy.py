@@ -165,6 +165,17 @@ def inference_dtype(parameters: int, supported=INFERENCE_DTYPES) -> torch.dtype:
     return dtype if dtype in supported else torch.float32
 
 
+def vae_dtype(supported=(torch.bfloat16, torch.float32)) -> torch.dtype:
+    """ComfyUI's dtype for a VAE on its VAE device (comfy.model_management.vae_dtype: honours
+    --fp32-vae / --bf16-vae / --fp16-vae); float32 without ComfyUI and on the CPU."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return torch.float32
+    dtype = mm.vae_dtype(mm.vae_device(), list(supported))
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
 def wrap_for_memory_management(model, name: str = "NUWA model"):
     """Wrap the model's networks in a comfy ModelPatcher so ComfyUI's memory manager can load
     them to the GPU and offload them when another model needs room. Returns the patcher or None."""
@@ -197,12 +208,19 @@ def load_for_run(patcher, memory_required: int = 0) -> None:
     """Ask ComfyUI to put the model on its device (offloading others if needed) before a run, with
     `memory_required` bytes of working memory (activations, the context pool) kept free beside
     the weights. A NUWA model runs only whole on one device: if ComfyUI placed only part of it,
-    raise ModelDoesNotFitError naming what was needed and what was free."""
-    if patcher is None:
+    raise ModelDoesNotFitError naming what was needed and what was free. `patcher` may be a list
+    (networks used together, loaded in one call)."""
+    patchers = [p for p in (patcher if isinstance(patcher, (list, tuple)) else [patcher]) if p is not None]
+    if not patchers:
         return
     import comfy.model_management as mm  # type: ignore
     memory_required = max(int(memory_required), 0)
-    mm.load_models_gpu([patcher], memory_required=memory_required, minimum_memory_required=memory_required)
+    mm.load_models_gpu(patchers, memory_required=memory_required, minimum_memory_required=memory_required)
+    for one in patchers:
+        _check_loaded(mm, one, memory_required)
+
+
+def _check_loaded(mm, patcher, memory_required: int) -> None:
     device = patcher.load_device
     off = misplaced_tensors(patcher.model, device)
     if not off:

@@ -46,7 +46,7 @@ class NUWAXLModelConfig(comfy.supported_models_base.BASE):
                          "timesteps": 1000}
     latent_format = NUWAXLLatentFormat
     memory_usage_factor = 2.0
-    supported_inference_dtypes = [torch.float32]
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
 
 class MTDAdapter(torch.nn.Module):
@@ -61,7 +61,18 @@ class MTDAdapter(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.mtd.parameters()).dtype
 
+    def _check_device(self, device) -> None:
+        """The MTD has no comfy.ops layers: it runs only with every weight on the latents' device. A
+        partial load (low VRAM, --novram) would crash inside a layer; name the cause instead."""
+        off = [name for name, p in self.mtd.named_parameters() if p.device != device]
+        if off:
+            raise MemoryError(f"NUWA-XL: ComfyUI loaded only part of the Mask Temporal Diffusion model onto {device} "
+                              f"({len(off)} weight tensors, e.g. {off[0]}, stayed on {self.mtd.get_parameter(off[0]).device}); "
+                              f"it cannot run split between devices: unload other models, sample fewer frames "
+                              f"or segments at once, or start ComfyUI with --cpu (not --novram)")
+
     def forward(self, x, timesteps, context=None, control=None, transformer_options={}, **kwargs):
+        self._check_device(x.device)
         b, c, f = x.shape[:3]
         d = self.mtd.config.context_dim
         frame_context = kwargs.get(FRAME_CONTEXT_KEY)
@@ -86,9 +97,18 @@ class MTDAdapter(torch.nn.Module):
 
 
 class NUWAXLBaseModel(comfy.model_base.BaseModel):
+    nuwa_name = "NUWA-XL Mask Temporal Diffusion"
+
     def __init__(self, model_config, mtd, device=None):
         super().__init__(model_config, comfy.model_base.ModelType.EPS, device=device)
         self.diffusion_model = MTDAdapter(mtd)
+
+    def memory_required(self, input_shape, cond_shapes=None):
+        """The MTD's own estimate (nuwa_core.memory.mtd_working_bytes) for latents [B, C, F, h, w]."""
+        from nuwa_core.memory import mtd_working_bytes
+        b, _, f, h, w = (list(input_shape) + [1] * 5)[:5]
+        mtd = self.diffusion_model.mtd
+        return mtd_working_bytes(mtd.config, b, f, h, w, self.diffusion_model.dtype)
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)

@@ -18,8 +18,17 @@ from __future__ import annotations
 import torch
 
 from . import _comfy
-from .xl_nodes import (CATEGORY, _check_tree, _model_input, _run_on_device, conditioning_prompts,
-                       decoded_output, spread_prompts)
+from .xl_nodes import (
+    CATEGORY,
+    _check_tree,
+    _load,
+    _model_input,
+    conditioning_prompts,
+    decoded_output,
+    level_patcher,
+    spread_prompts,
+    vae_memory,
+)
 
 FRAMES_APART_KEY = "nuwa_xl_frames_apart"
 GIVEN_KEY = "nuwa_xl_given"  # same strings as _xl_comfy_model (which needs ComfyUI to import)
@@ -58,11 +67,9 @@ class NUWAXLModelAsComfy:
                                        "model unless the loader picked a separate local MTD."})}}
 
     def wrap(self, xl_model, level="global"):
-        from ._xl_comfy_model import as_comfy_model
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-        mtd = xl_model.global_mtd if level == "global" else xl_model.local_mtd
-        return (as_comfy_model(mtd, xl_model.vae.config.latent_scale),)
+        return (level_patcher(xl_model, level),)  # a clone of the loader's one ModelPatcher per MTD
 
 
 class NUWAXLEmptyLatentVideo:
@@ -241,7 +248,7 @@ class NUWAXLDecodeLatent:
         c = xl_model.vae.config.z_channels
         if lat.shape[1] != c:
             raise ValueError(f"NUWA-XL Decode LATENT: this T-KLVAE decodes {c}-channel latents, got {lat.shape[1]}")
-        model = _run_on_device(xl_model)
+        model = _load(xl_model, ("vae",), vae_memory(xl_model))
         z = lat.movedim(2, 1).flatten(0, 1).float() * model.vae.config.latent_scale  # diffusion latents
         frames = torch.cat([model.decode(z[b * lat.shape[2]:(b + 1) * lat.shape[2]]) for b in range(lat.shape[0])])
         return decoded_output(model, frames, float(samples.get(FRAMES_APART_KEY, 1.0)))

@@ -172,9 +172,74 @@ def _runs(segments: int, max_batch: int) -> int:
     return math.ceil(segments / max_batch) if max_batch else 1
 
 
-def _run_on_device(model):
-    model.to(_comfy.torch_device())
+# ---- ComfyUI's memory manager ------------------------------------------------------------------
+# One ModelPatcher per network, made once by the loader: the T-KLVAE, the global MTD and the local MTD
+# (the same patcher when one MTD serves both). The MTDs' patchers are the stock MODEL of
+# _xl_comfy_model (a BaseModel), so the KSampler route clones them (NUWA-XL Model (for KSampler)) and
+# ComfyUI sees one model, whichever route or level runs it; "Unload Models" offloads them all.
+
+PATCHERS_ATTR = "comfy_patchers"
+
+
+def attach_patchers(model) -> None:
+    """Give an XLModel its ModelPatchers (no-op without ComfyUI)."""
+    try:
+        import comfy.model_management  # type: ignore  # noqa: F401
+    except ImportError:
+        return
+    from ._xl_comfy_model import as_comfy_model
+    scale = model.vae.config.latent_scale
+    patchers = {"vae": _comfy.wrap_for_memory_management(model.vae, "NUWA-XL T-KLVAE")}
+    patchers["global"] = as_comfy_model(model.global_mtd, scale)
+    patchers["local"] = (patchers["global"] if model.local_mtd is model.global_mtd
+                         else as_comfy_model(model.local_mtd, scale))
+    setattr(model, PATCHERS_ATTR, patchers)
+
+
+def level_patcher(model, level: str):
+    """The MODEL for KSampler: a clone of the level's one ModelPatcher (ComfyUI's clones share the
+    weights and their loaded state), or a fresh one for a model the loader did not wrap."""
+    patchers = getattr(model, PATCHERS_ATTR, None)
+    if patchers is not None:
+        return patchers[level].clone()
+    from ._xl_comfy_model import as_comfy_model
+    mtd = model.global_mtd if level == "global" else model.local_mtd
+    return as_comfy_model(mtd, model.vae.config.latent_scale)
+
+
+def _load(model, parts, memory_required: int = 0):
+    """Ask ComfyUI to load the model's networks `parts` ("vae", "global", "local") with
+    `memory_required` bytes of working memory beside them; without ComfyUI (scripts, tests), move
+    the model to the torch device."""
+    patchers = getattr(model, PATCHERS_ATTR, None)
+    if patchers is None:
+        model.to(_comfy.torch_device())
+        return model
+    chosen = list({id(p): p for p in (patchers[part] for part in parts)}.values())
+    _comfy.load_for_run(chosen, memory_required)
     return model
+
+
+def _dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def vae_memory(model, frames: int = 16) -> int:
+    """Working memory of decoding `frames` frames (XLModel.decode's chunk) at the model's frame size."""
+    from nuwa_core.memory import video_vae_bytes
+    _, h, w = model.latent_shape()
+    f = model.vae.config.downsample_factor
+    return video_vae_bytes(model.vae.config, frames, h * f, w * f, _dtype(model.vae))
+
+
+def sampling_memory(model, level: str, segments: int, L: int, preview: bool = True) -> int:
+    """Working memory of sampling `segments` L-frame segments at once with the level's MTD (plus one
+    decoded preview frame)."""
+    from nuwa_core.memory import mtd_working_bytes
+    _, h, w = model.latent_shape()
+    mtd = model.global_mtd if level == "global" else model.local_mtd
+    need = mtd_working_bytes(mtd.config, max(int(segments), 1), L, h, w, _dtype(mtd))
+    return need + (vae_memory(model, 1) if preview else 0)
 
 
 def decoded_output(model, frames: torch.Tensor, frames_apart: float) -> tuple:
@@ -215,7 +280,12 @@ class NUWAXLModelLoader:
         paths = [xl_model_path(t_klvae_name), xl_model_path(mtd_name)] + ([local] if local else [])
         for path in paths:
             check_listed_file(path)
+        # ComfyUI's dtypes for the device (fp32 on the CPU): the MTDs as its diffusion models, the
+        # T-KLVAE as its VAEs (bf16 or fp32: fp16 VAEs overflow)
         model = XLModel.load(paths[0], paths[1], local)
+        params = sum(p.numel() for p in model.global_mtd.parameters())
+        model.to_dtypes(_comfy.inference_dtype(params), _comfy.vae_dtype())
+        attach_patchers(model)
         return (model,)
 
 
@@ -258,7 +328,7 @@ class NUWAXLGlobalDiffusion:
     def generate(self, xl_model, L, steps, seed, depth, conditioning=None):
         _check_tree(L, depth)
         prompts = conditioning_prompts(conditioning, xl_model, L, "Global Diffusion conditioning")
-        model = _run_on_device(xl_model)
+        model = _load(xl_model, ("global", "vae"), sampling_memory(xl_model, "global", 1, L))
         cb = _Sampling(model, steps)
         keyframes = model.keyframes(prompts, L, steps, seed, callback=cb)
         apart = float((L - 1) ** (depth - 1))
@@ -298,7 +368,7 @@ class NUWAXLLocalDiffusion:
             if prompts is not None and prompts.shape[0] not in (1, k):
                 prompts = None
         prompts = spread_prompts(prompts, frames, k)
-        model = _run_on_device(xl_model)
+        model = _load(xl_model, ("local", "vae"), sampling_memory(xl_model, "local", segments_per_batch or k - 1, L))
         cb = _Sampling(model, steps * _runs(k - 1, segments_per_batch))
         out = model.fill(lat, prompts, L, steps, seed, callback=cb, max_batch=segments_per_batch or None)
         apart = keyframes.get("frames_apart", 1.0) / (L - 1)
@@ -320,7 +390,7 @@ class NUWAXLDecode:
                              "latents": (LATENTS_TYPE, {"tooltip": "From Global, Local Diffusion or Coarse-to-Fine."})}}
 
     def decode(self, xl_model, latents):
-        model = _run_on_device(xl_model)
+        model = _load(xl_model, ("vae",), vae_memory(xl_model))
         return decoded_output(model, model.decode(latents["latents"]), latents.get("frames_apart", 1.0))
 
 
@@ -356,16 +426,19 @@ class NUWAXLCoarseToFine:
         levels = prompts
         if prompts is not None and prompts.shape[0] > 1:
             levels = [spread_prompts(prompts, frames_for(L, k + 1), L) if k else prompts for k in range(depth)]
-        model = _run_on_device(xl_model)
+        widest = (L - 1) ** (depth - 1)  # segments of the last level, sampled together unless split
+        need = max(sampling_memory(xl_model, "global", 1, L), vae_memory(xl_model),
+                   sampling_memory(xl_model, "local", min(widest, segments_per_batch or widest), L) if depth > 1 else 0)
+        model = _load(xl_model, ("global", "local", "vae"), need)
         mb = segments_per_batch or None
         total = steps * (1 + sum(_runs((L - 1) ** k, segments_per_batch) for k in range(1, depth)))
         cb = _Sampling(model, total)
         if levels is None:
             levels = model.null_prompts()
         gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
+        levels = [p.to(model.device) for p in levels] if isinstance(levels, list) else levels.to(model.device)
         with torch.no_grad():
-            lat = generate_long_video(model.global_mtd, model.local_mtd,
-                                      levels if isinstance(levels, list) else levels.to(model.device), L, depth,
+            lat = generate_long_video(model.global_mtd, model.local_mtd, levels, L, depth,
                                       model.latent_shape(), steps=steps, generator=gen, callback=cb, max_batch=mb)
             frames = model.decode(lat)
         return (*decoded_output(model, frames, 1.0), {"latents": lat.cpu(), "L": L, "frames_apart": 1.0,

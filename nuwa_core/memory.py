@@ -81,3 +81,38 @@ def vqgan_window_bytes(cfg, tile: int, batch: int = 1, dtype: torch.dtype = torc
     features = 4 * batch * widest * size + batch * 3 * px * px * 4 * 2  # activations; input and output image
     attention = batch * (tokens * tokens) ** 2 * 4 * 2 + 4 * batch * cfg.z_channels * tokens * tokens * size
     return int(MARGIN * (features + attention))
+
+
+def video_vae_bytes(cfg, frames: int, height: int, width: int, dtype: torch.dtype = torch.float32) -> int:
+    """Peak device memory of the T-KLVAE encoding or decoding `frames` frames of height x width
+    pixels in one call: a few feature maps of every level (the decoder's last levels are the widest),
+    the frames in and out, and the mid block's spatial attention at the latent resolution.
+
+    cfg: a TKLVAEConfig (ch, ch_mult, z_channels).
+    """
+    size = _itemsize(dtype)
+    maps = max(cfg.ch * mult * (height // 2 ** level) * (width // 2 ** level) for level, mult in enumerate(cfg.ch_mult))
+    tokens = (height // 2 ** (len(cfg.ch_mult) - 1)) * (width // 2 ** (len(cfg.ch_mult) - 1))
+    features = 4 * frames * maps * size + frames * 3 * height * width * 4 * 2
+    attention = frames * tokens * tokens * 4 * 2
+    return int(MARGIN * (features + attention))
+
+
+def mtd_working_bytes(cfg, batch: int, frames: int, height: int, width: int,
+                      dtype: torch.dtype = torch.float32) -> int:
+    """Peak device memory of one Mask Temporal Diffusion call on latents [batch, frames, c, height, width]:
+    the skip connections of every level, a few working maps, spatial attention over h*w (at the levels
+    that have it, per frame) and temporal attention over the frames (per position), with the
+    visual-condition cascade (a map per level).
+
+    cfg: an MTDConfig (model_channels, channel_mult, num_res_blocks, attention_levels, num_heads).
+    """
+    size, n = _itemsize(dtype), batch * frames
+    skips = work = attention = 0
+    for level, mult in enumerate(cfg.channel_mult):
+        c, hw = cfg.model_channels * mult, (height // 2 ** level) * (width // 2 ** level)
+        skips += (cfg.num_res_blocks + 1) * c * hw * 2  # the skip and the condition's map
+        work = max(work, 8 * c * hw)
+        if level in tuple(cfg.attention_levels):
+            attention = max(attention, cfg.num_heads * (hw * hw + hw * frames * frames // max(frames, 1)) * 4 * 2)
+    return int(MARGIN * (n * (skips + work) * size + n * attention))

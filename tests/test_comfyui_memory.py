@@ -17,6 +17,10 @@ budget, as a GPU of that size would answer.
 - With room enough, load_models_gpu loads it whole on the device; on the CPU (ComfyUI --cpu) a
   generation and its decode run, and the pool's caches of the canvas the Patch Renderer returns are
   on ComfyUI's intermediate device.
+- NUWA-XL: one ModelPatcher per network (T-KLVAE, MTD; the same for both levels when one MTD serves
+  both), NUWA-XL Model (for KSampler) returns clones of it; the core nodes load through
+  load_models_gpu (so Unload Models reaches them) and refuse a partial load; the KSampler route,
+  loaded partially by ComfyUI itself, stops with a clear error instead of a device mismatch.
 """
 from __future__ import annotations
 
@@ -145,9 +149,87 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _run(comfyui_dir):
+XL_SCRIPT = r"""
+import importlib.util, json, sys
+import torch
+comfy_dir, repo = sys.argv[1], sys.argv[2]
+sys.path[:0] = [comfy_dir, repo, repo + "/tests"]
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.model_management as mm
+spec = importlib.util.spec_from_file_location("nuwa_pack_under_test", repo + "/__init__.py",
+                                              submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
+xl = sys.modules["nuwa_pack_under_test.nodes.xl_nodes"]
+nc = sys.modules["nuwa_pack_under_test.nodes._comfy"]
+nodes = pack.NODE_CLASS_MAPPINGS
+from nuwa_core.xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
+from nuwa_core.xl.model import XLModel
+from nuwa_core.xl.t_klvae import TKLVAE, TKLVAEConfig
+
+def tiny_xl(separate_local=False):
+    torch.manual_seed(0)
+    mtd = MaskTemporalDiffusion(MTDConfig.tiny(context_dim=8)).eval()
+    local = MaskTemporalDiffusion(MTDConfig.tiny(context_dim=8)).eval() if separate_local else mtd
+    model = XLModel(TKLVAE(TKLVAEConfig.tiny()).eval(), mtd, local, {"prompts": "none", "width": 16, "height": 16})
+    xl.attach_patchers(model)
+    return model
+
+def loaded():
+    return [lm.model for lm in mm.current_loaded_models]
+
+out = {}
+model = tiny_xl()
+p = model.comfy_patchers
+wrap = nodes["NUWAXLModelAsComfy"]().wrap
+g, l = wrap(model, "global")[0], wrap(model, "local")[0]
+out["one_patcher"] = {"same_for_both_levels": p["global"] is p["local"], "clones": g.is_clone(l) and g.is_clone(p["global"]),
+                      "distinct_objects": g is not l and g is not p["global"], "vae_separate": p["vae"] is not p["global"]}
+keyframes = nodes["NUWAXLGlobalDiffusion"]().generate(model, 3, 2, 0, 2)[0]
+out["global_loads"] = {"global": any(m is p["global"] for m in loaded()), "vae": any(m is p["vae"] for m in loaded()),
+                       "frames": list(keyframes["latents"].shape)}
+mm.unload_all_models()
+out["unloaded"] = len(mm.current_loaded_models)
+images = nodes["NUWAXLDecode"]().decode(model, keyframes)[0]
+out["decode_loads_vae_only"] = [m is p["vae"] for m in loaded()] == [True]
+out["decode"] = list(images.shape)
+two = tiny_xl(separate_local=True)
+wrap2 = wrap(two, "global")[0], wrap(two, "local")[0]
+out["separate_local"] = {"two_patchers": two.comfy_patchers["global"] is not two.comfy_patchers["local"],
+                         "not_clones": not wrap2[0].is_clone(wrap2[1])}
+
+# a partial load under --novram (meta stands for the GPU): the core route refuses cleanly
+real_free = mm.get_free_memory
+mm.get_free_memory = lambda dev=None, torch_free_too=False: ((2 ** 30, 0) if torch_free_too else 2 ** 30) \
+    if dev is not None and torch.device(dev).type == "meta" else real_free(dev, torch_free_too)
+model = tiny_xl()
+for patcher in model.comfy_patchers.values():
+    patcher.load_device = torch.device("meta")
+mm.vram_state = mm.VRAMState.NO_VRAM
+try:
+    nodes["NUWAXLGlobalDiffusion"]().generate(model, 3, 2, 0, 2)
+    out["novram"] = None
+except nc.ModelDoesNotFitError as err:
+    out["novram"] = str(err)
+mm.vram_state = mm.VRAMState.DISABLED
+
+# the KSampler route: ComfyUI's own partial load of the MODEL, then a model call: a clear error
+model = tiny_xl()
+patcher = wrap(model, "global")[0]
+patcher.load(torch.device("meta"), lowvram_model_memory=patcher.model_size() // 3)
+x = torch.zeros(1, 4, 3, 8, 8, device="meta")
+try:
+    patcher.model.diffusion_model(x, torch.zeros(1, device="meta"), torch.zeros(1, 1, 8, device="meta"))
+    out["ksampler_partial"] = None
+except MemoryError as err:
+    out["ksampler_partial"] = str(err)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run(comfyui_dir, script=SCRIPT):
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-    run = subprocess.run([python, "-c", SCRIPT, str(comfyui_dir), str(REPO)], capture_output=True, text=True, check=False,
+    run = subprocess.run([python, "-c", script, str(comfyui_dir), str(REPO)], capture_output=True, text=True, check=False,
                          timeout=600, cwd=str(comfyui_dir), env=dict(os.environ, OMP_NUM_THREADS="1"))
     line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
     assert run.returncode == 0 and line, f"{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
@@ -194,3 +276,27 @@ def test_cpu_run_and_caches_on_the_intermediate_device(result):
     assert c["load_device"] == "cpu" and c["dtype"] == "torch.float32"
     assert c["image"] == [1, 32, 48, 3] and list(c["devices"]) == ["cpu"] and c["pool"] == ["cpu"], c
     assert c["render_memory"] > c["vqgan_memory"] > 0
+
+
+@pytest.fixture(scope="module")
+def xl_result(comfyui_dir):
+    out = _run(comfyui_dir, XL_SCRIPT)
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def test_xl_one_patcher_per_model_cloned_per_level(xl_result):
+    one = xl_result["one_patcher"]
+    assert one == {"same_for_both_levels": True, "clones": True, "distinct_objects": True, "vae_separate": True}, one
+    assert xl_result["separate_local"] == {"two_patchers": True, "not_clones": True}
+
+
+def test_xl_nodes_load_through_comfyui(xl_result):
+    assert xl_result["global_loads"] == {"global": True, "vae": True, "frames": [3, 4, 8, 8]}, xl_result
+    assert xl_result["unloaded"] == 0  # Unload Models reaches them
+    assert xl_result["decode_loads_vae_only"] and xl_result["decode"] == [3, 16, 16, 3]
+
+
+def test_xl_partial_loads_are_refused(xl_result):
+    assert xl_result["novram"] and "--novram" in xl_result["novram"] and "MiB" in xl_result["novram"]
+    assert xl_result["ksampler_partial"] and "only part" in xl_result["ksampler_partial"]

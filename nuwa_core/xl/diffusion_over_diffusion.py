@@ -60,6 +60,18 @@ def level_prompts(prompts: torch.Tensor, frames: int, what: str = "prompts") -> 
     return prompts.expand(frames, *prompts.shape[1:])
 
 
+def in_model_dtype(model):
+    """model(x, t, *conditions) run in the model's own dtype (fp16 / bf16 weights) and answered in
+    float32: the sampler's latents and its update stay float32, as ComfyUI keeps them. Plain
+    callables and float32 models are returned as they are."""
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if callable(parameters) else None
+    dtype = first.dtype if first is not None else torch.float32
+    if dtype == torch.float32 or not dtype.is_floating_point:
+        return model
+    return lambda x, t, *conditions: model(x.to(dtype), t, *conditions).float()
+
+
 def _level_callback(callback, level: int, levels: int):
     if callback is None:
         return None
@@ -74,7 +86,8 @@ def generate_keyframes(global_model, prompts: torch.Tensor, L: int, latent_shape
     context = level_prompts(prompts, L, "global prompts")[None]  # [1, L, n, d]
     if noise is None:
         noise = cpu_randn((1, L, *latent_shape), generator, context.device)
-    x0 = sampler(lambda x, t: global_model(x, t, context), noise, steps, generator=generator, callback=callback)
+    model = in_model_dtype(global_model)
+    x0 = sampler(lambda x, t: model(x, t, context), noise, steps, generator=generator, callback=callback)
     return x0[0]
 
 
@@ -105,12 +118,13 @@ def fill_between(local_model, keyframes: torch.Tensor, prompts: torch.Tensor, L:
     elif tuple(noise.shape) != (segments, L, *shape):
         raise ValueError(f"expected noise of shape {(segments, L, *shape)}, got {tuple(noise.shape)}")
 
+    model = in_model_dtype(local_model)
     chunk = max_batch or segments
     outs = []
     for s in range(0, segments, chunk):
         sl = slice(s, s + chunk)
         ctx, c, m = context[sl], cond[sl], mask[sl]
-        outs.append(sampler(lambda x, t: local_model(x, t, ctx, c, m), noise[sl], steps,
+        outs.append(sampler(lambda x, t, ctx=ctx, c=c, m=m: model(x, t, ctx, c, m), noise[sl], steps,
                             generator=generator, callback=callback))
     x0 = torch.cat(outs)  # [S, L, c, h, w]
     x0[:, 0], x0[:, -1] = keyframes[:-1], keyframes[1:]  # given frames are kept exactly

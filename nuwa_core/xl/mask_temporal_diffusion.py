@@ -237,7 +237,8 @@ class MaskTemporalDiffusion(nn.Module):
         b, f = self._check(x, context, cond, mask)
         cfg = self.config
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
-        emb = self.time_embed(sinusoidal_embedding(t, cfg.model_channels)).to(x.dtype)
+        weights = self.time_embed[0].weight.dtype  # fp16 / bf16 weights take their own dtype's input
+        emb = self.time_embed(sinusoidal_embedding(t, cfg.model_channels).to(weights)).to(x.dtype)
         emb = emb.repeat_interleave(f, dim=0)  # [(b f), temb]
         if context.ndim == 3:
             context = context[:, None].expand(b, f, *context.shape[1:])

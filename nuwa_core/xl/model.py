@@ -45,20 +45,31 @@ class XLModel:
     info: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, vae_path, mtd_path, local_mtd_path=None) -> "XLModel":
-        vae = load_t_klvae(vae_path).float().eval()
+    def load(cls, vae_path, mtd_path, local_mtd_path=None, dtype: torch.dtype = torch.float32,
+             vae_dtype: torch.dtype | None = None) -> "XLModel":
+        """dtype: the MTDs' weights and compute dtype (fp16 / bf16 where the device supports them);
+        vae_dtype: the T-KLVAE's (default: dtype)."""
+        vae = load_t_klvae(vae_path).eval()
         g, info = load_mtd_xl(mtd_path)
         l = g
         if local_mtd_path is not None and Path(local_mtd_path) != Path(mtd_path):
             l, linfo = load_mtd_xl(local_mtd_path)
             info = {**linfo, **info}
         for m in {id(g): g, id(l): l}.values():
-            m.float().eval()
+            m.eval()
             if m.config.latent_channels != vae.config.z_channels:
                 raise checkpoint.CheckpointError(
                     f"the MTD takes {m.config.latent_channels}-channel latents but the T-KLVAE makes "
                     f"{vae.config.z_channels}; pick a matching pair")
-        return cls(vae, g, l, info)
+        return cls(vae, g, l, info).to_dtypes(dtype, vae_dtype)
+
+    def to_dtypes(self, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None) -> XLModel:
+        """Weights (and compute) of the MTDs in `dtype`, of the T-KLVAE in `vae_dtype` (default: dtype).
+        Samplers keep their latents in float32 (diffusion_over_diffusion.in_model_dtype)."""
+        for m in {id(self.global_mtd): self.global_mtd, id(self.local_mtd): self.local_mtd}.values():
+            m.to(dtype=dtype)
+        self.vae.to(dtype=vae_dtype or dtype)
+        return self
 
     @property
     def context_dim(self) -> int:
@@ -88,22 +99,29 @@ class XLModel:
 
     @property
     def device(self) -> torch.device:
+        """The global MTD's device (ComfyUI may hold the T-KLVAE and a local MTD elsewhere: each
+        network's inputs go to its own device)."""
         return next(self.global_mtd.parameters()).device
+
+    @staticmethod
+    def _place(module) -> dict:
+        p = next(module.parameters())
+        return {"device": p.device, "dtype": p.dtype}
 
     def null_prompts(self, frames: int = 1) -> torch.Tensor:
         return torch.zeros(frames, 1, self.context_dim, device=self.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """Diffusion latents [N, c, h, w] -> frames [N, 3, H, W] in -1..1 (chunk frames per decode call)."""
-        z = latents.to(self.device) / self.vae.config.latent_scale
-        return torch.cat([self.vae.decode(z[s:s + chunk][None])[0] for s in range(0, z.shape[0], chunk)])
+        """Diffusion latents [N, c, h, w] -> frames [N, 3, H, W] in -1..1 (float32; chunk frames per decode call)."""
+        z = latents.to(**self._place(self.vae)) / self.vae.config.latent_scale
+        return torch.cat([self.vae.decode(z[s:s + chunk][None])[0].float() for s in range(0, z.shape[0], chunk)])
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """Frames [N, 3, H, W] in -1..1 -> diffusion latents [N, c, h, w]."""
-        x = frames.to(self.device)
-        z = torch.cat([self.vae.encode(x[s:s + chunk][None])[0] for s in range(0, x.shape[0], chunk)])
+        """Frames [N, 3, H, W] in -1..1 -> diffusion latents [N, c, h, w] (float32)."""
+        x = frames.to(**self._place(self.vae))
+        z = torch.cat([self.vae.encode(x[s:s + chunk][None])[0].float() for s in range(0, x.shape[0], chunk)])
         return z * self.vae.config.latent_scale
 
     @torch.no_grad()
@@ -116,9 +134,10 @@ class XLModel:
     @torch.no_grad()
     def fill(self, keyframes, prompts, L, steps, seed, callback=None, max_batch=None):
         gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
-        prompts = self.null_prompts() if prompts is None else prompts.to(self.device)
-        return fill_between(self.local_mtd, keyframes.to(self.device), prompts, L, steps=steps, generator=gen,
-                            callback=callback, max_batch=max_batch)
+        device = self._place(self.local_mtd)["device"]
+        prompts = self.null_prompts().to(device) if prompts is None else prompts.to(device)
+        return fill_between(self.local_mtd, keyframes.to(device, torch.float32), prompts, L, steps=steps,
+                            generator=gen, callback=callback, max_batch=max_batch)
 
     @torch.no_grad()
     def generate(self, L=5, depth=3, steps=50, seed=0, prompts=None, callback=None, max_batch=None,
