@@ -29,7 +29,7 @@ class NUWAModelLoader:
     def load(self, model_name):
         path = _comfy.model_path(model_name)
         model = _engine.load_model(path, device="cpu")
-        # ComfyUI's dtype for the device (bf16 / fp16 where it supports them, fp32 on the CPU); the
+        # ComfyUI's dtype for the device (fp16, else bf16, where it supports them; fp32 on the CPU); the
         # weights are kept in it on the offload device too
         dtype = _comfy.inference_dtype(sum(p.numel() for p in model.parameters()))
         if dtype != torch.float32:
