@@ -246,7 +246,7 @@ def _check_loaded(mm, patcher, memory_required: int) -> None:
         f"of working memory on {device}, but ComfyUI placed only {loaded / MiB:.0f} MiB of the weights there "
         f"({free_text} free; {len(off)} weight tensors, e.g. {off[0]}, were left elsewhere). NUWA models cannot "
         f"run split between devices: unload other models (Unload Models / a smaller workflow), make a smaller "
-        f"canvas or batch, or start ComfyUI with --cpu.{hint}")
+        f"canvas, batch or video, or start ComfyUI with --cpu.{hint}")
 
 
 
