@@ -19,9 +19,11 @@ SHIPPED_MODELS = (DEFAULT_MODEL, PAINTING_MODEL)
 # models/nuwa/; the pack copies them into ComfyUI's input folder when ComfyUI loads it (nodes/_comfy.py
 # copy_example_inputs). text_to_image_wide needs a text-conditioned model that is not shipped (its note says so).
 SHIPPED_RUNS = {"outpaint_spiral": (PAINTING_MODEL, "nuwa_infinity_starry_night.jpg"),
-                "infinite_panorama": (DEFAULT_MODEL, None)}
+                "infinite_panorama": (DEFAULT_MODEL, None),
+                "grow_canvas_across_runs": (PAINTING_MODEL, "nuwa_infinity_starry_night.jpg")}
 SHIPPED_IMAGES = tuple(image for _, image in SHIPPED_RUNS.values() if image)
-EXPECTED = ("outpaint_spiral", "infinite_panorama", "text_to_image_wide", "nuwa_xl_long_video", "nuwa_xl_ksampler")
+EXPECTED = ("outpaint_spiral", "infinite_panorama", "grow_canvas_across_runs", "text_to_image_wide",
+            "nuwa_xl_long_video", "nuwa_xl_ksampler")
 # NUWA-XL: its own loader and model files; run on the shipped default XL model (models/nuwa_xl) by the real-server
 # test, and their thumbnails come from such a run (python tests/make_thumbnails.py --comfyui)
 XL_WORKFLOWS = ("nuwa_xl_long_video", "nuwa_xl_ksampler")

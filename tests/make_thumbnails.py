@@ -59,7 +59,7 @@ def load_image(image: str):
 
 
 def run_workflow(prompt: dict) -> list[torch.Tensor]:
-    """The IMAGE batches reaching the workflow's SaveImage nodes, in node-id order."""
+    """The IMAGE batches the workflow saves, in node-id order."""
     mappings, results = import_pack().NODE_CLASS_MAPPINGS, {}
 
     def value(nid: str):
@@ -79,10 +79,14 @@ def run_workflow(prompt: dict) -> list[torch.Tensor]:
         results[nid] = tuple(out)
         return results[nid]
 
-    saves = [nid for nid in sorted(prompt, key=int) if prompt[nid]["class_type"] == "SaveImage"]
-    if not saves:
-        raise ValueError("the workflow has no SaveImage node")
-    return [value(prompt[nid]["inputs"]["images"][0])[prompt[nid]["inputs"]["images"][1]] for nid in saves]
+    # what SaveImage saves, and the image Canvas Save keeps beside its canvas
+    saved = [prompt[nid]["inputs"].get(key) for nid in sorted(prompt, key=int)
+             for kind, key in (("SaveImage", "images"), ("NUWACanvasSave", "image"))
+             if prompt[nid]["class_type"] == kind]
+    saved = [link for link in saved if isinstance(link, list)]
+    if not saved:
+        raise ValueError("the workflow saves no image (SaveImage, or Canvas Save with an image)")
+    return [value(link[0])[link[1]] for link in saved]
 
 
 def thumbnail(image: torch.Tensor) -> Image.Image:
@@ -141,7 +145,12 @@ def main_comfyui(names: list[str]) -> None:
 
 
 def main(names: list[str]) -> None:
+    import os
+    import tempfile
     torch.manual_seed(0)
+    # the nodes' output folder is the working directory's without ComfyUI: start from an empty one, so a
+    # Canvas Load 'latest' starts from its start canvas as in a fresh ComfyUI
+    os.chdir(tempfile.mkdtemp(prefix="nuwa_thumbs_"))
     for name in names or SHIPPED_RUNS:
         if name not in SHIPPED_RUNS:
             raise SystemExit(f"{name}: not a workflow that runs on a shipped model ({sorted(SHIPPED_RUNS)})")

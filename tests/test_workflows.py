@@ -79,9 +79,9 @@ def widget_problem(node_type: str, name: str, spec, value) -> str | None:
     if node_type == "NUWAModelLoader" and name == "model_name":
         # the combo lists the files present; shipped workflows must name a shipped model
         return None if value in SHIPPED_MODELS else f"{where}: shipped workflows load one of {SHIPPED_MODELS}"
-    if node_type == "NUWACanvasLoad" and name == "canvas_file":
-        return None if isinstance(value, str) and value.endswith(".nuwacanvas.safetensors") else \
-            f"{where}: expected a .nuwacanvas.safetensors file name"
+    if node_type == "NUWACanvasLoad" and name == "canvas_file":  # 'latest', or a file the user saved
+        return None if value == "latest" or (isinstance(value, str) and ".nuwacanvas.safetensors" in value) else \
+            f"{where}: expected 'latest' or a .nuwacanvas.safetensors file name"
     if kind == "file":
         return None if isinstance(value, str) and value else f"{where}: expected a file name"
     if kind == "upload":
