@@ -43,7 +43,6 @@ class ComfyServer:
     def __init__(self, proc: subprocess.Popen, port: int, base: Path, log_path: Path):
         self.proc, self.port, self.base, self.log_path = proc, port, base, log_path
         self.url = f"http://127.0.0.1:{port}"
-        self.last_messages: list[dict] = []  # run_prompt's prompt's websocket messages
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -113,7 +112,6 @@ class ComfyServer:
             seen = self.follow(ws, prompt_id, time.monotonic() + timeout)
         finally:
             ws.close()
-        self.last_messages = seen
         types = [m["type"] for m in seen]
         assert types and types[-1] == "execution_success", (
             f"{label}: {json.dumps(seen[-1] if seen else None, indent=1)[:4000]}\nserver log:\n{self.log()[-4000:]}")

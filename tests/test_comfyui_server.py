@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from _comfyui import PACK_LINK_NAME, SHIPPED_RUN_TIMEOUT, animated_frames, run_xl_workflow
+from _comfyui import PACK_LINK_NAME, SHIPPED_RUN_TIMEOUT, animated_frames
 from _pack import import_pack
 from _workflows import API_DIR, CORE_NODES, RUNNABLE, SHIPPED_IMAGES, SHIPPED_MODELS, SHIPPED_RUNS, UI_DIR, XL_WORKFLOWS
 
@@ -161,8 +161,7 @@ def test_templates_are_served_from_example_workflows(comfyui_server):
 
 # The real frontend opens each runnable template as Browse Templates does (fetched from the server's template
 # route, app.loadGraphData), queues it with its own Queue call (app.queuePrompt), reads the prompt id from its
-# POST /api/prompt and waits for the prompt's /history entry. Runs first among the shipped-template tests, so
-# its runs are real ones (the API-copy runs below then find the nodes' outputs in ComfyUI's cache).
+# POST /api/prompt, records the prompt's messages on the page's websocket and waits for its /history entry.
 _QUEUE_SCRIPT = r"""
 const { chromium } = require(process.env.NUWA_PLAYWRIGHT_CORE);
 (async () => {
@@ -174,6 +173,11 @@ const { chromium } = require(process.env.NUWA_PLAYWRIGHT_CORE);
     const page = await browser.newPage();
     let pageErrors = [];
     page.on('pageerror', e => pageErrors.push(String(e)));
+    const frames = [];  // [prompt_id, type] of the websocket's JSON messages
+    page.on('websocket', ws => ws.on('framereceived', f => {
+      if (typeof f.payload !== 'string') return;  // binary preview images
+      try { const m = JSON.parse(f.payload); frames.push([(m.data || {}).prompt_id, m.type]); } catch (e) {}
+    }));
     await page.goto(url, {waitUntil: 'load', timeout: 180000});
     await page.waitForFunction(() => window.app && window.app.graph && window.LiteGraph, null, {timeout: 180000});
     await page.waitForTimeout(2000);
@@ -212,6 +216,8 @@ const { chromium } = require(process.env.NUWA_PLAYWRIGHT_CORE);
           await page.waitForTimeout(1000);
         }
       }
+      await page.waitForTimeout(500);  // the last websocket frames
+      result.messages = frames.filter(([pid]) => pid === id).map(([, type]) => type);
       result.dialogs = await page.evaluate(() => [...document.querySelectorAll('.p-dialog')].map(d => d.innerText));
       result.pageErrors = pageErrors;
       result.seconds = (Date.now() - started) / 1000;
@@ -224,27 +230,30 @@ const { chromium } = require(process.env.NUWA_PLAYWRIGHT_CORE);
 """
 
 
-def _browser() -> tuple[str, str]:
-    """(chromium, playwright-core) for the frontend tests, or skip."""
+def _browser() -> tuple[str, str] | str:
+    """(chromium, playwright-core) for the frontend tests, or why not."""
     import shutil
     chromium = os.environ.get("NUWA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(chromium).is_file():
-        pytest.skip("chromium is not installed (Debian package `chromium`, or set NUWA_CHROMIUM)")
+        return "chromium is not installed (Debian package `chromium`, or set NUWA_CHROMIUM)"
     playwright = _playwright_core()
     if shutil.which("node") is None or playwright is None:
-        pytest.skip("node or playwright-core missing (npm install playwright-core; set NUWA_PLAYWRIGHT_CORE)")
+        return "node or playwright-core missing (npm install playwright-core; set NUWA_PLAYWRIGHT_CORE)"
     return chromium, playwright
 
 
-def test_frontend_queues_every_runnable_template(shipped_server, tmp_path):
-    """Each runnable template (tests/_workflows.py RUNNABLE: all but those whose model is not shipped), opened
-    and queued from the real frontend in this fresh ComfyUI, is accepted, runs to success on the shipped models
-    with every saving node's files written, and the page raises no error. What ran is the template's API copy."""
+@pytest.fixture(scope="module")
+def frontend_runs(shipped_server, tmp_path_factory) -> dict | str:
+    """Every runnable template queued once from the real frontend (_QUEUE_SCRIPT): {name: result}, or why the
+    browser could not be used. The tests below check these runs; without a browser they queue the API copies."""
     import subprocess
+    browser = _browser()
+    if isinstance(browser, str):
+        return browser
+    chromium, playwright = browser
     if not (REPO / "models" / "nuwa_xl" / "mtd_default.safetensors").is_file():
-        pytest.skip("models/nuwa_xl/mtd_default.safetensors is absent")
-    chromium, playwright = _browser()
-    script = tmp_path / "queue_templates.js"
+        return "models/nuwa_xl/mtd_default.safetensors is absent"
+    script = tmp_path_factory.mktemp("frontend") / "queue_templates.js"
     script.write_text(_QUEUE_SCRIPT)
     env = dict(os.environ, NUWA_PLAYWRIGHT_CORE=playwright, NUWA_CHROMIUM=chromium)
     start = time.monotonic()
@@ -255,13 +264,24 @@ def test_frontend_queues_every_runnable_template(shipped_server, tmp_path):
     results = json.loads(run.stdout.strip().splitlines()[-1])["results"]
     print(f"queued {len(RUNNABLE)} templates from the frontend in {time.monotonic() - start:.0f}s: "
           + ", ".join(f"{n} {results[n].get('seconds', 0):.0f}s" for n in RUNNABLE))
+    return results
+
+
+def test_frontend_queues_every_runnable_template(shipped_server, frontend_runs):
+    """Each runnable template (tests/_workflows.py RUNNABLE: all but those whose model is not shipped), opened
+    and queued from the real frontend in this fresh ComfyUI, is accepted, runs to success on the shipped models
+    with every saving node's files written, and the page raises no error. What ran is the template's API copy."""
+    if isinstance(frontend_runs, str):
+        pytest.skip(frontend_runs)
     for name in RUNNABLE:
-        result = results[name]
+        result = frontend_runs[name]
         assert result["loaded"]["status"] == 200, f"{name}: the template route answered {result['loaded']}"
         assert result["postStatus"] == 200, f"{name}: the server refused the prompt: {json.dumps(result['postBody'])[:3000]}"
         assert result.get("status"), f"{name}: no /history entry within {SHIPPED_RUN_TIMEOUT:.0f}s"
         assert result["status"]["status_str"] == "success" and result["status"]["completed"], (
             f"{name}: {json.dumps(result['status'])[:4000]}\nserver log:\n{shipped_server.log()[-3000:]}")
+        assert "execution_success" in result["messages"] and "execution_error" not in result["messages"], (
+            name, result["messages"][-10:])
         assert not result["pageErrors"], f"{name}: page errors {result['pageErrors']}"
         assert not result["dialogs"], f"{name}: dialogs {result['dialogs']}"
         api = json.loads((API_DIR / f"{name}.json").read_text())
@@ -274,6 +294,23 @@ def test_frontend_queues_every_runnable_template(shipped_server, tmp_path):
             assert files, f"{name}: {api[nid]['class_type']} {nid} saved nothing: {result['outputs']}"
             for f in files:
                 assert (shipped_server.base / "output" / f["subfolder"] / f["filename"]).is_file(), f
+
+
+def _template_run(server, frontend_runs, name: str) -> tuple[dict, list[str], dict]:
+    """(API prompt, websocket message types, /history outputs) of one run of a shipped template: the frontend's
+    run when it succeeded (ComfyUI's cache keeps only the last prompt's outputs, so running the API copy again
+    would compute it all a second time), else a run of its API copy."""
+    prompt = json.loads((API_DIR / f"{name}.json").read_text())
+    result = frontend_runs.get(name) if isinstance(frontend_runs, dict) else None
+    if result and (result.get("status") or {}).get("status_str") == "success":
+        ran = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in result["prompt"].items()}
+        assert ran == prompt, f"{name}: the frontend ran another prompt than the API copy"
+        print(f"{name}: checked on the frontend's run ({result['seconds']:.0f}s)")
+        return prompt, result["messages"], result["outputs"]
+    start = time.monotonic()
+    types, outputs = server.run_prompt(prompt, name, SHIPPED_RUN_TIMEOUT)
+    print(f"{name}: ran in {time.monotonic() - start:.1f}s")
+    return prompt, types, outputs
 
 
 def test_shipped_workflows_match_object_info(comfyui_server):
@@ -302,17 +339,16 @@ def test_shipped_workflows_match_object_info(comfyui_server):
         assert list(entry["output"]) == [t for _, t in spec["outputs"]], (node_type, entry["output"])
 
 
-@pytest.mark.parametrize("name", ["outpaint_spiral", "infinite_panorama"])
-def test_shipped_workflow_runs(shipped_server, name):
-    """The API copies of the shipped outpainting and panorama workflows run on the shipped models
-    (outpaint_spiral on the painting model and its image).
+@pytest.mark.parametrize("name", list(SHIPPED_RUNS))
+def test_shipped_workflow_runs(shipped_server, frontend_runs, name):
+    """The shipped outpainting and panorama templates run on the shipped models (outpaint_spiral on the
+    painting model and its image) and make what they say: checked on the frontend's run of the template, or
+    a run of its API copy without a browser.
     (text_to_image_wide needs a text-conditioned model and a CLIP checkpoint: never run here.)"""
     from PIL import Image
     server = shipped_server
-    prompt = json.loads((API_DIR / f"{name}.json").read_text())
-    start = time.monotonic()
-    types, outputs = server.run_prompt(prompt, name, SHIPPED_RUN_TIMEOUT)
-    print(f"{name}: ran in {time.monotonic() - start:.1f}s")
+    prompt, types, outputs = _template_run(server, frontend_runs, name)
+    assert "progress" in types, f"{name}: no progress message; saw {sorted(set(types))}"
     saved = [outputs[nid]["images"] for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
     assert saved and all(saved), f"{name}: SaveImage produced nothing: {outputs}"
     path = server.base / "output" / saved[0][0]["subfolder"] / saved[0][0]["filename"]
@@ -387,7 +423,10 @@ def test_frontend_loads_shipped_workflows(comfyui_server, tmp_path):
     (graphToPrompt) equal to the committed API copy. Skipped without node, playwright-core
     (NUWA_PLAYWRIGHT_CORE=path/to/node_modules/playwright-core) or chromium (NUWA_CHROMIUM)."""
     import subprocess
-    chromium, playwright = _browser()
+    browser = _browser()
+    if isinstance(browser, str):
+        pytest.skip(browser)
+    chromium, playwright = browser
     script = tmp_path / "load_workflows.js"
     script.write_text(_BROWSER_SCRIPT)
     files = sorted(UI_DIR.glob("*.json"))
@@ -417,18 +456,16 @@ def _xl_frames(prompt: dict) -> int:
 
 
 @pytest.mark.parametrize("name", list(XL_WORKFLOWS))
-def test_shipped_xl_workflow_runs(comfyui_server, name):
+def test_shipped_xl_workflow_runs(shipped_server, frontend_runs, name):
     """The NUWA-XL workflows (Coarse-to-Fine; stock KSampler per level) run on the shipped default XL model
-    (models/nuwa_xl) and save an animated WEBP with every frame of the tree."""
+    (models/nuwa_xl) and save an animated WEBP with every frame of the tree (checked on the frontend's run
+    of the template, or a run of its API copy without a browser)."""
     if not (REPO / "models" / "nuwa_xl" / "mtd_default.safetensors").is_file():
         pytest.skip("models/nuwa_xl/mtd_default.safetensors is absent")
-    start = time.monotonic()
-    types, webp = run_xl_workflow(comfyui_server, name)
-    print(f"{name}: ran in {time.monotonic() - start:.1f}s")
-    prompt = json.loads((API_DIR / f"{name}.json").read_text())
-    cached = {nid for m in comfyui_server.last_messages if m["type"] == "execution_cached" for nid in m["data"]["nodes"]}
-    samplers = {nid for nid, n in prompt.items() if n["class_type"] in ("NUWAXLCoarseToFine", "KSampler")}
-    if samplers - cached:  # not all served from the cache (the frontend test queues the same template first)
-        assert "progress" in types, f"{name}: no progress message; saw {sorted(set(types))}"
+    prompt, types, outputs = _template_run(shipped_server, frontend_runs, name)
+    assert "progress" in types, f"{name}: no progress message; saw {sorted(set(types))}"
+    saved = [o["images"] for nid, o in outputs.items() if prompt[nid]["class_type"] == "SaveAnimatedWEBP"]
+    assert saved and saved[0], f"{name}: SaveAnimatedWEBP produced nothing: {outputs}"
+    webp = shipped_server.base / "output" / saved[0][0]["subfolder"] / saved[0][0]["filename"]
     frames = animated_frames(webp)  # merged identical frames counted by their duration
     assert len(frames) == _xl_frames(prompt), (len(frames), _xl_frames(prompt))
