@@ -1,9 +1,10 @@
 """ComfyUI entry point of ComfyUI-NUWA.
 
-ComfyUI imports this folder as a package (under a name derived from its path) and reads
-NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS. Importing it without ComfyUI installed
-must work too (tests, scripts): the node classes themselves only touch ComfyUI modules
-inside their functions, and the model folder is registered only when `folder_paths` exists.
+In a ComfyUI with the V3 node API (comfy_api.latest) the nodes are served through `comfy_entrypoint`
+as io.ComfyNode classes (nodes/_v3.py); in an older one ComfyUI reads NODE_CLASS_MAPPINGS /
+NODE_DISPLAY_NAME_MAPPINGS. Importing it without ComfyUI installed must work too (tests, scripts):
+the node classes themselves only touch ComfyUI modules inside their functions, and the model
+folder is registered only when `folder_paths` exists.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def _can_find_spec() -> bool:
 _ensure_core_importable()
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_model_folders  # noqa: E402
+from .nodes._v3 import comfy_entrypoint_for, v3_available  # noqa: E402
 
 register_model_folders()
 from .nodes._comfy import copy_example_inputs
@@ -75,4 +77,11 @@ copy_example_inputs()  # the images the templates load, into ComfyUI's input fol
 
 WEB_DIRECTORY = "./web"  # the Direction Planner's frontend extension (web/js/)
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+if v3_available():
+    # a ComfyUI with the V3 API: served as io.ComfyNode classes (same node ids). ComfyUI reads
+    # comfy_entrypoint only from a module without NODE_CLASS_MAPPINGS.
+    comfy_entrypoint = comfy_entrypoint_for(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
+    del NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]
+else:
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,4 +1,5 @@
-"""ComfyUI nodes of ComfyUI-NUWA: thin V1 (classic API) nodes over nuwa_core.
+"""ComfyUI nodes of ComfyUI-NUWA: thin nodes over nuwa_core, declared in the classic form (which
+works without ComfyUI) and served through the V3 API where ComfyUI has it (_v3.py).
 
 Node ids (the keys of NODE_CLASS_MAPPINGS) and the order of each node's widgets are frozen:
 saved workflows store widget values by position. Add new widgets at the end, as optional inputs.

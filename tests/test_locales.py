@@ -71,3 +71,16 @@ def test_the_real_frontend_shows_the_display_names(comfyui_server, tmp_path):
             if widget in names[node_id]["inputs"]:
                 assert label == names[node_id]["inputs"][widget]["name"], (node_id, widget, label)
     assert labels["NUWAContextPool"]["e_w"] == "context left/right (patches)"
+
+
+@pytest.mark.comfyui
+def test_the_server_serves_the_nodes_through_the_v3_api_with_their_display_names(comfyui_server):
+    """ComfyUI (with comfy_api) takes the pack's comfy_entrypoint: its V3 schemas carry each input's display name
+    from the locale (the classic form has none), with the classic types, options and widget order kept."""
+    info = comfyui_server.get("/object_info/NUWAContextPool")["NUWAContextPool"]
+    e_w = info["input"]["required"]["e_w"]
+    assert e_w[0] == "INT" and e_w[1]["display_name"] == "context left/right (patches)" and e_w[1]["min"] == -1
+    assert info["input_order"]["required"] == ["e_w", "e_h", "e_f"]
+    planner = comfyui_server.get("/object_info/NUWADirectionPlanner")["NUWADirectionPlanner"]
+    assert planner["input"]["required"]["anchor"][0][:2] == ["center", "top_left"]  # a combo's type is its choices
+    assert planner["input_order"]["optional"] == ["mask", "units", "feather"]
