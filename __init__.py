@@ -68,7 +68,7 @@ def _can_find_spec() -> bool:
 _ensure_core_importable()
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_model_folders  # noqa: E402
-from .nodes._v3 import comfy_entrypoint_for, v3_available  # noqa: E402
+from .nodes._v3 import comfy_entrypoint_for, v3_available
 
 register_model_folders()
 from .nodes._comfy import copy_example_inputs
@@ -82,6 +82,6 @@ if v3_available():
     # comfy_entrypoint only from a module without NODE_CLASS_MAPPINGS.
     comfy_entrypoint = comfy_entrypoint_for(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
     del NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]
+    __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
 else:
     __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
