@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from _workflows import RUNNABLE, UI_DIR
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -65,3 +66,11 @@ def test_license_is_mit_and_names_every_shipped_model_licence():
         assert spelled in paragraph, f"LICENSE gives {path} another licence than weights.json ({licence})"
     for notice in sorted((REPO / "models").glob("*/LICENCE.md")):
         assert notice.relative_to(REPO).as_posix() in text, notice
+
+
+def test_license_names_the_licence_of_every_thumbnail_made_with_a_shipped_model():
+    """A runnable template's thumbnail is its output on a shipped model, so it takes that model's licence."""
+    text = (REPO / "LICENSE").read_text()
+    for name in RUNNABLE:
+        thumb = (UI_DIR / f"{name}.jpg").relative_to(REPO).as_posix()
+        assert thumb in text, f"LICENSE does not say under which licence {thumb} is offered"
