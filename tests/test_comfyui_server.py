@@ -287,13 +287,22 @@ def test_frontend_queues_every_runnable_template(shipped_server, frontend_runs):
         api = json.loads((API_DIR / f"{name}.json").read_text())
         ran = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in result["prompt"].items()}
         assert ran == api, f"{name}: the frontend queued\n{json.dumps(ran, indent=1)}"
-        saving = [nid for nid, n in api.items() if n["class_type"] in ("SaveImage", "SaveAnimatedWEBP")]
-        assert saving, f"{name}: no saving node"
+        saving = [nid for nid, n in api.items() if n["class_type"] in SAVING_NODES]
+        assert saving, f"{name}: no saving node ({SAVING_NODES})"
         for nid in saving:
-            files = result["outputs"].get(nid, {}).get("images")
+            files = _saved_files(shipped_server, result["outputs"].get(nid, {}))
             assert files, f"{name}: {api[nid]['class_type']} {nid} saved nothing: {result['outputs']}"
-            for f in files:
-                assert (shipped_server.base / "output" / f["subfolder"] / f["filename"]).is_file(), f
+            missing = [f for f in files if not f.is_file()]
+            assert not missing, f"{name}: {api[nid]['class_type']} {nid} reported files that do not exist: {missing}"
+
+
+# nodes that write files into the output folder, and the keys of their /history outputs that list them
+SAVING_NODES = ("SaveImage", "SaveAnimatedWEBP", "NUWACanvasSave")
+
+
+def _saved_files(server, node_outputs: dict) -> list[Path]:
+    return [server.base / "output" / f["subfolder"] / f["filename"]
+            for key in ("images", "nuwa_canvas") for f in node_outputs.get(key, []) if f.get("type") == "output"]
 
 
 def _template_run(server, frontend_runs, name: str) -> tuple[dict, list[str], dict]:
@@ -341,30 +350,35 @@ def test_shipped_workflows_match_object_info(comfyui_server):
 
 @pytest.mark.parametrize("name", list(SHIPPED_RUNS))
 def test_shipped_workflow_runs(shipped_server, frontend_runs, name):
-    """The shipped outpainting and panorama templates run on the shipped models (outpaint_spiral on the
-    painting model and its image) and make what they say: checked on the frontend's run of the template, or
-    a run of its API copy without a browser.
+    """The shipped NUWA-Infinity templates run on the shipped models (outpaint_spiral and grow_canvas_across_runs
+    on the painting model and its image) and make what they say: checked on the frontend's run of the template,
+    or a run of its API copy without a browser.
     (text_to_image_wide needs a text-conditioned model and a CLIP checkpoint: never run here.)"""
     from PIL import Image
     server = shipped_server
     prompt, types, outputs = _template_run(server, frontend_runs, name)
     assert "progress" in types, f"{name}: no progress message; saw {sorted(set(types))}"
-    saved = [outputs[nid]["images"] for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
-    assert saved and all(saved), f"{name}: SaveImage produced nothing: {outputs}"
-    path = server.base / "output" / saved[0][0]["subfolder"] / saved[0][0]["filename"]
-    with Image.open(path) as img:
+    saving = [nid for nid, n in prompt.items() if n["class_type"] in SAVING_NODES]
+    files = [f for nid in saving for f in _saved_files(server, outputs.get(nid, {}))]
+    assert saving and all(f.is_file() for f in files), f"{name}: saved {files}: {outputs}"
+    pictures = [f for f in files if f.suffix.lower() in (".png", ".jpg", ".webp")]
+    assert pictures, f"{name}: no picture saved: {files}"
+    with Image.open(pictures[0]) as img:
         size = img.size
+    image = SHIPPED_RUNS[name][1]
+    if image:
+        with Image.open(server.base / "input" / image) as img:
+            src = img.size
     if name == "outpaint_spiral":
-        with Image.open(server.base / "input" / SHIPPED_RUNS[name][1]) as src:
-            assert size[0] > src.width and size[1] > src.height, (size, src.size)  # grown on every side
+        assert size[0] > src[0] and size[1] > src[1], (size, src)  # grown on every side
         previews = [nid for nid, n in prompt.items() if n["class_type"] == "PreviewImage"]
         assert all(outputs[nid]["images"] for nid in previews), "the order preview is missing"
-    else:
+    elif name == "infinite_panorama":
         assert size[0] >= 2048 and size[0] >= 8 * size[1], size
-        canvas_nodes = [nid for nid, n in prompt.items() if n["class_type"] == "NUWACanvasSave"]
-        for nid in canvas_nodes:
-            entry = outputs[nid]["nuwa_canvas"][0]
-            assert (server.base / "output" / entry["subfolder"] / entry["filename"]).is_file(), entry
+    elif name == "grow_canvas_across_runs":  # a first run: the painting, cropped to whole patches, one patch wider
+        assert src[0] < size[0] <= src[0] + 64 and size[1] <= src[1], (size, src)
+    if any(prompt[nid]["class_type"] == "NUWACanvasSave" for nid in saving):
+        assert any(f.name.endswith(".nuwacanvas.safetensors") for f in files), f"{name}: no canvas saved: {files}"
 
 
 # --- optional: the real frontend loads every shipped UI workflow without a missing-nodes dialog ---
