@@ -162,7 +162,7 @@ spec = importlib.util.spec_from_file_location("nuwa_pack_under_test", repo + "/_
 pack = importlib.util.module_from_spec(spec); sys.modules[spec.name] = pack; spec.loader.exec_module(pack)
 xl = sys.modules["nuwa_pack_under_test.nodes.xl_nodes"]
 nc = sys.modules["nuwa_pack_under_test.nodes._comfy"]
-nodes = pack.NODE_CLASS_MAPPINGS
+nodes = sys.modules["nuwa_pack_under_test.nodes"].NODE_CLASS_MAPPINGS  # the classic classes (a ComfyUI with comfy_api is given comfy_entrypoint)
 from nuwa_core.xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
 from nuwa_core.xl.model import XLModel
 from nuwa_core.xl.t_klvae import TKLVAE, TKLVAEConfig
