@@ -249,7 +249,6 @@ def _check_loaded(mm, patcher, memory_required: int) -> None:
         f"canvas, batch or video, or start ComfyUI with --cpu.{hint}")
 
 
-
 # ---- NUWA-Infinity working memory (nuwa_core.memory's estimates for a node's run) ---------------
 
 def _model_dtype(model) -> torch.dtype:
@@ -286,6 +285,7 @@ def canvas_to(state, device):
     if pool is not None and pool.caches:
         pool.caches = {coord: cache.to(device) for coord, cache in pool.caches.items()}
     return state
+
 
 def copy_example_inputs(input_dir: str | os.PathLike | None = None) -> list[Path]:
     """Copy the shipped images that the templates' LoadImage nodes name (example_workflows/*.json) from
