@@ -71,20 +71,21 @@ def _safe_prefix(prefix: str) -> str:
     return "/".join(parts)
 
 
-def _numbered(prefix: str) -> tuple[Path, re.Pattern]:
-    """The output folder of `prefix` and the pattern of the files Canvas Save numbers in it."""
+def _numbered(prefix: str) -> tuple[Path, str, list[tuple[int, Path]]]:
+    """The output folder of `prefix`, its file base name, and the (counter, path) of every file Canvas
+    Save numbered there (an absent folder has none)."""
     prefix = _safe_prefix(prefix)
-    folder = (_comfy.output_directory() / prefix).parent
-    return folder, re.compile(re.escape(Path(prefix).name) + r"_(\d{5})" + re.escape(CANVAS_SUFFIX) + "$")
+    folder, base = (_comfy.output_directory() / prefix).parent, Path(prefix).name
+    pattern = re.compile(re.escape(base) + r"_(\d{5})" + re.escape(CANVAS_SUFFIX) + "$")
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name))] \
+        if folder.is_dir() else []
+    return folder, base, found
 
 
 def latest_canvas(prefix: str) -> Path | None:
     """The last canvas Canvas Save wrote under `prefix` (the highest counter), or None."""
-    folder, pattern = _numbered(prefix)
-    if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name)) and p.is_file()]
-    return max(found)[1] if found else None
+    files = [(n, p) for n, p in _numbered(prefix)[2] if p.is_file()]
+    return max(files)[1] if files else None
 
 
 class NUWACanvasSave:
@@ -113,10 +114,9 @@ class NUWACanvasSave:
         }
 
     def save(self, canvas, filename_prefix, image=None):
-        folder, pattern = _numbered(filename_prefix)
+        folder, base, used = _numbered(filename_prefix)
         folder.mkdir(parents=True, exist_ok=True)
-        used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))]
-        name = f"{Path(_safe_prefix(filename_prefix)).name}_{(max(used) + 1) if used else 1:05d}{CANVAS_SUFFIX}"
+        name = f"{base}_{max((n for n, _ in used), default=0) + 1:05d}{CANVAS_SUFFIX}"
         canvas.save(folder / name)
         out_dir = _comfy.output_directory()
         subfolder = os.path.relpath(folder, out_dir)
@@ -210,7 +210,7 @@ class NUWACanvasLoad:
             return (CanvasState.load(path),)
         if canvas_file == LATEST and start is not None:
             return (start,)
-        folder, _ = _numbered(latest_prefix)
+        folder = _numbered(latest_prefix)[0]
         raise ValueError(f"no canvas saved under '{latest_prefix}' yet (looked for {Path(latest_prefix).name}_NNNNN"
                          f"{CANVAS_SUFFIX} in {folder}): connect a start canvas (e.g. VQGAN Encode of your image) "
                          "for the first run, or pick a saved file")
