@@ -275,3 +275,22 @@ def run_xl_workflow(server: ComfyServer, name: str) -> tuple[list[str], Path]:
     saved = [o["images"] for nid, o in outputs.items() if prompt[nid]["class_type"] == "SaveAnimatedWEBP"]
     assert saved and saved[0], f"{name}: SaveAnimatedWEBP produced nothing: {outputs}"
     return types, server.base / "output" / saved[0][0]["subfolder"] / saved[0][0]["filename"]
+
+
+def browser_env() -> dict | str:
+    """The environment a node script needs to drive headless Chromium through playwright-core (NUWA_CHROMIUM and
+    NUWA_PLAYWRIGHT_CORE set, found when not given), or why the frontend tests cannot run here."""
+    import shutil
+    chromium = os.environ.get("NUWA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).is_file():
+        return "chromium is not installed (Debian package `chromium`, or set NUWA_CHROMIUM)"
+    if shutil.which("node") is None:
+        return "node is missing (Debian package `nodejs`)"
+    playwright = os.environ.get("NUWA_PLAYWRIGHT_CORE")
+    if not playwright:
+        found = subprocess.run(["node", "-e", "console.log(require.resolve('playwright-core'))"],
+                               capture_output=True, text=True, check=False)
+        playwright = found.stdout.strip() if found.returncode == 0 else ""
+    if not playwright or not Path(playwright).exists():
+        return "playwright-core missing (npm install playwright-core; set NUWA_PLAYWRIGHT_CORE)"
+    return dict(os.environ, NUWA_PLAYWRIGHT_CORE=playwright, NUWA_CHROMIUM=chromium)

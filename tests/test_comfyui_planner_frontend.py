@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
-from _comfyui import PACK_LINK_NAME, TEST_MODEL
+from _comfyui import PACK_LINK_NAME, TEST_MODEL, browser_env as find_browser
 
 pytestmark = pytest.mark.comfyui
 
@@ -232,26 +231,12 @@ const path = require('path');
 """
 
 
-def _playwright_core() -> str | None:
-    value = os.environ.get("NUWA_PLAYWRIGHT_CORE")
-    if value:
-        return value if Path(value).exists() else None
-    if shutil.which("node") is None:
-        return None
-    found = subprocess.run(["node", "-e", "console.log(require.resolve('playwright-core'))"],
-                           capture_output=True, text=True, check=False)
-    return (found.stdout.strip() or None) if found.returncode == 0 else None
-
-
 @pytest.fixture(scope="module")
 def browser_env():
-    chromium = os.environ.get("NUWA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(chromium).is_file():
-        pytest.skip("chromium is not installed (Debian package `chromium`, or set NUWA_CHROMIUM)")
-    playwright = _playwright_core()
-    if shutil.which("node") is None or playwright is None:
-        pytest.skip("node or playwright-core missing (npm install playwright-core; set NUWA_PLAYWRIGHT_CORE)")
-    return dict(os.environ, NUWA_PLAYWRIGHT_CORE=playwright, NUWA_CHROMIUM=chromium)
+    env = find_browser()
+    if isinstance(env, str):
+        pytest.skip(env)
+    return env
 
 
 def test_extension_script_is_served(comfyui_server):

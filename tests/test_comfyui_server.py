@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from _comfyui import PACK_LINK_NAME, SHIPPED_RUN_TIMEOUT, animated_frames
+from _comfyui import PACK_LINK_NAME, SHIPPED_RUN_TIMEOUT, animated_frames, browser_env
 from _pack import import_pack
 from _workflows import API_DIR, CORE_NODES, RUNNABLE, SHIPPED_IMAGES, SHIPPED_MODELS, SHIPPED_RUNS, UI_DIR, XL_WORKFLOWS
 
@@ -230,32 +229,18 @@ const { chromium } = require(process.env.NUWA_PLAYWRIGHT_CORE);
 """
 
 
-def _browser() -> tuple[str, str] | str:
-    """(chromium, playwright-core) for the frontend tests, or why not."""
-    import shutil
-    chromium = os.environ.get("NUWA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(chromium).is_file():
-        return "chromium is not installed (Debian package `chromium`, or set NUWA_CHROMIUM)"
-    playwright = _playwright_core()
-    if shutil.which("node") is None or playwright is None:
-        return "node or playwright-core missing (npm install playwright-core; set NUWA_PLAYWRIGHT_CORE)"
-    return chromium, playwright
-
-
 @pytest.fixture(scope="module")
 def frontend_runs(shipped_server, tmp_path_factory) -> dict | str:
     """Every runnable template queued once from the real frontend (_QUEUE_SCRIPT): {name: result}, or why the
     browser could not be used. The tests below check these runs; without a browser they queue the API copies."""
     import subprocess
-    browser = _browser()
-    if isinstance(browser, str):
-        return browser
-    chromium, playwright = browser
+    env = browser_env()
+    if isinstance(env, str):
+        return env
     if not (REPO / "models" / "nuwa_xl" / "mtd_default.safetensors").is_file():
         return "models/nuwa_xl/mtd_default.safetensors is absent"
     script = tmp_path_factory.mktemp("frontend") / "queue_templates.js"
     script.write_text(_QUEUE_SCRIPT)
-    env = dict(os.environ, NUWA_PLAYWRIGHT_CORE=playwright, NUWA_CHROMIUM=chromium)
     start = time.monotonic()
     run = subprocess.run(["node", str(script), shipped_server.url + "/", PACK_LINK_NAME, str(SHIPPED_RUN_TIMEOUT),
                           *RUNNABLE], check=False, capture_output=True, text=True, env=env,
@@ -418,33 +403,18 @@ const { chromium } = require(process.env.NUWA_PLAYWRIGHT_CORE);
 """
 
 
-def _playwright_core() -> str | None:
-    import shutil
-    import subprocess
-    value = os.environ.get("NUWA_PLAYWRIGHT_CORE")
-    if value:
-        return value if Path(value).exists() else None
-    if shutil.which("node") is None:
-        return None
-    found = subprocess.run(["node", "-e", "console.log(require.resolve('playwright-core'))"],
-                           capture_output=True, text=True)
-    return found.stdout.strip() or None if found.returncode == 0 else None
-
-
 def test_frontend_loads_shipped_workflows(comfyui_server, tmp_path):
     """Headless Chromium opens the real frontend, loads each shipped UI workflow, and finds every
     node type registered, no 'missing nodes' dialog, and the frontend's own API conversion
     (graphToPrompt) equal to the committed API copy. Skipped without node, playwright-core
     (NUWA_PLAYWRIGHT_CORE=path/to/node_modules/playwright-core) or chromium (NUWA_CHROMIUM)."""
     import subprocess
-    browser = _browser()
-    if isinstance(browser, str):
-        pytest.skip(browser)
-    chromium, playwright = browser
+    env = browser_env()
+    if isinstance(env, str):
+        pytest.skip(env)
     script = tmp_path / "load_workflows.js"
     script.write_text(_BROWSER_SCRIPT)
     files = sorted(UI_DIR.glob("*.json"))
-    env = dict(os.environ, NUWA_PLAYWRIGHT_CORE=playwright, NUWA_CHROMIUM=chromium)
     run = subprocess.run(["node", str(script), comfyui_server.url + "/", *map(str, files)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, f"browser script failed:\n{run.stderr[-4000:]}\n{run.stdout[-2000:]}"

@@ -52,17 +52,16 @@ const { chromium } = require(process.env.NUWA_PLAYWRIGHT_CORE);
 @pytest.mark.comfyui
 def test_the_real_frontend_shows_the_display_names(comfyui_server, tmp_path):
     """The shipped frontend labels the Context Pool's widgets from the locale, not as e_w / e_h / e_f."""
-    import os
-    import shutil
     import subprocess
-    chromium = os.environ.get("NUWA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    playwright = os.environ.get("NUWA_PLAYWRIGHT_CORE")
-    if not Path(chromium).is_file() or not playwright or shutil.which("node") is None:
-        pytest.skip("needs chromium, node and NUWA_PLAYWRIGHT_CORE=path/to/node_modules/playwright-core")
+
+    from _comfyui import browser_env
+    env = browser_env()
+    if isinstance(env, str):
+        pytest.skip(env)
     script = tmp_path / "labels.js"
     script.write_text(_LABELS_SCRIPT)
     run = subprocess.run(["node", str(script), comfyui_server.url + "/"], capture_output=True, text=True,
-                         env=dict(os.environ, NUWA_CHROMIUM=chromium), timeout=600, check=False)
+                         env=env, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     labels = json.loads(run.stdout.strip().splitlines()[-1])
     names = json.loads(LOCALE.read_text())
