@@ -261,15 +261,11 @@ def vqgan_memory(model, batch: int = 1) -> int:
     return vqgan_window_bytes(model.vqgan.config, model.vqgan_tile, max(int(batch), 1), _model_dtype(model))
 
 
-def render_memory(model, canvas, plan, extent=None) -> int:
+def render_memory(model, canvas, plans, extent=None) -> int:
     """Working memory of the Patch Renderer: the renderer with its context pool on the largest grid
-    the plan grows the canvas to, plus a VQGAN window for the previews and the final decode."""
+    the plans grow the canvas to, plus a VQGAN window for the previews and the final decode."""
     from nuwa_core.memory import renderer_working_bytes
-    grids = [tuple(canvas.grid)]
-    for p in getattr(plan, "plans", None) or [getattr(plan, "plan", plan)]:
-        grid = getattr(p, "grid", None)
-        if grid is not None:
-            grids.append(tuple(grid))
+    grids = [tuple(canvas.grid)] + [tuple(p.grid) for p in plans]
     grid = tuple(max(g[i] for g in grids) for i in range(3))
     cfg = model.renderer.config
     return (renderer_working_bytes(cfg, grid, canvas.batch, extent or cfg.extent, _model_dtype(model))

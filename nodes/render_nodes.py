@@ -103,7 +103,8 @@ class NUWAPatchRenderer:
         if context is not None:
             trained = tuple(model.renderer.config.extent)
             extent = tuple(t if e < 0 else e for e, t in zip(context["extent"], trained))
-        _comfy.load_for_run(getattr(model, "comfy_patcher", None), _comfy.render_memory(model, canvas, plan, extent))
+        memory = _comfy.render_memory(model, canvas, spec.plans, extent)
+        _comfy.load_for_run(getattr(model, "comfy_patcher", None), memory)
         state = spec.prepare(canvas)  # a copy: the input canvas is never modified
         generator = torch.Generator().manual_seed(int(seed) % (2 ** 63))  # CPU noise, as ComfyUI: one image per seed on every device
         total = len(spec)

@@ -139,12 +139,12 @@ out["cpu"] = {"load_device": str(patcher.load_device), "dtype": str(nc.inference
 canvas = model.canvas_from_image(image)
 nc.load_for_run(patcher, nc.vqgan_memory(model, 1))
 plan = model.plan_extension(canvas, right=1)
-nc.load_for_run(patcher, nc.render_memory(model, canvas, plan))
+nc.load_for_run(patcher, nc.render_memory(model, canvas, [plan]))
 grown = model.generate(canvas, plan, SamplerSettings(top_k=8), generator=torch.Generator().manual_seed(0))
 grown = nc.canvas_to(grown, mm.intermediate_device())
 out["cpu"].update({"image": tuple(model.decode(grown).shape), "devices": where(model),
                    "pool": sorted({c.device.type for c in grown.pool.caches.values()}),
-                   "render_memory": nc.render_memory(model, canvas, plan), "vqgan_memory": nc.vqgan_memory(model)})
+                   "render_memory": nc.render_memory(model, canvas, [plan]), "vqgan_memory": nc.vqgan_memory(model)})
 print("RESULT " + json.dumps(out))
 """
 
