@@ -314,8 +314,8 @@ def test_token_bank_with_wrap_trains(tmp_path, tokenizer):
     res = train.main(renderer_args(img, tokenizer, tmp_path / "b.safetensors", "--steps", "2", "--one-shot",
                                    "--token-bank", "3", "--wrap"))
     assert res["optimizer_steps"] == 8
-    bank = [torch.arange(12).view(2, 6)]
-    crops = renderer_stage.token_crops(bank, 20, (2, 4), torch.Generator().manual_seed(0), wrap=True)
+    bank = renderer_stage.TokenBank([torch.arange(12).view(2, 6)], [None])
+    crops = renderer_stage.token_crops(bank, 20, (2, 4), torch.Generator().manual_seed(0), wrap="x")
     assert crops.shape == (20, 1, 2, 4)
     assert ((crops[:, 0, 0, 1:] - crops[:, 0, 0, :-1]) % 6 == 1).all()  # consecutive columns, wrapping
 

@@ -59,11 +59,12 @@ class NuwaInfinity(nn.Module):
         self.vqgan, self.renderer = vqgan, renderer
 
     # ---- files ---------------------------------------------------------------------------------
-    def save(self, path, dtype: torch.dtype | None = None) -> None:
+    def save(self, path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> None:
+        """Write the bundle (atomically); `metadata`: more string entries for its header (how it was trained)."""
         state = {f"vqgan.{k}": v for k, v in self.vqgan.state_dict().items()}
         state.update({f"renderer.{k}": v for k, v in self.renderer.state_dict().items()})
         save_model_file(path, state, BUNDLE_KIND, extra_metadata={
-            "vqgan_config": config_to_json(self.vqgan.config),
+            **(metadata or {}), "vqgan_config": config_to_json(self.vqgan.config),
             "renderer_config": config_to_json(self.renderer.config)}, dtype=dtype)
 
     @classmethod

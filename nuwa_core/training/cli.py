@@ -1,6 +1,7 @@
 """`python -m nuwa_core.train STAGE ...`: one subcommand per training stage.
 
-NUWA-Infinity: `vqgan` (the tokenizer), `renderer` (render-and-optimize, Algorithm 1), `bundle`
+NUWA-Infinity: `one-shot` (both stages on one image in a time budget: one_shot.py),
+`vqgan` (the tokenizer), `renderer` (render-and-optimize, Algorithm 1), `bundle`
 (swap a fine-tuned decoder into a trained model), `sample` (look at a trained model).
 NUWA-XL: `t_klvae` (the temporal KL-VAE), `xl` (Mask Temporal Diffusion).
 Every training stage runs through loop.Run: resume, checkpoints, stop requests, DDP, logging.
@@ -13,7 +14,7 @@ import sys
 import torch
 
 from ..checkpoint import CheckpointError
-from . import bundle, renderer, sample, t_klvae, vqgan, xl
+from . import bundle, one_shot, renderer, sample, t_klvae, vqgan, xl
 from .loop import TrainingError
 
 
@@ -65,6 +66,7 @@ def _video_arguments(p) -> None:
 STAGES = {
     "vqgan": (vqgan, "train / fine-tune the VQGAN tokenizer", _image_arguments),
     "renderer": (renderer, "render-and-optimize training of the renderer", _image_arguments),
+    "one-shot": (one_shot, "tokenizer + renderer of one image in a time budget (IMAGE --minutes N --out FILE)", None),
     "sample": (sample, "sample a trained bundle: outpainting and a panorama, as PNGs", None),
     "bundle": (bundle, "swap a fine-tuned decoder (same tokens) into a trained bundle", None),
     "t_klvae": (t_klvae, "fine-tune / train the T-KLVAE (NUWA-XL) on videos", _video_arguments),

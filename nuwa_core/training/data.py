@@ -109,60 +109,89 @@ class Augment:
 
 
 def random_crops(images: list[torch.Tensor], n: int, size: tuple[int, int], gen: torch.Generator,
-                 aug: Augment) -> torch.Tensor:
+                 aug: Augment, keep_out: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """n crops of size (h, w) px, [n, 3, h, w] in -1..1, drawn with `gen` only."""
-    return random_crops_with_sources(images, n, size, gen, aug)[0]
+    return random_crops_with_sources(images, n, size, gen, aug, keep_out)[0]
+
+
+MAX_CROP_TRIES = 200
 
 
 def random_crops_with_sources(images: list[torch.Tensor], n: int, size: tuple[int, int], gen: torch.Generator,
-                              aug: Augment) -> tuple[torch.Tensor, list[int]]:
+                              aug: Augment, keep_out: list[torch.Tensor | None] | None = None
+                              ) -> tuple[torch.Tensor, list[int]]:
     """random_crops, and the index of the image each crop came from.
 
     Each crop samples a source window (random resized crop), maps it through a small rotation and
     shear with reflection at the borders (the mirror augmentation), flips, then colour jitter and noise.
+    keep_out: per image a [H, W] mask (> 0: left out of training) or None; a window that would read
+    any left-out pixel is drawn again.
     """
-    out_h, out_w = size
     crops, sources = [], []
     for _ in range(n):
-        sources.append(int(torch.randint(len(images), (1,), generator=gen)))
-        img = images[sources[-1]]
-        H, W = img.shape[-2:]
-        fit = min(H / out_h, W / out_w)  # largest window of the output aspect that fits
-        s = _uniform(gen, *aug.scale) * fit
-        r = math.exp(_uniform(gen, -aug.ratio_jitter, aug.ratio_jitter)) if aug.ratio_jitter else 1.0
-        win_h, win_w = min(H, out_h * s / math.sqrt(r)), min(W, out_w * s * math.sqrt(r))
-        cy = _uniform(gen, win_h / 2, H - win_h / 2)
-        cx = _uniform(gen, win_w / 2, W - win_w / 2)
-        ang = math.radians(_uniform(gen, -aug.rotate_deg, aug.rotate_deg)) if aug.rotate_deg else 0.0
-        # the angle is meant for a square window: on a long strip the same angle would move its ends by
-        # tan(ang) * long / 2 (a horizon tilting out of a 1024x128 panorama), so the far end moves as far
-        # as it would on a square of the short side
-        ang = math.atan(math.tan(ang) * min(win_h, win_w) / max(win_h, win_w))
-        sh = _uniform(gen, -aug.shear, aug.shear) if aug.shear else 0.0
-        fx = -1.0 if torch.rand((), generator=gen).item() < aug.hflip else 1.0
-        fy = -1.0 if torch.rand((), generator=gen).item() < aug.vflip else 1.0
-        # output normalized coords (u, v) in -1..1 -> source pixel offsets from the window centre
-        rot = torch.tensor([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
-        a = rot @ torch.tensor([[1.0, sh], [0.0, 1.0]]) @ torch.diag(torch.tensor([fx * win_w / 2, fy * win_h / 2]))
-        # to the source's normalized coords (align_corners=False: x_norm = (2 px + 1) / W - 1, px continuous)
-        scale = torch.tensor([2.0 / W, 2.0 / H])
-        theta = torch.zeros(1, 2, 3)
-        theta[0, :, :2] = scale[:, None] * a
-        theta[0, :, 2] = torch.tensor([2.0 * cx / W - 1.0, 2.0 * cy / H - 1.0])
-        grid = F.affine_grid(theta, (1, 3, out_h, out_w), align_corners=False)
-        x = F.grid_sample(img[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
-        if aug.brightness or aug.contrast or aug.saturation:
-            x = (x + 1) / 2
-            x = x * _uniform(gen, 1 - aug.brightness, 1 + aug.brightness)
-            mean = x.mean()
-            x = (x - mean) * _uniform(gen, 1 - aug.contrast, 1 + aug.contrast) + mean
-            gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
-            x = (x - gray) * _uniform(gen, 1 - aug.saturation, 1 + aug.saturation) + gray
-            x = x.clamp(0, 1) * 2 - 1
-        if aug.noise:
-            x = x + aug.noise * torch.randn(x.shape, generator=gen)
-        crops.append(x.clamp(-1, 1))
+        for _ in range(MAX_CROP_TRIES):
+            source = int(torch.randint(len(images), (1,), generator=gen))
+            grid = augmented_window(images[source].shape[-2:], size, gen, aug)
+            mask = keep_out[source] if keep_out is not None else None
+            if mask is None or not bool(warp(mask[None].float(), grid).gt(0).any()):  # bilinear: any share of a left-out pixel
+                break
+        else:
+            raise TrainingError(f"no {size[1]}x{size[0]} px training crop avoids the left-out region in "
+                                f"{MAX_CROP_TRIES} draws: leave less of the image out or train on a larger image")
+        sources.append(source)
+        crops.append(photometric(warp(images[source], grid), gen, aug))
     return torch.stack(crops), sources
+
+
+def augmented_window(source_size: tuple[int, int], size: tuple[int, int], gen: torch.Generator,
+                     aug: Augment) -> torch.Tensor:
+    """The sampling grid [1, h, w, 2] of one augmented crop of `size` (h, w) from an image of
+    `source_size`: a random resized window, a small rotation and shear, flips (appendix D)."""
+    out_h, out_w = size
+    H, W = source_size
+    fit = min(H / out_h, W / out_w)  # largest window of the output aspect that fits
+    s = _uniform(gen, *aug.scale) * fit
+    r = math.exp(_uniform(gen, -aug.ratio_jitter, aug.ratio_jitter)) if aug.ratio_jitter else 1.0
+    win_h, win_w = min(H, out_h * s / math.sqrt(r)), min(W, out_w * s * math.sqrt(r))
+    cy = _uniform(gen, win_h / 2, H - win_h / 2)
+    cx = _uniform(gen, win_w / 2, W - win_w / 2)
+    ang = math.radians(_uniform(gen, -aug.rotate_deg, aug.rotate_deg)) if aug.rotate_deg else 0.0
+    # the angle is meant for a square window: on a long strip the same angle would move its ends by
+    # tan(ang) * long / 2 (a horizon tilting out of a 1024x128 panorama), so the far end moves as far
+    # as it would on a square of the short side
+    ang = math.atan(math.tan(ang) * min(win_h, win_w) / max(win_h, win_w))
+    sh = _uniform(gen, -aug.shear, aug.shear) if aug.shear else 0.0
+    fx = -1.0 if torch.rand((), generator=gen).item() < aug.hflip else 1.0
+    fy = -1.0 if torch.rand((), generator=gen).item() < aug.vflip else 1.0
+    # output normalized coords (u, v) in -1..1 -> source pixel offsets from the window centre
+    rot = torch.tensor([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
+    a = rot @ torch.tensor([[1.0, sh], [0.0, 1.0]]) @ torch.diag(torch.tensor([fx * win_w / 2, fy * win_h / 2]))
+    # to the source's normalized coords (align_corners=False: x_norm = (2 px + 1) / W - 1, px continuous)
+    scale = torch.tensor([2.0 / W, 2.0 / H])
+    theta = torch.zeros(1, 2, 3)
+    theta[0, :, :2] = scale[:, None] * a
+    theta[0, :, 2] = torch.tensor([2.0 * cx / W - 1.0, 2.0 * cy / H - 1.0])
+    return F.affine_grid(theta, (1, 1, out_h, out_w), align_corners=False)
+
+
+def warp(x: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """[C, H, W] sampled on `grid` (augmented_window), reflected at the borders -> [C, h, w]."""
+    return F.grid_sample(x[None], grid, mode=mode, padding_mode="reflection", align_corners=False)[0]
+
+
+def photometric(x: torch.Tensor, gen: torch.Generator, aug: Augment) -> torch.Tensor:
+    """Colour jitter and pixel noise of one crop [3, h, w] in -1..1."""
+    if aug.brightness or aug.contrast or aug.saturation:
+        x = (x + 1) / 2
+        x = x * _uniform(gen, 1 - aug.brightness, 1 + aug.brightness)
+        mean = x.mean()
+        x = (x - mean) * _uniform(gen, 1 - aug.contrast, 1 + aug.contrast) + mean
+        gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+        x = (x - gray) * _uniform(gen, 1 - aug.saturation, 1 + aug.saturation) + gray
+        x = x.clamp(0, 1) * 2 - 1
+    if aug.noise:
+        x = x + aug.noise * torch.randn(x.shape, generator=gen)
+    return x.clamp(-1, 1)
 
 
 def fixed_crops(images: list[torch.Tensor], n: int, size: tuple[int, int]) -> torch.Tensor:

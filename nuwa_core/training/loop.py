@@ -39,7 +39,10 @@ class TrainingDiverged(TrainingError):
 
 
 class Dist:
-    def __init__(self):
+    """The process group under torchrun, and the device this process trains on: `device` (e.g. ComfyUI's),
+    else CUDA when there is one, else the CPU."""
+
+    def __init__(self, device: str | torch.device | None = None):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,6 +55,8 @@ class Dist:
                 torch.cuda.set_device(self.device)
             if not td.is_initialized():
                 td.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        elif device is not None:
+            self.device = torch.device(device)
         elif torch.cuda.is_available():
             self.device = torch.device("cuda")
 
@@ -241,11 +246,17 @@ def _finite(x: torch.Tensor) -> bool:
 class Run:
     """What every training stage shares: resume, checkpoints and the step loop (CSV log, progress bar,
     signal / --max-minutes stop, NaN stop, saving every --save-every and sampling every --sample-every
-    steps). A stage says what one step is and what its checkpoint holds beyond weights and optimizers."""
+    steps). A stage says what one step is and what its checkpoint holds beyond weights and optimizers.
+
+    monitor(run, step, stats) -> a stop reason or None, called before every step: a caller's own stop
+    (cancel, a time budget); it may also change `run.args.steps`, which the learning-rate schedule follows.
+    A stage sets `run.preview` to a function that returns an IMAGE [1, H, W, 3] of how the model does.
+    """
 
     def __init__(self, name: str, args, dist: Dist, modules: dict[str, nn.Module], optims: dict,
-                 config: dict, data_gen: torch.Generator):
-        self.name, self.args, self.dist = name, args, dist
+                 config: dict, data_gen: torch.Generator, monitor=None):
+        self.name, self.args, self.dist, self.monitor = name, args, dist, monitor
+        self.preview = None
         # the learning-rate schedule and the training region change what a run learns: a resumed run
         # must use the same ones (recorded only when used, so older checkpoints still resume)
         shared = {k: getattr(args, k) for k in ("decay", "train_box") if getattr(args, k, None) not in (None, "none")}
@@ -292,6 +303,8 @@ class Run:
             with StopRequest() as stop:
                 while step < args.steps:
                     reason = stop_reason(stop, dist, t0, args.max_minutes)
+                    if not reason and self.monitor is not None:
+                        reason = self.monitor(self, step, stats)
                     if reason:
                         stopped = reason
                         break

@@ -28,7 +28,17 @@ from ..infinity.renderer import Context, Renderer, RendererConfig
 from ..infinity.vqgan import VQModel, load_vqgan
 from . import captions
 from .bundle import token_tensors_that_differ
-from .data import Augment, list_images, load_images, parse_box, random_crops, random_crops_with_sources
+from .data import (
+    MAX_CROP_TRIES,
+    Augment,
+    augmented_window,
+    list_images,
+    load_images,
+    parse_box,
+    photometric,
+    random_crops_with_sources,
+    warp,
+)
 from .loop import Dist, Run, TrainingError, dtype_named, dump_replica, set_lr
 
 DEFAULT_LR = 3e-4
@@ -164,55 +174,80 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
             "patches": len(steps), "peak_pool": pool.peak_size}
 
 
+@dataclasses.dataclass
+class TokenBank:
+    """The training images encoded up front: token grids [h, w], and per grid the tokens left out of
+    training ([h, w] bool, or None when nothing is)."""
+    grids: list[torch.Tensor]
+    left_out: list[torch.Tensor | None]
+
+
 @torch.no_grad()
 def build_token_bank(vq: VQModel, images: list[torch.Tensor], variants: int, aug: Augment, seed: int, device,
-                     f: int, tile: int = 8) -> list[torch.Tensor]:
+                     f: int, tile: int = 8, keep_out: list[torch.Tensor | None] | None = None) -> TokenBank:
     """Encode every training image `variants` times once, up front: variant 0 as is, 1 flipped,
-    the rest through the full augmentation at the image's own size. -> list of token grids [h, w].
+    the rest through the full augmentation at the image's own size.
 
+    keep_out: per image a [H, W] pixel mask (> 0: left out) or None; it goes through the same flips
+    and warps, and a token whose f x f cell touches it is left out (token_crops never draws it).
     CPU budget: encoding a fresh augmented crop per sample costs far more than the renderer step."""
     gen = torch.Generator().manual_seed(seed + 777)
-    bank = []
-    for img in images:
+    grids, left_out = [], []
+    for n, img in enumerate(images):
         H, W = img.shape[-2] // f * f, img.shape[-1] // f * f
         img = img[:, :H, :W]
+        mask = keep_out[n] if keep_out is not None else None
+        mask = None if mask is None else mask[:H, :W][None].float()
         for v in range(variants):
             if v == 0:
-                x = img[None]
+                x, m = img, mask
             elif v == 1:
-                x = img.flip(-1)[None]
+                x, m = img.flip(-1), None if mask is None else mask.flip(-1)
             else:
-                x = random_crops([img], 1, (H, W), gen, dataclasses.replace(aug, scale=(1.0, 1.0)))
+                torch.randint(1, (1,), generator=gen)  # the draw that picked an image here before: banks stay as they were
+                grid = augmented_window((H, W), (H, W), gen, dataclasses.replace(aug, scale=(1.0, 1.0)))
+                x, m = photometric(warp(img, grid), gen, aug), None if mask is None else warp(mask, grid)
             # windows of a patch-sized tile, as NuwaInfinity.decode uses: the tokenizer's mid attention
             # is global, so one pass over a whole large image sees far more tokens than it was trained on
-            bank.append(vq.encode_tokens_tiled(x.to(device), tile=tile, overlap=tile // 4)[0].cpu())
-    return bank
+            grids.append(vq.encode_tokens_tiled(x[None].to(device), tile=tile, overlap=tile // 4)[0].cpu())
+            left_out.append(None if m is None else F.max_pool2d(m.gt(0).float()[None], f)[0, 0].bool())
+    return TokenBank(grids, left_out)
 
 
-def token_crops(bank: list[torch.Tensor], n: int, size: tuple[int, int], gen: torch.Generator,
-                wrap: bool) -> torch.Tensor:
-    """n random token crops [n, 1, h, w] from the bank; `wrap`: columns wrap around (360-degree panoramas)."""
+def token_crops(bank: TokenBank, n: int, size: tuple[int, int], gen: torch.Generator, wrap: str = "none") -> torch.Tensor:
+    """n random token crops [n, 1, h, w] from the bank; `wrap` "x": columns wrap around (a 360-degree
+    panorama), "xy": rows too (a texture that tiles)."""
     return token_crops_with_sources(bank, n, size, gen, wrap)[0]
 
 
-def token_crops_with_sources(bank: list[torch.Tensor], n: int, size: tuple[int, int], gen: torch.Generator,
-                             wrap: bool) -> tuple[torch.Tensor, list[int]]:
-    """token_crops, and the bank index each crop came from."""
+def token_crops_with_sources(bank: TokenBank, n: int, size: tuple[int, int], gen: torch.Generator,
+                             wrap: str = "none") -> tuple[torch.Tensor, list[int]]:
+    """token_crops, and the bank index each crop came from. A crop holding a left-out token is drawn again."""
     h, w = size
     out, sources = [], []
     for _ in range(n):
-        sources.append(int(torch.randint(len(bank), (1,), generator=gen)))
-        grid = bank[sources[-1]]
-        H, W = grid.shape
-        top = int(torch.randint(H - h + 1, (1,), generator=gen))
-        if wrap:
-            left = int(torch.randint(W, (1,), generator=gen))
-            cols = (torch.arange(w) + left) % W
+        for _ in range(MAX_CROP_TRIES):
+            source = int(torch.randint(len(bank.grids), (1,), generator=gen))
+            grid, left_out = bank.grids[source], bank.left_out[source]
+            H, W = grid.shape
+            rows = _crop_span(H, h, wrap == "xy", gen)
+            cols = _crop_span(W, w, wrap in ("x", "xy"), gen)
+            if left_out is None or not bool(left_out[rows][:, cols].any()):
+                break
         else:
-            left = int(torch.randint(W - w + 1, (1,), generator=gen))
-            cols = torch.arange(left, left + w)
-        out.append(grid[top:top + h][:, cols])
+            raise TrainingError(f"no {w}x{h}-token training crop avoids the left-out region in {MAX_CROP_TRIES} "
+                                f"draws: leave less of the image out or train on a larger image")
+        sources.append(source)
+        out.append(grid[rows][:, cols])
     return torch.stack(out)[:, None], sources
+
+
+def _crop_span(length: int, size: int, wraps: bool, gen: torch.Generator) -> torch.Tensor:
+    """Indices of a random span of `size` along an axis of `length`; a wrapping axis may cross its end."""
+    if wraps:
+        return (torch.arange(size) + int(torch.randint(length, (1,), generator=gen))) % length
+    start = int(torch.randint(length - size + 1, (1,), generator=gen))
+    return torch.arange(start, start + size)
 
 
 def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
@@ -220,11 +255,12 @@ def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
             "sample_patches": args.sample_patches, "batch": args.batch, "lr": args.lr, "one_shot": args.one_shot,
             "downscale": args.downscale, "seed": args.seed, "accumulate": args.accumulate,
             "no_context": args.no_context, "label_smoothing": args.label_smoothing,
-            "token_bank": args.token_bank, "wrap": args.wrap, "outpaint_share": args.outpaint_share,
+            "token_bank": args.token_bank, "wrap": {"none": False, "x": True}.get(args.wrap, args.wrap), "outpaint_share": args.outpaint_share,
             "reencode": not args.no_reencode,
             "augment": [args.aug_min_scale, args.aug_rotate, args.aug_shear, args.aug_noise],
             "world": int(os.environ.get("WORLD_SIZE", "1")),
-            **({"init": Path(args.init).name} if args.init else {}),  # only when used: older runs still resume
+            **({"init": Path(args.init).name} if args.init else {}),
+            **({"init_tokens_may_differ": True} if args.init_tokens_may_differ else {}),  # only when used: older runs still resume
             # only with captions, so checkpoints from before captions existed still resume
             **({"text": {"clip": Path(args.clip).name if args.clip else "", "clip_model": args.clip_model or "",
                          "embeddings": Path(args.text_embeddings).name if args.text_embeddings else "",
@@ -258,9 +294,10 @@ def caption_features(args) -> torch.Tensor | None:
     return text
 
 
-def init_renderer(renderer: Renderer, bundle_path, vq: VQModel) -> None:
+def init_renderer(renderer: Renderer, bundle_path, vq: VQModel, tokens_may_differ: bool = False) -> None:
     """Start `renderer` from the renderer of a trained bundle (fine-tuning): same configuration, and
-    the bundle's tokenizer must make the same tokens as the one this run trains on."""
+    the bundle's tokenizer must make the same tokens as the one this run trains on, unless
+    `tokens_may_differ` (a tokenizer fine-tuned from the bundle's: its codes moved, the renderer adapts)."""
     bundle = NuwaInfinity.load(bundle_path)
     theirs = bundle.renderer.config
     if theirs != renderer.config:
@@ -268,7 +305,7 @@ def init_renderer(renderer: Renderer, bundle_path, vq: VQModel) -> None:
                 if v != getattr(renderer.config, k)}
         raise TrainingError(f"--init {bundle_path} holds a renderer of another configuration than the flags build "
                             f"(field: bundle's vs flags'): {diff}; give the flags that match it")
-    changed = token_tensors_that_differ(bundle.vqgan, vq, stored_dtype(bundle_path))
+    changed = [] if tokens_may_differ else token_tensors_that_differ(bundle.vqgan, vq, stored_dtype(bundle_path))
     if changed:
         raise TrainingError(f"--init {bundle_path} was trained on other tokens than --tokenizer makes "
                             f"({len(changed)} encoder/codebook tensors differ, e.g. {changed[0]}); give the "
@@ -276,11 +313,14 @@ def init_renderer(renderer: Renderer, bundle_path, vq: VQModel) -> None:
     renderer.load_state_dict(bundle.renderer.float().state_dict())
 
 
-def train_renderer(args) -> dict:
+def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: list[torch.Tensor | None] | None = None,
+                   monitor=None) -> dict:
+    """The stage on --images, or on `images` ([3, H, W] in -1..1) with `keep_out` masks (> 0: never
+    in a training sample) when a caller holds them (one_shot.py); `monitor`: see loop.Run."""
     text = caption_features(args)  # before seeding: building a CLIP tower draws random numbers
     if not 0.0 <= args.outpaint_share <= 1.0:
         raise TrainingError(f"--outpaint-share is a probability in 0..1, got {args.outpaint_share}")
-    dist = Dist()
+    dist = Dist(getattr(args, "device", None))
     torch.manual_seed(args.seed)
     vq = load_vqgan(args.tokenizer).float().to(dist.device).eval()
     for p in vq.parameters():
@@ -292,21 +332,22 @@ def train_renderer(args) -> dict:
     rows, cols = parse_triple(args.sample_patches, "--sample-patches")[1:]
     _, ph, pw = rcfg.patch_size
     crop = (rows * ph * f, cols * pw * f)
-    images = load_images(args.images, args.downscale, (ph * f, pw * f), parse_box(args.train_box))
+    if images is None:
+        images = load_images(args.images, args.downscale, (ph * f, pw * f), parse_box(args.train_box))
     if not args.one_shot:  # whole images: crop to whole patches, no resampling
         for n, img in enumerate(images):
             if img.shape[-2] < crop[0] or img.shape[-1] < crop[1]:
                 crop = (min(crop[0], img.shape[-2] // (ph * f) * ph * f), min(crop[1], img.shape[-1] // (pw * f) * pw * f))
     renderer = Renderer(rcfg)
     if args.init and not args.resume:  # a resumed run's own weights replace these anyway
-        init_renderer(renderer, args.init, vq)
+        init_renderer(renderer, args.init, vq, args.init_tokens_may_differ)
     renderer.to(dist.device).train()
     # a dropped caption leaves the cross-attention weights without gradients on that rank
     model = dist.wrap(_TeacherForced(renderer), find_unused_parameters=text is not None)
     opt = torch.optim.AdamW(renderer.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
     run = Run("renderer", args, dist, {"renderer": renderer}, {"renderer": opt}, renderer_config_dict(args, rcfg),
-              data_gen)
+              data_gen, monitor)
     step, opt_steps = 0, 0
     if args.resume:
         st = run.resume()
@@ -315,15 +356,15 @@ def train_renderer(args) -> dict:
                   noise=args.aug_noise) if args.one_shot else Augment.off()
     bank = None
     if args.token_bank:
-        bank = build_token_bank(vq, images, args.token_bank, aug, args.seed, dist.device, f, max(rcfg.patch_size[1:]))
+        bank = build_token_bank(vq, images, args.token_bank, aug, args.seed, dist.device, f, max(rcfg.patch_size[1:]),
+                                keep_out)
 
     grid = (1, rows, cols)  # patches of one training sample
     patches_per_sample = 1 if args.accumulate else rows * cols
-    lr_total = run.lr_total(patches_per_sample)  # the warm-up and decay count optimizer steps
 
-    def lr_fn():
+    def lr_fn():  # the warm-up and decay count optimizer steps
         nonlocal opt_steps
-        set_lr(opt, args.lr, opt_steps, args.warmup, lr_total)
+        set_lr(opt, args.lr, opt_steps, args.warmup, run.lr_total(patches_per_sample))
         opt_steps += 1
 
     def one_step(step, check):
@@ -332,7 +373,7 @@ def train_renderer(args) -> dict:
                                                        args.wrap)
             tokens, sources = tokens.to(dist.device), [s // args.token_bank for s in sources]
         else:
-            x, sources = random_crops_with_sources(images, args.batch, crop, data_gen, aug)
+            x, sources = random_crops_with_sources(images, args.batch, crop, data_gen, aug, keep_out)
             with torch.no_grad():  # patch-sized windows, as in build_token_bank
                 t = max(rcfg.patch_size[1:])
                 tokens = vq.encode_tokens_tiled(x.to(dist.device), tile=t, overlap=t // 4)[:, None]  # [B, 1, h, w]
@@ -353,8 +394,9 @@ def train_renderer(args) -> dict:
         return {"loss": f"{st['loss']:.3f}", "tok_s": f"{args.batch * dist.world * tokens_per_sample * steps_per_s:.0f}"}
 
     fields = ["step", "optimizer_steps", "time", "loss", "first_patch", "orders", "peak_pool"]
+    run.preview = lambda: _renderer_sample_image(vq, renderer)
     step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,
-                                    sample=lambda path: _renderer_samples(vq, renderer, images, path),
+                                    sample=lambda path: save_image(run.preview(), path),
                                     extra=lambda: {"optimizer_steps": opt_steps})
     if args.debug_dump_replicas:
         dump_replica(run.out, renderer, dist)
@@ -367,15 +409,16 @@ def train_renderer(args) -> dict:
 
 
 @torch.no_grad()
-def _renderer_samples(vq, renderer, images, path: Path):
-    """A 1 x 4 patch canvas generated from nothing, decoded."""
+def _renderer_sample_image(vq, renderer) -> torch.Tensor:
+    """A 1 x 4 patch canvas generated from nothing, decoded: IMAGE [1, H, W, 3]."""
     was = renderer.training
     renderer.eval()
     m = NuwaInfinity(vq, renderer)
     st = m.blank_canvas(1, 4)
     st = m.generate(st, m.plan_fill(st), SamplerSettings(top_k=64), generator=torch.Generator().manual_seed(0))
-    save_image(m.decode(st), path)
+    image = m.decode(st)
     renderer.train(was)
+    return image
 
 
 def add_arguments(p) -> None:
@@ -383,6 +426,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", required=True, help="the frozen VQGAN .safetensors")
     p.add_argument("--init", default=None, help="fine-tune: start from the renderer of this bundle (e.g. the shipped "
                    "model; the flags must build the same renderer, --tokenizer must make its tokens)")
+    p.add_argument("--init-tokens-may-differ", action="store_true", help="with --init: --tokenizer was fine-tuned "
+                   "from the bundle's tokenizer, so its tokens moved; start from the bundle's renderer anyway")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dim", type=int, default=128)
@@ -396,7 +441,9 @@ def add_arguments(p) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--token-bank", type=int, default=0, help="encode each image N times up front (0: encode "
                    "every augmented sample; N>0: variant 0 plain, 1 flipped, the rest augmented) then crop tokens")
-    p.add_argument("--wrap", action="store_true", help="token crops wrap around horizontally (360-degree panoramas)")
+    p.add_argument("--wrap", nargs="?", const="x", default="none", choices=("none", "x", "xy"),
+                   help="the training images wrap around: token crops may cross their joint; x (or --wrap alone): "
+                   "horizontally (360-degree panoramas), xy: both ways (a texture that tiles)")
     p.add_argument("--aug-min-scale", type=float, default=0.6, help="one-shot: smallest random-resized-crop window, "
                    "as a share of the largest that fits (appendix D)")
     p.add_argument("--aug-rotate", type=float, default=4.0, help="one-shot: largest rotation in degrees")

@@ -68,13 +68,17 @@ def vqgan_config_dict(args) -> dict:
             **({"lpips": Path(args.lpips).name, "lpips_weight": args.lpips_weight} if args.lpips else {})}
 
 
-def train_vqgan(args) -> dict:
-    dist = Dist()
+def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[torch.Tensor | None] | None = None,
+                monitor=None) -> dict:
+    """The stage on --images, or on `images` ([3, H, W] in -1..1) with `keep_out` masks (> 0: never
+    in a crop) when a caller holds them (one_shot.py); `monitor`: see loop.Run."""
+    dist = Dist(getattr(args, "device", None))
     torch.manual_seed(args.seed)
     f = get_config(args.preset).downsample_factor
     if args.crop % f:
         raise TrainingError(f"--crop {args.crop} must be a multiple of the preset's downsample factor {f}")
-    images = load_images(args.images, args.downscale, (args.crop, args.crop), parse_box(args.train_box))
+    if images is None:
+        images = load_images(args.images, args.downscale, (args.crop, args.crop), parse_box(args.train_box))
     cfg = get_config(args.preset)
     if args.init:
         vq = load_vqgan(args.init).float()
@@ -100,7 +104,7 @@ def train_vqgan(args) -> dict:
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
     run = Run("vqgan", args, dist, {"vqgan": vq, "disc": disc}, {"vqgan": opt_g, "disc": opt_d},
-              vqgan_config_dict(args), data_gen)
+              vqgan_config_dict(args), data_gen, monitor)
     step, usage = 0, torch.zeros(cfg.n_embed, dtype=torch.long)
     if args.resume:
         st = run.resume()
@@ -108,9 +112,10 @@ def train_vqgan(args) -> dict:
     vq_ddp, disc_ddp = dist.wrap(vq), dist.wrap(disc)
     aug = Augment() if args.one_shot else Augment(scale=(0.8, 1.0), rotate_deg=0.0, shear=0.0, noise=0.0)
     sample_in = fixed_crops(images, 4, (args.crop, args.crop))
+    run.preview = lambda: _vq_sample_image(vq, sample_in)
 
     def one_step(step, check):
-        x = random_crops(images, args.batch, (args.crop, args.crop), data_gen, aug).to(dist.device)
+        x = random_crops(images, args.batch, (args.crop, args.crop), data_gen, aug, keep_out).to(dist.device)
         set_lr(opt_g, args.lr, step, args.warmup, run.lr_total())
         set_lr(opt_d, args.lr, step, args.warmup, run.lr_total())
         rec, q_loss, ids = vq_ddp(x)
@@ -161,7 +166,7 @@ def train_vqgan(args) -> dict:
     fields = ["step", "time", "loss", "l1", "codebook", "g_adv", "d_loss", "codes_used", "restarted"]
     fields += ["lpips"] if perceptual is not None else []
     step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,
-                                    sample=lambda path: _vq_samples(vq, sample_in, path),
+                                    sample=lambda path: save_image(run.preview(), path),
                                     extra=lambda: {"usage": usage.clone()})
     if args.debug_dump_replicas:
         dump_replica(run.out, vq, dist)
@@ -174,13 +179,14 @@ def train_vqgan(args) -> dict:
 
 
 @torch.no_grad()
-def _vq_samples(vq: VQModel, x: torch.Tensor, path: Path):
+def _vq_sample_image(vq: VQModel, x: torch.Tensor) -> torch.Tensor:
+    """The crops x [n, 3, h, w] over their reconstructions, as one IMAGE [1, 2h, n w, 3]."""
     was = vq.training
     vq.eval()
     rec = vq(x.to(vq.quant_conv.weight.device))[0].cpu()
     vq.train(was)
     grid = torch.cat([torch.cat(list(x), dim=2), torch.cat(list(rec), dim=2)], dim=1)  # [3, 2h, n*w]
-    save_image(model_to_image(grid[None]), path)
+    return model_to_image(grid[None])
 
 
 def add_arguments(p) -> None:

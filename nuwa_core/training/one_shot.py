@@ -1,0 +1,435 @@
+"""The `one-shot` stage: a NUWA-Infinity model of one image in a time budget (appendix D), in one call.
+
+`python -m nuwa_core.train one-shot IMAGE --minutes N --out FILE` and the *NUWA Train One-Shot* node
+both run `train_one_shot`: the tokenizer stage (vqgan.py), then the renderer stage (renderer.py) on
+the tokens it makes, with the recipe models/nuwa/TRAINING.md trained the shipped models with. Each
+stage gets a share of the budget; a few steps into it, its step count is fitted to the time it has
+left, so the learning rate warms up and decays to 0 over the run as it does in a run given in steps
+(the counts are reported: giving them as fixed steps reproduces a run exactly). Everything a run
+learned is kept when it stops early (cancel, Ctrl-C); `resume=True` trains the saved run further
+(the renderer, on the same tokenizer: its tokens are what the renderer learned to continue).
+
+A mask leaves a region out of training: no training crop reads its pixels, which are greyed out
+before anything is encoded. `wrap` says the image itself wraps around (a 360-degree panorama, a
+texture that already tiles): crops may cross its joint. A seamless canvas from an image that does
+not wrap needs no wrap here: it is planned and decoded with wrap (the Direction Planner's `wrap`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import atomic_write
+from ..infinity.generation import NuwaInfinity
+from ..infinity.vqgan import save_vqgan
+from ..weights import PACK_MODELS_DIR
+from . import renderer as renderer_stage
+from . import vqgan as vqgan_stage
+from .loop import TrainingError
+
+SHIPPED_MODEL = PACK_MODELS_DIR / "nuwa" / "nuwa_infinity_default.safetensors"
+START_FROM = ("shipped", "scratch")  # fine-tune the shipped default model's tokenizer and renderer, or train new ones
+WRAPS = ("none", "x", "xy")
+PATCH_PX = 64        # the recipe's patches: 8x8 tokens of the f8 tokenizer
+MAX_SAMPLE_PATCHES = 3  # a training sample is up to 3x3 patches (the painting recipe)
+MIN_SAMPLE_PATCHES = 2  # and at least 2x2: a patch must have neighbours to learn continuation from
+FINAL_SAVE_SECONDS = 3.0  # kept back from the budget for writing the model
+STATE_FILE = "one_shot.json"
+TRAINING_FOLDER = "training"  # in a models/nuwa folder: runs' working files (the loader does not list them)
+STOPPED_BY_USER = ("cancel", "signal")  # should_stop(), Ctrl-C / SIGTERM
+IN_MEMORY = "(in memory)"  # the stages get the image as a tensor, not from --images
+
+
+@dataclasses.dataclass
+class OneShotSettings:
+    minutes: float = 10.0
+    start_from: str = "shipped"
+    tokenizer_share: float = 0.3      # of the budget; the renderer gets the rest
+    wrap: str = "none"                # the training image wraps: "x" (horizontally) or "xy" (both ways)
+    seed: int = 0
+    tokenizer_steps: int = 0          # fixed step counts instead of the budget (0: fitted to it)
+    renderer_steps: int = 0
+
+    def check(self) -> None:
+        if self.start_from not in START_FROM:
+            raise TrainingError(f"start_from must be one of {START_FROM}, got {self.start_from!r}")
+        if self.wrap not in WRAPS:
+            raise TrainingError(f"wrap must be one of {WRAPS}, got {self.wrap!r}")
+        if self.tokenizer_steps < 0 or self.renderer_steps < 0:
+            raise TrainingError("fixed step counts are whole numbers >= 0 (0: fitted to the budget)")
+        fixed = self.tokenizer_steps and self.renderer_steps
+        if not fixed and not self.minutes > 0:
+            raise TrainingError(f"the time budget must be more than 0 minutes, got {self.minutes}; about 10 minutes "
+                                f"on a CPU gives a usable model of one painting, a few minutes on a GPU")
+        if not 0.0 < self.tokenizer_share < 1.0:
+            raise TrainingError(f"tokenizer_share is the budget's share for the tokenizer, strictly between 0 and 1, "
+                                f"got {self.tokenizer_share}")
+
+    def identity(self) -> dict:
+        """What changes what is learned; not how long (minutes, step counts), which resuming extends."""
+        return {"start_from": self.start_from, "wrap": self.wrap, "seed": self.seed,
+                "tokenizer_share": self.tokenizer_share}
+
+
+@dataclasses.dataclass
+class OneShotProgress:
+    """What the caller's on_progress receives, before every training step."""
+    stage: str                  # "tokenizer" | "renderer"
+    step: int
+    steps: int                  # the stage's planned steps (fitted to the budget a few steps in)
+    fraction: float             # of the whole run done, 0..1
+    elapsed: float              # seconds since the run started
+    loss: float
+    preview: torch.Tensor | None = None  # IMAGE [1, H, W, 3], every preview_every seconds
+
+
+def image_key(image: torch.Tensor, keep_out: torch.Tensor | None, settings: OneShotSettings) -> str:
+    """A hash of the image (8-bit), the left-out mask and the settings that change what is learned."""
+    h = hashlib.sha256()
+    h.update(((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy().tobytes())
+    h.update(str(tuple(image.shape)).encode())
+    if keep_out is not None:
+        h.update(keep_out.gt(0).cpu().numpy().tobytes())
+    h.update(json.dumps(settings.identity(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def trainable_part(image: torch.Tensor, keep_out: torch.Tensor | None, wrap: str
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int, int, int]]:
+    """The image cut to the box around what the mask leaves (but never across a wrapping axis), the
+    left-out pixels greyed, and the mask cut alike (None when nothing is left out). -> (image, mask, box x,y,w,h)."""
+    _, H, W = image.shape
+    if keep_out is None or not bool(keep_out.gt(0).any()):
+        return image, None, (0, 0, W, H)
+    if tuple(keep_out.shape) != (H, W):
+        raise TrainingError(f"the mask is {keep_out.shape[-1]}x{keep_out.shape[-2]} px but the image is {W}x{H}: "
+                            f"give a mask of the image's size (white = leave out of training)")
+    left_out = keep_out.gt(0)
+    kept = ~left_out
+    if not bool(kept.any()):
+        raise TrainingError("the mask covers the whole image, so nothing is left to train on: paint only the "
+                            "regions to leave out (white = leave out)")
+    rows, cols = kept.any(1).nonzero().flatten(), kept.any(0).nonzero().flatten()
+    y0, y1 = (0, H) if wrap == "xy" else (int(rows[0]), int(rows[-1]) + 1)
+    x0, x1 = (0, W) if wrap in ("x", "xy") else (int(cols[0]), int(cols[-1]) + 1)
+    image = torch.where(left_out, torch.zeros(()), image)[:, y0:y1, x0:x1]
+    mask = left_out[y0:y1, x0:x1]
+    return image, (mask if bool(mask.any()) else None), (x0, y0, x1 - x0, y1 - y0)
+
+
+def sample_patches(height: int, width: int, masked: bool) -> tuple[int, int]:
+    """Patches per training sample (rows, cols) for a trainable part of height x width px."""
+    rows, cols = min(MAX_SAMPLE_PATCHES, height // PATCH_PX), min(MAX_SAMPLE_PATCHES, width // PATCH_PX)
+    if rows < MIN_SAMPLE_PATCHES or cols < MIN_SAMPLE_PATCHES:
+        least = MIN_SAMPLE_PATCHES * PATCH_PX
+        what = "the part of the image the mask leaves" if masked else "the image"
+        raise TrainingError(f"{what} is {width}x{height} px; one-shot training needs at least {least}x{least} px "
+                            f"({MIN_SAMPLE_PATCHES}x{MIN_SAMPLE_PATCHES} patches of {PATCH_PX} px, so every patch has "
+                            f"neighbours to learn from): use a larger image, upscale it (e.g. Upscale Image By 2)"
+                            + (", or leave less of it out" if masked else ""))
+    return rows, cols
+
+
+def padded_for_wrap(image: torch.Tensor, mask: torch.Tensor | None, wrap: str, pad: int):
+    """A wrapping image continued across its joint by `pad` px (circularly), so crops can cross it."""
+    if wrap == "none":
+        return image, mask
+    py = pad if wrap == "xy" else 0
+    image = F.pad(image[None], (pad, pad, py, py), mode="circular")[0]
+    if mask is not None:
+        mask = F.pad(mask[None, None].float(), (pad, pad, py, py), mode="circular")[0, 0].bool()
+    return image, mask
+
+
+def training_memory_bytes(rows: int, cols: int, batch: int = 4) -> int:
+    """Peak memory of a one-shot run on its device: the larger of its two stages, each its weights,
+    gradients and Adam moments (16 bytes a weight, fp32) and its activations kept for the backward
+    pass (about 3x what the forward alone holds: nuwa_core.memory's inference estimates)."""
+    from ..checkpoint import config_from_json, read_metadata
+    from ..infinity.renderer import Renderer, RendererConfig
+    from ..infinity.vqgan import VQModel, get_config
+    from ..memory import renderer_working_bytes, vqgan_window_bytes
+    vq_cfg = get_config("small_f8")
+    r_cfg = config_from_json(RendererConfig, read_metadata(SHIPPED_MODEL)["renderer_config"])
+    weights = {"vq": sum(p.numel() for p in VQModel(vq_cfg).parameters()),
+               "renderer": sum(p.numel() for p in Renderer(r_cfg).parameters())}
+    tokenizer = 16 * weights["vq"] * 2 + 3 * vqgan_window_bytes(vq_cfg, PATCH_PX // 8, batch)  # x2: + discriminator
+    renderer = 16 * weights["renderer"] + 3 * renderer_working_bytes(r_cfg, (1, rows, cols), batch)
+    return int(max(tokenizer, renderer + 4 * weights["vq"]))  # the frozen tokenizer beside the renderer
+
+
+def _check_memory(needed: int, device, make_room) -> None:
+    from ..memory import available_bytes
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if make_room is not None:
+        make_room(needed, device)
+    free = available_bytes(device if device.type == "cuda" else None)
+    if free is not None and needed > free:
+        where = f"on {device}" if device.type == "cuda" else "in RAM"
+        raise TrainingError(f"one-shot training needs about {needed / 2**20:.0f} MiB but only {free / 2**20:.0f} MiB "
+                            f"is free {where}: close other programs or unload models, or train on the CPU")
+
+
+class _StageBudget:
+    """The monitor of one stage (loop.Run): fits its step count to the time it has left, stops it at its
+    deadline or when the caller asks, and reports progress (with a preview every so often)."""
+
+    CALIBRATION_STEPS = 5
+
+    def __init__(self, stage: str, deadline: float | None, fixed_steps: int, run_state: "_RunState"):
+        self.stage, self.deadline, self.fixed_steps, self.state = stage, deadline, fixed_steps, run_state
+        self.first: tuple[int, float] | None = None
+        self.next_fit = self.CALIBRATION_STEPS
+
+    def __call__(self, run, step: int, stats: dict):
+        now = time.monotonic()
+        if self.first is None:  # the stage's setup (encoding the token bank) is done: time steps from here
+            self.first = (step, now)
+            if self.fixed_steps:
+                run.args.steps = self.fixed_steps
+        first_step, first_time = self.first
+        done = step - first_step
+        # fitted after a few steps, then again each time the steps timed double (the time previews take,
+        # a machine that gets busier): the schedule's end moves a little, and the run ends on its budget
+        if not self.fixed_steps and done >= self.next_fit:
+            per_step = (now - first_time) / done
+            run.args.steps = step + max(1, int((self.deadline - now) / per_step))
+            self.next_fit *= 2
+        self.state.report(self.stage, step, run.args.steps, stats, run.preview)
+        if self.state.should_stop():
+            return "cancel"
+        if self.deadline is not None and now >= self.deadline:
+            return "budget"
+        return None
+
+
+class _RunState:
+    """The whole run's clock, the caller's callbacks, and the preview timing."""
+
+    def __init__(self, settings: OneShotSettings, on_progress, should_stop, preview_every: float):
+        self.settings, self.on_progress, self._should_stop = settings, on_progress, should_stop
+        self.preview_every = preview_every
+        self.start = time.monotonic()
+        self.budget = settings.minutes * 60.0
+        self.last_preview = self.start
+        self.first_renderer_preview: float | None = None
+        self.fraction_before = 0.0  # of steps, with fixed step counts: the tokenizer's part when in the renderer
+
+    def should_stop(self) -> bool:
+        return bool(self._should_stop and self._should_stop())
+
+    def report(self, stage: str, step: int, steps: int, stats: dict, preview_fn) -> None:
+        now = time.monotonic()
+        elapsed = now - self.start
+        preview = None
+        if preview_fn is not None and self.preview_every and now - self.last_preview >= self.preview_every:
+            preview = preview_fn()
+            self.last_preview = time.monotonic()
+            if stage == "renderer" and self.first_renderer_preview is None:
+                self.first_renderer_preview = self.last_preview - self.start
+        s = self.settings
+        if s.tokenizer_steps and s.renderer_steps:
+            total = s.tokenizer_steps + s.renderer_steps
+            fraction = (step + (s.tokenizer_steps if stage == "renderer" else 0)) / total
+        else:
+            fraction = elapsed / self.budget
+        if self.on_progress is not None:
+            self.on_progress(OneShotProgress(stage, step, steps, min(1.0, fraction), elapsed,
+                                             float(stats.get("loss", float("nan"))), preview))
+
+
+def _stage_args(stage: str, flags: list[str], device) -> object:
+    from .cli import build_parser
+    args = build_parser().parse_args([stage, *flags])
+    args.device = device
+    return args
+
+
+def _read_state(work: Path) -> dict:
+    path = work / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_state(work: Path, state: dict) -> None:
+    atomic_write(work / STATE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1, sort_keys=True)))
+
+
+def work_dir_for(out: Path) -> Path:
+    """Where a run keeps its stages' checkpoints, logs and state: training/<name>/ beside the model (the
+    Model Loader does not list it)."""
+    return out.parent / TRAINING_FOLDER / out.stem
+
+
+def train_one_shot(image: torch.Tensor, out, settings: OneShotSettings | None = None,
+                   keep_out: torch.Tensor | None = None, resume: bool = False, work_dir=None, device=None,
+                   on_progress: Callable[[OneShotProgress], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None, preview_every: float = 30.0,
+                   make_room: Callable[[int, torch.device], None] | None = None) -> dict:
+    """Train a model of `image` ([3, H, W] in -1..1) and write it to `out` (a NUWA-Infinity bundle).
+
+    keep_out [H, W]: > 0 where the image is left out of training. resume: continue the run saved in
+    the work folder (same image, mask and settings; `settings.minutes` more). should_stop() -> True
+    stops the run at the next step, keeping what it learned. make_room(bytes, device): called before
+    training starts with the memory it needs (ComfyUI unloads other models), which is then checked. -> a summary: "stopped" ("budget",
+    "steps" or "cancel"), "out" (None when stopped before the renderer began), step counts, seconds.
+    """
+    settings = settings or OneShotSettings()
+    settings.check()
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise TrainingError(f"expected an RGB image [3, H, W], got shape {tuple(image.shape)}")
+    out = Path(out)
+    work = Path(work_dir) if work_dir is not None else work_dir_for(out)
+    key = image_key(image, keep_out, settings)
+    state = _read_state(work)
+    if resume and state.get("key") != key:
+        raise TrainingError(f"nothing to continue in {work}: " + (
+            "no saved run there" if not state else "its run was trained on another image, mask or settings "
+            "(start_from, wrap, seed, tokenizer_share)") + "; train it anew instead")
+    train_image, mask, box = trainable_part(image.float().clamp(-1, 1), keep_out, settings.wrap)
+    masked = keep_out is not None and bool(keep_out.gt(0).any())
+    rows, cols = sample_patches(train_image.shape[-2], train_image.shape[-1], masked)
+    train_image, mask = padded_for_wrap(train_image, mask, settings.wrap, PATCH_PX)
+    _check_memory(training_memory_bytes(rows, cols), device, make_room)
+    work.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        state = {"key": key, "settings": dataclasses.asdict(settings), "box": box, "tokenizer": {}, "renderer": {}}
+        _write_state(work, state)
+    clock = _RunState(settings, on_progress, should_stop, preview_every)
+    tokenizer_file = work / "tokenizer.safetensors"
+    seed = str(settings.seed)
+    common = ["--seed", seed, "--quiet", "--log-dir", str(work), "--save-every", "100"]
+
+    # ---- the tokenizer (skipped when continuing a run whose tokenizer is done) ----------------------
+    if not state["tokenizer"].get("done"):
+        flags = ["--images", IN_MEMORY, "--out", str(tokenizer_file), "--one-shot", "--preset", "small_f8",
+                 "--crop", str(PATCH_PX), "--batch", "4", "--lr", "5e-4", "--warmup", "20", "--decay", "linear",
+                 "--disc-start", str(10 ** 9), "--restart-every", "50", "--steps", str(10 ** 9), *common]
+        if settings.start_from == "shipped":
+            shipped = work / "shipped_tokenizer.safetensors"
+            save_vqgan(NuwaInfinity.load(SHIPPED_MODEL).vqgan, shipped)
+            flags += ["--init", str(shipped)]
+        if resume and state["tokenizer"].get("started"):
+            flags.append("--resume")
+        deadline = clock.start + settings.tokenizer_share * clock.budget if not settings.tokenizer_steps else None
+        state["tokenizer"]["started"] = True
+        _write_state(work, state)
+        res = vqgan_stage.train_vqgan(_stage_args("vqgan", flags, device), [train_image], [mask],
+                                      _StageBudget("tokenizer", deadline, settings.tokenizer_steps, clock))
+        state["tokenizer"].update(steps=res["step"], done=res["stopped"] not in STOPPED_BY_USER)
+        _write_state(work, state)
+        if res["stopped"] in STOPPED_BY_USER:
+            return _summary(state, clock, res["stopped"], None)
+
+    # ---- the renderer, on the tokenizer's tokens -------------------------------------------------
+    renderer_out = work / "model.safetensors"
+    flags = ["--tokenizer", str(tokenizer_file), "--images", IN_MEMORY, "--out", str(renderer_out), "--one-shot",
+             "--token-bank", "8", "--aug-rotate", "2", "--aug-shear", "0.04", "--aug-noise", "0.01", "--batch", "4",
+             "--lr", "3e-4", "--warmup", "100", "--sample-patches", f"{rows}x{cols}", "--wrap", settings.wrap,
+             "--steps", str(10 ** 9), *common]
+    if settings.start_from == "shipped":
+        flags += ["--init", str(SHIPPED_MODEL), "--init-tokens-may-differ"]
+    if resume and state["renderer"].get("started"):
+        flags.append("--resume")
+    deadline = clock.start + clock.budget - FINAL_SAVE_SECONDS if not settings.renderer_steps else None
+    renderer_steps = settings.renderer_steps and state["renderer"].get("steps", 0) + settings.renderer_steps
+    state["renderer"]["started"] = True
+    _write_state(work, state)
+    res = renderer_stage.train_renderer(_stage_args("renderer", flags, device), [train_image], [mask],
+                                        _StageBudget("renderer", deadline, renderer_steps, clock))
+    state["renderer"]["steps"] = res["step"]
+    state["renderer"]["optimizer_steps"] = res["optimizer_steps"]
+    _write_state(work, state)
+    model = NuwaInfinity.load(renderer_out)
+    summary = _summary(state, clock, res["stopped"], str(out))
+    try:
+        model.save(out, dtype=torch.float16, metadata={"one_shot": json.dumps(
+            {"key": key, "settings": state["settings"], "tokenizer_steps": summary["tokenizer_steps"],
+             "renderer_steps": summary["renderer_steps"]}, sort_keys=True)})
+    except OSError as err:
+        raise TrainingError(f"could not write the model to {out}: {err}. Any model file there before is unchanged, "
+                            f"and what this run learned is kept in {work}: make room and continue the run") from err
+    print(f"[train] one-shot: {summary['stopped']} after {summary['seconds']:.0f} s ({summary['tokenizer_steps']} "
+          f"tokenizer + {summary['renderer_steps']} renderer steps); wrote {out}", file=sys.stderr)
+    return summary
+
+
+def _summary(state: dict, clock: _RunState, stopped: str, out: str | None) -> dict:
+    return {"stopped": stopped, "out": out, "tokenizer_steps": state["tokenizer"].get("steps", 0),
+            "renderer_steps": state["renderer"].get("steps", 0),
+            "renderer_optimizer_steps": state["renderer"].get("optimizer_steps", 0),
+            "seconds": time.monotonic() - clock.start, "first_renderer_preview_s": clock.first_renderer_preview}
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("image", help="the image to learn (a painting, a photo, a panorama)")
+    p.add_argument("--out", required=True, help="the model file to write (.safetensors); the run's checkpoints, "
+                   "logs and state go to training/NAME/ beside it")
+    p.add_argument("--minutes", type=float, default=10.0, help="time budget for the whole run")
+    p.add_argument("--mask", default=None, help="an image of the same size: white (> 50%%) = leave out of training")
+    p.add_argument("--leave-out", default=None, metavar="X,Y,W,H", help="a box (px) to leave out of training, e.g. "
+                   "the strip a continuation is scored on")
+    p.add_argument("--start-from", choices=START_FROM, default="shipped", help="shipped: fine-tune the shipped "
+                   "default model's tokenizer and renderer; scratch: train new ones")
+    p.add_argument("--wrap", choices=WRAPS, default="none", help="the image itself wraps around: x (a 360-degree "
+                   "panorama), xy (a texture that tiles); crops may cross its joint")
+    p.add_argument("--tokenizer-share", type=float, default=0.3, help="share of the budget for the tokenizer")
+    p.add_argument("--tokenizer-steps", type=int, default=0, help="fixed steps instead of the budget (with "
+                   "--renderer-steps: reproduces a run from the counts it reported)")
+    p.add_argument("--renderer-steps", type=int, default=0, help="fixed renderer steps (samples)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run saved beside --out, for --minutes more")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: CUDA when there is one)")
+    p.add_argument("--preview-dir", default=None, help="write a preview PNG here every --preview-every seconds")
+    p.add_argument("--preview-every", type=float, default=60.0)
+
+
+def _keep_out_from_args(args, height: int, width: int) -> torch.Tensor | None:
+    from ..images import load_image
+    from .data import parse_box
+    keep_out = None
+    if args.mask:
+        mask = load_image(args.mask)[0].mean(-1)  # [H, W] 0..1
+        if tuple(mask.shape) != (height, width):
+            raise TrainingError(f"--mask {args.mask} is {mask.shape[1]}x{mask.shape[0]} px but the image is "
+                                f"{width}x{height}; give a mask of the image's size")
+        keep_out = mask.gt(0.5)
+    box = parse_box(args.leave_out)
+    if box is not None:
+        x, y, w, h = box
+        keep_out = torch.zeros(height, width, dtype=torch.bool) if keep_out is None else keep_out
+        keep_out[y:y + h, x:x + w] = True
+    return keep_out
+
+
+def run(args) -> dict:
+    from ..images import image_to_model, load_image, save_image
+    try:
+        image = image_to_model(load_image(args.image))[0]
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"cannot read the image {args.image}: {err}") from err
+    keep_out = _keep_out_from_args(args, image.shape[-2], image.shape[-1])
+    settings = OneShotSettings(minutes=args.minutes, start_from=args.start_from, tokenizer_share=args.tokenizer_share,
+                               wrap=args.wrap, seed=args.seed, tokenizer_steps=args.tokenizer_steps,
+                               renderer_steps=args.renderer_steps)
+    last_line = [0.0]
+
+    def on_progress(p: OneShotProgress) -> None:
+        if p.preview is not None and args.preview_dir:
+            save_image(p.preview, Path(args.preview_dir) / f"{p.stage}_{p.step:06d}.png")
+        if p.elapsed - last_line[0] >= 10.0:
+            last_line[0] = p.elapsed
+            print(f"[train] one-shot {p.stage}: step {p.step}/{p.steps}, loss {p.loss:.3f}, {p.elapsed:.0f} s, "
+                  f"{100 * p.fraction:.0f}%", file=sys.stderr, flush=True)
+
+    return train_one_shot(image, args.out, settings, keep_out, resume=args.resume, device=args.device,
+                          on_progress=on_progress, preview_every=args.preview_every if args.preview_dir else 0.0)
