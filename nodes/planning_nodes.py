@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,9 +100,10 @@ class NUWADirectionPlanner:
                    "left/right/up/down (in patches, or in pixels rounded up to whole patches), grow it to a target "
                    "size around an anchor, regenerate what a mask paints, or both: a mask from the mask editor or "
                    "ImagePadForOutpaint (the image's size, as encoded) is mapped onto the canvas, and outside it the "
-                   "output keeps the image's own pixels, faded in over `feather` px. Outputs the plan and a picture "
-                   "of it: numbered cells show the generation order, one colour per basic order, grey = kept "
-                   "patches; its caption gives the patch size in pixels.")
+                   "output keeps the image's own pixels, faded in over `feather` px. `wrap` makes the canvas "
+                   "tileable (a 360-degree panorama, a seamless texture). Outputs the plan and a picture of it: "
+                   "numbered cells show the generation order, one colour per basic order, grey = kept patches; its "
+                   "caption gives the patch size in pixels.")
     CATEGORY = CATEGORY
     FUNCTION = "plan"
     RETURN_TYPES = ("NUWA_PLAN", "IMAGE")
@@ -140,15 +142,23 @@ class NUWADirectionPlanner:
                 "feather": ("INT", {"default": -1, "min": -1, "max": 1024, "tooltip":
                     "Pixels over which the image's own pixels fade into generated ones at their edge; beyond it the "
                     "output equals the input exactly. 0 = hard edge, -1 = two tokens."}),
+                "wrap": (list(WRAPS), {"default": "none", "tooltip":
+                    "Make the canvas tileable: horizontal = its right edge meets its left (a 360-degree panorama: the "
+                    "last column is generated and decoded with the first beside it), both = every edge meets the "
+                    "opposite one (a seamless texture). A wrapped side cannot be extended; the saved image tiles "
+                    "with no seam."}),
             },
         }
 
     def plan(self, model, canvas, left, right, up, down, target_width, target_height, anchor, mask=None,
-             units="patches", feather=-1):
+             units="patches", feather=-1, wrap="none"):
         f, rows, cols = canvas.grid
         ph, pw = model.patch_pixels
         if units not in UNITS:
             raise ValueError(f"units must be one of {UNITS}, got {units!r}")
+        if wrap not in WRAPS:
+            raise ValueError(f"wrap must be one of {tuple(WRAPS)}, got {wrap!r}")
+        canvas = dataclasses.replace(canvas, wrap=WRAPS[wrap])  # plans (and refuses growth) as the renderer will
         if units == "pixels":
             left, right = _engine.patches_for_pixels(left, pw), _engine.patches_for_pixels(right, pw)
             up, down = _engine.patches_for_pixels(up, ph), _engine.patches_for_pixels(down, ph)
@@ -180,9 +190,9 @@ class NUWADirectionPlanner:
         known = torch.zeros(grid, dtype=torch.bool)
         known[:f, offset[0]:offset[0] + rows, offset[1]:offset[1] + cols] = kept
         spec = PlanSpec(plans, regenerate, None if pixel_mask is None else pixel_mask[0],
-                        None if feather < 0 else int(feather))
+                        None if feather < 0 else int(feather), WRAPS[wrap])
         caption = (f"{grid[2]} x {grid[1]} patches of {pw} x {ph} px = {grid[2] * pw} x {grid[1] * ph} px, "
-                   f"{len(spec)} to generate")
+                   f"{len(spec)} to generate" + ("" if wrap == "none" else f", wrap: {wrap}"))
         preview = draw_plan(plans, grid, known, caption=caption)
         ui = {"nuwa_plan": [{"grid": list(grid), "old_grid": [f, rows, cols], "offset": list(offset),
                              "patch_px": [ph, pw], "order": [list(c) for c, _ in plan_cells(plans, grid)],
@@ -192,6 +202,7 @@ class NUWADirectionPlanner:
 
 
 UNITS = ("patches", "pixels")
+WRAPS = {"none": "none", "horizontal": "x", "both": "xy"}  # the planner's choice -> CanvasState.wrap
 
 
 def _known(canvas) -> torch.Tensor:
@@ -206,9 +217,12 @@ class PlanSpec:
     regenerate: torch.Tensor | None = None   # bool [F, rows, cols] of the canvas before growth
     pixel_mask: torch.Tensor | None = None   # [Hpx, Wpx] frame 0 of that canvas, 1 = regenerate
     feather: int | None = None               # px; None keeps the canvas' setting
+    wrap: str | None = None                  # CanvasState.wrap; None keeps the canvas' setting
 
     def prepare(self, canvas):
         """A copy of the canvas ready for the first plan (the input canvas is never modified)."""
+        if self.wrap is not None:  # first: what a forgotten patch makes stale reaches across the joint
+            canvas = dataclasses.replace(canvas, wrap=self.wrap)
         if self.regenerate is None:
             state = canvas.clone()
         elif tuple(self.regenerate.shape) != tuple(canvas.grid):

@@ -10,8 +10,10 @@ Metrics
 -------
 - :func:`seam_ratio` / :func:`seam_stats`: colour jump across patch boundaries divided by the
   colour jump between adjacent pixels inside patches. About 1 means no visible seam.
-- :func:`wrap_seam_ratio`: the same for the join between the last and first column of a
-  360-degree strip (a free loop-closure test).
+- :func:`wrap_seam_ratio`: the same for the joint between the last and first column of a
+  360-degree strip (a free loop-closure test), or the last and first row of a tileable texture;
+  beside the image's own patch borders when given ``patch_px`` (a tileable canvas' joint is one
+  more patch border), ``gap`` px off them for a hard-cut decode.
 - :func:`swd` / :func:`swd_per_level`: sliced Wasserstein distance between 7x7 patch descriptors of
   the Laplacian pyramids of two images (Karras et al. 2018, ProGAN), per level and averaged.
 - :func:`swd_ratio`: ``SWD(generated, reference) / SWD(reference half 1, reference half 2)``; the
@@ -147,14 +149,33 @@ def seam_ratio(image: torch.Tensor, patch_px) -> float | None:
     return seam_stats(image, patch_px)["ratio"]
 
 
-def wrap_seam_ratio(image: torch.Tensor) -> float | None:
-    """Jump between the last and first column (a 360-degree strip's loop closure) divided by the
-    mean horizontal jump inside the image. ~1 when the strip closes seamlessly."""
+def wrap_seam_ratio(image: torch.Tensor, patch_px=None, axis: str = "x", gap: int = 0) -> float | None:
+    """Jump across the wrap joint divided by the mean jump inside the image along the same axis.
+
+    axis 'x': between the last and first column (a 360-degree strip's loop closure); 'y': between
+    the last and first row (the other joint of a tileable texture). Inside the image: every pair
+    of pixels as far apart, ~1 when the image closes seamlessly; with ``patch_px`` (int or
+    (height, width)) only the pairs across its patch borders, ~1 when the joint is no worse a seam
+    than the borders inside, whatever those are. ``gap``: pairs ``2 * gap + 1`` px apart, ``gap``
+    px each side of the joint and of the borders (stepping over the edge artefacts of patches
+    decoded on their own, as region_scores.gap_seam_stats does). ``None`` when the image is too
+    small (or has no patch border along the axis)."""
+    if axis not in ("x", "y"):
+        raise EvalInputError(f"axis must be 'x' (the column joint) or 'y' (the row joint), got {axis!r}")
+    if gap < 0:
+        raise EvalInputError(f"gap must be >= 0 px, got {gap}")
+    dim, d = (3 if axis == "x" else 2), 2 * gap + 1
     x = _as_bchw(image)
-    if x.shape[3] < 3:
+    n = x.shape[dim]
+    if n < d + 2:
         return None
-    j = _jumps(x, 3)
-    wrap = (x[..., 0] - x[..., -1]).pow(2).sum(1).sqrt()
+    j = (x.narrow(dim, d, n - d) - x.narrow(dim, 0, n - d)).pow(2).sum(1).sqrt()  # pair k: pixels k and k + d
+    if patch_px is not None:
+        p = _patch_hw(patch_px)[1 if axis == "x" else 0]
+        if d >= p:
+            return None
+        j = j.movedim(dim - 1, -1)[..., p - 1 - gap::p]  # the pairs across a patch border
+    wrap = (x.select(dim, gap) - x.select(dim, n - 1 - gap)).pow(2).sum(1).sqrt()
     return _ratio(wrap.sum().item(), wrap.numel(), j.sum().item(), j.numel())
 
 

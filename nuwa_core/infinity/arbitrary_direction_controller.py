@@ -233,15 +233,46 @@ class RelativePositionEmbedding(nn.Module):
         return self.table[layer, indices]
 
 
-def within_extent(a: Coord, b: Coord, extent: Grid) -> bool:
-    return all(abs(x - y) <= e for x, y, e in zip(a, b, extent))
+# Tileable canvases: which edges meet. "x": the last column's right neighbour is the first column
+# (a 360-degree panorama); "xy": the last row's lower neighbour is the first row too (a torus).
+WRAPS = ("none", "x", "xy")
+NO_PERIODS = (0, 0, 0)
 
 
-def neighbours(coord: Coord, extent: Grid, grid: Grid) -> list[Coord]:
-    """Every other patch of `grid` within `extent` of `coord`."""
-    (ef, eh, ew), (f, h, w), (k, i, j) = extent, grid, coord
-    return [(kk, ii, jj)
-            for kk in range(max(0, k - ef), min(f, k + ef + 1))
-            for ii in range(max(0, i - eh), min(h, i + eh + 1))
-            for jj in range(max(0, j - ew), min(w, j + ew + 1))
-            if (kk, ii, jj) != coord]
+def check_wrap(wrap: str) -> str:
+    if wrap not in WRAPS:
+        raise ValueError(f"wrap must be one of {WRAPS} (none, columns wrap, rows and columns wrap), got {wrap!r}")
+    return wrap
+
+
+def periods(grid: Grid, wrap: str) -> Grid:
+    """(frames, rows, columns) sizes of the grid along the axes that wrap, 0 along the others."""
+    check_wrap(wrap)
+    _, h, w = grid
+    return 0, h if wrap == "xy" else 0, w if wrap != "none" else 0
+
+
+def offset(a: Coord, b: Coord, periods: Grid = NO_PERIODS) -> Coord:
+    """a - b, the short way round every axis with a period (a tie goes the direct way)."""
+    return tuple(min((x - y, x - y - p, x - y + p), key=abs) if p else x - y for x, y, p in zip(a, b, periods))
+
+
+def seen_from(coord: Coord, other: Coord, periods: Grid = NO_PERIODS) -> Coord:
+    """Where `other` lies as seen from `coord`: continued past a wrapped edge (column -1 is column W-1)."""
+    return tuple(c + d for c, d in zip(coord, offset(other, coord, periods)))
+
+
+def wrapped(coord: Coord, periods: Grid = NO_PERIODS) -> Coord:
+    """A coordinate past a wrapped edge brought back onto the grid."""
+    return tuple(x % p if p else x for x, p in zip(coord, periods))
+
+
+def within_extent(a: Coord, b: Coord, extent: Grid, periods: Grid = NO_PERIODS) -> bool:
+    return all(abs(d) <= e for d, e in zip(offset(a, b, periods), extent))
+
+
+def neighbours(coord: Coord, extent: Grid, grid: Grid, periods: Grid = NO_PERIODS) -> list[Coord]:
+    """Every other patch of `grid` within `extent` of `coord` (across the wrapped edges too)."""
+    spans = [sorted({(c + d) % n for d in range(-e, e + 1)}) if p else range(max(0, c - e), min(n, c + e + 1))
+             for c, e, n, p in zip(coord, extent, grid, periods)]
+    return [(kk, ii, jj) for kk in spans[0] for ii in spans[1] for jj in spans[2] if (kk, ii, jj) != coord]

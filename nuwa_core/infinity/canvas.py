@@ -2,6 +2,9 @@
 Nearby Context Pool of its cached patches, and the given pixels.
 
 It is what Algorithm 2 (generation.py) reads and returns, and what can be saved and continued later.
+A canvas can wrap (`wrap`, adc.WRAPS): its edges meet, so generation selects context and decoding
+sees tokens across the joint, and the decoded image tiles with no seam. Set it with
+`NuwaInfinity.blank_canvas(..., wrap=)` or `dataclasses.replace(state, wrap="x")`.
 """
 from __future__ import annotations
 
@@ -34,10 +37,28 @@ class CanvasState:
     feather: int | None = None          # px the given pixels fade over at their edge; None = two tokens
     source_size: tuple | None = None    # (H, W) px of the image the canvas was encoded from
     source_box: tuple | None = None     # (top, left, height, width) of that image that became `given`
+    wrap: str = "none"                  # "none", "x" (columns wrap: a 360-degree panorama), "xy" (a torus)
+
+    def __post_init__(self):
+        adc.check_wrap(self.wrap)
 
     @property
     def grid(self) -> Grid:
         return tuple(self.known.shape)
+
+    @property
+    def periods(self) -> Grid:
+        """The grid's size along the axes that wrap, 0 along the others (adc.periods)."""
+        return adc.periods(self.grid, self.wrap)
+
+    def check_growth(self, rows: int, cols: int) -> None:
+        """Refuse adding rows / columns along an axis that wraps: it has no edge to grow from."""
+        _, wrap_rows, wrap_cols = self.periods
+        for added, wraps, sides, how in ((cols, wrap_cols, "left/right", "horizontally"),
+                                         (rows, wrap_rows, "top/bottom", "vertically")):
+            if added and wraps:
+                raise ValueError(f"the canvas wraps {how} (wrap={self.wrap!r}): it has no {sides} edge to extend "
+                                 f"from; fill or regenerate its patches instead, or make it wrap='none' to grow it")
 
     @property
     def batch(self) -> int:
@@ -66,6 +87,7 @@ class CanvasState:
         (f0, h0, w0), (f1, h1, w1), (top, left) = self.grid, plan.grid, plan.offset
         if f1 < f0 or h1 < h0 + top or w1 < w0 + left:
             raise ValueError(f"plan grid {plan.grid} with offset {plan.offset} does not contain the canvas {self.grid}")
+        self.check_growth(h1 - h0, w1 - w0)
         if (f1, h1, w1) == (f0, h0, w0):
             return state
         pf, ph, pw = self.patch_size
@@ -105,7 +127,9 @@ class CanvasState:
             state.tokens[state.patch_slices(coord)] = UNKNOWN
         state.known = state.known & ~cells
         if state.pool is not None:
-            stale = [c for c in state.pool.caches if any(adc.within_extent(c, f, state.pool.extent) for f in coords)]
+            periods = self.periods
+            stale = [c for c in state.pool.caches
+                     if any(adc.within_extent(c, f, state.pool.extent, periods) for f in coords)]
             for c in stale:
                 state.pool.discard(c)
         if state.given is not None:
@@ -150,7 +174,7 @@ class CanvasState:
                 "given_origin": json.dumps(list(self.given_origin)), "pool_extent": json.dumps(extent),
                 "pool_orders": json.dumps(orders), "pixels_per_token": str(self.pixels_per_token),
                 "feather": json.dumps(self.feather), "source_size": json.dumps(self.source_size),
-                "source_box": json.dumps(self.source_box)}
+                "source_box": json.dumps(self.source_box), "wrap": self.wrap}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -172,7 +196,8 @@ class CanvasState:
                    patch_size=tuple(json.loads(meta["patch_size"])), pool=pool, given=tensors.get("given"),
                    given_origin=tuple(json.loads(meta["given_origin"])), pixels_per_token=int(meta["pixels_per_token"]),
                    given_mask=tensors.get("given_mask"), feather=optional["feather"],
-                   source_size=_tuple_or_none(optional["source_size"]), source_box=_tuple_or_none(optional["source_box"]))
+                   source_size=_tuple_or_none(optional["source_size"]), source_box=_tuple_or_none(optional["source_box"]),
+                   wrap=meta.get("wrap", "none"))  # canvases saved before wrapping existed do not wrap
 
 
 def _tuple_or_none(value):

@@ -11,6 +11,8 @@ segment caches made in another local order, which no training sample does; by de
 segment first re-encodes, in its own order, the cached patches it can select (`reencode_pooled`).
 
 The canvas it reads and returns (tokens, known patches, pool, given pixels) is canvas.CanvasState.
+On a canvas that wraps (CanvasState.wrap) Select, Remove and the pre-caching reach across the
+joint, and decoding cross-fades across it.
 """
 from __future__ import annotations
 
@@ -114,14 +116,15 @@ class NuwaInfinity(nn.Module):
             counts.append(math.ceil(size / patch))
         return counts[0], counts[1]
 
-    def blank_canvas(self, rows: int, cols: int, frames: int = 1, batch: int = 1) -> CanvasState:
+    def blank_canvas(self, rows: int, cols: int, frames: int = 1, batch: int = 1, wrap: str = "none") -> CanvasState:
+        """An empty canvas; wrap 'x' makes a 360-degree panorama, 'xy' a seamless texture (adc.WRAPS)."""
         for name, n in (("rows", rows), ("cols", cols), ("frames", frames), ("batch", batch)):
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {n!r}")
         pf, ph, pw = self.patch_size
         return CanvasState(tokens=torch.full((batch, frames * pf, rows * ph, cols * pw), UNKNOWN, dtype=torch.long),
                            known=torch.zeros(frames, rows, cols, dtype=torch.bool), patch_size=self.patch_size,
-                           pixels_per_token=self.vqgan.downsample_factor)
+                           pixels_per_token=self.vqgan.downsample_factor, wrap=wrap)
 
     @torch.no_grad()
     def canvas_from_image(self, image: torch.Tensor, fit: str = "refuse", frames: int = 1) -> CanvasState:
@@ -179,7 +182,9 @@ class NuwaInfinity(nn.Module):
 
     # ---- plans -----------------------------------------------------------------------------------
     def plan_extension(self, state: CanvasState, left=0, right=0, up=0, down=0, step: int = 1) -> Plan:
-        """Outpaint whole patches around a fully known canvas (the appendix's loop circle)."""
+        """Outpaint whole patches around a fully known canvas (the appendix's loop circle); not
+        across the joint of a canvas that wraps."""
+        state.check_growth(up + down, left + right)
         if not state.known.all():
             raise ValueError("plan_extension needs a fully generated canvas; use plan_fill to finish it first")
         return adc.plan_outpaint(state.grid, left=left, right=right, up=up, down=down, step=step)
@@ -231,7 +236,9 @@ class NuwaInfinity(nn.Module):
         pool = state.pool if _pool_fits(state.pool, cfg, state, extent) else NearbyContextPool(extent)
         # a canvas from a file or a node's output keeps its caches on the CPU: onto the model's device and dtype
         pool.caches = {c: cache.to(self.device, self.renderer.pos_f.dtype) for c, cache in pool.caches.items()}
-        last = last_needed_steps([c for _, c in steps], extent, keep=self._frontier(plan, state, extent))
+        pool.periods = periods = state.periods
+        last = last_needed_steps([c for _, c in steps], extent, keep=self._frontier(plan, state, extent),
+                                 periods=periods)
 
         def patch_tokens(coord: Coord) -> torch.Tensor:
             return state.patch_tokens(coord).to(self.device)
@@ -247,7 +254,7 @@ class NuwaInfinity(nn.Module):
         t = 0
         for segment in plan.segments:
             if reencode:
-                near = {n for c in segment.patches for n in adc.neighbours(c, extent, state.grid)}
+                near = {n for c in segment.patches for n in adc.neighbours(c, extent, state.grid, periods)}
                 reencode_pooled(self.renderer, pool, near, segment.order, state.grid, patch_tokens, text_kv)
             for coord in segment.patches:
                 context = Context.from_pool(pool.select(coord), coord, self.renderer.rel, self.device)
@@ -293,9 +300,9 @@ class NuwaInfinity(nn.Module):
     @staticmethod
     def _precache_list(state: CanvasState, steps, pool: NearbyContextPool, order: Order, extent: Grid) -> list[Coord]:
         """Known patches the plan can select (and their own known context), not yet in the pool."""
-        grid = state.grid
-        ring1 = {n for _, c in steps for n in adc.neighbours(c, extent, grid) if state.known[n]} - set(pool.caches)
-        ring2 = {n for c in ring1 for n in adc.neighbours(c, extent, grid) if state.known[n]}
+        grid, periods = state.grid, state.periods
+        ring1 = {n for _, c in steps for n in adc.neighbours(c, extent, grid, periods) if state.known[n]} - set(pool.caches)
+        ring2 = {n for c in ring1 for n in adc.neighbours(c, extent, grid, periods) if state.known[n]}
         todo = (ring1 | ring2) - set(pool.caches)
         return sorted(todo, key=lambda c: adc.time_index(c, order, grid))
 
@@ -343,15 +350,21 @@ class NuwaInfinity(nn.Module):
         tokens) from every edge that meets generated pixels, so the tokenizer's reconstruction
         error does not draw a line around them (0: pasted with a hard edge). Farther than that
         from generated pixels the output equals the given image exactly.
+
+        A canvas that wraps is decoded as a circle (or torus): the windows at the joint see the
+        tokens across it and cross-fade into them, so the image tiles with no seam; given pixels
+        fade towards generated pixels across the joint too. Without blend every block is cut
+        apart anyway, the joint as any other block border.
         """
         b, ft, h, w = state.tokens.shape
         tokens = state.tokens.reshape(b * ft, h, w)
         tile = tile or self.vqgan_tile
+        wrap = tuple(p > 0 for p in state.periods[1:])
         out = []
         for frame in tokens:  # one frame at a time keeps memory flat in the frame count too
             frame = frame.clamp(min=0)[None].to(self.device)
             if blend:
-                x = self.vqgan.decode_tokens_tiled(frame, tile=tile, overlap=tile // 4)
+                x = self.vqgan.decode_tokens_tiled(frame, tile=tile, overlap=tile // 4, wrap=wrap)
             else:
                 x = self.vqgan.decode_tokens_blocks(frame, tile=tile)
             out.append(model_to_image(x.float().cpu()))
@@ -366,36 +379,41 @@ class NuwaInfinity(nn.Module):
             if feather is None:
                 feather = 2 * f_px if state.feather is None else state.feather
             weight = given_weight((gh, gw), (top, left), tuple(frame0.shape[1:3]), feather,
-                                  regenerate=state.given_mask)[None, :, :, None]
+                                  regenerate=state.given_mask, wrap=wrap)[None, :, :, None]
             region = frame0[:, top:top + gh, left:left + gw]
             region.copy_(torch.lerp(region, state.given.to(image.dtype), weight))  # exact where weight is 1
         return image
 
 
 def given_weight(size: tuple[int, int], origin: tuple[int, int], canvas: tuple[int, int], feather: int,
-                 regenerate: torch.Tensor | None = None) -> torch.Tensor:
+                 regenerate: torch.Tensor | None = None, wrap: tuple[bool, bool] = (False, False)) -> torch.Tensor:
     """[h, w] weight of given pixels of `size` at `origin` on a canvas of `canvas` px.
 
     1 - regenerate (the given mask: 1 = replaced by generated pixels, soft values blend), and
     within `feather` px of a canvas pixel that shows no given pixel (outside the given rectangle,
     or fully regenerated) at most d / (feather + 1), d the chessboard distance to it: a linear ramp
-    that reaches 1 / (feather + 1) next to generated pixels. The canvas' own borders do not count.
+    that reaches 1 / (feather + 1) next to generated pixels. The canvas' own borders do not count,
+    except along an axis that wraps (rows, columns): there the pixels across the joint do.
     """
     (h, w), (top, left), (ch, cw) = size, origin, canvas
     keep = torch.ones(h, w) if regenerate is None else (1 - regenerate.float().cpu()).clamp(0, 1)
     if feather <= 0:
         return keep
     # a window of the canvas around the given rectangle: nothing farther than `feather` px matters
-    r0, c0 = max(top - feather, 0), max(left - feather, 0)
-    r1, c1 = min(top + h + feather, ch), min(left + w + feather, cw)
+    # (the whole of an axis that wraps: its far side is near)
+    r0, r1 = (0, ch) if wrap[0] else (max(top - feather, 0), min(top + h + feather, ch))
+    c0, c1 = (0, cw) if wrap[1] else (max(left - feather, 0), min(left + w + feather, cw))
     shown = torch.zeros(r1 - r0, c1 - c0)
     inside = (slice(top - r0, top - r0 + h), slice(left - c0, left - c0 + w))
     shown[inside] = (keep > 0).float()
     generated = (1 - shown)[None, None]  # [1, 1, H, W]
+    wrap_h, wrap_w = int(wrap[0]), int(wrap[1])
     ramp = torch.zeros(h, w)
     for _ in range(feather + 1):  # after k dilations, `generated` holds every pixel within k px of one
         ramp += 1 - generated[0, 0][inside]
-        generated = F.max_pool2d(generated, 3, stride=1, padding=1)  # -inf padding: borders are not generated
+        # -inf padding: borders are not generated; an axis that wraps is padded with its far side instead
+        generated = F.pad(generated, (wrap_w, wrap_w, wrap_h, wrap_h), mode="circular")
+        generated = F.max_pool2d(generated, 3, stride=1, padding=(1 - wrap_h, 1 - wrap_w))
     return torch.minimum(keep, ramp / (feather + 1))
 
 
@@ -409,7 +427,9 @@ def reencode_pooled(renderer: Renderer, pool: NearbyContextPool, coords: Iterabl
     They go in `order`'s sequence over `grid`, each with the pooled caches that precede it in
     that order as its context (as in a training sample in `order`; one re-encoded before serves
     the next). patch_tokens(coord) -> its tokens [B, M] raster, on the renderer's device.
-    Caches are replaced in place: the pool holds no more patches than before.
+    Caches are replaced in place: the pool holds no more patches than before. On a canvas that
+    wraps (pool.periods), a patch across the joint comes before or after by where it lies as seen
+    from the re-encoded one, as in a training sample laid out around it.
     """
     todo = sorted((c for c in set(coords) if c in pool and pool.orders.get(c) is not order),
                   key=lambda c: adc.time_index(c, order, grid))

@@ -6,7 +6,8 @@ the relative position embedding is added when a cache is read, since offsets cha
 canvas is generated.
 
     Select(p): the caches within the extent of p. The pool only ever holds patches already
-               generated, so these are exactly the context patches earlier in the order.
+               generated, so these are exactly the context patches earlier in the order. On a
+               canvas that wraps, the extent reaches across the joint (`periods`).
     Add(a_n):  store the cache of a generated patch, and the local order it was made in (a
                cache depends on it: AR slots, order embeddings), so composed orders can re-encode
                (generation.reencode_pooled).
@@ -23,7 +24,7 @@ from typing import Iterable
 
 import torch
 
-from .arbitrary_direction_controller import Coord, Grid, Order, within_extent
+from .arbitrary_direction_controller import NO_PERIODS, Coord, Grid, Order, seen_from, within_extent, wrapped
 
 NEEDED_FOREVER = float("inf")
 
@@ -33,12 +34,19 @@ class NearbyContextPool:
         self.extent = tuple(extent)
         self.caches: dict[Coord, torch.Tensor] = {}
         self.orders: dict[Coord, Order | None] = {}  # None: not known (a canvas saved before orders were)
+        # the canvas' size along the axes that wrap, 0 along the others (adc.periods; set by generate)
+        self.periods: Grid = NO_PERIODS
         self.peak_size = 0
 
     def select(self, coord: Coord) -> list[tuple[Coord, torch.Tensor]]:
-        """NCP.Select: (position, cache) of every cached patch within the extent, in a fixed order."""
-        return [(c, self.caches[c]) for c in sorted(self.caches)
-                if c != coord and within_extent(c, coord, self.extent)]
+        """NCP.Select: (position, cache) of every cached patch within the extent, in a fixed order.
+
+        On a canvas that wraps (`periods`), a patch across the joint is given where it lies as
+        seen from `coord` (the first column seen from the last is column W): its offset is the
+        short way round.
+        """
+        return [(seen_from(coord, c, self.periods), self.caches[c]) for c in sorted(self.caches)
+                if c != coord and within_extent(c, coord, self.extent, self.periods)]
 
     def add(self, coord: Coord, cache: torch.Tensor, order: Order | None) -> None:
         """NCP.Add: cache [L, B, M, d] of the patch at `coord`, made in local order `order`."""
@@ -63,7 +71,7 @@ class NearbyContextPool:
     def copy(self) -> "NearbyContextPool":
         """A pool holding the same caches (not copied: they are never changed in place)."""
         pool = NearbyContextPool(self.extent)
-        pool.caches, pool.orders = dict(self.caches), dict(self.orders)
+        pool.caches, pool.orders, pool.periods = dict(self.caches), dict(self.orders), self.periods
         return pool
 
     def __contains__(self, coord: Coord) -> bool:
@@ -83,12 +91,13 @@ class NearbyContextPool:
 
 
 def last_needed_steps(steps: Iterable[Coord], extent: Grid, keep: Iterable[Coord] = (),
-                      first_step: int = 0) -> dict[Coord, float]:
+                      first_step: int = 0, periods: Grid = NO_PERIODS) -> dict[Coord, float]:
     """For every patch some planned patch can select: the last step that selects it.
 
     `steps` are the planned patches in generation order, numbered from `first_step`. A planned
-    patch is needed by later planned patches within its extent. `keep` lists patches to keep
-    past the plan's end (the frontier a continuation in the same direction will need).
+    patch is needed by later planned patches within its extent (across the joint of a canvas
+    that wraps: `periods` as the pool's). `keep` lists patches to keep past the plan's end (the
+    frontier a continuation in the same direction will need).
     """
     ef, eh, ew = extent
     last: dict[Coord, float] = {}
@@ -96,7 +105,7 @@ def last_needed_steps(steps: Iterable[Coord], extent: Grid, keep: Iterable[Coord
         for kk in range(k - ef, k + ef + 1):
             for ii in range(i - eh, i + eh + 1):
                 for jj in range(j - ew, j + ew + 1):
-                    last[(kk, ii, jj)] = t
+                    last[wrapped((kk, ii, jj), periods)] = t
     for coord in keep:
         last[coord] = NEEDED_FOREVER
     return last

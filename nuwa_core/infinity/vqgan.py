@@ -304,7 +304,8 @@ class VQModel(nn.Module):
         return self.decode(self.quantize.embed(tokens.long()))
 
     @torch.no_grad()
-    def decode_tokens_tiled(self, tokens: torch.Tensor, tile: int = 16, overlap: int = 4) -> torch.Tensor:
+    def decode_tokens_tiled(self, tokens: torch.Tensor, tile: int = 16, overlap: int = 4,
+                            wrap: tuple[bool, bool] = (False, False)) -> torch.Tensor:
         """decode_tokens in windows of at most (tile + 2*overlap)^2 tokens, cross-faded.
 
         The decoder's attention is global over the token grid, so a whole large canvas at once
@@ -313,18 +314,22 @@ class VQModel(nn.Module):
         (on patch borders, since tiles are patches); instead each window fades out linearly over
         the 2*overlap tokens it shares with its neighbour. Equals decode_tokens exactly when one
         window covers the canvas.
+
+        wrap (rows, columns): the grid's edges along that axis meet (a tileable canvas). Windows
+        there wrap round the joint, so the last tile and the first are cross-faded as any two
+        neighbours are, and rolling the tokens by whole tiles rolls the image.
         """
         f = self.downsample_factor
         B, h, w = tokens.shape
-        rows, cols = _blend_weights(h, tile, overlap, f), _blend_weights(w, tile, overlap, f)
+        rows, cols = _blend_weights(h, tile, overlap, f, wrap[0]), _blend_weights(w, tile, overlap, f, wrap[1])
         out = None
         for ys, wy in rows:
             for xs, wx in cols:
-                piece = self.decode_tokens(tokens[:, ys, xs])  # [B, 3, win_h*f, win_w*f]
+                piece = self.decode_tokens(tokens[:, ys][:, :, xs])  # [B, 3, win_h*f, win_w*f]
                 if out is None:
                     out = piece.new_zeros(B, piece.shape[1], h * f, w * f)
                 weight = (wy[:, None] * wx[None, :]).to(piece)
-                out[:, :, _scale(ys, f), _scale(xs, f)] += piece * weight
+                _add_at(out, piece * weight, _scale(ys, f), _scale(xs, f))
         return out
 
     @torch.no_grad()
@@ -358,8 +363,22 @@ class VQModel(nn.Module):
         return out
 
 
-def _scale(s: slice, f: int) -> slice:
-    return slice(s.start * f, s.stop * f)
+def _scale(s: slice | torch.Tensor, f: int) -> slice | torch.Tensor:
+    """Tokens -> their pixels: a slice, or token indices (a window round a joint) -> pixel indices."""
+    if isinstance(s, slice):
+        return slice(s.start * f, s.stop * f)
+    return (s[:, None] * f + torch.arange(f)).flatten()
+
+
+def _add_at(out: torch.Tensor, value: torch.Tensor, rows, cols) -> None:
+    """out[:, :, rows, cols] += value; rows / cols are slices or index tensors, which repeat pixels
+    when a window is longer than its wrapped axis (each repeat adds)."""
+    if isinstance(rows, slice) and isinstance(cols, slice):
+        out[:, :, rows, cols] += value
+        return
+    rows, cols = (torch.arange(n)[i] if isinstance(i, slice) else i for n, i in zip(out.shape[2:], (rows, cols)))
+    out.permute(2, 3, 0, 1).index_put_((rows[:, None].to(out.device), cols[None].to(out.device)),
+                                       value.permute(2, 3, 0, 1), accumulate=True)
 
 
 def _spans(n: int, tile: int, overlap: int):
@@ -374,12 +393,27 @@ def _spans(n: int, tile: int, overlap: int):
         yield slice(a, a + size), slice(s - a, e - a), slice(s, e)
 
 
-def _blend_weights(n: int, tile: int, overlap: int, f: int) -> list[tuple[slice, torch.Tensor]]:
+def _blend_weights(n: int, tile: int, overlap: int, f: int,
+                   wrap: bool = False) -> list[tuple[slice | torch.Tensor, torch.Tensor]]:
     """1D cross-fade plan over n tokens: (window in tokens, per-pixel weight [window*f]).
 
     Each window ramps linearly over the 2*overlap*f pixels at each side it shares with a
     neighbour; the weights are then normalised so that they sum to exactly 1 at every pixel.
+    wrap: the axis is a circle; every window is its tile and `overlap` tokens each side, taken
+    round the joint (token indices instead of a slice), ramping at both ends.
     """
+    if wrap:
+        if tile < 1 or overlap < 0:
+            raise ValueError(f"tile must be >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
+        plan, total = [], torch.zeros(n * f, dtype=torch.float64)
+        for s in range(0, n, tile):
+            window = torch.arange(s - overlap, min(s + tile, n) + overlap) % n
+            size = len(window) * f
+            up = (torch.arange(size, dtype=torch.float64) + 0.5) / (2 * overlap * f) if overlap else \
+                torch.ones(size, dtype=torch.float64)
+            plan.append((window, torch.minimum(up, up.flip(0)).clamp(max=1)))
+            total.index_add_(0, _scale(window, f), plan[-1][1])
+        return [(window, (weight / total[_scale(window, f)]).float()) for window, weight in plan]
     plan, total = [], torch.zeros(n * f, dtype=torch.float64)
     for window, _, _ in _spans(n, tile, overlap):
         if plan and plan[-1][0] == window:  # shifted inwards at the far border onto the previous one
