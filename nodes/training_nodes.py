@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import _comfy, _engine
+from . import _comfy
 from .model_nodes import NUWAModelLoader
 
 log = logging.getLogger("ComfyUI-NUWA")
@@ -55,7 +55,7 @@ def _image_and_mask(image: torch.Tensor, mask: torch.Tensor | None) -> tuple[tor
 
 
 def _preview_picture(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray((image[0].clamp(0, 1).numpy() * 255).astype(np.uint8))
+    return Image.fromarray((image[0].float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8))
 
 
 def _make_room(needed: int, device: torch.device) -> None:
@@ -107,7 +107,7 @@ class NUWATrainOneShot:
             "image_wraps": (list(WRAPS), {"default": "none", "tooltip": "Whether the image itself wraps around "
                             "(a 360-degree panorama: horizontal; a texture that tiles: both). A seamless canvas "
                             "from an ordinary image needs none here: set wrap on the Direction Planner."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "tooltip": "Seeds the training: the same image, settings and seed train the same model when run to fixed step counts."}),
         }}
 
     @classmethod

@@ -21,7 +21,7 @@ from nuwa_core.training.data import Augment, random_crops
 from nuwa_core.training.loop import TrainingError
 
 PAINTING = Path(__file__).resolve().parent.parent / "models" / "nuwa" / "nuwa_infinity_starry_night.jpg"
-QUICK = dict(tokenizer_steps=2, renderer_steps=1)
+QUICK = {"tokenizer_steps": 2, "renderer_steps": 1}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,12 @@ def test_trainable_part_cuts_to_what_the_mask_leaves_and_greys_it_out():
     assert box == (0, 0, 256, 128) and torch.equal(mask, hole) and (part[:, hole] == 0).all()
     part, mask, box = one_shot.trainable_part(image, right_strip, "x")  # a wrapping image keeps its joint
     assert box == (0, 0, 256, 128) and mask is not None
+    # and is continued across it, so training crops can hold the joint at any offset
+    padded, padded_mask = one_shot.padded_for_wrap(part, mask, "x", 128)
+    assert padded.shape == (3, 128, 512) and torch.equal(padded[:, :, :128], part[:, :, -128:])
+    assert torch.equal(padded[:, :, -128:], part[:, :, :128]) and torch.equal(padded_mask[:, :128], mask[:, -128:])
+    torus, _ = one_shot.padded_for_wrap(part, None, "xy", 64)
+    assert torus.shape == (3, 256, 384) and torch.equal(torus[:, :64, 64:-64], part[:, -64:])
 
 
 @pytest.mark.parametrize("size, mask, message", [
@@ -102,10 +108,10 @@ def test_too_little_to_train_on_is_refused_before_anything_runs(tmp_path, size, 
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(minutes=0), "more than 0 minutes"),
-    (dict(wrap="y"), "wrap must be one of"),
-    (dict(start_from="somewhere"), "start_from must be one of"),
-    (dict(tokenizer_share=1.0), "strictly between 0 and 1"),
+    ({"minutes": 0}, "more than 0 minutes"),
+    ({"wrap": "y"}, "wrap must be one of"),
+    ({"start_from": "somewhere"}, "start_from must be one of"),
+    ({"tokenizer_share": 1.0}, "strictly between 0 and 1"),
 ])
 def test_bad_settings_are_named(tmp_path, painting, settings, message):
     with pytest.raises(TrainingError, match=message):

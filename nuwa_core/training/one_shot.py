@@ -16,13 +16,14 @@ not wrap needs no wrap here: it is planned and decoded with wrap (the Direction 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,8 @@ from ..checkpoint import atomic_write
 from ..infinity.generation import NuwaInfinity
 from ..infinity.vqgan import save_vqgan
 from ..weights import PACK_MODELS_DIR
-from . import renderer as renderer_stage
-from . import vqgan as vqgan_stage
+from . import renderer as renderer_stage, vqgan as vqgan_stage
+from .arguments import image_arguments
 from .loop import TrainingError
 
 SHIPPED_MODEL = PACK_MODELS_DIR / "nuwa" / "nuwa_infinity_default.safetensors"
@@ -139,7 +140,8 @@ def sample_patches(height: int, width: int, masked: bool) -> tuple[int, int]:
 
 
 def padded_for_wrap(image: torch.Tensor, mask: torch.Tensor | None, wrap: str, pad: int):
-    """A wrapping image continued across its joint by `pad` px (circularly), so crops can cross it."""
+    """A wrapping image continued across its joint by `pad` px (circularly), so crops can cross it: with `pad`
+    one patch less than the widest sample, a sample may hold the joint at any offset."""
     if wrap == "none":
         return image, mask
     py = pad if wrap == "xy" else 0
@@ -184,7 +186,7 @@ class _StageBudget:
 
     CALIBRATION_STEPS = 5
 
-    def __init__(self, stage: str, deadline: float | None, fixed_steps: int, run_state: "_RunState"):
+    def __init__(self, stage: str, deadline: float | None, fixed_steps: int, run_state: _RunState):
         self.stage, self.deadline, self.fixed_steps, self.state = stage, deadline, fixed_steps, run_state
         self.first: tuple[int, float] | None = None
         self.next_fit = self.CALIBRATION_STEPS
@@ -246,9 +248,12 @@ class _RunState:
                                              float(stats.get("loss", float("nan"))), preview))
 
 
-def _stage_args(stage: str, flags: list[str], device) -> object:
-    from .cli import build_parser
-    args = build_parser().parse_args([stage, *flags])
+def _stage_args(stage, flags: list[str], device) -> argparse.Namespace:
+    """A stage module's arguments, parsed as `python -m nuwa_core.train` parses them, on `device`."""
+    parser = argparse.ArgumentParser()
+    image_arguments(parser)
+    stage.add_arguments(parser)
+    args = parser.parse_args(flags)
     args.device = device
     return args
 
@@ -296,7 +301,7 @@ def train_one_shot(image: torch.Tensor, out, settings: OneShotSettings | None = 
     train_image, mask, box = trainable_part(image.float().clamp(-1, 1), keep_out, settings.wrap)
     masked = keep_out is not None and bool(keep_out.gt(0).any())
     rows, cols = sample_patches(train_image.shape[-2], train_image.shape[-1], masked)
-    train_image, mask = padded_for_wrap(train_image, mask, settings.wrap, PATCH_PX)
+    train_image, mask = padded_for_wrap(train_image, mask, settings.wrap, (MAX_SAMPLE_PATCHES - 1) * PATCH_PX)
     _check_memory(training_memory_bytes(rows, cols), device, make_room)
     work.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -321,7 +326,7 @@ def train_one_shot(image: torch.Tensor, out, settings: OneShotSettings | None = 
         deadline = clock.start + settings.tokenizer_share * clock.budget if not settings.tokenizer_steps else None
         state["tokenizer"]["started"] = True
         _write_state(work, state)
-        res = vqgan_stage.train_vqgan(_stage_args("vqgan", flags, device), [train_image], [mask],
+        res = vqgan_stage.train_vqgan(_stage_args(vqgan_stage, flags, device), [train_image], [mask],
                                       _StageBudget("tokenizer", deadline, settings.tokenizer_steps, clock))
         state["tokenizer"].update(steps=res["step"], done=res["stopped"] not in STOPPED_BY_USER)
         _write_state(work, state)
@@ -332,8 +337,9 @@ def train_one_shot(image: torch.Tensor, out, settings: OneShotSettings | None = 
     renderer_out = work / "model.safetensors"
     flags = ["--tokenizer", str(tokenizer_file), "--images", IN_MEMORY, "--out", str(renderer_out), "--one-shot",
              "--token-bank", "8", "--aug-rotate", "2", "--aug-shear", "0.04", "--aug-noise", "0.01", "--batch", "4",
-             "--lr", "3e-4", "--warmup", "100", "--sample-patches", f"{rows}x{cols}", "--wrap", settings.wrap,
-             "--steps", str(10 ** 9), *common]
+             "--lr", "3e-4", "--warmup", "100", "--sample-patches", f"{rows}x{cols}", "--steps", str(10 ** 9), *common]
+    # no --wrap: a wrapping image comes padded across its joint (padded_for_wrap), so plain token crops already
+    # cross it at every offset a sample can hold, and its edge tokens were encoded with their wrapped neighbours
     if settings.start_from == "shipped":
         flags += ["--init", str(SHIPPED_MODEL), "--init-tokens-may-differ"]
     if resume and state["renderer"].get("started"):
@@ -342,7 +348,7 @@ def train_one_shot(image: torch.Tensor, out, settings: OneShotSettings | None = 
     renderer_steps = settings.renderer_steps and state["renderer"].get("steps", 0) + settings.renderer_steps
     state["renderer"]["started"] = True
     _write_state(work, state)
-    res = renderer_stage.train_renderer(_stage_args("renderer", flags, device), [train_image], [mask],
+    res = renderer_stage.train_renderer(_stage_args(renderer_stage, flags, device), [train_image], [mask],
                                         _StageBudget("renderer", deadline, renderer_steps, clock))
     state["renderer"]["steps"] = res["step"]
     state["renderer"]["optimizer_steps"] = res["optimizer_steps"]
