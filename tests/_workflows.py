@@ -18,12 +18,17 @@ SHIPPED_MODELS = (DEFAULT_MODEL, PAINTING_MODEL)
 # templates that run on first open in a fresh ComfyUI on a shipped model: (model, image or None). The images ship in
 # models/nuwa/; the pack copies them into ComfyUI's input folder when ComfyUI loads it (nodes/_comfy.py
 # copy_example_inputs). text_to_image_wide needs a text-conditioned model that is not shipped (its note says so).
+# TRAINED: the template trains its model on its image (NUWA Train One-Shot) instead of loading one; the two
+# one-shot templates train the same model under the same name, so a second one loads what the first trained.
+TRAINED = "trained by the template"
 SHIPPED_RUNS = {"outpaint_spiral": (PAINTING_MODEL, "nuwa_infinity_starry_night.jpg"),
                 "infinite_panorama": (DEFAULT_MODEL, None),
-                "grow_canvas_across_runs": (PAINTING_MODEL, "nuwa_infinity_starry_night.jpg")}
+                "grow_canvas_across_runs": (PAINTING_MODEL, "nuwa_infinity_starry_night.jpg"),
+                "outpaint_your_own_painting": (TRAINED, "nuwa_infinity_starry_night.jpg"),
+                "seamless_texture": (TRAINED, "nuwa_infinity_starry_night.jpg")}
 SHIPPED_IMAGES = tuple(image for _, image in SHIPPED_RUNS.values() if image)
 EXPECTED = ("outpaint_spiral", "infinite_panorama", "grow_canvas_across_runs", "text_to_image_wide",
-            "nuwa_xl_long_video", "nuwa_xl_ksampler")
+            "nuwa_xl_long_video", "nuwa_xl_ksampler", "outpaint_your_own_painting", "seamless_texture")
 # NUWA-XL: its own loader and model files; run on the shipped default XL model (models/nuwa_xl) by the real-server
 # test, and their thumbnails come from such a run (python tests/make_thumbnails.py --comfyui)
 XL_WORKFLOWS = ("nuwa_xl_long_video", "nuwa_xl_ksampler")
@@ -61,6 +66,11 @@ CORE_NODES = {
                              ("sampler_name", (KSAMPLER_SAMPLERS, {})), ("scheduler", (KSAMPLER_SCHEDULERS, {})),
                              ("denoise", ("FLOAT", {"min": 0.0, "max": 1.0, "step": 0.01}))],
                  "outputs": [("LATENT", "LATENT")]},
+    "ImageStitch": {"inputs": [("image1", "IMAGE"), ("image2", "IMAGE")],
+                    "widgets": [("direction", (["right", "down", "left", "up"], {})), ("match_image_size", ("BOOLEAN", {})),
+                                ("spacing_width", ("INT", {"min": 0, "max": 1024, "step": 2})),
+                                ("spacing_color", (["white", "black", "red", "green", "blue"], {}))],
+                    "outputs": [("IMAGE", "IMAGE")]},
     "CheckpointLoaderSimple": {"inputs": [], "widgets": [("ckpt_name", ("file", {}))],
                                "outputs": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]},
 }

@@ -15,7 +15,10 @@ workflow's own seed, so a rerun on the same model gives the same pictures (a few
 
 Thumbnails: the saved image scaled to 512 px wide; a panorama wider than 8:1 is cut into strips
 of 4:1 stacked with 6 px dark gaps. JPEG quality 85. Only the workflows that run on the shipped
-default model are made this way (text_to_image_wide needs a text model and has no maker).
+default model are made this way (text_to_image_wide needs a text model and has no maker). The
+one-shot templates (outpaint_your_own_painting, seamless_texture) first train their model (their
+Train One-Shot's 10 minutes; the second loads what the first trained), into a temporary model folder
+(NUWA_MODELS_DIR), never into the pack's models/nuwa.
 
 --comfyui: the NUWA-XL workflows (XL_WORKFLOWS: nuwa_xl_long_video, nuwa_xl_ksampler) need ComfyUI's
 own nodes (KSampler, SaveAnimatedWEBP), so they run on a real ComfyUI server (CPU, a temporary
@@ -151,6 +154,8 @@ def main(names: list[str]) -> None:
     # the nodes' output folder is the working directory's without ComfyUI: start from an empty one, so a
     # Canvas Load 'latest' starts from its start canvas as in a fresh ComfyUI
     os.chdir(tempfile.mkdtemp(prefix="nuwa_thumbs_"))
+    # models trained by a template (NUWA Train One-Shot) go to the first model folder: a temporary one
+    os.environ.setdefault("NUWA_MODELS_DIR", tempfile.mkdtemp(prefix="nuwa_thumb_models_"))
     for name in names or SHIPPED_RUNS:
         if name not in SHIPPED_RUNS:
             raise SystemExit(f"{name}: not a workflow that runs on a shipped model ({sorted(SHIPPED_RUNS)})")

@@ -25,7 +25,7 @@ import pytest
 
 from _pack import import_pack
 from _workflows import (API_DIR, CORE_NODES, EXPECTED, NOT_RUNNABLE, NOT_RUNNABLE_NOTE, REPO, RUNNABLE, SHIPPED_IMAGES,
-                        SHIPPED_MODELS, SHIPPED_RUNS, UI_DIR, XL_WORKFLOWS)
+                        SHIPPED_MODELS, SHIPPED_RUNS, TRAINED, UI_DIR, XL_WORKFLOWS)
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -243,7 +243,7 @@ def test_workflow_nodes_widgets_and_links(path):
     if path.stem in XL_WORKFLOWS:  # the whole tree in one node, or one stock KSampler per level
         assert "NUWAXLModelLoader" in types and ("NUWAXLCoarseToFine" in types or "KSampler" in types)
     else:
-        assert "NUWAModelLoader" in types and "NUWAPatchRenderer" in types
+        assert ("NUWAModelLoader" in types or "NUWATrainOneShot" in types) and "NUWAPatchRenderer" in types
     note = workflow["extra"].get("nuwa_note", "")
     assert note, f"{path.name}: extra.nuwa_note should tell the user what the workflow does"
 
@@ -273,9 +273,12 @@ def test_specific_contents():
         if name in XL_WORKFLOWS:
             continue
         loaders = [n for n in prompt.values() if n["class_type"] == "NUWAModelLoader"]
-        assert loaders and all(n["inputs"]["model_name"] in SHIPPED_MODELS for n in loaders), name
+        trainers = [n for n in prompt.values() if n["class_type"] == "NUWATrainOneShot"]
+        assert bool(loaders) != bool(trainers), f"{name}: a template loads a shipped model or trains one"
+        assert all(n["inputs"]["model_name"] in SHIPPED_MODELS for n in loaders), name
     for name, (model, image) in SHIPPED_RUNS.items():  # each template on the model made for it
-        assert {n["inputs"]["model_name"] for n in api[name].values() if n["class_type"] == "NUWAModelLoader"} == {model}
+        loaded = {n["inputs"]["model_name"] for n in api[name].values() if n["class_type"] == "NUWAModelLoader"}
+        assert loaded == (set() if model == TRAINED else {model}), name
         assert [n["inputs"]["image"] for n in api[name].values() if n["class_type"] == "LoadImage"] == \
             ([image] if image else []), name
     # (a) outpainting: the painting, extended on all four sides, order drawing previewed
