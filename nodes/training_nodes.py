@@ -114,7 +114,10 @@ class NUWATrainOneShot:
     def IS_CHANGED(cls, model_name="my_painting", continue_training=False, **_):
         if continue_training:
             return float("nan")  # every run trains further
-        path = _output_folder() / f"{model_name_checked(model_name)}.safetensors"
+        try:
+            path = _output_folder() / f"{model_name_checked(model_name)}.safetensors"
+        except ValueError:
+            return "invalid name"  # the run itself says what is wrong with it
         return path.stat().st_mtime_ns if path.is_file() else "absent"  # rerun when the file changed or went
 
     def train(self, image, minutes, model_name, continue_training, mask=None, start_from="shipped model",

@@ -229,3 +229,19 @@ def test_the_node_trains_then_loads_unless_something_changed_and_continues_on_re
     mask[:, :, 64:] = 1.0
     with pytest.raises(ValueError, match=r"at least 128x128 px.*leave less of it out"):
         node.train(image, 1.0, "masked", False, mask=mask)
+
+
+def test_the_run_trains_on_the_device_it_is_given(tmp_path, painting, monkeypatch):
+    from nuwa_core.training import loop
+    from nuwa_core.training import vqgan as vqgan_stage
+    seen = []
+
+    def tokenizer_stage(args, images, keep_out, monitor):
+        seen.append((loop.Dist(args.device).device, images[0].device))
+        return {"step": 0, "stopped": "cancel"}
+
+    monkeypatch.setattr(vqgan_stage, "train_vqgan", tokenizer_stage)
+    res = one_shot.train_one_shot(painting, tmp_path / "m.safetensors", one_shot.OneShotSettings(**QUICK),
+                                  device=torch.device("meta"))
+    # the stages get the device (ComfyUI's); images stay on the CPU, where crops are drawn, and move per batch
+    assert res["stopped"] == "cancel" and seen == [(torch.device("meta"), torch.device("cpu"))]

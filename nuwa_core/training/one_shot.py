@@ -58,6 +58,8 @@ class OneShotSettings:
     seed: int = 0
     tokenizer_steps: int = 0          # fixed step counts instead of the budget (0: fitted to it)
     renderer_steps: int = 0
+    tokenizer_lr: float = 5e-4        # the shipped models' recipe (models/nuwa/TRAINING.md)
+    renderer_lr: float = 3e-4
 
     def check(self) -> None:
         if self.start_from not in START_FROM:
@@ -77,7 +79,8 @@ class OneShotSettings:
     def identity(self) -> dict:
         """What changes what is learned; not how long (minutes, step counts), which resuming extends."""
         return {"start_from": self.start_from, "wrap": self.wrap, "seed": self.seed,
-                "tokenizer_share": self.tokenizer_share}
+                "tokenizer_share": self.tokenizer_share, "tokenizer_lr": self.tokenizer_lr,
+                "renderer_lr": self.renderer_lr}
 
 
 @dataclasses.dataclass
@@ -297,7 +300,8 @@ def train_one_shot(image: torch.Tensor, out, settings: OneShotSettings | None = 
     if resume and state.get("key") != key:
         raise TrainingError(f"nothing to continue in {work}: " + (
             "no saved run there" if not state else "its run was trained on another image, mask or settings "
-            "(start_from, wrap, seed, tokenizer_share)") + "; train it anew instead")
+            "(start_from, wrap, seed, tokenizer_share, learning rates)") + "; train it anew (without continuing / "
+            "--resume) instead")
     train_image, mask, box = trainable_part(image.float().clamp(-1, 1), keep_out, settings.wrap)
     masked = keep_out is not None and bool(keep_out.gt(0).any())
     rows, cols = sample_patches(train_image.shape[-2], train_image.shape[-1], masked)
@@ -315,8 +319,8 @@ def train_one_shot(image: torch.Tensor, out, settings: OneShotSettings | None = 
     # ---- the tokenizer (skipped when continuing a run whose tokenizer is done) ----------------------
     if not state["tokenizer"].get("done"):
         flags = ["--images", IN_MEMORY, "--out", str(tokenizer_file), "--one-shot", "--preset", "small_f8",
-                 "--crop", str(PATCH_PX), "--batch", "4", "--lr", "5e-4", "--warmup", "20", "--decay", "linear",
-                 "--disc-start", str(10 ** 9), "--restart-every", "50", "--steps", str(10 ** 9), *common]
+                 "--crop", str(PATCH_PX), "--batch", "4", "--lr", str(settings.tokenizer_lr), "--warmup", "20",
+                 "--decay", "linear", "--disc-start", str(10 ** 9), "--restart-every", "50", "--steps", str(10 ** 9), *common]
         if settings.start_from == "shipped":
             shipped = work / "shipped_tokenizer.safetensors"
             save_vqgan(NuwaInfinity.load(SHIPPED_MODEL).vqgan, shipped)
@@ -337,7 +341,8 @@ def train_one_shot(image: torch.Tensor, out, settings: OneShotSettings | None = 
     renderer_out = work / "model.safetensors"
     flags = ["--tokenizer", str(tokenizer_file), "--images", IN_MEMORY, "--out", str(renderer_out), "--one-shot",
              "--token-bank", "8", "--aug-rotate", "2", "--aug-shear", "0.04", "--aug-noise", "0.01", "--batch", "4",
-             "--lr", "3e-4", "--warmup", "100", "--sample-patches", f"{rows}x{cols}", "--steps", str(10 ** 9), *common]
+             "--lr", str(settings.renderer_lr), "--warmup", "100", "--sample-patches", f"{rows}x{cols}",
+             "--steps", str(10 ** 9), *common]
     # no --wrap: a wrapping image comes padded across its joint (padded_for_wrap), so plain token crops already
     # cross it at every offset a sample can hold, and its edge tokens were encoded with their wrapped neighbours
     if settings.start_from == "shipped":
@@ -392,6 +397,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer-steps", type=int, default=0, help="fixed steps instead of the budget (with "
                    "--renderer-steps: reproduces a run from the counts it reported)")
     p.add_argument("--renderer-steps", type=int, default=0, help="fixed renderer steps (samples)")
+    p.add_argument("--tokenizer-lr", type=float, default=OneShotSettings.tokenizer_lr)
+    p.add_argument("--renderer-lr", type=float, default=OneShotSettings.renderer_lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run saved beside --out, for --minutes more")
     p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: CUDA when there is one)")
@@ -426,7 +433,8 @@ def run(args) -> dict:
     keep_out = _keep_out_from_args(args, image.shape[-2], image.shape[-1])
     settings = OneShotSettings(minutes=args.minutes, start_from=args.start_from, tokenizer_share=args.tokenizer_share,
                                wrap=args.wrap, seed=args.seed, tokenizer_steps=args.tokenizer_steps,
-                               renderer_steps=args.renderer_steps)
+                               renderer_steps=args.renderer_steps, tokenizer_lr=args.tokenizer_lr,
+                               renderer_lr=args.renderer_lr)
     last_line = [0.0]
 
     def on_progress(p: OneShotProgress) -> None:
