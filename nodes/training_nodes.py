@@ -66,6 +66,13 @@ def _make_room(needed: int, device: torch.device) -> None:
     mm.free_memory(needed, device)  # unloads other models until this much is free
 
 
+try:
+    from comfy.model_management import InterruptProcessingException as _Interrupted  # type: ignore
+except ImportError:
+    class _Interrupted(Exception):
+        """ComfyUI's cancel, raised by its progress hook (absent without ComfyUI)."""
+
+
 def _interrupted() -> bool:
     try:
         import comfy.model_management as mm  # type: ignore
@@ -144,7 +151,12 @@ class NUWATrainOneShot:
         progress = _comfy.Progress(1000)
 
         def on_progress(p):
-            progress.update(int(1000 * p.fraction), None if p.preview is None else _preview_picture(p.preview))
+            if _interrupted():  # the run stops at its next check and saves; ComfyUI's progress hook would raise
+                return
+            try:
+                progress.update(int(1000 * p.fraction), None if p.preview is None else _preview_picture(p.preview))
+            except _Interrupted:  # cancel pressed since the line above: same as there
+                pass
 
         try:
             summary = one_shot.train_one_shot(x, out, settings, keep_out, resume=bool(continue_training), work_dir=work,

@@ -149,7 +149,8 @@ def test_cancel_in_the_first_seconds_writes_nothing_then_continue_finishes(tmp_p
     assert out.read_bytes() == b"the previous model"
     with pytest.raises(TrainingError, match="another image"):  # continuing needs the same image and settings
         one_shot.train_one_shot(painting.flip(-1), out, one_shot.OneShotSettings(**QUICK), resume=True)
-    res = one_shot.train_one_shot(painting, out, one_shot.OneShotSettings(**QUICK), resume=True)
+    with torch.inference_mode():  # as ComfyUI runs nodes: the image is an inference tensor, autograd off
+        res = one_shot.train_one_shot(painting.clone(), out, one_shot.OneShotSettings(**QUICK), resume=True)
     assert res["stopped"] == "steps" and (res["tokenizer_steps"], res["renderer_steps"]) == (2, 1)
     NuwaInfinity.load(out)
     # continuing again trains the renderer further on the same tokenizer
@@ -232,8 +233,7 @@ def test_the_node_trains_then_loads_unless_something_changed_and_continues_on_re
 
 
 def test_the_run_trains_on_the_device_it_is_given(tmp_path, painting, monkeypatch):
-    from nuwa_core.training import loop
-    from nuwa_core.training import vqgan as vqgan_stage
+    from nuwa_core.training import loop, vqgan as vqgan_stage
     seen = []
 
     def tokenizer_stage(args, images, keep_out, monitor):

@@ -286,14 +286,23 @@ def train_one_shot(image: torch.Tensor, out, settings: OneShotSettings | None = 
     keep_out [H, W]: > 0 where the image is left out of training. resume: continue the run saved in
     the work folder (same image, mask and settings; `settings.minutes` more). should_stop() -> True
     stops the run at the next step, keeping what it learned. make_room(bytes, device): called before
-    training starts with the memory it needs (ComfyUI unloads other models), which is then checked. -> a summary: "stopped" ("budget",
-    "steps" or "cancel"), "out" (None when stopped before the renderer began), step counts, seconds.
+    training starts with the memory it needs (ComfyUI unloads other models), which is then checked.
+    -> a summary: "stopped" ("budget", "steps" or "cancel"), "out" (None when stopped before the
+    renderer began), step counts, seconds.
     """
-    settings = settings or OneShotSettings()
+    # training needs autograd, also when the caller runs under inference mode (ComfyUI runs nodes so), and
+    # tensors made there cannot be saved for backward: the inputs are cloned outside it
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train_one_shot(image.clone(), Path(out), settings or OneShotSettings(),
+                               None if keep_out is None else keep_out.clone(), resume, work_dir, device, on_progress,
+                               should_stop, preview_every, make_room)
+
+
+def _train_one_shot(image, out: Path, settings: OneShotSettings, keep_out, resume, work_dir, device, on_progress,
+                    should_stop, preview_every, make_room) -> dict:
     settings.check()
     if image.ndim != 3 or image.shape[0] != 3:
         raise TrainingError(f"expected an RGB image [3, H, W], got shape {tuple(image.shape)}")
-    out = Path(out)
     work = Path(work_dir) if work_dir is not None else work_dir_for(out)
     key = image_key(image, keep_out, settings)
     state = _read_state(work)
