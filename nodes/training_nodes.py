@@ -73,6 +73,15 @@ except ImportError:
         """ComfyUI's cancel, raised by its progress hook (absent without ComfyUI)."""
 
 
+def _release_training_memory() -> None:
+    """Hand the cached blocks training held back to the device (ComfyUI's soft_empty_cache)."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return
+    mm.soft_empty_cache()
+
+
 def _interrupted() -> bool:
     try:
         import comfy.model_management as mm  # type: ignore
@@ -164,6 +173,8 @@ class NUWATrainOneShot:
                                               should_stop=_interrupted, make_room=_make_room)
         except TrainingError as err:
             raise ValueError(str(err)) from err
+        finally:
+            _release_training_memory()
         if summary["stopped"] in one_shot.STOPPED_BY_USER:
             _comfy.check_interrupted()  # ComfyUI shows the run as cancelled; what was learned is saved
             if summary["out"] is None:

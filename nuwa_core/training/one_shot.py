@@ -198,6 +198,7 @@ class _StageBudget:
         now = time.monotonic()
         if self.first is None:  # the stage's setup (encoding the token bank) is done: time steps from here
             self.first = (step, now)
+            self.state.last_preview = now  # a stage's first preview shows it trained a while, not its start
             if self.fixed_steps:
                 run.args.steps = self.fixed_steps
         first_step, first_time = self.first
