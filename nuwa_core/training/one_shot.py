@@ -227,7 +227,6 @@ class _RunState:
         self.budget = settings.minutes * 60.0
         self.last_preview = self.start
         self.first_renderer_preview: float | None = None
-        self.fraction_before = 0.0  # of steps, with fixed step counts: the tokenizer's part when in the renderer
 
     def should_stop(self) -> bool:
         return bool(self._should_stop and self._should_stop())
