@@ -108,6 +108,41 @@ def check_interrupted() -> None:
     mm.throw_exception_if_processing_interrupted()
 
 
+def interrupted() -> bool:
+    """Whether the user pressed cancel, without raising (a run that stops at its own next check); False
+    without ComfyUI."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return False
+    return bool(mm.processing_interrupted())
+
+
+try:
+    from comfy.model_management import InterruptProcessingException as Interrupted  # type: ignore
+except ImportError:
+    class Interrupted(Exception):
+        """ComfyUI's cancel, raised by check_interrupted and its progress hook (absent without ComfyUI)."""
+
+
+def free_memory(needed: int, device: torch.device) -> None:
+    """Unload other models until `needed` bytes are free on `device` (no-op without ComfyUI)."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return
+    mm.free_memory(needed, device)
+
+
+def soft_empty_cache() -> None:
+    """Hand the device's cached blocks back (ComfyUI's soft_empty_cache; no-op without ComfyUI)."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return
+    mm.soft_empty_cache()
+
+
 class Progress:
     """comfy.utils.ProgressBar when available (live JPEG preview), else nothing."""
 

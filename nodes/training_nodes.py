@@ -58,38 +58,6 @@ def _preview_picture(image: torch.Tensor) -> Image.Image:
     return Image.fromarray((image[0].float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8))
 
 
-def _make_room(needed: int, device: torch.device) -> None:
-    try:
-        import comfy.model_management as mm  # type: ignore
-    except ImportError:
-        return
-    mm.free_memory(needed, device)  # unloads other models until this much is free
-
-
-try:
-    from comfy.model_management import InterruptProcessingException as _Interrupted  # type: ignore
-except ImportError:
-    class _Interrupted(Exception):
-        """ComfyUI's cancel, raised by its progress hook (absent without ComfyUI)."""
-
-
-def _release_training_memory() -> None:
-    """Hand the cached blocks training held back to the device (ComfyUI's soft_empty_cache)."""
-    try:
-        import comfy.model_management as mm  # type: ignore
-    except ImportError:
-        return
-    mm.soft_empty_cache()
-
-
-def _interrupted() -> bool:
-    try:
-        import comfy.model_management as mm  # type: ignore
-    except ImportError:
-        return False
-    return bool(mm.processing_interrupted())
-
-
 class NUWATrainOneShot:
     DESCRIPTION = ("Trains a NUWA-Infinity model of one image (your painting) in a time budget: the tokenizer, then "
                    "the patch renderer, as the shipped models were trained. The model is saved in the 'nuwa' model "
@@ -160,21 +128,21 @@ class NUWATrainOneShot:
         progress = _comfy.Progress(1000)
 
         def on_progress(p):
-            if _interrupted():  # the run stops at its next check and saves; ComfyUI's progress hook would raise
+            if _comfy.interrupted():  # the run stops at its next check and saves; ComfyUI's progress hook would raise
                 return
             try:
                 progress.update(int(1000 * p.fraction), None if p.preview is None else _preview_picture(p.preview))
-            except _Interrupted:  # cancel pressed since the line above: same as there
+            except _comfy.Interrupted:  # cancel pressed since the line above: same as there
                 pass
 
         try:
             summary = one_shot.train_one_shot(x, out, settings, keep_out, resume=bool(continue_training), work_dir=work,
                                               device=_comfy.torch_device(), on_progress=on_progress,
-                                              should_stop=_interrupted, make_room=_make_room)
+                                              should_stop=_comfy.interrupted, make_room=_comfy.free_memory)
         except TrainingError as err:
             raise ValueError(str(err)) from err
         finally:
-            _release_training_memory()
+            _comfy.soft_empty_cache()  # hand back the device memory training cached
         if summary["stopped"] in one_shot.STOPPED_BY_USER:
             _comfy.check_interrupted()  # ComfyUI shows the run as cancelled; what was learned is saved
             if summary["out"] is None:
