@@ -69,8 +69,8 @@ def list_models() -> list[str]:
                 names += [p.relative_to(root).as_posix() for p in sorted(root.rglob("*"))
                           if p.suffix in MODEL_EXTENSIONS and p.is_file()]
     # files of other kinds kept under nuwa/ (vqgan/, clip/ from weights.json; one-shot runs' working files in
-    # training/) are not models to load
-    names = sorted({n for n in names if not n.startswith(("vqgan/", "clip/", "training/"))})
+    # training/; PG-VQGAN decoders in pgvqgan/, listed by PG-VQGAN Decode) are not models to load
+    names = sorted({n for n in names if not n.startswith(("vqgan/", "clip/", "training/", "pgvqgan/"))})
     default = DEFAULT_MODEL
     return [default] + [n for n in names if n != default]
 

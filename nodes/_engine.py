@@ -19,7 +19,9 @@ def load_model(path, device="cpu"):
     from nuwa_core.infinity.generation import NuwaInfinity  # imported on first use: ComfyUI starts faster
     from nuwa_core.weights import check_listed_file
     check_listed_file(path)
-    return NuwaInfinity.load(str(path), device=device)
+    model = NuwaInfinity.load(str(path), device=device)
+    model.source_path = str(path)  # named when a file paired with it does not fit (PG-VQGAN Decode)
+    return model
 
 
 def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int, epsilon: float):

@@ -54,7 +54,8 @@ print(",".join(sorted(m.NODE_CLASS_MAPPINGS)))
                "NUWAPatchRenderer", "NUWACanvasSave", "NUWACanvasLoad", "NUWAEmptyCanvas",
                "NUWAXLModelLoader", "NUWAXLGlobalDiffusion", "NUWAXLLocalDiffusion", "NUWAXLCoarseToFine",
                "NUWAXLDecode", "NUWAXLModelAsComfy", "NUWAXLEmptyLatentVideo", "NUWAXLPromptsForKSampler",
-               "NUWAXLInbetweenForKSampler", "NUWAXLJoinSegments", "NUWAXLDecodeLatent"}
+               "NUWAXLInbetweenForKSampler", "NUWAXLJoinSegments", "NUWAXLDecodeLatent",
+               "NUWAPGVQGANDecode"}
     assert shipped <= set(out.stdout.strip().split(","))
 
 

@@ -319,18 +319,8 @@ class VQModel(nn.Module):
         there wrap round the joint, so the last tile and the first are cross-faded as any two
         neighbours are, and rolling the tokens by whole tiles rolls the image.
         """
-        f = self.downsample_factor
-        B, h, w = tokens.shape
-        rows, cols = _blend_weights(h, tile, overlap, f, wrap[0]), _blend_weights(w, tile, overlap, f, wrap[1])
-        out = None
-        for ys, wy in rows:
-            for xs, wx in cols:
-                piece = self.decode_tokens(tokens[:, ys][:, :, xs])  # [B, 3, win_h*f, win_w*f]
-                if out is None:
-                    out = piece.new_zeros(B, piece.shape[1], h * f, w * f)
-                weight = (wy[:, None] * wx[None, :]).to(piece)
-                _add_at(out, piece * weight, _scale(ys, f), _scale(xs, f))
-        return out
+        return blend_windows(lambda ys, xs: self.decode_tokens(tokens[:, ys][:, :, xs]), tokens.shape,
+                             self.downsample_factor, tile, overlap, wrap)
 
     @torch.no_grad()
     def decode_tokens_blocks(self, tokens: torch.Tensor, tile: int = 16) -> torch.Tensor:
@@ -361,6 +351,26 @@ class VQModel(nn.Module):
         for (ys, xs), (ky, kx), (oy, ox) in _windows(h, w, tile, overlap):
             out[:, oy, ox] = self.encode_tokens(x[:, :, _scale(ys, f), _scale(xs, f)])[:, ky, kx]
         return out
+
+
+def blend_windows(decode_window, shape: tuple[int, int, int], f: int, tile: int, overlap: int,
+                  wrap: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+    """The cross-faded window plan of VQModel.decode_tokens_tiled over a token grid of `shape`
+    [B, h, w] at f px per token: decode_window(rows, cols) -> [B, C, win_h*f, win_w*f] decodes the
+    window whose token rows / columns are `rows` / `cols` (slices, or index tensors round a joint);
+    the pieces are weighted and summed into [B, C, h*f, w*f]. Other decoders over the same tokens
+    (pixel_guided_vqgan.PixelGuidedDecoder) blend with it too."""
+    B, h, w = shape
+    rows, cols = _blend_weights(h, tile, overlap, f, wrap[0]), _blend_weights(w, tile, overlap, f, wrap[1])
+    out = None
+    for ys, wy in rows:
+        for xs, wx in cols:
+            piece = decode_window(ys, xs)  # [B, C, win_h*f, win_w*f]
+            if out is None:
+                out = piece.new_zeros(B, piece.shape[1], h * f, w * f)
+            weight = (wy[:, None] * wx[None, :]).to(piece)
+            _add_at(out, piece * weight, _scale(ys, f), _scale(xs, f))
+    return out
 
 
 def _scale(s: slice | torch.Tensor, f: int) -> slice | torch.Tensor:

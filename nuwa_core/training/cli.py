@@ -3,6 +3,7 @@
 NUWA-Infinity: `one-shot` (both stages on one image in a time budget: one_shot.py),
 `vqgan` (the tokenizer), `renderer` (render-and-optimize, Algorithm 1), `bundle`
 (swap a fine-tuned decoder into a trained model), `sample` (look at a trained model).
+`pgvqgan` (the Pixel-Guided VQGAN decoder for video, on frame pairs).
 NUWA-XL: `t_klvae` (the temporal KL-VAE), `xl` (Mask Temporal Diffusion).
 Every training stage runs through loop.Run: resume, checkpoints, stop requests, DDP, logging.
 """
@@ -14,7 +15,7 @@ import sys
 import torch
 
 from ..checkpoint import CheckpointError
-from . import bundle, one_shot, renderer, sample, t_klvae, vqgan, xl
+from . import bundle, one_shot, pgvqgan, renderer, sample, t_klvae, vqgan, xl
 from .arguments import image_arguments, video_arguments
 from .loop import TrainingError
 
@@ -25,6 +26,7 @@ STAGES = {
     "one-shot": (one_shot, "tokenizer + renderer of one image in a time budget (IMAGE --minutes N --out FILE)", None),
     "sample": (sample, "sample a trained bundle: outpainting and a panorama, as PNGs", None),
     "bundle": (bundle, "swap a fine-tuned decoder (same tokens) into a trained bundle", None),
+    "pgvqgan": (pgvqgan, "train a Pixel-Guided VQGAN decoder on pairs of consecutive video frames", video_arguments),
     "t_klvae": (t_klvae, "fine-tune / train the T-KLVAE (NUWA-XL) on videos", video_arguments),
     "xl": (xl, "train Mask Temporal Diffusion (NUWA-XL) on long videos", video_arguments),
 }
