@@ -147,12 +147,19 @@ class NUWADirectionPlanner:
                     "last column is generated and decoded with the first beside it), both = every edge meets the "
                     "opposite one (a seamless texture). A wrapped side cannot be extended; the saved image tiles "
                     "with no seam."}),
+                "frames_to_add": ("INT", {"default": 0, "min": 0, "max": MAX_FRAMES, "tooltip":
+                    "Video: append this many frames after the canvas' last frame and plan them, frames forward "
+                    "(image animation from an encoded image; a longer video from a generated one). Needs a video "
+                    "model (trained with a frame extent e_f > 0); not combined with left/right/up/down or a mask."}),
             },
         }
 
     def plan(self, model, canvas, left, right, up, down, target_width, target_height, anchor, mask=None,
-             units="patches", feather=-1, wrap="none"):
+             units="patches", feather=-1, wrap="none", frames_to_add=0):
         f, rows, cols = canvas.grid
+        if frames_to_add:
+            return self._plan_frames(model, canvas, int(frames_to_add), mask, left + right + up + down,
+                                     target_width + target_height, wrap)
         ph, pw = model.patch_pixels
         if units not in UNITS:
             raise ValueError(f"units must be one of {UNITS}, got {units!r}")
@@ -201,7 +208,45 @@ class NUWADirectionPlanner:
         return {"ui": ui, "result": (spec, preview.to(_comfy.intermediate_device()))}
 
 
+    @staticmethod
+    def _plan_frames(model, canvas, frames: int, mask, extension: int, targets: int, wrap: str):
+        if extension or targets or (mask is not None and bool(mask.gt(0).any())):
+            raise ValueError("frames_to_add plans new frames only: set left/right/up/down and the target sizes to 0 "
+                             "and leave the mask empty, then extend the frames' canvas in a second planner")
+        if wrap not in WRAPS:
+            raise ValueError(f"wrap must be one of {tuple(WRAPS)}, got {wrap!r}")
+        e_f = model.renderer.config.extent[0]
+        if e_f == 0:
+            raise ValueError("this model was trained on images (frame extent e_f = 0): new frames would not see the "
+                             "frames before them. Load a video model (e.g. nuwa_infinity_plaza.safetensors)")
+        if not bool(_known(canvas).all()):
+            raise ValueError("frames_to_add continues a fully generated canvas; render its unknown patches first")
+        f, rows, cols = canvas.grid
+        if (f + frames) * rows * cols > MAX_FRAMES * MAX_PATCHES_PER_FRAME:
+            raise ValueError(f"{f + frames} frames of {rows} x {cols} patches is more than this planner draws "
+                             f"({MAX_FRAMES * MAX_PATCHES_PER_FRAME} patches); add frames in several runs (Canvas "
+                             f"Save / Load keep the video's context)")
+        canvas = dataclasses.replace(canvas, wrap=WRAPS[wrap])
+        plan = model.plan_frames(canvas, frames)
+        grid = tuple(plan.grid)
+        known = torch.zeros(grid, dtype=torch.bool)
+        known[:f] = True
+        spec = PlanSpec([plan], None, None, None, WRAPS[wrap])
+        ph, pw = model.patch_pixels
+        shown = min(grid[0], f + PREVIEW_NEW_FRAMES)
+        caption = (f"{frames} new frames of {cols} x {rows} patches of {pw} x {ph} px; frames {f}..{shown - 1} shown")
+        preview = draw_plan([plan], (shown,) + grid[1:], known[:shown], caption=caption)
+        ui = {"nuwa_plan": [{"grid": list(grid), "old_grid": [f, rows, cols], "offset": [0, 0],
+                             "patch_px": [ph, pw], "order": [list(c) for c, _ in plan_cells([plan], grid)
+                                                             if c[0] < f + 1],
+                             "segments": [len(s.patches) for s in plan.segments], "known": known[0].int().tolist()}]}
+        return {"ui": ui, "result": (spec, preview[f:].to(_comfy.intermediate_device()))}
+
+
 UNITS = ("patches", "pixels")
+MAX_FRAMES = 4096             # frames a plan may add
+MAX_PATCHES_PER_FRAME = 64    # with as many frames: the video plan's bound
+PREVIEW_NEW_FRAMES = 3        # a video plan's picture shows its first new frames
 WRAPS = {"none": "none", "horizontal": "x", "both": "xy"}  # the planner's choice -> CanvasState.wrap
 
 

@@ -194,7 +194,10 @@ class NuwaInfinity(nn.Module):
         return adc.plan_fill(state.known, order)
 
     def plan_frames(self, state: CanvasState, frames: int) -> Plan:
-        """Append `frames` patch-frames after the canvas and plan them (frames forward)."""
+        """Append `frames` patch-frames after the canvas and plan them (frames forward): image animation
+        from an encoded image, or a longer video. Frame 0's patches are pre-cached (Algorithm 2's first loop)."""
+        if not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"frames to add must be a whole number >= 1, got {frames!r}")
         f, h, w = state.grid
         grid = (f + frames, h, w)
         known = torch.zeros(grid, dtype=torch.bool)
@@ -281,6 +284,9 @@ class NuwaInfinity(nn.Module):
         if text is None:
             return None
         check_finite(text, "text embeddings")
+        if not self.renderer.config.text_dim:
+            raise ValueError("a prompt was given, but this model has no text path (its renderer was trained without "
+                             "captions, text_dim 0): remove the conditioning, or load a model trained with captions")
         if text.ndim == 2:
             text = text[None]
         if text.shape[0] not in (1, batch):

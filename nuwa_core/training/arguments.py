@@ -29,8 +29,23 @@ def training_arguments(p, batch: int, batch_help: str | None = None) -> None:
     p.add_argument("--debug-nan-at", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def image_arguments(p) -> None:
-    p.add_argument("--images", required=True, help="an image file or a folder of images")
+def image_arguments(p, videos: bool = False) -> None:
+    """videos: the stage also trains on videos (--videos, --frames, ...), given instead of --images."""
+    if videos:
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--images", help="an image file or a folder of images")
+        source.add_argument("--videos", help="a video file (PyAV), a folder of frames, or a folder of videos / frame "
+                            "folders: samples are clips of --frames patch-frames")
+        p.add_argument("--video-size", default="256x192", help="with --videos: frame size WIDTHxHEIGHT after resize + "
+                       "centre crop")
+        p.add_argument("--frames", type=int, default=2, help="with --videos: patch-frames per training sample (at "
+                       "least e_f + 1, so the whole frame extent is trained)")
+        p.add_argument("--max-stride", type=int, default=1, help="with --videos: a clip's frames are S apart, S drawn "
+                       "from 1..N per sample (temporal augmentation: motions of several speeds)")
+        p.add_argument("--frame-range", default=None, metavar="A,B", help="with --videos: train only on frames "
+                       "A..B-1 of every video (the rest held out for evaluation)")
+    else:
+        p.add_argument("--images", required=True, help="an image file or a folder of images")
     training_arguments(p, batch=8)
     p.add_argument("--one-shot", action="store_true", help="random augmented crops of one large image (appendix D)")
     p.add_argument("--downscale", type=int, default=1, help="shrink the training images by this factor first")

@@ -10,6 +10,7 @@ Every training stage runs through loop.Run: resume, checkpoints, stop requests, 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import torch
@@ -22,7 +23,8 @@ from .loop import TrainingError
 # stage: (module with add_arguments(parser) and run(args) -> dict, help, the data it trains on)
 STAGES = {
     "vqgan": (vqgan, "train / fine-tune the VQGAN tokenizer", image_arguments),
-    "renderer": (renderer, "render-and-optimize training of the renderer", image_arguments),
+    "renderer": (renderer, "render-and-optimize training of the renderer (images or videos)",
+                 functools.partial(image_arguments, videos=True)),
     "one-shot": (one_shot, "tokenizer + renderer of one image in a time budget (IMAGE --minutes N --out FILE)", None),
     "sample": (sample, "sample a trained bundle: outpainting and a panorama, as PNGs", None),
     "bundle": (bundle, "swap a fine-tuned decoder (same tokens) into a trained bundle", None),
@@ -48,7 +50,7 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("steps", "batch", "frame_step"):
+    for name in ("steps", "batch", "frame_step", "frames", "max_stride"):
         if getattr(args, name, 1) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return STAGES[args.stage][0].run(args)

@@ -258,10 +258,16 @@ def _decode_frames(path: Path):
     except ImportError:
         av = None
     if av is not None:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate) if stream.average_rate else 0.0
-            return [f.to_image() for f in container.decode(stream)], fps
+        try:
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise TrainingError(f"{path}: the file holds no video stream")
+                stream = container.streams.video[0]
+                fps = float(stream.average_rate) if stream.average_rate else 0.0
+                return [f.to_image() for f in container.decode(stream)], fps
+        except av.error.FFmpegError as err:
+            raise TrainingError(f"cannot decode the video {path}: {err}; give a video file FFmpeg reads "
+                                f"(e.g. .mp4, .avi) or a folder of its frames as images") from err
     try:
         import imageio.v3 as iio  # type: ignore
     except ImportError as err:
@@ -276,6 +282,11 @@ def read_video(path: Path, size: tuple[int, int], frame_step: int = 1, max_frame
     if path.is_dir():
         files = sorted(c for c in path.iterdir() if c.suffix.lower() in IMAGE_SUFFIXES)
         frames, src_fps = [Image.open(f) for f in files], fps or 10.0
+        odd = next((f for f, img in zip(files, frames) if img.size != frames[0].size), None)
+        if odd is not None:
+            raise TrainingError(f"{path}: frames of mixed sizes ({files[0].name} is {frames[0].width}x"
+                                f"{frames[0].height} px, {odd.name} is {Image.open(odd).width}x"
+                                f"{Image.open(odd).height}); the frames of one video must all be one size")
     else:
         frames, src_fps = _decode_frames(path)
         src_fps = fps or src_fps or 10.0
@@ -288,16 +299,35 @@ def read_video(path: Path, size: tuple[int, int], frame_step: int = 1, max_frame
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), src_fps / frame_step
 
 
+def parse_frame_range(text: str | None) -> tuple[int, int] | None:
+    """"A,B" -> (A, B): frames A..B-1; None stays None."""
+    if text is None:
+        return None
+    try:
+        a, b = (int(v) for v in str(text).split(","))
+    except ValueError:
+        a, b = -1, -1
+    if a < 0 or b <= a:
+        raise TrainingError(f"--frame-range {text!r}: expected A,B with 0 <= A < B (frames A..B-1), e.g. 0,600")
+    return a, b
+
+
 def load_videos(spec: str, size: tuple[int, int], frame_step: int = 1, max_frames: int = 0,
-                min_frames: int = 1) -> tuple[list[torch.Tensor], float]:
-    videos, fps = [], 0.0
+                min_frames: int = 1, frame_range: tuple[int, int] | None = None) -> tuple[list[torch.Tensor], float]:
+    """Every video of `spec` as uint8 [T, 3, H, W] (frames frame_range[0]..[1]-1 only, when given), and the fps.
+    Videos shorter than `min_frames` (after the range and step) are skipped; none left is an error."""
+    videos, fps, lengths = [], 0.0, []
     for src in list_video_sources(spec):
         v, fps = read_video(src, size, frame_step, max_frames)
+        if frame_range is not None:
+            v = v[frame_range[0] // frame_step:frame_range[1] // frame_step]
+        lengths.append(f"{src.name}: {v.shape[0]}")
         if v.shape[0] >= min_frames:
             videos.append(v)
     if not videos:
-        raise TrainingError(f"--videos {spec}: no video has the {min_frames} frames a training clip "
-                            f"needs (after --frame-step {frame_step}); use shorter clips or longer videos")
+        raise TrainingError(f"--videos {spec}: no video has the {min_frames} frames a training clip needs (frames "
+                            f"kept: {', '.join(lengths)}); use shorter clips (fewer --frames, a smaller stride) "
+                            f"or longer videos")
     return videos, fps
 
 

@@ -34,9 +34,13 @@ from .data import (
     augmented_window,
     list_images,
     load_images,
+    load_videos,
     parse_box,
+    parse_frame_range,
+    parse_size,
     photometric,
     random_crops_with_sources,
+    to_model,
     warp,
 )
 from .loop import Dist, Run, TrainingError, dtype_named, dump_replica, set_lr
@@ -91,9 +95,10 @@ def training_steps(grid: adc.Grid, gen: torch.Generator, outpaint_share: float) 
     circle, each in its direction's order, so later strips read caches made in other orders, as they
     do when a painting is outpainted on several sides.
     """
-    _, h, w = grid
+    f, h, w = grid
     order = adc.ORDERS[int(torch.randint(len(adc.ORDERS), (1,), generator=gen))]
-    if torch.rand((), generator=gen).item() >= outpaint_share or h * w == 1:
+    # a clip is walked frames forward in one order (frame 0 first, as image animation pre-caches its image)
+    if f > 1 or torch.rand((), generator=gen).item() >= outpaint_share or h * w == 1:
         return [(order, c) for c in adc.split(grid, order)]
     while True:  # a known block smaller than the grid
         kh, kw = (int(torch.randint(1, n + 1, (1,), generator=gen)) for n in (h, w))
@@ -214,6 +219,45 @@ def build_token_bank(vq: VQModel, images: list[torch.Tensor], variants: int, aug
     return TokenBank(grids, left_out)
 
 
+@dataclasses.dataclass
+class VideoTokenBank:
+    """The training videos encoded up front, frame by frame: token videos [T, h, w], each video plain and
+    mirrored."""
+    videos: list[torch.Tensor]
+
+
+@torch.no_grad()
+def build_video_token_bank(vq: VQModel, videos: list[torch.Tensor], device, tile: int = 8) -> VideoTokenBank:
+    """uint8 videos [T, 3, H, W] -> their tokens, plain and flipped, in patch-sized windows as generation encodes."""
+    out = []
+    for video in videos:
+        for flip in (False, True):
+            frames = []
+            for frame in video:
+                x = to_model(frame)[None].to(device)
+                x = x.flip(-1) if flip else x
+                frames.append(vq.encode_tokens_tiled(x, tile=tile, overlap=tile // 4)[0].cpu())
+            out.append(torch.stack(frames))  # [T, h, w]
+    return VideoTokenBank(out)
+
+
+def video_token_clips(bank: VideoTokenBank, n: int, frames: int, size: tuple[int, int], max_stride: int,
+                      gen: torch.Generator) -> torch.Tensor:
+    """n random clips [n, frames, h, w] of tokens: a random video (plain or mirrored), stride 1..max_stride
+    (as long as the video holds the clip), start and window."""
+    h, w = size
+    out = []
+    for _ in range(n):
+        video = bank.videos[int(torch.randint(len(bank.videos), (1,), generator=gen))]
+        T, H, W = video.shape
+        longest = max(1, min(max_stride, (T - 1) // max(frames - 1, 1)))
+        stride = int(torch.randint(1, longest + 1, (1,), generator=gen))
+        start = int(torch.randint(T - (frames - 1) * stride, (1,), generator=gen))
+        top, left = (int(torch.randint(n_ - s_ + 1, (1,), generator=gen)) for n_, s_ in ((H, h), (W, w)))
+        out.append(video[start:start + (frames - 1) * stride + 1:stride, top:top + h, left:left + w])
+    return torch.stack(out)
+
+
 def token_crops(bank: TokenBank, n: int, size: tuple[int, int], gen: torch.Generator, wrap: str = "none") -> torch.Tensor:
     """n random token crops [n, 1, h, w] from the bank; `wrap` "x": columns wrap around (a 360-degree
     panorama), "xy": rows too (a texture that tiles)."""
@@ -257,6 +301,9 @@ def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
             "no_context": args.no_context, "label_smoothing": args.label_smoothing,
             "token_bank": args.token_bank, "wrap": {"none": False, "x": True}.get(args.wrap, args.wrap), "outpaint_share": args.outpaint_share,
             "reencode": not args.no_reencode,
+            # only for videos, so image runs from before videos existed still resume
+            **({"video": {"frames": args.frames, "max_stride": args.max_stride, "size": args.video_size,
+                          "frame_range": args.frame_range}} if getattr(args, "videos", None) else {}),
             "augment": [args.aug_min_scale, args.aug_rotate, args.aug_shear, args.aug_noise],
             "world": int(os.environ.get("WORLD_SIZE", "1")),
             **({"init": Path(args.init).name} if args.init else {}),
@@ -314,9 +361,14 @@ def init_renderer(renderer: Renderer, bundle_path, vq: VQModel, tokens_may_diffe
 
 
 def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: list[torch.Tensor | None] | None = None,
-                   monitor=None) -> dict:
+                   monitor=None, videos: list[torch.Tensor] | None = None) -> dict:
     """The stage on --images, or on `images` ([3, H, W] in -1..1) with `keep_out` masks (> 0: never
-    in a training sample) when a caller holds them (one_shot.py); `monitor`: see loop.Run."""
+    in a training sample) when a caller holds them (one_shot.py); `monitor`: see loop.Run.
+    On --videos (or `videos`, uint8 [T, 3, H, W] at --video-size) samples are clips of --frames patch-frames."""
+    is_video = videos is not None or bool(getattr(args, "videos", None))
+    if is_video and (args.clip or args.text_embeddings):
+        raise TrainingError("captions for video clips are not read yet (the text issue): train the video renderer "
+                            "without --clip / --text-embeddings")
     text = caption_features(args)  # before seeding: building a CLIP tower draws random numbers
     if not 0.0 <= args.outpaint_share <= 1.0:
         raise TrainingError(f"--outpaint-share is a probability in 0..1, got {args.outpaint_share}")
@@ -332,7 +384,14 @@ def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: lis
     rows, cols = parse_triple(args.sample_patches, "--sample-patches")[1:]
     _, ph, pw = rcfg.patch_size
     crop = (rows * ph * f, cols * pw * f)
-    if images is None:
+    clip_frames = 1
+    if is_video:
+        clip_frames = _check_video_args(args, rcfg, f, rows, cols)
+        if videos is None:
+            videos, _ = load_videos(args.videos, parse_size(args.video_size), min_frames=clip_frames,
+                                    frame_range=parse_frame_range(args.frame_range))
+        images = []
+    elif images is None:
         images = load_images(args.images, args.downscale, (ph * f, pw * f), parse_box(args.train_box))
     if not args.one_shot:  # whole images: crop to whole patches, no resampling
         for n, img in enumerate(images):
@@ -354,13 +413,15 @@ def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: lis
         step, opt_steps = int(st["step"]), int(st["optimizer_steps"])
     aug = Augment(scale=(args.aug_min_scale, 1.0), rotate_deg=args.aug_rotate, shear=args.aug_shear,
                   noise=args.aug_noise) if args.one_shot else Augment.off()
-    bank = None
-    if args.token_bank:
+    bank = video_bank = None
+    if is_video:
+        video_bank = build_video_token_bank(vq, videos, dist.device, max(rcfg.patch_size[1:]))
+    elif args.token_bank:
         bank = build_token_bank(vq, images, args.token_bank, aug, args.seed, dist.device, f, max(rcfg.patch_size[1:]),
                                 keep_out)
 
-    grid = (1, rows, cols)  # patches of one training sample
-    patches_per_sample = 1 if args.accumulate else rows * cols
+    grid = (clip_frames // rcfg.patch_size[0], rows, cols)  # patches of one training sample
+    patches_per_sample = 1 if args.accumulate else math.prod(grid)
 
     def lr_fn():  # the warm-up and decay count optimizer steps
         nonlocal opt_steps
@@ -368,7 +429,11 @@ def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: lis
         opt_steps += 1
 
     def one_step(step, check):
-        if bank is not None:
+        if video_bank is not None:
+            tokens = video_token_clips(video_bank, args.batch, clip_frames, (crop[0] // f, crop[1] // f),
+                                       args.max_stride, data_gen).to(dist.device)  # [B, F*pf, h, w]
+            sources = []
+        elif bank is not None:
             tokens, sources = token_crops_with_sources(bank, args.batch, (crop[0] // f, crop[1] // f), data_gen,
                                                        args.wrap)
             tokens, sources = tokens.to(dist.device), [s // args.token_bank for s in sources]
@@ -388,7 +453,7 @@ def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: lis
         return {"optimizer_steps": opt_steps, "loss": res["loss"], "first_patch": res["first_patch"],
                 "orders": "+".join(dict.fromkeys(o.value for o, _ in walk)), "peak_pool": res["peak_pool"]}
 
-    tokens_per_sample = (crop[0] // f) * (crop[1] // f)
+    tokens_per_sample = clip_frames * (crop[0] // f) * (crop[1] // f)
 
     def postfix(st, steps_per_s):
         return {"loss": f"{st['loss']:.3f}", "tok_s": f"{args.batch * dist.world * tokens_per_sample * steps_per_s:.0f}"}
@@ -406,6 +471,23 @@ def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: lis
               file=sys.stderr)
     run.finish()
     return {"step": step, "stopped": stopped, "optimizer_steps": opt_steps, **stats}
+
+
+def _check_video_args(args, rcfg: RendererConfig, f: int, rows: int, cols: int) -> int:
+    """-> frames per clip (patch-frames x frames per patch), after checking the video flags fit the renderer."""
+    ef = rcfg.extent[0]
+    if args.frames < 2:
+        raise TrainingError(f"--frames {args.frames}: a video sample needs at least 2 patch-frames, so frames learn "
+                            f"to continue earlier ones (use e_f + 1 = {ef + 1} or more)")
+    if args.frames < ef + 1:
+        raise TrainingError(f"--frames {args.frames} trains less than the frame extent e_f = {ef} reaches: use "
+                            f"--frames {ef + 1} or more, or a smaller --extent")
+    width, height = parse_size(args.video_size)
+    _, ph, pw = rcfg.patch_size
+    if height % (ph * f) or width % (pw * f) or height < rows * ph * f or width < cols * pw * f:
+        raise TrainingError(f"--video-size {width}x{height} must be whole {pw * f}x{ph * f} px patches and at least "
+                            f"--sample-patches {rows}x{cols} of them ({cols * pw * f}x{rows * ph * f} px)")
+    return args.frames * rcfg.patch_size[0]
 
 
 @torch.no_grad()
