@@ -40,9 +40,10 @@ def _trained_as(path: Path) -> dict:
 
 
 def _image_and_mask(image: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """IMAGE [B, H, W, C] -> [3, H, W] in -1..1 (the batch's first image); MASK -> [H, W] or None when empty."""
+    """IMAGE [B, H, W, C] -> [3, H, W] in -1..1 (one image), or the frames [B, 3, H, W] of a video (B > 1);
+    MASK -> [H, W] or None when empty."""
     from nuwa_core.images import image_to_model
-    x = image_to_model(image[:1])[0]
+    x = image_to_model(image) if image.shape[0] > 1 else image_to_model(image)[0]
     if mask is None:
         return x, None
     m = mask[0] if mask.ndim == 3 else mask
@@ -64,7 +65,8 @@ class NUWATrainOneShot:
                    "folder as <model_name>.safetensors (the Model Loader lists it) and returned at once. Run again "
                    "with the same image and settings and it is loaded, not retrained; 'continue_training' trains the "
                    "saved model further. Cancel stops it, keeping what it learned. About 10 minutes on a CPU give a "
-                   "usable model; a GPU is used when ComfyUI has one.")
+                   "usable model; a GPU is used when ComfyUI has one. A batch of video frames trains a video model "
+                   "and its PG-VQGAN instead.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
     RETURN_TYPES = ("NUWA_MODEL", "STRING")
@@ -75,8 +77,11 @@ class NUWATrainOneShot:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "image": ("IMAGE", {"tooltip": "The image to learn (the first of a batch). At least 128x128 px; the "
-                                "model learns it at this size, so give it at the size you will outpaint it."}),
+            "image": ("IMAGE", {"tooltip": "The image to learn, at least 128x128 px; the model learns it at this "
+                                "size, so give it at the size you will outpaint it. A batch of frames (a loaded "
+                                "video, 4 frames or more) trains a video model for image animation, and its PG-VQGAN "
+                                "(nuwa/pgvqgan/<model_name>.safetensors, for PG-VQGAN Decode); frames larger than "
+                                "256 px are scaled down, and the first 600 are used."}),
             "minutes": ("FLOAT", {"default": 10.0, "min": 0.1, "max": 24 * 60.0, "step": 0.5,
                                   "tooltip": "Time budget. About 10 minutes on a 2-core CPU for a usable model."}),
             "model_name": ("STRING", {"default": "my_painting", "tooltip": "File name in the 'nuwa' model folder. "

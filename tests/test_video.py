@@ -1,6 +1,8 @@
 """NUWA-Infinity video: training the renderer on clips, image animation, and the bounds of both."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -181,3 +183,27 @@ def test_the_planner_adds_frames_for_video_models_only():
         plan(image_model, image_model.canvas_from_image(still()), 0, 0, 0, 0, 0, 0, "center", frames_to_add=5)
     grid = adc.split((6, 2, 3), spec.plans[0].segments[0].order)
     assert [c for c in grid if c[0] > 0] == spec.plans[0].segments[0].patches
+
+
+def test_one_shot_on_a_video_writes_a_video_model_and_its_pgvqgan(tmp_path, monkeypatch):
+    from nuwa_core.checkpoint import read_metadata
+    from nuwa_core.infinity.pixel_guided_vqgan import check_pair, load_pgvqgan
+    from nuwa_core.training import one_shot
+    monkeypatch.setattr(one_shot, "SHIPPED_VIDEO_MODEL", tmp_path / "absent.safetensors")  # as before one ships
+    frames = write_frames(tmp_path / "clip", n=6, size=(160, 136), shift=4)
+    out = tmp_path / "nuwa" / "walk.safetensors"
+    res = train.main(["one-shot", str(frames), "--out", str(out), "--tokenizer-steps", "1", "--renderer-steps", "1",
+                      "--pgvqgan-steps", "1", "--threads", "2"])
+    assert res["stopped"] == "steps" and (res["tokenizer_steps"], res["renderer_steps"], res["pgvqgan_steps"]) == (1,) * 3
+    model = NuwaInfinity.load(out)
+    assert model.renderer.config.extent == one_shot.VIDEO_EXTENT
+    pg_path = one_shot.pgvqgan_path_for(out)
+    assert pg_path == tmp_path / "nuwa" / "pgvqgan" / "walk.safetensors"
+    check_pair(load_pgvqgan(pg_path), model.vqgan, pg_path, out)  # made for the model's own tokens
+    record = json.loads(read_metadata(out)["one_shot"])
+    assert record["video"] == [6, 3, 128, 128]  # centre-cropped to whole 64 px patches
+    with pytest.raises(TrainingError, match="needs at least 4"):
+        one_shot.train_one_shot(torch.zeros(3, 3, 128, 128), tmp_path / "short.safetensors")
+    with pytest.raises(TrainingError, match="trim the video instead"):
+        one_shot.train_one_shot(torch.zeros(5, 3, 128, 128), tmp_path / "m.safetensors",
+                                keep_out=torch.ones(128, 128))

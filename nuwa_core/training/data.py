@@ -251,8 +251,8 @@ def list_video_sources(spec: str) -> list[Path]:
     return out
 
 
-def _decode_frames(path: Path):
-    """Yields PIL frames and returns fps, through PyAV, else imageio."""
+def decode_frames(path: Path, max_frames: int = 0):
+    """-> (PIL frames (the first max_frames when > 0), fps), through PyAV, else imageio."""
     try:
         import av  # type: ignore
     except ImportError:
@@ -264,7 +264,12 @@ def _decode_frames(path: Path):
                     raise TrainingError(f"{path}: the file holds no video stream")
                 stream = container.streams.video[0]
                 fps = float(stream.average_rate) if stream.average_rate else 0.0
-                return [f.to_image() for f in container.decode(stream)], fps
+                frames = []
+                for frame in container.decode(stream):
+                    frames.append(frame.to_image())
+                    if len(frames) == max_frames:
+                        break
+                return frames, fps
         except av.error.FFmpegError as err:
             raise TrainingError(f"cannot decode the video {path}: {err}; give a video file FFmpeg reads "
                                 f"(e.g. .mp4, .avi) or a folder of its frames as images") from err
@@ -273,7 +278,12 @@ def _decode_frames(path: Path):
     except ImportError as err:
         raise TrainingError(f"reading {path.name} needs PyAV (`pip install av`) or imageio") from err
     fps = float(iio.immeta(path).get("fps", 0.0) or 0.0)
-    return [Image.fromarray(a) for a in iio.imiter(path)], fps
+    frames = []
+    for a in iio.imiter(path):
+        frames.append(Image.fromarray(a))
+        if len(frames) == max_frames:
+            break
+    return frames, fps
 
 
 def read_video(path: Path, size: tuple[int, int], frame_step: int = 1, max_frames: int = 0,
@@ -288,7 +298,7 @@ def read_video(path: Path, size: tuple[int, int], frame_step: int = 1, max_frame
                                 f"{frames[0].height} px, {odd.name} is {Image.open(odd).width}x"
                                 f"{Image.open(odd).height}); the frames of one video must all be one size")
     else:
-        frames, src_fps = _decode_frames(path)
+        frames, src_fps = decode_frames(path)
         src_fps = fps or src_fps or 10.0
     frames = frames[::frame_step]
     if max_frames:

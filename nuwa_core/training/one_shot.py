@@ -9,6 +9,12 @@ left, so the learning rate warms up and decays to 0 over the run as it does in a
 learned is kept when it stops early (cancel, Ctrl-C); `resume=True` trains the saved run further
 (the renderer, on the same tokenizer: its tokens are what the renderer learned to continue).
 
+A video (frames [T, 3, H, W], e.g. the IMAGE batch of a loaded video) trains three stages: the
+tokenizer on its frames, the renderer on clips of VIDEO_CLIP_FRAMES frames with a frame extent
+(VIDEO_EXTENT: each new frame reads the frames before it), and the Pixel-Guided VQGAN (pgvqgan.py) on
+pairs of consecutive frames, written beside the model as pgvqgan/NAME.safetensors; "shipped" starts
+from the shipped video model.
+
 A mask leaves a region out of training: no training crop reads its pixels, which are greyed out
 before anything is encoded. `wrap` says the image itself wraps around (a 360-degree panorama, a
 texture that already tiles): crops may cross its joint. A seamless canvas from an image that does
@@ -32,11 +38,21 @@ from ..checkpoint import atomic_write
 from ..infinity.generation import NuwaInfinity
 from ..infinity.vqgan import save_vqgan
 from ..weights import PACK_MODELS_DIR
-from . import renderer as renderer_stage, vqgan as vqgan_stage
-from .arguments import image_arguments
+from . import pgvqgan as pgvqgan_stage, renderer as renderer_stage, vqgan as vqgan_stage
+from .arguments import image_arguments, video_arguments
 from .loop import TrainingError
 
 SHIPPED_MODEL = PACK_MODELS_DIR / "nuwa" / "nuwa_infinity_default.safetensors"
+SHIPPED_VIDEO_MODEL = PACK_MODELS_DIR / "nuwa" / "nuwa_infinity_plaza.safetensors"
+VIDEO_EXTENT = (2, 1, 1)    # (e_f, e_h, e_w): a new frame reads the two before it (the shipped video model's)
+VIDEO_CLIP_FRAMES = 3       # a training clip: e_f + 1 frames, so the whole frame extent is trained
+VIDEO_MAX_STRIDE = 3        # clips of frames 1..3 apart: motions of several speeds
+VIDEO_SAMPLE_PATCHES = 2    # a clip is 2 x 2 patches in each frame
+VIDEO_TOKENIZER_FRAMES = 120  # the tokenizer trains on at most this many frames, evenly spaced
+VIDEO_MAX_FRAMES = 600      # the renderer and PG-VQGAN train on the first 600 (encoding them is the setup's cost)
+VIDEO_MAX_SIDE = 256        # frames larger than this (their long side) are downscaled first: CPU-sized runs
+PGVQGAN_SHARE = 0.25        # of a video's budget; the tokenizer gets tokenizer_share, the renderer the rest
+PGVQGAN_FOLDER = "pgvqgan"  # beside the model: where the PG-VQGAN Decode node looks
 START_FROM = ("shipped", "scratch")  # fine-tune the shipped default model's tokenizer and renderer, or train new ones
 WRAPS = ("none", "x", "xy")
 PATCH_PX = 64        # the recipe's patches: 8x8 tokens of the f8 tokenizer
@@ -58,6 +74,7 @@ class OneShotSettings:
     seed: int = 0
     tokenizer_steps: int = 0          # fixed step counts instead of the budget (0: fitted to it)
     renderer_steps: int = 0
+    pgvqgan_steps: int = 0            # videos: the PG-VQGAN's fixed steps (0: fitted to the budget)
     tokenizer_lr: float = 5e-4        # the shipped models' recipe (models/nuwa/TRAINING.md)
     renderer_lr: float = 3e-4
 
@@ -66,7 +83,7 @@ class OneShotSettings:
             raise TrainingError(f"start_from must be one of {START_FROM}, got {self.start_from!r}")
         if self.wrap not in WRAPS:
             raise TrainingError(f"wrap must be one of {WRAPS}, got {self.wrap!r}")
-        if self.tokenizer_steps < 0 or self.renderer_steps < 0:
+        if min(self.tokenizer_steps, self.renderer_steps, self.pgvqgan_steps) < 0:
             raise TrainingError("fixed step counts are whole numbers >= 0 (0: fitted to the budget)")
         fixed = self.tokenizer_steps and self.renderer_steps
         if not fixed and not self.minutes > 0:
@@ -86,7 +103,7 @@ class OneShotSettings:
 @dataclasses.dataclass
 class OneShotProgress:
     """What the caller's on_progress receives, before every training step."""
-    stage: str                  # "tokenizer" | "renderer"
+    stage: str                  # "tokenizer" | "renderer" | "pgvqgan" (videos)
     step: int
     steps: int                  # the stage's planned steps (fitted to the budget a few steps in)
     fraction: float             # of the whole run done, 0..1
@@ -154,7 +171,7 @@ def padded_for_wrap(image: torch.Tensor, mask: torch.Tensor | None, wrap: str, p
     return image, mask
 
 
-def training_memory_bytes(rows: int, cols: int, batch: int = 4) -> int:
+def training_memory_bytes(rows: int, cols: int, batch: int = 4, frames: int = 1) -> int:
     """Peak memory of a one-shot run on its device: the larger of its two stages, each its weights,
     gradients and Adam moments (16 bytes a weight, fp32) and its activations kept for the backward
     pass (about 3x what the forward alone holds: nuwa_core.memory's inference estimates)."""
@@ -167,7 +184,7 @@ def training_memory_bytes(rows: int, cols: int, batch: int = 4) -> int:
     weights = {"vq": sum(p.numel() for p in VQModel(vq_cfg).parameters()),
                "renderer": sum(p.numel() for p in Renderer(r_cfg).parameters())}
     tokenizer = 16 * weights["vq"] * 2 + 3 * vqgan_window_bytes(vq_cfg, PATCH_PX // 8, batch)  # x2: + discriminator
-    renderer = 16 * weights["renderer"] + 3 * renderer_working_bytes(r_cfg, (1, rows, cols), batch)
+    renderer = 16 * weights["renderer"] + 3 * renderer_working_bytes(r_cfg, (frames, rows, cols), batch)
     return int(max(tokenizer, renderer + 4 * weights["vq"]))  # the frozen tokenizer beside the renderer
 
 
@@ -225,6 +242,7 @@ class _RunState:
         self.preview_every = preview_every
         self.start = time.monotonic()
         self.budget = settings.minutes * 60.0
+        self.fixed_steps: dict[str, int] = {}  # stage -> its fixed step count, when every stage has one
         self.last_preview = self.start
         self.first_renderer_preview: float | None = None
 
@@ -242,8 +260,9 @@ class _RunState:
                 self.first_renderer_preview = self.last_preview - self.start
         s = self.settings
         if s.tokenizer_steps and s.renderer_steps:
-            total = s.tokenizer_steps + s.renderer_steps
-            fraction = (step + (s.tokenizer_steps if stage == "renderer" else 0)) / total
+            fixed = self.fixed_steps or {"tokenizer": s.tokenizer_steps, "renderer": s.renderer_steps}
+            stages = list(fixed)
+            fraction = (step + sum(fixed[n] for n in stages[:stages.index(stage)])) / sum(fixed.values())
         else:
             fraction = elapsed / self.budget
         if self.on_progress is not None:
@@ -251,10 +270,10 @@ class _RunState:
                                              float(stats.get("loss", float("nan"))), preview))
 
 
-def _stage_args(stage, flags: list[str], device) -> argparse.Namespace:
+def _stage_args(stage, flags: list[str], device, data_arguments=image_arguments) -> argparse.Namespace:
     """A stage module's arguments, parsed as `python -m nuwa_core.train` parses them, on `device`."""
     parser = argparse.ArgumentParser()
-    image_arguments(parser)
+    data_arguments(parser)
     stage.add_arguments(parser)
     args = parser.parse_args(flags)
     args.device = device
@@ -282,6 +301,8 @@ def train_one_shot(image: torch.Tensor, out, settings: OneShotSettings | None = 
                    should_stop: Callable[[], bool] | None = None, preview_every: float = 30.0,
                    make_room: Callable[[int, torch.device], None] | None = None) -> dict:
     """Train a model of `image` ([3, H, W] in -1..1) and write it to `out` (a NUWA-Infinity bundle).
+    A video ([T, 3, H, W] in -1..1) also gets a PG-VQGAN, written to pgvqgan_path_for(out) (see the module's
+    docstring); it takes no keep_out.
 
     keep_out [H, W]: > 0 where the image is left out of training. resume: continue the run saved in
     the work folder (same image, mask and settings; `settings.minutes` more). should_stop() -> True
@@ -301,8 +322,17 @@ def train_one_shot(image: torch.Tensor, out, settings: OneShotSettings | None = 
 def _train_one_shot(image, out: Path, settings: OneShotSettings, keep_out, resume, work_dir, device, on_progress,
                     should_stop, preview_every, make_room) -> dict:
     settings.check()
+    if image.ndim == 4 and image.shape[1] == 3 and image.shape[0] > 1:
+        if keep_out is not None and bool(keep_out.gt(0).any()):
+            raise TrainingError("a mask cannot leave part of a video out of training: trim the video instead (e.g. "
+                                "train on its first frames and score the rest)")
+        return _train_video(image, out, settings, resume, work_dir, device, on_progress, should_stop, preview_every,
+                            make_room)
+    if image.ndim == 4 and image.shape[:2] == (1, 3):
+        image = image[0]
     if image.ndim != 3 or image.shape[0] != 3:
-        raise TrainingError(f"expected an RGB image [3, H, W], got shape {tuple(image.shape)}")
+        raise TrainingError(f"expected an RGB image [3, H, W] or video frames [T, 3, H, W], got shape "
+                            f"{tuple(image.shape)}")
     work = Path(work_dir) if work_dir is not None else work_dir_for(out)
     key = image_key(image, keep_out, settings)
     state = _read_state(work)
@@ -381,6 +411,157 @@ def _train_one_shot(image, out: Path, settings: OneShotSettings, keep_out, resum
     return summary
 
 
+def pgvqgan_path_for(out) -> Path:
+    """Where a video's one-shot run writes its PG-VQGAN: pgvqgan/NAME.safetensors beside the model."""
+    out = Path(out)
+    return out.parent / PGVQGAN_FOLDER / out.name
+
+
+def video_frames_for_training(video: torch.Tensor) -> torch.Tensor:
+    """Frames [T, 3, H, W] in -1..1 -> uint8 [T', 3, H', W']: the first VIDEO_MAX_FRAMES, the long side scaled
+    down to VIDEO_MAX_SIDE px, centre-cropped to whole patches; refuses videos too short or too small."""
+    t, _, h, w = video.shape
+    if t < VIDEO_CLIP_FRAMES + 1:
+        raise TrainingError(f"the video has {t} frames; one-shot training on a video needs at least "
+                            f"{VIDEO_CLIP_FRAMES + 1} (a training clip is {VIDEO_CLIP_FRAMES} frames): give a longer "
+                            f"video, or one image to train an image model")
+    least = VIDEO_SAMPLE_PATCHES * PATCH_PX
+    if h < least or w < least:
+        raise TrainingError(f"the video's frames are {w}x{h} px; one-shot training on a video needs at least "
+                            f"{least}x{least} px ({VIDEO_SAMPLE_PATCHES}x{VIDEO_SAMPLE_PATCHES} patches of {PATCH_PX} "
+                            f"px): upscale it")
+    video = video[:VIDEO_MAX_FRAMES].float().clamp(-1, 1)
+    if max(h, w) > VIDEO_MAX_SIDE:
+        scale = VIDEO_MAX_SIDE / max(h, w)
+        h, w = max(least, round(h * scale)), max(least, round(w * scale))
+        video = torch.cat([F.interpolate(chunk, size=(h, w), mode="area") for chunk in video.split(32)])
+    hh, ww = h // PATCH_PX * PATCH_PX, w // PATCH_PX * PATCH_PX
+    top, left = (h - hh) // 2, (w - ww) // 2
+    frames = video[:, :, top:top + hh, left:left + ww]
+    return ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _train_video(video, out: Path, settings: OneShotSettings, resume, work_dir, device, on_progress, should_stop,
+                 preview_every, make_room) -> dict:
+    """The three stages on a video (see the module's docstring): a bundle to `out`, a PG-VQGAN beside it."""
+    frames = video_frames_for_training(video)  # uint8 [T, 3, H, W]
+    work = Path(work_dir) if work_dir is not None else work_dir_for(out)
+    key = image_key(video, None, settings)
+    state = _read_state(work)
+    if resume and state.get("key") != key:
+        raise TrainingError(f"nothing to continue in {work}: " + (
+            "no saved run there" if not state else "its run was trained on another video or settings") +
+            "; train it anew (without continuing / --resume) instead")
+    _check_memory(training_memory_bytes(VIDEO_SAMPLE_PATCHES, VIDEO_SAMPLE_PATCHES, frames=VIDEO_CLIP_FRAMES),
+                  device, make_room)
+    work.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        state = {"key": key, "settings": dataclasses.asdict(settings), "video": list(frames.shape),
+                 "tokenizer": {}, "renderer": {}, "pgvqgan": {}}
+        _write_state(work, state)
+    clock = _RunState(settings, on_progress, should_stop, preview_every)
+    if settings.tokenizer_steps and settings.renderer_steps and settings.pgvqgan_steps:
+        clock.fixed_steps = {"tokenizer": settings.tokenizer_steps, "renderer": settings.renderer_steps,
+                             "pgvqgan": settings.pgvqgan_steps}
+    shipped = settings.start_from == "shipped" and SHIPPED_VIDEO_MODEL.is_file()
+    start_model = SHIPPED_VIDEO_MODEL if shipped else SHIPPED_MODEL
+    tokenizer_file = work / "tokenizer.safetensors"
+    common = ["--seed", str(settings.seed), "--quiet", "--log-dir", str(work), "--save-every", "100"]
+    size = f"{frames.shape[-1]}x{frames.shape[-2]}"
+    renderer_end = clock.start + (1 - PGVQGAN_SHARE) * clock.budget
+
+    # ---- the tokenizer, on frames spread over the video ------------------------------------------------
+    if not state["tokenizer"].get("done"):
+        picks = torch.linspace(0, len(frames) - 1, min(len(frames), VIDEO_TOKENIZER_FRAMES)).round().long()
+        images = [frames[i].float() / 127.5 - 1 for i in picks.tolist()]
+        flags = ["--images", IN_MEMORY, "--out", str(tokenizer_file), "--one-shot", "--preset", "small_f8",
+                 "--crop", str(PATCH_PX), "--batch", "4", "--lr", str(settings.tokenizer_lr), "--warmup", "20",
+                 "--decay", "linear", "--disc-start", str(10 ** 9), "--restart-every", "50", "--steps", str(10 ** 9),
+                 *common]
+        if settings.start_from == "shipped":
+            start_tokenizer = work / "shipped_tokenizer.safetensors"
+            save_vqgan(NuwaInfinity.load(start_model).vqgan, start_tokenizer)
+            flags += ["--init", str(start_tokenizer)]
+        if resume and state["tokenizer"].get("started"):
+            flags.append("--resume")
+        deadline = clock.start + settings.tokenizer_share * clock.budget if not settings.tokenizer_steps else None
+        state["tokenizer"]["started"] = True
+        _write_state(work, state)
+        res = vqgan_stage.train_vqgan(_stage_args(vqgan_stage, flags, device), images, [None] * len(images),
+                                      _StageBudget("tokenizer", deadline, settings.tokenizer_steps, clock))
+        state["tokenizer"].update(steps=res["step"], done=res["stopped"] not in STOPPED_BY_USER)
+        _write_state(work, state)
+        if res["stopped"] in STOPPED_BY_USER:
+            return _summary(state, clock, res["stopped"], None)
+
+    # ---- the renderer, on clips of the tokenizer's tokens ---------------------------------------------------
+    renderer_out = work / "model.safetensors"
+    if not state["renderer"].get("done"):
+        e_f, e_h, e_w = VIDEO_EXTENT
+        flags = ["--tokenizer", str(tokenizer_file), "--videos", IN_MEMORY, "--video-size", size, "--out",
+                 str(renderer_out), "--one-shot", "--frames", str(VIDEO_CLIP_FRAMES), "--max-stride",
+                 str(VIDEO_MAX_STRIDE), "--extent", f"{e_f},{e_h},{e_w}", "--batch", "4", "--lr",
+                 str(settings.renderer_lr), "--warmup", "100", "--sample-patches",
+                 f"{VIDEO_SAMPLE_PATCHES}x{VIDEO_SAMPLE_PATCHES}", "--steps", str(10 ** 9), *common]
+        if shipped:
+            flags += ["--init", str(SHIPPED_VIDEO_MODEL), "--init-tokens-may-differ"]
+        if resume and state["renderer"].get("started"):
+            flags.append("--resume")
+        deadline = renderer_end if not settings.renderer_steps else None
+        state["renderer"]["started"] = True
+        _write_state(work, state)
+        args = _stage_args(renderer_stage, flags, device, lambda p: image_arguments(p, videos=True))
+        res = renderer_stage.train_renderer(args, monitor=_StageBudget("renderer", deadline, settings.renderer_steps,
+                                                                       clock), videos=[frames])
+        state["renderer"].update(steps=res["step"], optimizer_steps=res["optimizer_steps"],
+                                 done=res["stopped"] not in STOPPED_BY_USER)
+        _write_state(work, state)
+        if res["stopped"] in STOPPED_BY_USER:
+            return _save_video_model(state, clock, res["stopped"], key, renderer_out, out, None)
+
+    # ---- the Pixel-Guided VQGAN, on pairs of consecutive frames -----------------------------------------
+    pg_out = work / "pgvqgan.safetensors"
+    flags = ["--tokenizer", str(tokenizer_file), "--videos", IN_MEMORY, "--size", size, "--out", str(pg_out),
+             "--batch", "4", "--lr", str(pgvqgan_stage.DEFAULT_LR), "--warmup", "20", "--decay", "linear",
+             "--steps", str(10 ** 9), *common]
+    if resume and state["pgvqgan"].get("started"):
+        flags.append("--resume")
+    deadline = clock.start + clock.budget - FINAL_SAVE_SECONDS if not settings.pgvqgan_steps else None
+    pg_steps = settings.pgvqgan_steps and state["pgvqgan"].get("steps", 0) + settings.pgvqgan_steps
+    state["pgvqgan"]["started"] = True
+    _write_state(work, state)
+    res = pgvqgan_stage.train_pgvqgan(_stage_args(pgvqgan_stage, flags, device, video_arguments), [frames],
+                                      _StageBudget("pgvqgan", deadline, pg_steps, clock))
+    state["pgvqgan"]["steps"] = res["step"]
+    _write_state(work, state)
+    return _save_video_model(state, clock, res["stopped"], key, renderer_out, out, pg_out)
+
+
+def _save_video_model(state, clock, stopped, key, renderer_out: Path, out: Path, pg_out: Path | None) -> dict:
+    summary = _summary(state, clock, stopped, str(out))
+    summary["pgvqgan_steps"] = state["pgvqgan"].get("steps", 0)
+    record = json.dumps({"key": key, "settings": state["settings"], "video": state["video"],
+                         **{f"{k}_steps": summary[f"{k}_steps"] for k in ("tokenizer", "renderer", "pgvqgan")}},
+                        sort_keys=True)
+    try:
+        NuwaInfinity.load(renderer_out).save(out, dtype=torch.float16, metadata={"one_shot": record})
+        if pg_out is not None:
+            from ..infinity.pixel_guided_vqgan import load_pgvqgan, save_pgvqgan, token_fingerprint
+            pg_path = pgvqgan_path_for(out)
+            pg_path.parent.mkdir(parents=True, exist_ok=True)
+            pg = load_pgvqgan(pg_out)
+            save_pgvqgan(pg, pg_path, token_fingerprint(pg), dtype=torch.float16, metadata={"one_shot": record})
+            summary["pgvqgan"] = str(pg_path)
+    except OSError as err:
+        raise TrainingError(f"could not write the model to {out}: {err}. Any model file there before is unchanged, "
+                            f"and what this run learned is kept in {renderer_out.parent}: make room and continue "
+                            f"the run") from err
+    print(f"[train] one-shot (video): {stopped} after {summary['seconds']:.0f} s ({summary['tokenizer_steps']} "
+          f"tokenizer + {summary['renderer_steps']} renderer + {summary['pgvqgan_steps']} PG-VQGAN steps); wrote "
+          f"{out}" + (f" and {summary['pgvqgan']}" if "pgvqgan" in summary else ""), file=sys.stderr)
+    return summary
+
+
 def _summary(state: dict, clock: _RunState, stopped: str, out: str | None) -> dict:
     return {"stopped": stopped, "out": out, "tokenizer_steps": state["tokenizer"].get("steps", 0),
             "renderer_steps": state["renderer"].get("steps", 0),
@@ -391,7 +572,8 @@ def _summary(state: dict, clock: _RunState, stopped: str, out: str | None) -> di
 # ---- the command line ----------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
-    p.add_argument("image", help="the image to learn (a painting, a photo, a panorama)")
+    p.add_argument("image", help="the image to learn (a painting, a photo, a panorama), or a video (a file PyAV "
+                   "reads, or a folder of frames): a video model and its PG-VQGAN")
     p.add_argument("--out", required=True, help="the model file to write (.safetensors); the run's checkpoints, "
                    "logs and state go to training/NAME/ beside it")
     p.add_argument("--minutes", type=float, default=10.0, help="time budget for the whole run")
@@ -406,6 +588,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer-steps", type=int, default=0, help="fixed steps instead of the budget (with "
                    "--renderer-steps: reproduces a run from the counts it reported)")
     p.add_argument("--renderer-steps", type=int, default=0, help="fixed renderer steps (samples)")
+    p.add_argument("--pgvqgan-steps", type=int, default=0, help="a video: fixed PG-VQGAN steps")
+    p.add_argument("--frame-range", default=None, metavar="A,B", help="a video: train on frames A..B-1 only (the "
+                   "rest held out for evaluation)")
     p.add_argument("--tokenizer-lr", type=float, default=OneShotSettings.tokenizer_lr)
     p.add_argument("--renderer-lr", type=float, default=OneShotSettings.renderer_lr)
     p.add_argument("--seed", type=int, default=0)
@@ -433,17 +618,54 @@ def _keep_out_from_args(args, height: int, width: int) -> torch.Tensor | None:
     return keep_out
 
 
+def _read_video(args) -> torch.Tensor:
+    """The video argument -> frames [T, 3, H, W] in -1..1 (--frame-range applied)."""
+    from .data import list_video_sources, parse_frame_range, read_video, to_model
+    source = list_video_sources(args.image)[0]
+    frames, _ = read_video(source, _native_size(source))
+    frame_range = parse_frame_range(args.frame_range)
+    if frame_range is not None:
+        frames = frames[frame_range[0]:frame_range[1]]
+    return to_model(frames)
+
+
+def _native_size(source: Path) -> tuple[int, int]:
+    """(width, height) of a video's frames, scaled down to VIDEO_MAX_SIDE on the long side."""
+    from PIL import Image
+
+    from .data import IMAGE_SUFFIXES, decode_frames
+    if source.is_dir():
+        first = min(c for c in source.iterdir() if c.suffix.lower() in IMAGE_SUFFIXES)
+        w, h = Image.open(first).size
+    else:
+        w, h = decode_frames(source, max_frames=1)[0][0].size
+    scale = min(1.0, VIDEO_MAX_SIDE / max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _is_video(path: str) -> bool:
+    from .data import VIDEO_SUFFIXES
+    p = Path(path)
+    return p.is_dir() or p.suffix.lower() in VIDEO_SUFFIXES
+
+
 def run(args) -> dict:
     from ..images import image_to_model, load_image, save_image
-    try:
-        image = image_to_model(load_image(args.image))[0]
-    except (OSError, ValueError) as err:
-        raise TrainingError(f"cannot read the image {args.image}: {err}") from err
-    keep_out = _keep_out_from_args(args, image.shape[-2], image.shape[-1])
+    if _is_video(args.image):
+        if args.mask or args.leave_out:
+            raise TrainingError("--mask / --leave-out leave part of an image out; for a video, hold frames out with "
+                                "--frame-range instead")
+        image, keep_out = _read_video(args), None
+    else:
+        try:
+            image = image_to_model(load_image(args.image))[0]
+        except (OSError, ValueError) as err:
+            raise TrainingError(f"cannot read the image {args.image}: {err}") from err
+        keep_out = _keep_out_from_args(args, image.shape[-2], image.shape[-1])
     settings = OneShotSettings(minutes=args.minutes, start_from=args.start_from, tokenizer_share=args.tokenizer_share,
                                wrap=args.wrap, seed=args.seed, tokenizer_steps=args.tokenizer_steps,
-                               renderer_steps=args.renderer_steps, tokenizer_lr=args.tokenizer_lr,
-                               renderer_lr=args.renderer_lr)
+                               renderer_steps=args.renderer_steps, pgvqgan_steps=args.pgvqgan_steps,
+                               tokenizer_lr=args.tokenizer_lr, renderer_lr=args.renderer_lr)
     last_line = [0.0]
 
     def on_progress(p: OneShotProgress) -> None:
