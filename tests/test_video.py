@@ -54,18 +54,19 @@ def test_clips_are_frames_a_stride_apart_in_one_window():
     t, h, w = 20, 6, 7
     video = (1000 * torch.arange(t)[:, None, None] + 10 * torch.arange(h)[None, :, None]
              + torch.arange(w)[None, None, :])
-    clips = video_token_clips(VideoTokenBank([video]), 64, 3, (2, 3), 4, torch.Generator().manual_seed(0))
-    assert clips.shape == (64, 3, 2, 3)
+    bank = VideoTokenBank([video, video])  # one video, "plain and mirrored"
+    clips, sources = video_token_clips(bank, 64, 3, (2, 3), 4, torch.Generator().manual_seed(0))
+    assert clips.shape == (64, 3, 2, 3) and sources == [0] * 64
     frames, rows, cols = clips // 1000, clips % 1000 // 10, clips % 10
     strides = frames[:, 1:, 0, 0] - frames[:, :-1, 0, 0]
     assert (strides == strides[:, :1]).all() and strides.min() >= 1 and strides.max() <= 4
     assert len(set(strides[:, 0].tolist())) > 1  # the stride is drawn, not fixed
     assert (frames == frames[:, :, :1, :1]).all()  # one frame per clip frame
     assert (rows[:, :, 1] - rows[:, :, 0] == 1).all() and (cols[:, :, :, 2] - cols[:, :, :, 0] == 2).all()
-    again = video_token_clips(VideoTokenBank([video]), 64, 3, (2, 3), 4, torch.Generator().manual_seed(0))
+    again, _ = video_token_clips(bank, 64, 3, (2, 3), 4, torch.Generator().manual_seed(0))
     assert torch.equal(clips, again)
     # a video just long enough for the clip: stride 1 only
-    short = video_token_clips(VideoTokenBank([video[:3]]), 8, 3, (2, 3), 4, torch.Generator().manual_seed(1))
+    short, _ = video_token_clips(VideoTokenBank([video[:3]] * 2), 8, 3, (2, 3), 4, torch.Generator().manual_seed(1))
     assert (short // 1000 == torch.arange(3)[None, :, None, None]).all()
 
 
@@ -157,6 +158,30 @@ def test_growing_a_video_in_two_calls_continues_the_first():
     second = m.generate(first, m.plan_frames(first, 2), FAST, generator=torch.Generator().manual_seed(1))
     assert second.grid == (5, 2, 3) and second.known.all()
     assert torch.equal(second.tokens[:, :3], first.tokens[:, :3])
+
+
+def test_text_to_video_trains_on_captioned_videos_and_the_prompt_steers_the_frames(tmp_path, tokenizer):
+    from safetensors.torch import save_file
+    videos = tmp_path / "videos"
+    write_frames(videos / "left", shift=3)
+    write_frames(videos / "right", shift=-3)
+    gen = torch.Generator().manual_seed(0)
+    embeddings = tmp_path / "captions.safetensors"
+    save_file({"left": torch.randn(3, 8, generator=gen), "right": torch.randn(3, 8, generator=gen)}, embeddings)
+    out = tmp_path / "t2v.safetensors"
+    train.main(video_args(videos, tokenizer, out, "--text-embeddings", str(embeddings)))
+    model = NuwaInfinity.load(out)
+    assert model.renderer.config.text_dim == 8
+    prompts = torch.randn(2, 1, 3, 8, generator=gen)
+    runs = []
+    for prompt in prompts:  # text-to-video: a blank canvas of 3 frames, from the prompt alone
+        canvas = model.blank_canvas(2, 2, frames=3)
+        runs.append(model.generate(canvas, model.plan_fill(canvas), GREEDY, text=prompt))
+    assert all(r.known.all() for r in runs) and not torch.equal(runs[0].tokens, runs[1].tokens)
+    missing = tmp_path / "one.safetensors"
+    save_file({"left": torch.randn(3, 8)}, missing)
+    with pytest.raises(TrainingError, match="no embedding for 1 training image.*right"):
+        train.main(video_args(videos, tokenizer, out, "--text-embeddings", str(missing)))
 
 
 def test_frame_and_prompt_errors():

@@ -323,17 +323,21 @@ def parse_frame_range(text: str | None) -> tuple[int, int] | None:
 
 
 def load_videos(spec: str, size: tuple[int, int], frame_step: int = 1, max_frames: int = 0,
-                min_frames: int = 1, frame_range: tuple[int, int] | None = None) -> tuple[list[torch.Tensor], float]:
+                min_frames: int = 1, frame_range: tuple[int, int] | None = None,
+                kept: list[int] | None = None) -> tuple[list[torch.Tensor], float]:
     """Every video of `spec` as uint8 [T, 3, H, W] (frames frame_range[0]..[1]-1 only, when given), and the fps.
-    Videos shorter than `min_frames` (after the range and step) are skipped; none left is an error."""
+    Videos shorter than `min_frames` (after the range and step) are skipped; none left is an error. `kept`: a
+    list that receives the list_video_sources index of every video returned (to match captions to them)."""
     videos, fps, lengths = [], 0.0, []
-    for src in list_video_sources(spec):
+    for n, src in enumerate(list_video_sources(spec)):
         v, fps = read_video(src, size, frame_step, max_frames)
         if frame_range is not None:
             v = v[frame_range[0] // frame_step:frame_range[1] // frame_step]
         lengths.append(f"{src.name}: {v.shape[0]}")
         if v.shape[0] >= min_frames:
             videos.append(v)
+            if kept is not None:
+                kept.append(n)
     if not videos:
         raise TrainingError(f"--videos {spec}: no video has the {min_frames} frames a training clip needs (frames "
                             f"kept: {', '.join(lengths)}); use shorter clips (fewer --frames, a smaller stride) "

@@ -34,6 +34,7 @@ from .data import (
     augmented_window,
     list_images,
     load_images,
+    list_video_sources,
     load_videos,
     parse_box,
     parse_frame_range,
@@ -242,20 +243,22 @@ def build_video_token_bank(vq: VQModel, videos: list[torch.Tensor], device, tile
 
 
 def video_token_clips(bank: VideoTokenBank, n: int, frames: int, size: tuple[int, int], max_stride: int,
-                      gen: torch.Generator) -> torch.Tensor:
+                      gen: torch.Generator) -> tuple[torch.Tensor, list[int]]:
     """n random clips [n, frames, h, w] of tokens: a random video (plain or mirrored), stride 1..max_stride
-    (as long as the video holds the clip), start and window."""
+    (as long as the video holds the clip), start and window; and the index of the video each came from."""
     h, w = size
-    out = []
+    out, sources = [], []
     for _ in range(n):
-        video = bank.videos[int(torch.randint(len(bank.videos), (1,), generator=gen))]
+        source = int(torch.randint(len(bank.videos), (1,), generator=gen))
+        video = bank.videos[source]
+        sources.append(source // 2)  # the bank holds each video plain, then mirrored
         T, H, W = video.shape
         longest = max(1, min(max_stride, (T - 1) // max(frames - 1, 1)))
         stride = int(torch.randint(1, longest + 1, (1,), generator=gen))
         start = int(torch.randint(T - (frames - 1) * stride, (1,), generator=gen))
         top, left = (int(torch.randint(n_ - s_ + 1, (1,), generator=gen)) for n_, s_ in ((H, h), (W, w)))
         out.append(video[start:start + (frames - 1) * stride + 1:stride, top:top + h, left:left + w])
-    return torch.stack(out)
+    return torch.stack(out), sources
 
 
 def token_crops(bank: TokenBank, n: int, size: tuple[int, int], gen: torch.Generator, wrap: str = "none") -> torch.Tensor:
@@ -315,7 +318,8 @@ def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
 
 
 def caption_features(args) -> torch.Tensor | None:
-    """[n_images, T, D] caption features of the training images (in list_images order), or None."""
+    """[n, T, D] caption features of the training images (in list_images order) or videos (list_video_sources
+    order: a video file's or frame folder's same-name .txt / embedding key), or None."""
     if args.clip and args.text_embeddings:
         raise TrainingError("give captions either as --clip (encode the .txt files) or as --text-embeddings, not both")
     if not (0.0 <= args.text_drop <= 1.0):
@@ -325,7 +329,7 @@ def caption_features(args) -> torch.Tensor | None:
             raise TrainingError(f"--text-dim {args.text_dim} builds a text-conditioned renderer, which needs "
                                 f"captions: give --clip (with --clip-model) or --text-embeddings")
         return None
-    paths = list_images(args.images)
+    paths = list_video_sources(args.videos) if getattr(args, "videos", None) else list_images(args.images)
     if args.text_embeddings:
         text = captions.load_text_embeddings(args.text_embeddings, paths)
     elif not args.clip_model:
@@ -366,9 +370,8 @@ def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: lis
     in a training sample) when a caller holds them (one_shot.py); `monitor`: see loop.Run.
     On --videos (or `videos`, uint8 [T, 3, H, W] at --video-size) samples are clips of --frames patch-frames."""
     is_video = videos is not None or bool(getattr(args, "videos", None))
-    if is_video and (args.clip or args.text_embeddings):
-        raise TrainingError("captions for video clips are not read yet (the text issue): train the video renderer "
-                            "without --clip / --text-embeddings")
+    if videos is not None and (args.clip or args.text_embeddings):
+        raise TrainingError("captions are read for --videos files; videos given in memory train without them")
     text = caption_features(args)  # before seeding: building a CLIP tower draws random numbers
     if not 0.0 <= args.outpaint_share <= 1.0:
         raise TrainingError(f"--outpaint-share is a probability in 0..1, got {args.outpaint_share}")
@@ -388,8 +391,10 @@ def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: lis
     if is_video:
         clip_frames = _check_video_args(args, rcfg, f, rows, cols)
         if videos is None:
+            kept: list[int] = []
             videos, _ = load_videos(args.videos, parse_size(args.video_size), min_frames=clip_frames,
-                                    frame_range=parse_frame_range(args.frame_range))
+                                    frame_range=parse_frame_range(args.frame_range), kept=kept)
+            text = None if text is None else text[kept]  # the captions of the videos long enough to train on
         images = []
     elif images is None:
         images = load_images(args.images, args.downscale, (ph * f, pw * f), parse_box(args.train_box))
@@ -430,9 +435,9 @@ def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: lis
 
     def one_step(step, check):
         if video_bank is not None:
-            tokens = video_token_clips(video_bank, args.batch, clip_frames, (crop[0] // f, crop[1] // f),
-                                       args.max_stride, data_gen).to(dist.device)  # [B, F*pf, h, w]
-            sources = []
+            tokens, sources = video_token_clips(video_bank, args.batch, clip_frames, (crop[0] // f, crop[1] // f),
+                                                args.max_stride, data_gen)
+            tokens = tokens.to(dist.device)  # [B, F*pf, h, w]
         elif bank is not None:
             tokens, sources = token_crops_with_sources(bank, args.batch, (crop[0] // f, crop[1] // f), data_gen,
                                                        args.wrap)
