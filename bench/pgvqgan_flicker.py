@@ -1,7 +1,7 @@
 """Temporal consistency of the Pixel-Guided VQGAN: the same tokens decoded two ways, on held-out clips.
 
     python bench/pgvqgan_flicker.py [--model BUNDLE] [--pgvqgan FILE] [--video VIDEO] [--frames 600,795]
-                                    [--clips 4] [--clip-frames 8] [--size 256x192] [--train-minutes N]
+                                    [--clips 4] [--clip-frames 16] [--size 256x192] [--train-minutes N]
 
 Tokens are the model VQGAN's tiled encoding of real held-out frames (frames A..B-1 of the video, which
 the PG-VQGAN never trained on), so every row decodes the same tokens; rows:
@@ -41,8 +41,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nuwa_core.infinity.generation import NuwaInfinity
-from nuwa_core.infinity.pixel_guided_vqgan import check_pair, decode_video, load_pgvqgan
+from nuwa_core.checkpoint import read_metadata
+from nuwa_core.infinity.generation import BUNDLE_KIND, NuwaInfinity
+from nuwa_core.infinity.pixel_guided_vqgan import check_pair, decode_video, load_pgvqgan, load_tokenizer
 from nuwa_core.training.data import parse_size, to_model
 from nuwa_core.training.pgvqgan import parse_frame_range, read_frames
 
@@ -121,12 +122,16 @@ def train_fallback(args, a: int) -> Path:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="NUWA-Infinity bundle (its VQGAN tokenizes)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="NUWA-Infinity bundle (its VQGAN tokenizes), "
+                   "or a bare VQGAN file")
+    p.add_argument("--tile", type=int, default=0, help="tokens per side of the decode windows (default: the bundle's "
+                   "patch; 8 for a bare VQGAN)")
     p.add_argument("--pgvqgan", type=Path, default=DEFAULT_PGVQGAN, help="PG-VQGAN trained for the model's VQGAN")
     p.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
     p.add_argument("--frames", default="600,795", help="held-out frames A,B (A..B-1)")
     p.add_argument("--clips", type=int, default=4)
-    p.add_argument("--clip-frames", type=int, default=8)
+    p.add_argument("--clip-frames", type=int, default=16, help="frames per clip (the PG-VQGAN's first few frames "
+                   "drift from frame 0 towards its steady state: short clips weigh that transient)")
     p.add_argument("--size", default="256x192", help="frame size WIDTHxHEIGHT after resize + centre crop")
     p.add_argument("--train-minutes", type=float, default=0.0, help="without the --pgvqgan file: train one first")
     p.add_argument("--seed", type=int, default=0)
@@ -144,11 +149,13 @@ def main(argv=None) -> dict:
         if args.train_minutes <= 0:
             raise SystemExit(f"no PG-VQGAN at {pg_path}; give --pgvqgan, or --train-minutes N to train one first")
         pg_path = train_fallback(args, a)
-    model = NuwaInfinity.load(args.model)
-    vq = model.vqgan.float().eval()
+    if read_metadata(args.model).get("nuwa_kind") == BUNDLE_KIND:
+        model = NuwaInfinity.load(args.model)
+        vq, tile = model.vqgan.float().eval(), args.tile or model.vqgan_tile
+    else:  # a bare VQGAN file (e.g. a tokenizer whose renderer is still training)
+        vq, tile = load_tokenizer(args.model), args.tile or 8
     pg = load_pgvqgan(pg_path)
     check_pair(pg, vq, pg_path, args.model)
-    tile = model.vqgan_tile
     (held,) = read_frames(str(args.video), parse_size(args.size), (a, b))
     gen = torch.Generator().manual_seed(args.seed)
     per_row: dict[str, list[dict]] = {r: [] for r in ROWS}

@@ -122,7 +122,7 @@ def pgvqgan_config_dict(args, vq: VQModel) -> dict:
 
 def train_pgvqgan(args, videos: list[torch.Tensor] | None = None, monitor=None) -> dict:
     """The stage on --videos, or on `videos` (uint8 [T, 3, H, W] each, e.g. frames a caller already holds;
-    --frame-range and --frame-step apply to them too); `monitor`: see loop.Run. -> the run's stats."""
+    --frame-range, --frame-step and --max-frames apply to them too); `monitor`: see loop.Run. -> the run's stats."""
     if not 0.0 <= args.recon_guidance <= 1.0:
         raise TrainingError(f"--recon-guidance is a probability in 0..1, got {args.recon_guidance}")
     if args.guide_blocks < 1:
@@ -146,6 +146,8 @@ def train_pgvqgan(args, videos: list[torch.Tensor] | None = None, monitor=None) 
         if frame_range is not None:
             videos = [v[frame_range[0]:frame_range[1]] for v in videos]
         videos = check_videos([v[::args.frame_step] for v in videos])
+    if args.max_frames:
+        videos = check_videos([v[:args.max_frames] for v in videos])
     small = [tuple(v.shape[-2:]) for v in videos if min(v.shape[-2:]) < args.crop]
     if small:
         raise TrainingError(f"--crop {args.crop} is larger than the frames ({small[0][1]}x{small[0][0]} px): "
