@@ -215,9 +215,9 @@ class DecodeCancelled(Exception):
 
 @torch.no_grad()
 def decode_video(vqgan: VQModel, pg: PixelGuidedDecoder | None, tokens: torch.Tensor,
-                 first_frame: torch.Tensor | None, tile: int, overlap: int | None = None,
-                 wrap: tuple[bool, bool] = (False, False),
-                 callback: Callable[[int, int, torch.Tensor], bool | None] | None = None) -> torch.Tensor:
+                 first_frame: torch.Tensor | None, tile: int,
+                 callback: Callable[[int, int, torch.Tensor], bool | None] | None = None,
+                 overlap: int | None = None, wrap: tuple[bool, bool] = (False, False)) -> torch.Tensor:
     """Frames of tokens [F, h, w] -> pixels [F, 3, h*f, w*f] in -1..1 (clamped, on the CPU, float32).
 
     Frame 0 is `first_frame` [3, H, W] in -1..1 when given (image animation: the given image),
@@ -225,7 +225,8 @@ def decode_video(vqgan: VQModel, pg: PixelGuidedDecoder | None, tokens: torch.Te
     by the PG-VQGAN guided by the previous *decoded* frame, window by window, so memory stays flat
     at any canvas size and length (one frame on the device at a time). pg None: every frame by the
     plain VQGAN (the baseline). callback(frame_index, frames, frame [3, H, W]) after each frame;
-    returning False raises DecodeCancelled (or it may raise its own exception).
+    returning False raises DecodeCancelled (or it may raise its own exception). overlap: tokens the
+    windows share (default tile // 4, as NuwaInfinity.decode); wrap (rows, columns): a canvas that wraps.
     """
     if tokens.ndim != 3:
         raise ValueError(f"expected tokens [F, h, w] (one video), got shape {tuple(tokens.shape)}")
