@@ -17,7 +17,10 @@ frame n-1's *reconstruction* (the plain VQGAN's decode of its tokens) instead of
 At inference the guidance is always a decoded frame, with the tokenizer's blur and artefacts; a
 decoder that saw only real previous frames learns to trust them as sharp truth and copies their
 detail, which then carries decoding errors from frame to frame. Decoded guidance during training
-teaches it to take from the previous frame only what helps.
+teaches it to take from the previous frame only what helps. `--pg-guidance Q` goes one step further:
+of those samples, a share Q is guided by the PG-VQGAN's own decode of frame n-1 (no gradient), which
+is what inference feeds it from the second frame on; without it, decoding a video feeds the PG-VQGAN
+its own outputs, a kind of guidance it never trained on, and its error grows frame after frame.
 """
 from __future__ import annotations
 
@@ -28,7 +31,15 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..images import model_to_image, save_image
-from ..infinity.pixel_guided_vqgan import PixelGuidedDecoder, load_tokenizer, save_pgvqgan, token_fingerprint
+from ..infinity.pixel_guided_vqgan import (
+    PairError,
+    PixelGuidedDecoder,
+    check_pair,
+    load_pgvqgan,
+    load_tokenizer,
+    save_pgvqgan,
+    token_fingerprint,
+)
 from ..infinity.vqgan import VQModel
 from .data import list_video_sources, parse_size, read_video, to_model
 from .loop import Dist, Run, TrainingError, dtype_named, set_lr
@@ -117,7 +128,10 @@ def pgvqgan_config_dict(args, vq: VQModel) -> dict:
             "size": args.size, "crop": args.crop, "batch": args.batch, "lr": args.lr, "seed": args.seed,
             "recon_guidance": args.recon_guidance, "frame_range": args.frame_range or "",
             "frame_step": args.frame_step, "guide_blocks": args.guide_blocks,
-            **({"lpips": Path(args.lpips).name, "lpips_weight": args.lpips_weight} if args.lpips else {})}
+            **({"lpips": Path(args.lpips).name, "lpips_weight": args.lpips_weight} if args.lpips else {}),
+            # only when used, so checkpoints from before these options existed still resume
+            **({"pg_guidance": args.pg_guidance} if args.pg_guidance else {}),
+            **({"init": Path(args.init).name} if args.init else {})}
 
 
 def train_pgvqgan(args, videos: list[torch.Tensor] | None = None, monitor=None) -> dict:
@@ -125,6 +139,8 @@ def train_pgvqgan(args, videos: list[torch.Tensor] | None = None, monitor=None) 
     --frame-range, --frame-step and --max-frames apply to them too); `monitor`: see loop.Run. -> the run's stats."""
     if not 0.0 <= args.recon_guidance <= 1.0:
         raise TrainingError(f"--recon-guidance is a probability in 0..1, got {args.recon_guidance}")
+    if not 0.0 <= args.pg_guidance <= 1.0:
+        raise TrainingError(f"--pg-guidance is a probability in 0..1, got {args.pg_guidance}")
     if args.guide_blocks < 1:
         raise TrainingError(f"--guide-blocks must be >= 1, got {args.guide_blocks}")
     dist = Dist(getattr(args, "device", None))
@@ -153,7 +169,15 @@ def train_pgvqgan(args, videos: list[torch.Tensor] | None = None, monitor=None) 
         raise TrainingError(f"--crop {args.crop} is larger than the frames ({small[0][1]}x{small[0][0]} px): "
                             f"use a smaller --crop or a larger --size")
     crop = (args.crop, args.crop)
-    pg = PixelGuidedDecoder.from_vqgan(vq, guide_blocks=args.guide_blocks).to(dist.device).train()
+    if args.init:  # continue from a trained PG-VQGAN of this tokenizer
+        try:
+            pg = load_pgvqgan(args.init)
+            check_pair(pg, vq, args.init, args.tokenizer)
+        except (CheckpointError, PairError) as err:
+            raise TrainingError(f"--init {args.init}: {err}") from err
+        pg = pg.to(dist.device).train()
+    else:
+        pg = PixelGuidedDecoder.from_vqgan(vq, guide_blocks=args.guide_blocks).to(dist.device).train()
     for part in (pg.quantize, pg.post_quant_conv):  # what a token decodes to: fixed (check_pair compares them)
         part.requires_grad_(False)
     perceptual = None
@@ -180,8 +204,15 @@ def train_pgvqgan(args, videos: list[torch.Tensor] | None = None, monitor=None) 
             both = vq.encode_tokens(torch.cat([prev, cur]))
             tokens_prev, tokens = both[:len(prev)], both[len(prev):]
             use_rec = torch.rand(len(prev), generator=data_gen) < args.recon_guidance
+            own = 0
             if bool(use_rec.any()):
-                rec = vq.decode_tokens(tokens_prev[use_rec.to(tokens_prev.device)]).clamp(-1, 1)
+                picked = tokens_prev[use_rec.to(tokens_prev.device)]
+                rec = vq.decode_tokens(picked).clamp(-1, 1)
+                if args.pg_guidance > 0:  # some of them: the PG-VQGAN's own decode of frame n-1, as at inference
+                    use_pg = (torch.rand(len(rec), generator=data_gen) < args.pg_guidance).to(rec.device)
+                    own = int(use_pg.sum())
+                    if own:
+                        rec[use_pg] = pg.decode(pg.quantize.embed(picked[use_pg]), rec[use_pg]).clamp(-1, 1)
                 prev = prev.clone()
                 prev[use_rec.to(prev.device)] = rec
         out = pg_ddp(tokens, prev)
@@ -192,12 +223,13 @@ def train_pgvqgan(args, videos: list[torch.Tensor] | None = None, monitor=None) 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": loss.item(), "l1": l1.item(), "lpips": lpips.item(), "recon_guided": int(use_rec.sum())}
+        return {"loss": loss.item(), "l1": l1.item(), "lpips": lpips.item(), "recon_guided": int(use_rec.sum()),
+                "pg_guided": own}
 
     def postfix(st, steps_per_s):
         return {"l1": f"{st['l1']:.4f}", "pps": f"{args.batch * dist.world * steps_per_s:.1f}"}
 
-    fields = ["step", "time", "loss", "l1", "recon_guided"] + (["lpips"] if perceptual is not None else [])
+    fields = ["step", "time", "loss", "l1", "recon_guided", "pg_guided"] + (["lpips"] if perceptual is not None else [])
     step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,
                                     sample=lambda path: save_image(run.preview(), path))
     if dist.main:
@@ -237,7 +269,12 @@ def add_arguments(p) -> None:
                    "pair (default: the tiled decode's window for 8-token patches of an f8 VQGAN, 12 tokens)")
     p.add_argument("--recon-guidance", type=float, default=0.5, help="probability of guiding with the previous "
                    "frame's VQGAN reconstruction instead of its real pixels (inference guides with decoded frames)")
-    p.add_argument("--guide-blocks", type=int, default=1, help="ResnetBlocks per level of the guidance encoder")
+    p.add_argument("--pg-guidance", type=float, default=0.0, help="of the reconstruction-guided samples, the share "
+                   "guided by the PG-VQGAN's own decode of frame n-1 (itself guided by the reconstruction, no gradient): "
+                   "what inference feeds it after the first frame")
+    p.add_argument("--init", default=None, help="continue from this trained PG-VQGAN file (of the same tokenizer)")
+    p.add_argument("--guide-blocks", type=int, default=1, help="ResnetBlocks per level of the guidance encoder "
+                   "(ignored with --init: the file's)")
     p.add_argument("--lpips", default=None, help="add the LPIPS perceptual loss (VGG16): a local .safetensors "
                    "holding lpips.LPIPS(net='vgg').state_dict() (nothing is downloaded)")
     p.add_argument("--lpips-weight", type=float, default=1.0, help="weight of the LPIPS loss (with --lpips)")
