@@ -48,6 +48,30 @@ def flicker(frames: torch.Tensor) -> float:
     return float(((frames[1:] - frames[:-1]).abs() / 2).mean())
 
 
+def contact_sheet(model: NuwaInfinity, pg, path: Path, settings: SamplerSettings, frames=(0, 20, 100),
+                  seed: int = 0) -> None:
+    """The template's still (models/nuwa/nuwa_infinity_plaza.jpg) animated for max(frames) frames: the chosen
+    frames in a row, decoded by the PG-VQGAN (top) and by the plain VQGAN frame by frame (bottom)."""
+    from PIL import Image
+
+    from nuwa_core.images import load_image
+    still = load_image(MODELS / "nuwa_infinity_plaza.jpg")
+    canvas = model.canvas_from_image(still)
+    out = model.generate(canvas, model.plan_frames(canvas, max(frames)), settings,
+                         generator=torch.Generator().manual_seed(seed))
+    given = still[0].permute(2, 0, 1) * 2 - 1
+    rows = [decode_video(model.vqgan, decoder, out.tokens[0], given, model.vqgan_tile) for decoder in (pg, None)]
+    h, w, gap = given.shape[1], given.shape[2], 4
+    sheet = Image.new("RGB", (len(frames) * (w + gap) - gap, 2 * h + gap), (24, 24, 24))
+    for r, video in enumerate(rows):
+        for c, k in enumerate(frames):
+            pixels = ((video[k].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            sheet.paste(Image.fromarray(pixels), (c * (w + gap), r * (h + gap)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    print(f"contact sheet: frames {frames} (top: PG-VQGAN, bottom: plain VQGAN) -> {path}")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(MODELS / "nuwa_infinity_plaza.safetensors"))
@@ -57,10 +81,18 @@ def main(argv=None) -> dict:
     p.add_argument("--frames", type=int, default=8, help="K frames generated after each")
     p.add_argument("--size", default="256x192", help="frame size (the model's training size)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.5, help="the image_animation template's: at 1.0 the "
+                   "frames drift from the still within 20 frames")
+    p.add_argument("--contact-sheet", default=None, metavar="PNG", help="also animate the template's still for 100 "
+                   "frames and save frames 0, 20 and 100 here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model = NuwaInfinity.load(args.model)
     pg = load_pgvqgan(args.pgvqgan)
+    settings = SamplerSettings(top_k=args.top_k, temperature=args.temperature)
+    if args.contact_sheet:
+        contact_sheet(model, pg, Path(args.contact_sheet), settings, seed=args.seed)
     w, h = (int(v) for v in args.size.split("x"))
     video = to_model(read_video(Path(args.video), (w, h))[0])  # [T, 3, H, W] -1..1
     starts, k = [int(s) for s in args.starts.split(",")], args.frames
@@ -79,7 +111,7 @@ def main(argv=None) -> dict:
         candidates = {}
         for name, extent in ((f"NUWA-Infinity, e_f = {e_f}", None), ("no frame context, e_f = 0", (0,) + tuple(
                 model.renderer.config.extent[1:]))):
-            out = model.generate(canvas, model.plan_frames(canvas, k), SamplerSettings(top_k=64), extent=extent,
+            out = model.generate(canvas, model.plan_frames(canvas, k), settings, extent=extent,
                                  generator=torch.Generator().manual_seed(args.seed + n))
             candidates[name] = decoded(out.tokens[0], given)[1:]
         real_tokens = model.vqgan.encode_tokens_tiled(torch.cat([given[None], real]), tile=tile, overlap=tile // 4)
@@ -96,7 +128,8 @@ def main(argv=None) -> dict:
     real_flicker = sum(flicker(torch.cat([video[s][None], video[s + 1:s + 1 + k]])) for s in starts) / len(starts)
     table = {name: {m: round(sum(r[m] for r in rs) / len(rs), 4) for m in ("lowres_psnr", "flicker")}
              for name, rs in rows.items()}
-    print(f"\n{len(starts)} held-out starts x {k} frames, {w}x{h}; the real footage's own flicker: {real_flicker:.4f}")
+    print(f"\n{len(starts)} held-out starts x {k} frames, {w}x{h}, top-k {args.top_k}, temperature "
+          f"{args.temperature}; the real footage's own flicker: {real_flicker:.4f}")
     print(f"{'row':>34} | lowres PSNR dB | flicker")
     for name, r in table.items():
         print(f"{name:>34} | {r['lowres_psnr']:14.2f} | {r['flicker']:.4f}")

@@ -14,7 +14,8 @@ UI_DIR = REPO / "example_workflows"
 API_DIR = Path(__file__).resolve().parent / "workflows" / "shipped"
 DEFAULT_MODEL = "nuwa_infinity_default.safetensors"  # the panorama model
 PAINTING_MODEL = "nuwa_infinity_starry_night.safetensors"
-SHIPPED_MODELS = (DEFAULT_MODEL, PAINTING_MODEL)
+VIDEO_MODEL = "nuwa_infinity_plaza.safetensors"  # image animation; its PG-VQGAN is models/nuwa/pgvqgan/pgvqgan_plaza
+SHIPPED_MODELS = (DEFAULT_MODEL, PAINTING_MODEL, VIDEO_MODEL)
 # templates that run on first open in a fresh ComfyUI on a shipped model: (model, image or None). The images ship in
 # models/nuwa/; the pack copies them into ComfyUI's input folder when ComfyUI loads it (nodes/_comfy.py
 # copy_example_inputs). text_to_image_wide needs a text-conditioned model that is not shipped (its note says so).
@@ -25,10 +26,12 @@ SHIPPED_RUNS = {"outpaint_spiral": (PAINTING_MODEL, "nuwa_infinity_starry_night.
                 "infinite_panorama": (DEFAULT_MODEL, None),
                 "grow_canvas_across_runs": (PAINTING_MODEL, "nuwa_infinity_starry_night.jpg"),
                 "outpaint_your_own_painting": (TRAINED, "nuwa_infinity_starry_night.jpg"),
-                "seamless_texture": (TRAINED, "nuwa_infinity_starry_night.jpg")}
+                "seamless_texture": (TRAINED, "nuwa_infinity_starry_night.jpg"),
+                "image_animation": (VIDEO_MODEL, "nuwa_infinity_plaza.jpg")}
 SHIPPED_IMAGES = tuple(image for _, image in SHIPPED_RUNS.values() if image)
 EXPECTED = ("outpaint_spiral", "infinite_panorama", "grow_canvas_across_runs", "text_to_image_wide",
-            "nuwa_xl_long_video", "nuwa_xl_ksampler", "outpaint_your_own_painting", "seamless_texture")
+            "nuwa_xl_long_video", "nuwa_xl_ksampler", "outpaint_your_own_painting", "seamless_texture",
+            "image_animation")
 # NUWA-XL: its own loader and model files; run on the shipped default XL model (models/nuwa_xl) by the real-server
 # test, and their thumbnails come from such a run (python tests/make_thumbnails.py --comfyui)
 XL_WORKFLOWS = ("nuwa_xl_long_video", "nuwa_xl_ksampler")

@@ -14,7 +14,8 @@ copies it from there into the input folder), SaveImage hands back its images. CP
 workflow's own seed, so a rerun on the same model gives the same pictures (a few minutes).
 
 Thumbnails: the saved image scaled to 512 px wide; a panorama wider than 8:1 is cut into strips
-of 4:1 stacked with 6 px dark gaps. JPEG quality 85. Only the workflows that run on the shipped
+of 4:1 stacked with 6 px dark gaps; a saved video (SaveAnimatedWEBP, stood in for: its frames are
+taken as they are) is 5 frames from its first to its last in a row. JPEG quality 85. Only the workflows that run on the shipped
 default model are made this way (text_to_image_wide needs a text model and has no maker). The
 one-shot templates (outpaint_your_own_painting, seamless_texture) first train their model (their
 Train One-Shot's 10 minutes; the second loads what the first trained), into a temporary model folder
@@ -84,7 +85,7 @@ def run_workflow(prompt: dict) -> list[torch.Tensor]:
 
     # what SaveImage saves, and the image Canvas Save keeps beside its canvas
     saved = [prompt[nid]["inputs"].get(key) for nid in sorted(prompt, key=int)
-             for kind, key in (("SaveImage", "images"), ("NUWACanvasSave", "image"))
+             for kind, key in (("SaveImage", "images"), ("NUWACanvasSave", "image"), ("SaveAnimatedWEBP", "images"))
              if prompt[nid]["class_type"] == kind]
     saved = [link for link in saved if isinstance(link, list)]
     if not saved:
@@ -106,6 +107,20 @@ def thumbnail(image: torch.Tensor) -> Image.Image:
     sheet = Image.new("RGB", (WIDTH, len(strips) * sh + (len(strips) - 1) * GAP), GAP_COLOUR)
     for n, s in enumerate(strips):
         sheet.paste(s, (0, n * (sh + GAP)))
+    return sheet
+
+
+def frame_strip(frames: torch.Tensor, shown: int = 5) -> Image.Image:
+    """IMAGE [F, H, W, 3] of a video -> `shown` frames evenly spaced from the first to the last, in a row with
+    GAP px between them, scaled down to SHEET_MAX_WIDTH."""
+    picks = torch.linspace(0, frames.shape[0] - 1, min(shown, frames.shape[0])).round().long().tolist()
+    h, w = frames.shape[1:3]
+    sheet = Image.new("RGB", (len(picks) * w + (len(picks) - 1) * GAP, h), GAP_COLOUR)
+    for n, k in enumerate(picks):
+        pixels = (frames[k].float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        sheet.paste(Image.fromarray(pixels), (n * (w + GAP), 0))
+    if sheet.width > SHEET_MAX_WIDTH:
+        sheet = sheet.resize((SHEET_MAX_WIDTH, round(sheet.height * SHEET_MAX_WIDTH / sheet.width)), Image.LANCZOS)
     return sheet
 
 
@@ -161,7 +176,8 @@ def main(names: list[str]) -> None:
             raise SystemExit(f"{name}: not a workflow that runs on a shipped model ({sorted(SHIPPED_RUNS)})")
         prompt = json.loads((API_DIR / f"{name}.json").read_text())
         image = run_workflow(prompt)[0]
-        thumb = thumbnail(image)
+        saves_video = any(n["class_type"] == "SaveAnimatedWEBP" for n in prompt.values())
+        thumb = frame_strip(image) if saves_video else thumbnail(image)
         target = UI_DIR / f"{name}.jpg"
         thumb.save(target, "JPEG", quality=QUALITY)
         print(f"{name}: saved image {tuple(image.shape)} -> {target} {thumb.size}")

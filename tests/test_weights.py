@@ -140,3 +140,17 @@ def test_a_listed_file_must_match_its_hash_before_loading(tmp_path):
     good.write_bytes(b"WEIGHTS")  # same size, other content
     with pytest.raises(WeightsError, match="sha256 .* the manifest expects"):
         check_listed_file(good, {entry.name: entry})
+
+
+SHIPPED_BUDGET = 40_000_000  # bytes, all shipped model files together (raised from 20 MB for the video model)
+
+
+def test_shipped_models_are_present_with_their_size_and_within_the_budget():
+    shipped = [e for e in W.load_manifest().values() if e.shipped]
+    sizes = {}
+    for entry in shipped:
+        path = W.PACK_MODELS_DIR / entry.folder / entry.name
+        assert path.is_file(), f"{entry.name} is listed as shipped but {path} is absent"
+        assert path.stat().st_size == entry.size, entry.name
+        sizes[entry.name] = entry.size
+    assert sum(sizes.values()) <= SHIPPED_BUDGET, sizes

@@ -366,16 +366,16 @@ class NuwaInfinity(nn.Module):
         tokens = state.tokens.reshape(b * ft, h, w)
         tile = tile or self.vqgan_tile
         wrap = tuple(p > 0 for p in state.periods[1:])
-        out = []
-        for frame in tokens:  # one frame at a time keeps memory flat in the frame count too
+        f_px = self.vqgan.downsample_factor
+        # one frame at a time, written into the output: memory holds the output once, at any frame count
+        image = torch.empty(b * ft, h * f_px, w * f_px, 3)  # [B*F, H, W, 3]
+        for n, frame in enumerate(tokens):
             frame = frame.clamp(min=0)[None].to(self.device)
             if blend:
                 x = self.vqgan.decode_tokens_tiled(frame, tile=tile, overlap=tile // 4, wrap=wrap)
             else:
                 x = self.vqgan.decode_tokens_blocks(frame, tile=tile)
-            out.append(model_to_image(x.float().cpu()))
-        image = torch.cat(out)  # [B*F, H, W, 3]
-        f_px = self.vqgan.downsample_factor
+            image[n] = model_to_image(x.float().cpu())[0]
         unknown = (tokens == UNKNOWN).repeat_interleave(f_px, 1).repeat_interleave(f_px, 2)
         image[unknown] = 0.5
         if state.given is not None:
