@@ -44,8 +44,8 @@ sys.path.insert(0, str(REPO))
 from nuwa_core.checkpoint import read_metadata
 from nuwa_core.infinity.generation import BUNDLE_KIND, NuwaInfinity
 from nuwa_core.infinity.pixel_guided_vqgan import check_pair, decode_video, load_pgvqgan, load_tokenizer
-from nuwa_core.training.data import parse_size, to_model
-from nuwa_core.training.pgvqgan import parse_frame_range, read_frames
+from nuwa_core.training.data import parse_frame_range, parse_size, to_model
+from nuwa_core.training.pgvqgan import read_frames
 
 DEFAULT_MODEL = REPO / "models" / "nuwa" / "nuwa_infinity_plaza.safetensors"
 DEFAULT_PGVQGAN = REPO / "models" / "nuwa" / "pgvqgan" / "pgvqgan_plaza.safetensors"

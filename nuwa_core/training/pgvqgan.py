@@ -41,25 +41,12 @@ from ..infinity.pixel_guided_vqgan import (
     token_fingerprint,
 )
 from ..infinity.vqgan import VQModel
-from .data import list_video_sources, parse_size, read_video, to_model
+from .data import list_video_sources, parse_frame_range, parse_size, read_video, to_model
 from .loop import Dist, Run, TrainingError, dtype_named, set_lr
 from .perceptual_loss import load_lpips
 
 DEFAULT_LR = 1e-4
 DEFAULT_SIZE = "256x192"  # 4 x 3 patches of 64 px (8-token patches of an f8 VQGAN)
-
-
-def parse_frame_range(text: str | None) -> tuple[int, int] | None:
-    """"A,B" -> (A, B): frames A..B-1 of the video; None stays None."""
-    if not text:
-        return None
-    try:
-        a, b = (int(v) for v in str(text).split(","))
-    except ValueError:
-        a, b = -1, -1
-    if a < 0 or b <= a:
-        raise TrainingError(f"--frame-range {text!r}: expected A,B with 0 <= A < B (frames A..B-1), e.g. 0,600")
-    return a, b
 
 
 def read_frames(spec: str, size: tuple[int, int], frame_range: tuple[int, int] | None = None,
