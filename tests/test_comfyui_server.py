@@ -362,6 +362,10 @@ def test_shipped_workflow_runs(shipped_server, frontend_runs, name):
         assert size[0] >= 2048 and size[0] >= 8 * size[1], size
     elif name == "grow_canvas_across_runs":  # a first run: the painting, cropped to whole patches, one patch wider
         assert src[0] < size[0] <= src[0] + 64 and size[1] <= src[1], (size, src)
+    elif name == "image_animation":  # the still and the 20 frames added after it, at the still's size
+        from _comfyui import animated_frames
+        frames = animated_frames(pictures[0])
+        assert len(frames) == 21 and frames[0].size == src, (len(frames), frames[0].size, src)
     if any(prompt[nid]["class_type"] == "NUWACanvasSave" for nid in saving):
         assert any(f.name.endswith(".nuwacanvas.safetensors") for f in files), f"{name}: no canvas saved: {files}"
 
