@@ -62,3 +62,10 @@ def video_arguments(p) -> None:
     p.add_argument("--frame-step", type=int, default=1, help="keep every N-th video frame")
     p.add_argument("--max-frames", type=int, default=0, help="use at most this many frames per video (0: all)")
     training_arguments(p, batch=4, batch_help="clips per step")
+
+
+def lpips_arguments(p) -> None:
+    """The LPIPS perceptual loss of the stages that train a decoder (vqgan, pgvqgan): perceptual_loss.lpips_for_run."""
+    p.add_argument("--lpips", default=None, help="add the LPIPS perceptual loss (VGG16): a local .safetensors "
+                   "holding lpips.LPIPS(net='vgg').state_dict() (nothing is downloaded)")
+    p.add_argument("--lpips-weight", type=float, default=1.0, help="weight of the LPIPS loss (with --lpips)")

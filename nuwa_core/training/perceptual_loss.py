@@ -111,3 +111,13 @@ def load_lpips(path) -> LPIPS:
     model = LPIPS()
     load_strict(model, tensors, f"LPIPS weights {path}")
     return model.eval().requires_grad_(False)
+
+
+def lpips_for_run(args, device) -> LPIPS | None:
+    """The stage's --lpips loss on `device`, or None without --lpips (arguments.lpips_arguments)."""
+    if not args.lpips:
+        return None
+    if args.crop < 16:
+        from .loop import TrainingError
+        raise TrainingError(f"--lpips needs --crop >= 16 (its VGG16 halves the image 4 times), got {args.crop}")
+    return load_lpips(args.lpips).to(device)

@@ -41,9 +41,10 @@ from ..infinity.pixel_guided_vqgan import (
     token_fingerprint,
 )
 from ..infinity.vqgan import VQModel
+from .arguments import lpips_arguments
 from .data import list_video_sources, parse_frame_range, parse_size, read_video, to_model
 from .loop import Dist, Run, TrainingError, dtype_named, set_lr
-from .perceptual_loss import load_lpips
+from .perceptual_loss import lpips_for_run
 
 DEFAULT_LR = 1e-4
 DEFAULT_SIZE = "256x192"  # 4 x 3 patches of 64 px (8-token patches of an f8 VQGAN)
@@ -167,11 +168,7 @@ def train_pgvqgan(args, videos: list[torch.Tensor] | None = None, monitor=None) 
         pg = PixelGuidedDecoder.from_vqgan(vq, guide_blocks=args.guide_blocks).to(dist.device).train()
     for part in (pg.quantize, pg.post_quant_conv):  # what a token decodes to: fixed (check_pair compares them)
         part.requires_grad_(False)
-    perceptual = None
-    if args.lpips:
-        if args.crop < 16:
-            raise TrainingError(f"--lpips needs --crop >= 16 (its VGG16 halves the image 4 times), got {args.crop}")
-        perceptual = load_lpips(args.lpips).to(dist.device)
+    perceptual = lpips_for_run(args, dist.device)
     trainable = [p for p in pg.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=args.lr, betas=(0.5, 0.9))
     data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
@@ -262,9 +259,7 @@ def add_arguments(p) -> None:
     p.add_argument("--init", default=None, help="continue from this trained PG-VQGAN file (of the same tokenizer)")
     p.add_argument("--guide-blocks", type=int, default=1, help="ResnetBlocks per level of the guidance encoder "
                    "(ignored with --init: the file's)")
-    p.add_argument("--lpips", default=None, help="add the LPIPS perceptual loss (VGG16): a local .safetensors "
-                   "holding lpips.LPIPS(net='vgg').state_dict() (nothing is downloaded)")
-    p.add_argument("--lpips-weight", type=float, default=1.0, help="weight of the LPIPS loss (with --lpips)")
+    lpips_arguments(p)
 
 
 def run(args) -> dict:

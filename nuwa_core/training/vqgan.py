@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from ..images import model_to_image, save_image
 from ..infinity.vqgan import VQModel, get_config, load_vqgan, save_vqgan
+from .arguments import lpips_arguments
 from .data import Augment, fixed_crops, load_images, parse_box, random_crops
 from .loop import Dist, Run, TrainingError, dtype_named, dump_replica, set_lr
-from .perceptual_loss import load_lpips
+from .perceptual_loss import lpips_for_run
 
 DEFAULT_LR = 2e-4
 
@@ -92,11 +93,7 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
         for part in (vq.encoder, vq.quant_conv, vq.quantize):
             part.requires_grad_(False)
         args.restart_every = 0
-    perceptual = None
-    if args.lpips:
-        if args.crop < 16:
-            raise TrainingError(f"--lpips needs --crop >= 16 (its VGG16 halves the image 4 times), got {args.crop}")
-        perceptual = load_lpips(args.lpips).to(dist.device)
+    perceptual = lpips_for_run(args, dist.device)
     disc = PatchDiscriminator(n_layers=3 if args.crop >= 32 else 2)  # its 4x4 convs need >= 2 px at the end
     vq.to(dist.device).train()
     disc.to(dist.device).train()
@@ -200,9 +197,7 @@ def add_arguments(p) -> None:
     p.add_argument("--disc-start", type=int, default=2000)
     p.add_argument("--disc-weight", type=float, default=0.1)
     p.add_argument("--restart-every", type=int, default=100, help="re-seed unused codes every N steps (0: off)")
-    p.add_argument("--lpips", default=None, help="add the LPIPS perceptual loss (VGG16): a local .safetensors "
-                   "holding lpips.LPIPS(net='vgg').state_dict() (nothing is downloaded)")
-    p.add_argument("--lpips-weight", type=float, default=1.0, help="weight of the LPIPS loss (with --lpips)")
+    lpips_arguments(p)
 
 
 def run(args) -> dict:
