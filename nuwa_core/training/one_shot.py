@@ -60,6 +60,7 @@ MAX_SAMPLE_PATCHES = 3  # a training sample is up to 3x3 patches (the painting r
 MIN_SAMPLE_PATCHES = 2  # and at least 2x2: a patch must have neighbours to learn continuation from
 FINAL_SAVE_SECONDS = 3.0  # kept back from the budget for writing the model
 STATE_FILE = "one_shot.json"
+TOKENIZER_FILE = "tokenizer.safetensors"  # in the work folder: the run's tokenizer
 TRAINING_FOLDER = "training"  # in a models/nuwa folder: runs' working files (the loader does not list them)
 STOPPED_BY_USER = ("cancel", "signal")  # should_stop(), Ctrl-C / SIGTERM
 IN_MEMORY = "(in memory)"  # the stages get the image as a tensor, not from --images
@@ -289,6 +290,47 @@ def _write_state(work: Path, state: dict) -> None:
     atomic_write(work / STATE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1, sort_keys=True)))
 
 
+def _check_resumable(state: dict, key: str, work: Path, what: str) -> None:
+    """A run can be continued only on what it was trained on (`what` names that, for the error)."""
+    if state.get("key") != key:
+        raise TrainingError(f"nothing to continue in {work}: " + (
+            "no saved run there" if not state else f"its run was trained on another {what}") +
+            "; train it anew (without continuing / --resume) instead")
+
+
+def _common_flags(settings: OneShotSettings, work: Path) -> list[str]:
+    """The flags every stage of a run gets."""
+    return ["--seed", str(settings.seed), "--quiet", "--log-dir", str(work), "--save-every", "100"]
+
+
+def _train_tokenizer(state: dict, work: Path, clock: _RunState, images: list[torch.Tensor], masks: list,
+                     start_model: Path, common: list[str], resume: bool, device) -> str | None:
+    """The tokenizer stage on `images` ([3, H, W] in -1..1, with their keep-out `masks`), fine-tuned from
+    `start_model`'s tokenizer unless the run starts from scratch; skipped when the run's tokenizer is done.
+    -> how the user stopped it ("cancel", "signal"), or None when it ran to its end."""
+    if state["tokenizer"].get("done"):
+        return None
+    settings = clock.settings
+    flags = ["--images", IN_MEMORY, "--out", str(work / TOKENIZER_FILE), "--one-shot", "--preset", "small_f8",
+             "--crop", str(PATCH_PX), "--batch", "4", "--lr", str(settings.tokenizer_lr), "--warmup", "20",
+             "--decay", "linear", "--disc-start", str(10 ** 9), "--restart-every", "50", "--steps", str(10 ** 9),
+             *common]
+    if settings.start_from == "shipped":
+        shipped = work / "shipped_tokenizer.safetensors"
+        save_vqgan(NuwaInfinity.load(start_model).vqgan, shipped)
+        flags += ["--init", str(shipped)]
+    if resume and state["tokenizer"].get("started"):
+        flags.append("--resume")
+    deadline = clock.start + settings.tokenizer_share * clock.budget if not settings.tokenizer_steps else None
+    state["tokenizer"]["started"] = True
+    _write_state(work, state)
+    res = vqgan_stage.train_vqgan(_stage_args(vqgan_stage, flags, device), images, masks,
+                                  _StageBudget("tokenizer", deadline, settings.tokenizer_steps, clock))
+    state["tokenizer"].update(steps=res["step"], done=res["stopped"] not in STOPPED_BY_USER)
+    _write_state(work, state)
+    return res["stopped"] if res["stopped"] in STOPPED_BY_USER else None
+
+
 def work_dir_for(out: Path) -> Path:
     """Where a run keeps its stages' checkpoints, logs and state: training/<name>/ beside the model (the
     Model Loader does not list it)."""
@@ -336,11 +378,9 @@ def _train_one_shot(image, out: Path, settings: OneShotSettings, keep_out, resum
     work = Path(work_dir) if work_dir is not None else work_dir_for(out)
     key = image_key(image, keep_out, settings)
     state = _read_state(work)
-    if resume and state.get("key") != key:
-        raise TrainingError(f"nothing to continue in {work}: " + (
-            "no saved run there" if not state else "its run was trained on another image, mask or settings "
-            "(start_from, wrap, seed, tokenizer_share, learning rates)") + "; train it anew (without continuing / "
-            "--resume) instead")
+    if resume:
+        _check_resumable(state, key, work, "image, mask or settings (start_from, wrap, seed, tokenizer_share, "
+                         "learning rates)")
     train_image, mask, box = trainable_part(image.float().clamp(-1, 1), keep_out, settings.wrap)
     masked = keep_out is not None and bool(keep_out.gt(0).any())
     rows, cols = sample_patches(train_image.shape[-2], train_image.shape[-1], masked)
@@ -351,30 +391,11 @@ def _train_one_shot(image, out: Path, settings: OneShotSettings, keep_out, resum
         state = {"key": key, "settings": dataclasses.asdict(settings), "box": box, "tokenizer": {}, "renderer": {}}
         _write_state(work, state)
     clock = _RunState(settings, on_progress, should_stop, preview_every)
-    tokenizer_file = work / "tokenizer.safetensors"
-    seed = str(settings.seed)
-    common = ["--seed", seed, "--quiet", "--log-dir", str(work), "--save-every", "100"]
-
-    # ---- the tokenizer (skipped when continuing a run whose tokenizer is done) ----------------------
-    if not state["tokenizer"].get("done"):
-        flags = ["--images", IN_MEMORY, "--out", str(tokenizer_file), "--one-shot", "--preset", "small_f8",
-                 "--crop", str(PATCH_PX), "--batch", "4", "--lr", str(settings.tokenizer_lr), "--warmup", "20",
-                 "--decay", "linear", "--disc-start", str(10 ** 9), "--restart-every", "50", "--steps", str(10 ** 9), *common]
-        if settings.start_from == "shipped":
-            shipped = work / "shipped_tokenizer.safetensors"
-            save_vqgan(NuwaInfinity.load(SHIPPED_MODEL).vqgan, shipped)
-            flags += ["--init", str(shipped)]
-        if resume and state["tokenizer"].get("started"):
-            flags.append("--resume")
-        deadline = clock.start + settings.tokenizer_share * clock.budget if not settings.tokenizer_steps else None
-        state["tokenizer"]["started"] = True
-        _write_state(work, state)
-        res = vqgan_stage.train_vqgan(_stage_args(vqgan_stage, flags, device), [train_image], [mask],
-                                      _StageBudget("tokenizer", deadline, settings.tokenizer_steps, clock))
-        state["tokenizer"].update(steps=res["step"], done=res["stopped"] not in STOPPED_BY_USER)
-        _write_state(work, state)
-        if res["stopped"] in STOPPED_BY_USER:
-            return _summary(state, clock, res["stopped"], None)
+    tokenizer_file = work / TOKENIZER_FILE
+    common = _common_flags(settings, work)
+    stopped = _train_tokenizer(state, work, clock, [train_image], [mask], SHIPPED_MODEL, common, resume, device)
+    if stopped:
+        return _summary(state, clock, stopped, None)
 
     # ---- the renderer, on the tokenizer's tokens -------------------------------------------------
     renderer_out = work / "model.safetensors"
@@ -448,10 +469,8 @@ def _train_video(video, out: Path, settings: OneShotSettings, resume, work_dir, 
     work = Path(work_dir) if work_dir is not None else work_dir_for(out)
     key = image_key(video, None, settings)
     state = _read_state(work)
-    if resume and state.get("key") != key:
-        raise TrainingError(f"nothing to continue in {work}: " + (
-            "no saved run there" if not state else "its run was trained on another video or settings") +
-            "; train it anew (without continuing / --resume) instead")
+    if resume:
+        _check_resumable(state, key, work, "video or settings")
     _check_memory(training_memory_bytes(VIDEO_SAMPLE_PATCHES, VIDEO_SAMPLE_PATCHES, frames=VIDEO_CLIP_FRAMES),
                   device, make_room)
     work.mkdir(parents=True, exist_ok=True)
@@ -465,34 +484,17 @@ def _train_video(video, out: Path, settings: OneShotSettings, resume, work_dir, 
                              "pgvqgan": settings.pgvqgan_steps}
     shipped = settings.start_from == "shipped" and SHIPPED_VIDEO_MODEL.is_file()
     start_model = SHIPPED_VIDEO_MODEL if shipped else SHIPPED_MODEL
-    tokenizer_file = work / "tokenizer.safetensors"
-    common = ["--seed", str(settings.seed), "--quiet", "--log-dir", str(work), "--save-every", "100"]
+    tokenizer_file = work / TOKENIZER_FILE
+    common = _common_flags(settings, work)
     size = f"{frames.shape[-1]}x{frames.shape[-2]}"
     renderer_end = clock.start + (1 - PGVQGAN_SHARE) * clock.budget
 
     # ---- the tokenizer, on frames spread over the video ------------------------------------------------
-    if not state["tokenizer"].get("done"):
-        picks = torch.linspace(0, len(frames) - 1, min(len(frames), VIDEO_TOKENIZER_FRAMES)).round().long()
-        images = [frames[i].float() / 127.5 - 1 for i in picks.tolist()]
-        flags = ["--images", IN_MEMORY, "--out", str(tokenizer_file), "--one-shot", "--preset", "small_f8",
-                 "--crop", str(PATCH_PX), "--batch", "4", "--lr", str(settings.tokenizer_lr), "--warmup", "20",
-                 "--decay", "linear", "--disc-start", str(10 ** 9), "--restart-every", "50", "--steps", str(10 ** 9),
-                 *common]
-        if settings.start_from == "shipped":
-            start_tokenizer = work / "shipped_tokenizer.safetensors"
-            save_vqgan(NuwaInfinity.load(start_model).vqgan, start_tokenizer)
-            flags += ["--init", str(start_tokenizer)]
-        if resume and state["tokenizer"].get("started"):
-            flags.append("--resume")
-        deadline = clock.start + settings.tokenizer_share * clock.budget if not settings.tokenizer_steps else None
-        state["tokenizer"]["started"] = True
-        _write_state(work, state)
-        res = vqgan_stage.train_vqgan(_stage_args(vqgan_stage, flags, device), images, [None] * len(images),
-                                      _StageBudget("tokenizer", deadline, settings.tokenizer_steps, clock))
-        state["tokenizer"].update(steps=res["step"], done=res["stopped"] not in STOPPED_BY_USER)
-        _write_state(work, state)
-        if res["stopped"] in STOPPED_BY_USER:
-            return _summary(state, clock, res["stopped"], None)
+    picks = torch.linspace(0, len(frames) - 1, min(len(frames), VIDEO_TOKENIZER_FRAMES)).round().long().tolist()
+    images = [frames[i].float() / 127.5 - 1 for i in picks]
+    stopped = _train_tokenizer(state, work, clock, images, [None] * len(images), start_model, common, resume, device)
+    if stopped:
+        return _summary(state, clock, stopped, None)
 
     # ---- the renderer, on clips of the tokenizer's tokens ---------------------------------------------------
     renderer_out = work / "model.safetensors"
