@@ -157,14 +157,14 @@ class NUWADirectionPlanner:
     def plan(self, model, canvas, left, right, up, down, target_width, target_height, anchor, mask=None,
              units="patches", feather=-1, wrap="none", frames_to_add=0):
         f, rows, cols = canvas.grid
+        if wrap not in WRAPS:
+            raise ValueError(f"wrap must be one of {tuple(WRAPS)}, got {wrap!r}")
         if frames_to_add:
             return self._plan_frames(model, canvas, int(frames_to_add), mask, left + right + up + down,
                                      target_width + target_height, wrap)
         ph, pw = model.patch_pixels
         if units not in UNITS:
             raise ValueError(f"units must be one of {UNITS}, got {units!r}")
-        if wrap not in WRAPS:
-            raise ValueError(f"wrap must be one of {tuple(WRAPS)}, got {wrap!r}")
         canvas = dataclasses.replace(canvas, wrap=WRAPS[wrap])  # plans (and refuses growth) as the renderer will
         if units == "pixels":
             left, right = _engine.patches_for_pixels(left, pw), _engine.patches_for_pixels(right, pw)
@@ -213,8 +213,6 @@ class NUWADirectionPlanner:
         if extension or targets or (mask is not None and bool(mask.gt(0).any())):
             raise ValueError("frames_to_add plans new frames only: set left/right/up/down and the target sizes to 0 "
                              "and leave the mask empty, then extend the frames' canvas in a second planner")
-        if wrap not in WRAPS:
-            raise ValueError(f"wrap must be one of {tuple(WRAPS)}, got {wrap!r}")
         e_f = model.renderer.config.extent[0]
         if e_f == 0:
             raise ValueError("this model was trained on images (frame extent e_f = 0): new frames would not see the "

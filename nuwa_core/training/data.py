@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -264,12 +265,7 @@ def decode_frames(path: Path, max_frames: int = 0):
                     raise TrainingError(f"{path}: the file holds no video stream")
                 stream = container.streams.video[0]
                 fps = float(stream.average_rate) if stream.average_rate else 0.0
-                frames = []
-                for frame in container.decode(stream):
-                    frames.append(frame.to_image())
-                    if len(frames) == max_frames:
-                        break
-                return frames, fps
+                return [f.to_image() for f in islice(container.decode(stream), max_frames or None)], fps
         except av.error.FFmpegError as err:
             raise TrainingError(f"cannot decode the video {path}: {err}; give a video file FFmpeg reads "
                                 f"(e.g. .mp4, .avi) or a folder of its frames as images") from err
@@ -278,12 +274,7 @@ def decode_frames(path: Path, max_frames: int = 0):
     except ImportError as err:
         raise TrainingError(f"reading {path.name} needs PyAV (`pip install av`) or imageio") from err
     fps = float(iio.immeta(path).get("fps", 0.0) or 0.0)
-    frames = []
-    for a in iio.imiter(path):
-        frames.append(Image.fromarray(a))
-        if len(frames) == max_frames:
-            break
-    return frames, fps
+    return [Image.fromarray(a) for a in islice(iio.imiter(path), max_frames or None)], fps
 
 
 def read_video(path: Path, size: tuple[int, int], frame_step: int = 1, max_frames: int = 0,
@@ -292,11 +283,11 @@ def read_video(path: Path, size: tuple[int, int], frame_step: int = 1, max_frame
     if path.is_dir():
         files = sorted(c for c in path.iterdir() if c.suffix.lower() in IMAGE_SUFFIXES)
         frames, src_fps = [Image.open(f) for f in files], fps or 10.0
-        odd = next((f for f, img in zip(files, frames) if img.size != frames[0].size), None)
+        odd = next(((f, img) for f, img in zip(files, frames) if img.size != frames[0].size), None)
         if odd is not None:
             raise TrainingError(f"{path}: frames of mixed sizes ({files[0].name} is {frames[0].width}x"
-                                f"{frames[0].height} px, {odd.name} is {Image.open(odd).width}x"
-                                f"{Image.open(odd).height}); the frames of one video must all be one size")
+                                f"{frames[0].height} px, {odd[0].name} is {odd[1].width}x{odd[1].height}); the "
+                                f"frames of one video must all be one size")
     else:
         frames, src_fps = decode_frames(path)
         src_fps = fps or src_fps or 10.0
