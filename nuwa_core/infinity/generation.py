@@ -16,6 +16,8 @@ joint, and decoding cross-fades across it.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from typing import Callable, Iterable
 
@@ -37,7 +39,7 @@ from . import arbitrary_direction_controller as adc
 from .arbitrary_direction_controller import Coord, Grid, Order, Plan
 from .canvas import UNKNOWN, CanvasState
 from .nearby_context_pool import NearbyContextPool, last_needed_steps
-from .patch_samplers import SAMPLERS, SamplerSettings
+from .patch_samplers import SAMPLERS, SamplerSettings, both_halves
 from .renderer import Context, Renderer, RendererConfig
 from .vqgan import VQGANConfig, VQModel
 
@@ -54,17 +56,21 @@ Callback = Callable[[int, int, CanvasState], "bool | None"]
 class NuwaInfinity(nn.Module):
     """A VQGAN tokenizer and a renderer, with Algorithm 2 on top."""
 
-    def __init__(self, vqgan: VQModel, renderer: Renderer):
+    def __init__(self, vqgan: VQModel, renderer: Renderer, text_encoder: dict | None = None):
+        """text_encoder: what the renderer's captions were encoded with ({"name", "width"}), kept in the
+        file so a prompt from another encoder is refused by name."""
         super().__init__()
         if renderer.config.vocab_size != vqgan.config.n_embed:
             raise ValueError(f"renderer vocabulary {renderer.config.vocab_size} != VQGAN codebook {vqgan.config.n_embed}")
-        self.vqgan, self.renderer = vqgan, renderer
+        self.vqgan, self.renderer, self.text_encoder = vqgan, renderer, text_encoder
 
     # ---- files ---------------------------------------------------------------------------------
     def save(self, path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> None:
         """Write the bundle (atomically); `metadata`: more string entries for its header (how it was trained)."""
         state = {f"vqgan.{k}": v for k, v in self.vqgan.state_dict().items()}
         state.update({f"renderer.{k}": v for k, v in self.renderer.state_dict().items()})
+        if self.text_encoder:
+            metadata = {**(metadata or {}), "text_encoder": json.dumps(self.text_encoder)}
         save_model_file(path, state, BUNDLE_KIND, extra_metadata={
             **(metadata or {}), "vqgan_config": config_to_json(self.vqgan.config),
             "renderer_config": config_to_json(self.renderer.config)}, dtype=dtype)
@@ -85,7 +91,8 @@ class NuwaInfinity(nn.Module):
                                   f"(models/nuwa/TRAINING.md has the shipped model's commands)")
         load_strict(vqgan, {k[6:]: v for k, v in tensors.items() if k.startswith("vqgan.")}, f"{path} (vqgan)")
         load_strict(renderer, renderer_state, f"{path} (renderer)")
-        return cls(vqgan, renderer).to(device=device, dtype=dtype).eval()
+        text_encoder = json.loads(meta["text_encoder"]) if "text_encoder" in meta else None
+        return cls(vqgan, renderer, text_encoder).to(device=device, dtype=dtype).eval()
 
     # ---- geometry --------------------------------------------------------------------------------
     @property
@@ -234,9 +241,14 @@ class NuwaInfinity(nn.Module):
         state = state.grown(plan)
         steps = plan.steps()
         self._check_plan(state, steps)
-        check_memory(self.estimate_bytes(state.grid, state.batch), "this generation", self.device)
-        text_kv = self.renderer.text_kv(self._text(text, state.batch))
-        pool = state.pool if _pool_fits(state.pool, cfg, state, extent) else NearbyContextPool(extent)
+        # classifier-free guidance runs a batch of 2B: B rows with the text, B without (patch_samplers.guided)
+        guided = text is not None and settings.guidance != 1.0
+        if not guided and settings.guidance != 1.0:
+            settings = dataclasses.replace(settings, guidance=1.0)  # nothing to guide without a prompt
+        batch = state.batch * (2 if guided else 1)
+        check_memory(self.estimate_bytes(state.grid, batch), "this generation", self.device)
+        text_kv = self.renderer.text_kv(self._text(text, state.batch), with_null=guided)
+        pool = state.pool if _pool_fits(state.pool, cfg, batch, extent) else NearbyContextPool(extent)
         # a canvas from a file or a node's output keeps its caches on the CPU: onto the model's device and dtype
         pool.caches = {c: cache.to(self.device, self.renderer.pos_f.dtype) for c, cache in pool.caches.items()}
         pool.periods = periods = state.periods
@@ -244,7 +256,7 @@ class NuwaInfinity(nn.Module):
                                  periods=periods)
 
         def patch_tokens(coord: Coord) -> torch.Tensor:
-            return state.patch_tokens(coord).to(self.device)
+            return both_halves(state.patch_tokens(coord).to(self.device), settings)
 
         for coord in self._precache_list(state, steps, pool, plan.precache_order, extent):
             context = Context.from_pool(pool.select(coord), coord, self.renderer.rel, self.device)
@@ -261,8 +273,8 @@ class NuwaInfinity(nn.Module):
                 reencode_pooled(self.renderer, pool, near, segment.order, state.grid, patch_tokens, text_kv)
             for coord in segment.patches:
                 context = Context.from_pool(pool.select(coord), coord, self.renderer.rel, self.device)
-                tokens, cache = sample(self.renderer, context, segment.order, text_kv, state.batch, settings, generator)
-                state.set_patch(coord, tokens.cpu())
+                tokens, cache = sample(self.renderer, context, segment.order, text_kv, batch, settings, generator)
+                state.set_patch(coord, tokens[:state.batch].cpu())
                 pool.add(coord, cache, segment.order)
                 pool.remove(t, last)
                 t += 1
@@ -447,8 +459,9 @@ def reencode_pooled(renderer: Renderer, pool: NearbyContextPool, coords: Iterabl
     return todo
 
 
-def _pool_fits(pool: NearbyContextPool | None, cfg: RendererConfig, state: CanvasState, extent: Grid) -> bool:
+def _pool_fits(pool: NearbyContextPool | None, cfg: RendererConfig, batch: int, extent: Grid) -> bool:
+    """A canvas's pool can be read on: same extent and cache shapes (batch: 2B when guided)."""
     if pool is None or tuple(pool.extent) != tuple(extent):
         return False
-    return all(c.shape[0] == cfg.n_layer and c.shape[1] == state.batch and c.shape[2] == cfg.tokens_per_patch
+    return all(c.shape[0] == cfg.n_layer and c.shape[1] == batch and c.shape[2] == cfg.tokens_per_patch
                and c.shape[3] == cfg.d_model for c in pool.caches.values())

@@ -4,6 +4,9 @@ Every sampler is a plain function with one signature:
 
     sample(renderer, context, order, text_kv, batch, settings, generator) -> (tokens [B, M], cache [L, B, M, d])
 
+With classifier-free guidance (settings.guidance != 1) the batch is [with text; without text]: every
+sampler draws the first half's tokens from the guided logits (`guided`) and returns them for both halves.
+
 tokens and cache in raster order; the cache is what the patch adds to the pool (the one
 `Renderer.encode` makes). `generator` is a CPU generator: every random draw is made on the CPU and
 moved to the model's device, so a seed gives the same tokens on CPU, CUDA and MPS (up to the
@@ -41,6 +44,7 @@ class SamplerSettings:
     steps: int = 8               # pnar iterations
     gumbel_start: float = 4.5    # pnar gumbel temperature, annealed linearly...
     gumbel_end: float = 1.0      # ...to this at the last step
+    guidance: float = 1.0        # classifier-free guidance scale (1 = off); see `guided`
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -53,6 +57,22 @@ class SamplerSettings:
             raise ValueError(f"epsilon is a probability in [0, 1), got {self.epsilon}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0 (1 = off, 0 = ignore the prompt), got {self.guidance}")
+
+
+def guided(logits: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
+    """Classifier-free guidance: with guidance g != 1 the batch is [with text; without text] (2B rows,
+    `Renderer.text_kv(with_null=True)`) -> the B rows u + g (c - u); else the logits as they are."""
+    if settings.guidance == 1.0:
+        return logits
+    cond, uncond = logits.float().chunk(2)
+    return uncond + settings.guidance * (cond - uncond)
+
+
+def both_halves(tokens: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
+    """The B sampled rows for both halves of a guided batch (the same tokens with and without text)."""
+    return tokens if settings.guidance == 1.0 else tokens.repeat(2, *(1,) * (tokens.ndim - 1))
 
 
 def filter_logits(logits: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
@@ -117,7 +137,7 @@ def gumbel_temperature(ratio: float, settings: SamplerSettings) -> float:
 def sample_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch: int,
               settings: SamplerSettings, generator=None):
     def choose(logits):
-        return sample_categorical(filter_logits(logits, settings), generator)
+        return both_halves(sample_categorical(filter_logits(guided(logits, settings), settings), generator), settings)
     tokens, cache = decode_ar(renderer, context, order, text_kv, batch, choose)
     if not renderer.config.transfer:
         cache = renderer.encode(tokens, order, context, text_kv)
@@ -178,7 +198,7 @@ def sample_nar(renderer: Renderer, context: Context, order: Order, text_kv, batc
     ctx_kv = renderer.context_kv(context)
     masked = torch.full((batch, cfg.tokens_per_patch), cfg.mask_id, dtype=torch.long, device=renderer.pos_f.device)
     logits, _ = renderer(renderer.parallel_inputs(masked, order), context, text_kv, ctx_kv)
-    tokens = sample_categorical(filter_logits(logits, settings), generator)
+    tokens = both_halves(sample_categorical(filter_logits(guided(logits, settings), settings), generator), settings)
     return tokens, renderer.encode(tokens, order, context, text_kv, ctx_kv)
 
 
@@ -188,11 +208,12 @@ def sample_pnar(renderer: Renderer, context: Context, order: Order, text_kv, bat
     cfg = renderer.config
     m, device = cfg.tokens_per_patch, renderer.pos_f.device
     ctx_kv = renderer.context_kv(context)
-    tokens = torch.full((batch, m), cfg.mask_id, dtype=torch.long, device=device)
-    unknown = torch.ones(batch, m, dtype=torch.bool, device=device)
+    rows = batch if settings.guidance == 1.0 else batch // 2  # a guided batch samples its first half
+    tokens = torch.full((rows, m), cfg.mask_id, dtype=torch.long, device=device)
+    unknown = torch.ones(rows, m, dtype=torch.bool, device=device)
     for step in range(settings.steps):
-        logits, _ = renderer(renderer.parallel_inputs(tokens, order), context, text_kv, ctx_kv)
-        logits = filter_logits(logits, settings)
+        logits, _ = renderer(renderer.parallel_inputs(both_halves(tokens, settings), order), context, text_kv, ctx_kv)
+        logits = filter_logits(guided(logits, settings), settings)
         sampled = torch.where(unknown, sample_categorical(logits, generator), tokens)
         ratio = (step + 1) / settings.steps
         n_unknown = int(unknown[0].sum())
@@ -206,6 +227,7 @@ def sample_pnar(renderer: Renderer, context: Context, order: Order, text_kv, bat
         cut = confidence.sort(dim=-1).values[:, n_mask - 1:n_mask]
         unknown = confidence <= cut
         tokens = sampled.masked_fill(unknown, cfg.mask_id)
+    tokens = both_halves(tokens, settings)
     return tokens, renderer.encode(tokens, order, context, text_kv, ctx_kv)
 
 

@@ -129,8 +129,9 @@ class Block(nn.Module):
             k = k + key_emb
         return self.heads(k), self.heads(self.v(c))
 
-    def text_kv(self, text: torch.Tensor):
-        return self.heads(self.xk(text)), self.heads(self.xv(text))
+    def text_kv(self, text: torch.Tensor, gate: torch.Tensor | None = None):
+        """-> (keys, values, gate): gate [B, 1, 1] scales the cross-attention's output (0: no text), or None."""
+        return self.heads(self.xk(text)), self.heads(self.xv(text)), gate
 
     def forward(self, x, ctx_kv, self_key_emb, mask, text_kv=None, kv_cache=None, pos=None):
         """x [B, T, d] -> [B, T, d].
@@ -156,8 +157,9 @@ class Block(nn.Module):
         y = attention(q, k, v, mask, self.dropout if self.training else 0.0)
         x = x + self.proj(y.transpose(1, 2).flatten(2))
         if text_kv is not None:
-            y = attention(self.heads(self.xq(self.ln_x(x))), *text_kv, None, 0.0)
-            x = x + self.xproj(y.transpose(1, 2).flatten(2))
+            text_k, text_v, gate = text_kv
+            y = self.xproj(attention(self.heads(self.xq(self.ln_x(x))), text_k, text_v, None, 0.0).transpose(1, 2).flatten(2))
+            x = x + (y if gate is None else y * gate)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -236,13 +238,20 @@ class Renderer(nn.Module):
         return [blk.context_kv(context.hidden[l], self.rel(l, context.rel) if pre else None)
                 for l, blk in enumerate(self.blocks)]
 
-    def text_kv(self, text: torch.Tensor | None) -> list:
+    def text_kv(self, text: torch.Tensor | None, with_null: bool = False) -> list:
+        """Per layer the cross-attention's (keys, values, gate) of text [B, T, D], or None without text.
+        with_null: for classifier-free guidance, a batch of 2B whose second half runs without the text
+        (its cross-attention output gated to 0, as a caption dropped in training leaves it out)."""
         if text is None or not self.config.text_dim:
             return [None] * len(self.blocks)
         if text.shape[-1] != self.config.text_dim:
             raise ValueError(f"text embeddings are {text.shape[-1]} wide but this renderer was "
                              f"built for {self.config.text_dim}")
-        return [blk.text_kv(text) for blk in self.blocks]
+        gate = None
+        if with_null:
+            gate = torch.cat([text.new_ones(len(text)), text.new_zeros(len(text))])[:, None, None]
+            text = torch.cat([text, text])
+        return [blk.text_kv(text, gate) for blk in self.blocks]
 
     def attn_mask(self, layer: int, context: Context, n_query: int, n_self: int, causal: bool):
         """[T, Nc*M + n_self] keys visible to each query (bool), or a float bias for post-RPE."""

@@ -34,7 +34,7 @@ def assemble_bundle(args) -> dict:
         raise TrainingError(f"{args.tokenizer} makes other tokens than {args.model}'s tokenizer ({len(changed)} "
                             f"encoder/codebook tensors differ, e.g. {changed[0]}); its renderer would not fit. "
                             f"Only a decoder fine-tuned with `vqgan --train decoder --init` can be swapped in")
-    NuwaInfinity(vq, model.renderer).save(args.out, dtype=saved_dtype)
+    NuwaInfinity(vq, model.renderer, model.text_encoder).save(args.out, dtype=saved_dtype)
     print(f"[train] bundle: {args.model}'s renderer with {args.tokenizer}'s tokenizer -> {args.out}", file=sys.stderr)
     return {"stopped": "done", "out": str(args.out)}
 

@@ -59,11 +59,11 @@ def load_text_embeddings(path: str, paths: list[Path]) -> torch.Tensor:
     return torch.stack([embs[s] for s in stems]).float()
 
 
-def read_captions(paths: list[Path]) -> list[str]:
+def read_captions(paths: list[Path], flag: str = "--clip") -> list[str]:
     image_stems(paths)
     missing = [p.name for p in paths if not p.with_suffix(".txt").is_file()]
     if missing:
-        raise TrainingError(f"--clip: no caption (same-name .txt) for {len(missing)} training image(s): "
+        raise TrainingError(f"{flag}: no caption (same-name .txt) for {len(missing)} training image(s): "
                             f"{_named(missing)}; an empty .txt trains that image without a description")
     return [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in paths]
 

@@ -4,6 +4,7 @@ NUWA-Infinity: `one-shot` (both stages on one image in a time budget: one_shot.p
 `vqgan` (the tokenizer), `renderer` (render-and-optimize, Algorithm 1), `bundle`
 (swap a fine-tuned decoder into a trained model), `sample` (look at a trained model).
 `pgvqgan` (the Pixel-Guided VQGAN decoder for video, on frame pairs).
+Prompts: `text` (the pack's small text encoder, on captioned images).
 NUWA-XL: `t_klvae` (the temporal KL-VAE), `xl` (Mask Temporal Diffusion).
 Every training stage runs through loop.Run: resume, checkpoints, stop requests, DDP, logging.
 """
@@ -16,7 +17,7 @@ import sys
 import torch
 
 from ..checkpoint import CheckpointError
-from . import bundle, one_shot, pgvqgan, renderer, sample, t_klvae, vqgan, xl
+from . import bundle, one_shot, pgvqgan, renderer, sample, t_klvae, text, vqgan, xl
 from .arguments import image_arguments, video_arguments
 from .loop import TrainingError
 
@@ -25,6 +26,8 @@ STAGES = {
     "vqgan": (vqgan, "train / fine-tune the VQGAN tokenizer", image_arguments),
     "renderer": (renderer, "render-and-optimize training of the renderer (images or videos)",
                  functools.partial(image_arguments, videos=True)),
+    "text": (text, "train the pack's small text encoder contrastively on captioned images (.txt beside each)",
+             image_arguments),
     "one-shot": (one_shot, "tokenizer + renderer of one image in a time budget (IMAGE --minutes N --out FILE)", None),
     "sample": (sample, "sample a trained bundle: outpainting and a panorama, as PNGs", None),
     "bundle": (bundle, "swap a fine-tuned decoder (same tokens) into a trained bundle", None),

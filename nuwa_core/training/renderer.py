@@ -26,6 +26,7 @@ from ..infinity.nearby_context_pool import NearbyContextPool, last_needed_steps
 from ..infinity.patch_samplers import SamplerSettings
 from ..infinity.renderer import Context, Renderer, RendererConfig
 from ..infinity.vqgan import VQModel, load_vqgan
+from ..text_encoder import describe, load_text_encoder
 from . import captions
 from .bundle import token_tensors_that_differ
 from .data import (
@@ -314,23 +315,30 @@ def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
             # only with captions, so checkpoints from before captions existed still resume
             **({"text": {"clip": Path(args.clip).name if args.clip else "", "clip_model": args.clip_model or "",
                          "embeddings": Path(args.text_embeddings).name if args.text_embeddings else "",
-                         "drop": args.text_drop}} if rcfg.text_dim else {})}
+                         "drop": args.text_drop,
+                         **({"encoder": Path(args.text_encoder).name} if args.text_encoder else {})}}
+               if rcfg.text_dim else {})}
 
 
 def caption_features(args) -> torch.Tensor | None:
     """[n, T, D] caption features of the training images (in list_images order) or videos (list_video_sources
     order: a video file's or frame folder's same-name .txt / embedding key), or None."""
-    if args.clip and args.text_embeddings:
-        raise TrainingError("give captions either as --clip (encode the .txt files) or as --text-embeddings, not both")
+    sources = [f"--{k.replace('_', '-')}" for k in ("text_encoder", "clip", "text_embeddings") if getattr(args, k)]
+    if len(sources) > 1:
+        raise TrainingError(f"give captions one way: {' or '.join(sources)}, not both")
     if not (0.0 <= args.text_drop <= 1.0):
         raise TrainingError(f"--text-drop is a probability in 0..1, got {args.text_drop}")
-    if not args.clip and not args.text_embeddings:
+    if not sources:
         if args.text_dim:
             raise TrainingError(f"--text-dim {args.text_dim} builds a text-conditioned renderer, which needs "
-                                f"captions: give --clip (with --clip-model) or --text-embeddings")
+                                f"captions: give --text-encoder, --clip (with --clip-model) or --text-embeddings")
         return None
     paths = list_video_sources(args.videos) if getattr(args, "videos", None) else list_images(args.images)
-    if args.text_embeddings:
+    if args.text_encoder:
+        encoder = load_text_encoder(args.text_encoder)
+        args.text_encoder_info = describe(encoder)
+        text = encoder.encode(captions.read_captions(paths, "--text-encoder"))
+    elif args.text_embeddings:
         text = captions.load_text_embeddings(args.text_embeddings, paths)
     elif not args.clip_model:
         raise TrainingError("--clip needs --clip-model, the open_clip architecture of the weights (e.g. ViT-B-32; "
@@ -471,7 +479,7 @@ def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: lis
     if args.debug_dump_replicas:
         dump_replica(run.out, renderer, dist)
     if dist.main:
-        NuwaInfinity(vq, renderer).save(run.out, dtype=dtype_named(args.save_dtype))
+        NuwaInfinity(vq, renderer, getattr(args, "text_encoder_info", None)).save(run.out, dtype=dtype_named(args.save_dtype))
         print(f"[train] renderer: stopped ({stopped}) at step {step} ({opt_steps} optimizer steps); wrote {run.out}",
               file=sys.stderr)
     run.finish()
@@ -546,6 +554,9 @@ def add_arguments(p) -> None:
                    "as generate(reencode=True) does at inference)")
     p.add_argument("--accumulate", action="store_true", help="one optimizer step per sample (ablation)")
     p.add_argument("--no-context", action="store_true", help="baseline: every patch without context")
+    p.add_argument("--text-encoder", default=None, help="captions: encode each image's (or video's) same-name .txt "
+                   "with this text encoder: the pack's own (`train text`) or a ComfyUI CLIP-L file (clip_l.safetensors "
+                   "or an SD 1.x checkpoint), so prompts at use time go through the same encoder")
     p.add_argument("--clip", default=None, help="captions: encode each image's same-name .txt with the open_clip "
                    "text tower in this local file (.safetensors; per-token last-layer features, as ComfyUI's "
                    "CLIP Text Encode gives them). Needs open_clip: pip install open_clip_torch")
