@@ -5,13 +5,13 @@ Node ids (the keys of NODE_CLASS_MAPPINGS) and the order of each node's widgets 
 saved workflows store widget values by position. Add new widgets at the end, as optional inputs.
 """
 from ._comfy import register_model_folders
-from . import (canvas_nodes, model_nodes, planning_nodes, render_nodes, training_nodes, video_nodes, xl_ksampler_nodes,
-               xl_nodes)
+from . import (canvas_nodes, model_nodes, planning_nodes, render_nodes, text_nodes, training_nodes, video_nodes,
+               xl_ksampler_nodes, xl_nodes)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (model_nodes, canvas_nodes, planning_nodes, render_nodes, video_nodes, training_nodes, xl_nodes,
-                xl_ksampler_nodes):
+for _module in (model_nodes, text_nodes, canvas_nodes, planning_nodes, render_nodes, video_nodes, training_nodes,
+                xl_nodes, xl_ksampler_nodes):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

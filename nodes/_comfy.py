@@ -2,6 +2,7 @@
 (tests, scripts). Only public, documented helpers are used: no internals, no monkey-patching."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -69,13 +70,53 @@ def list_models() -> list[str]:
                 names += [p.relative_to(root).as_posix() for p in sorted(root.rglob("*"))
                           if p.suffix in MODEL_EXTENSIONS and p.is_file()]
     # files of other kinds kept under nuwa/ (vqgan/, clip/ from weights.json; one-shot runs' working files in
-    # training/; PG-VQGAN decoders in pgvqgan/, listed by PG-VQGAN Decode) are not models to load
-    names = sorted({n for n in names if not n.startswith(("vqgan/", "clip/", "training/", "pgvqgan/"))})
+    # training/; PG-VQGAN decoders in pgvqgan/, listed by PG-VQGAN Decode; text encoders in text_encoders/,
+    # listed by NUWA Text Encoder Loader) are not models to load
+    names = sorted({n for n in names
+                    if not n.startswith(("vqgan/", "clip/", "training/", "pgvqgan/", "text_encoders/"))})
     default = DEFAULT_MODEL
     return [default] + [n for n in names if n != default]
 
 
 DEFAULT_MODEL = "nuwa_infinity_default.safetensors"
+
+
+def register_subfolder(subfolder: str, comfy_name: str) -> None:
+    """A model folder for files of one kind kept under "nuwa" (pgvqgan/, text_encoders/): ComfyUI/models/nuwa/
+    SUBFOLDER (created) and the pack's models/nuwa/SUBFOLDER, registered as ComfyUI folder `comfy_name`."""
+    fp = _folder_paths()
+    if fp is None:
+        return
+    comfy_dir = os.path.join(fp.models_dir, MODEL_FOLDER, subfolder)
+    try:
+        os.makedirs(comfy_dir, exist_ok=True)
+    except OSError as err:
+        log.warning("ComfyUI-NUWA: could not create %s: %s", comfy_dir, err)
+    fp.add_model_folder_path(comfy_name, comfy_dir)
+    fp.add_model_folder_path(comfy_name, str(PACK_MODELS_DIR / MODEL_FOLDER / subfolder))
+    fp.folder_names_and_paths[comfy_name][1].update(MODEL_EXTENSIONS)
+
+
+def subfolder_paths(subfolder: str, comfy_name: str) -> list[str]:
+    """SUBFOLDER of every "nuwa" folder, the folders registered as `comfy_name`, the pack's own."""
+    folders = [str(Path(f) / subfolder) for f in model_folders()]
+    fp = _folder_paths()
+    if fp is not None:
+        with contextlib.suppress(KeyError):  # folder not registered (pack imported oddly)
+            folders += list(fp.get_folder_paths(comfy_name))
+    folders.append(str(PACK_MODELS_DIR / MODEL_FOLDER / subfolder))
+    return list(dict.fromkeys(folders))
+
+
+def list_subfolder(subfolder: str, comfy_name: str) -> list[str]:
+    """Every model file of the subfolder's folders, sorted."""
+    names: set[str] = set()
+    for folder in subfolder_paths(subfolder, comfy_name):
+        root = Path(folder)
+        if root.is_dir():
+            names |= {p.relative_to(root).as_posix() for p in root.rglob("*")
+                      if p.suffix in MODEL_EXTENSIONS and p.is_file()}
+    return sorted(names)
 
 
 def model_path(name: str) -> Path:
@@ -297,14 +338,15 @@ def vqgan_memory(model, batch: int = 1) -> int:
     return vqgan_window_bytes(model.vqgan.config, model.vqgan_tile, max(int(batch), 1), _model_dtype(model))
 
 
-def render_memory(model, canvas, plans, extent=None) -> int:
+def render_memory(model, canvas, plans, extent=None, guided: bool = False) -> int:
     """Working memory of the Patch Renderer: the renderer with its context pool on the largest grid
-    the plans grow the canvas to, plus a VQGAN window for the previews and the final decode."""
+    the plans grow the canvas to (twice the batch with classifier-free guidance), plus a VQGAN window
+    for the previews and the final decode."""
     from nuwa_core.memory import renderer_working_bytes
     grids = [tuple(canvas.grid)] + [tuple(p.grid) for p in plans]
     grid = tuple(max(g[i] for g in grids) for i in range(3))
     cfg = model.renderer.config
-    return (renderer_working_bytes(cfg, grid, canvas.batch, extent or cfg.extent, _model_dtype(model))
+    return (renderer_working_bytes(cfg, grid, canvas.batch * (2 if guided else 1), extent or cfg.extent, _model_dtype(model))
             + vqgan_memory(model, 1))
 
 

@@ -24,25 +24,47 @@ def load_model(path, device="cpu"):
     return model
 
 
-def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int, epsilon: float):
+def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int, epsilon: float,
+                     guidance: float = 1.0):
     from nuwa_core.infinity.patch_samplers import SamplerSettings
     return SamplerSettings(decoder=_DECODER_IDS[decoder], temperature=float(temperature), top_k=int(top_k),
-                           top_p=float(top_p), steps=int(steps), epsilon=float(epsilon))
+                           top_p=float(top_p), steps=int(steps), epsilon=float(epsilon), guidance=float(guidance))
 
 
-def text_from_conditioning(conditioning) -> torch.Tensor | None:
-    """CONDITIONING from CLIP Text Encode is [[tensor [1,77,768], {...}], ...]: take the first tensor."""
+def text_from_conditioning(conditioning, model=None) -> torch.Tensor | None:
+    """CONDITIONING ([[tensor [1, T, D], {...}], ...], from CLIP Text Encode or NUWA Text Encode): the first
+    tensor. With `model` (a NUWA-Infinity model), checked against the text encoder it was trained with."""
     if conditioning is None:
         return None
     try:
-        cond = conditioning[0][0]
+        cond, extra = conditioning[0][0], conditioning[0][1]
     except (IndexError, KeyError, TypeError) as err:
-        raise ValueError("conditioning: expected the output of a CLIP Text Encode node "
+        raise ValueError("conditioning: expected the output of a CLIP Text Encode or NUWA Text Encode node "
                          "(a list of [tensor, dict] pairs)") from err
     if not isinstance(cond, torch.Tensor) or cond.dim() != 3:
         raise ValueError(f"conditioning: expected a tensor [batch, tokens, dim], got "
                          f"{getattr(cond, 'shape', type(cond).__name__)}")
+    if model is not None:
+        check_prompt_fits(cond, extra if isinstance(extra, dict) else {}, model)
     return cond
+
+
+def check_prompt_fits(cond: torch.Tensor, extra: dict, model) -> None:
+    width, trained = cond.shape[-1], model.renderer.config.text_dim
+    made_by = extra.get("nuwa_text_encoder")
+    source = f"NUWA Text Encode with {made_by}" if made_by else "a CLIP Text Encode node"
+    if not trained:
+        raise ValueError(f"this NUWA model has no text path (trained without captions), but a prompt from {source} "
+                         f"is connected: remove the conditioning, or load a model trained with captions "
+                         f"(the shipped nuwa_infinity_scenes.safetensors)")
+    encoder = (model.text_encoder or {}).get("name")
+    with_encoder = f" (trained with the text encoder {encoder})" if encoder else ""
+    if width != trained:
+        raise ValueError(f"the prompt is {width} wide (from {source}) but this model reads {trained}-wide prompts"
+                         f"{with_encoder}; encode the prompt with the encoder the model was trained with")
+    if made_by and encoder and made_by != encoder:
+        raise ValueError(f"the prompt comes from NUWA Text Encode with {made_by}, but this model was trained with "
+                         f"{encoder}: load {encoder} in NUWA Text Encoder Loader")
 
 
 def extension_for_target(current: int, target_px: int, patch_px: int, anchor_first: float) -> tuple[int, int]:

@@ -54,7 +54,7 @@ def _preview(model, state) -> Image.Image:
 class NUWAPatchRenderer:
     DESCRIPTION = ("Generates the planned patches one by one (NUWA-Infinity, Algorithm 2): each patch sees the nearby "
                    "patches already on the canvas, and is sampled autoregressively (AR), all at once (NAR) or in a "
-                   "few refinement steps (P-NAR). A prompt from a stock CLIP Text Encode node conditions text models. "
+                   "few refinement steps (P-NAR). A prompt (NUWA Text Encode, or CLIP Text Encode for CLIP-L models) conditions text models. "
                    "Shows a live preview and stops cleanly on cancel.")
     CATEGORY = CATEGORY
     FUNCTION = "render"
@@ -85,25 +85,30 @@ class NUWAPatchRenderer:
                                     "tooltip": "Nucleus sampling: keep the smallest set of tokens with this total probability; 1 = off."}),
             },
             "optional": {
-                "conditioning": ("CONDITIONING", {"tooltip": "Prompt from CLIP Text Encode (SD1 CLIP-L, [1,77,768]) "
-                                                             "for text-conditioned models; leave empty otherwise."}),
+                "conditioning": ("CONDITIONING", {"tooltip": "Prompt for text-conditioned models: from NUWA Text "
+                                                             "Encode (models trained with a NUWA text encoder) or "
+                                                             "CLIP Text Encode (models trained on CLIP-L); leave empty "
+                                                             "otherwise."}),
                 "context": ("NUWA_CONTEXT", {"tooltip": "Nearby Context Pool options (extent); default: the model's."}),
                 "epsilon": ("FLOAT", {"default": _engine.EPSILON_DEFAULT, "min": 0.0, "max": 0.5, "step": 0.001, "tooltip":
                     "Skip tokens less likely than this (epsilon sampling); 0 = off. Models trained with label smoothing "
                     "(the one-shot default) give every token a small floor that would otherwise be sampled as noise."}),
+                "guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip":
+                    "Classifier-free guidance of the prompt: 1 = off; above 1 follows the prompt more (each patch is "
+                    "rendered with and without it: about twice the time). Ignored without a prompt."}),
             },
         }
 
     def render(self, model, canvas, plan, seed, decoder, steps, temperature, top_k, top_p,
-               conditioning=None, context=None, epsilon=_engine.EPSILON_DEFAULT):
+               conditioning=None, context=None, epsilon=_engine.EPSILON_DEFAULT, guidance=1.0):
         spec: PlanSpec = as_plan_spec(plan)
-        settings = _engine.sampler_settings(decoder, temperature, top_k, top_p, steps, epsilon)
-        text = _engine.text_from_conditioning(conditioning)
+        settings = _engine.sampler_settings(decoder, temperature, top_k, top_p, steps, epsilon, guidance)
+        text = _engine.text_from_conditioning(conditioning, model)
         extent = None  # the engine refuses an extent beyond the trained one, naming both
         if context is not None:
             trained = tuple(model.renderer.config.extent)
             extent = tuple(t if e < 0 else e for e, t in zip(context["extent"], trained))
-        memory = _comfy.render_memory(model, canvas, spec.plans, extent)
+        memory = _comfy.render_memory(model, canvas, spec.plans, extent, guided=text is not None and guidance != 1)
         _comfy.load_for_run(getattr(model, "comfy_patcher", None), memory)
         state = spec.prepare(canvas)  # a copy: the input canvas is never modified
         generator = torch.Generator().manual_seed(int(seed) % (2 ** 63))  # CPU noise, as ComfyUI: one image per seed on every device

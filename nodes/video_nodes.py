@@ -8,9 +8,7 @@ models/nuwa/pgvqgan, the `pgvqgan/` of any `nuwa:` folder of extra_model_paths.y
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -25,48 +23,17 @@ PG_FOLDER = "nuwa_pgvqgan"         # the ComfyUI folder name registered for it
 NONE = "none"
 
 
-def register_pgvqgan_folder() -> None:
-    """The "nuwa_pgvqgan" model folder: ComfyUI/models/nuwa/pgvqgan (created) and the pack's models/nuwa/pgvqgan."""
-    fp = _comfy._folder_paths()
-    if fp is None:
-        return
-    comfy_dir = os.path.join(fp.models_dir, _comfy.MODEL_FOLDER, PG_SUBFOLDER)
-    try:
-        os.makedirs(comfy_dir, exist_ok=True)
-    except OSError as err:
-        _comfy.log.warning("ComfyUI-NUWA: could not create %s: %s", comfy_dir, err)
-    fp.add_model_folder_path(PG_FOLDER, comfy_dir)
-    fp.add_model_folder_path(PG_FOLDER, str(_comfy.PACK_MODELS_DIR / _comfy.MODEL_FOLDER / PG_SUBFOLDER))
-    fp.folder_names_and_paths[PG_FOLDER][1].update(_comfy.MODEL_EXTENSIONS)
-
-
-register_pgvqgan_folder()
-
-
-def pgvqgan_folders() -> list[str]:
-    folders = [str(Path(f) / PG_SUBFOLDER) for f in _comfy.model_folders()]
-    fp = _comfy._folder_paths()
-    if fp is not None:
-        with contextlib.suppress(KeyError):  # folder not registered (pack imported oddly)
-            folders += list(fp.get_folder_paths(PG_FOLDER))
-    folders.append(str(_comfy.PACK_MODELS_DIR / _comfy.MODEL_FOLDER / PG_SUBFOLDER))
-    return list(dict.fromkeys(folders))
+_comfy.register_subfolder(PG_SUBFOLDER, PG_FOLDER)
 
 
 def list_pgvqgans() -> list[str]:
     """'none' (the plain VQGAN frame by frame), then every .safetensors of the pgvqgan folders."""
-    names: set[str] = set()
-    for folder in pgvqgan_folders():
-        root = Path(folder)
-        if root.is_dir():
-            names |= {p.relative_to(root).as_posix() for p in root.rglob("*")
-                      if p.suffix in _comfy.MODEL_EXTENSIONS and p.is_file()}
-    return [NONE] + sorted(names)
+    return [NONE] + _comfy.list_subfolder(PG_SUBFOLDER, PG_FOLDER)
 
 
 def pgvqgan_path(name: str) -> Path:
     from nuwa_core.weights import find_model_file
-    return find_model_file(name, pgvqgan_folders())
+    return find_model_file(name, _comfy.subfolder_paths(PG_SUBFOLDER, PG_FOLDER))
 
 
 def _pil(frame: torch.Tensor) -> Image.Image:  # [3, H, W] in -1..1

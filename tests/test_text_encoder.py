@@ -134,3 +134,53 @@ def test_guided_canvas_continues_across_calls():
                        generator=torch.Generator().manual_seed(0))
     assert torch.equal(grown.tokens[..., :8], st.tokens) and torch.equal(plain.tokens[..., :8], st.tokens)
     assert bool(grown.known.all()) and bool(plain.known.all())
+
+
+# ---- nodes: NUWA Text Encoder Loader, NUWA Text Encode, the Patch Renderer's prompt checks and guidance ----------
+
+def _text_model(encoder_name="words", width=16):
+    m = tiny_model(text_dim=width)
+    m.text_encoder = {"name": encoder_name, "width": width}
+    with torch.no_grad():  # a random tiny renderer barely reads its text: make the prompt matter
+        for blk in m.renderer.blocks:
+            blk.xproj.weight.mul_(30)
+    return m
+
+
+def test_text_nodes_load_encode_and_the_renderer_follows_guidance(pack, tmp_path, monkeypatch):
+    from _pack import node
+    monkeypatch.setenv("NUWA_MODELS_DIR", str(tmp_path))
+    (tmp_path / "nuwa" / "text_encoders").mkdir(parents=True)
+    _encoder().save(tmp_path / "nuwa" / "text_encoders" / "words.safetensors")
+    combo = pack["NUWATextEncoderLoader"].INPUT_TYPES()["required"]["text_encoder_name"][0]
+    assert combo[0] == "nuwa_text_scenes.safetensors" and "words.safetensors" in combo
+    assert "text_encoders/words.safetensors" not in pack["NUWAModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    (encoder,) = node(pack, "NUWATextEncoderLoader")("words.safetensors")
+    (cond,) = node(pack, "NUWATextEncode")(encoder, "A blue sky over the sea")
+    assert cond[0][0].shape == (1, 16, 16) and cond[0][1] == {"nuwa_text_encoder": "words"}
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        node(pack, "NUWATextEncode")(encoder, "   ")
+    model = _text_model()
+    (canvas,) = node(pack, "NUWAEmptyCanvas")(model, 32, 48, 1, 1)
+    plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 0, 0, 0, 0, 0, 0, "center")
+    render = node(pack, "NUWAPatchRenderer")
+    args = (model, canvas, plan, 3, "auto", 4, 1.0, 0, 1.0)
+    plain, _ = render(*args, conditioning=cond)
+    assert torch.equal(render(*args, conditioning=cond, guidance=1.0)[0], plain)
+    assert not torch.equal(render(*args, conditioning=cond, guidance=5.0)[0], plain)
+    assert torch.equal(render(*args, conditioning=cond, guidance=0.0)[0], render(*args)[0])
+
+
+def test_renderer_names_the_prompt_that_does_not_fit(pack):
+    from _pack import node
+    canvas = tiny_model().blank_canvas(1, 1)
+    render = node(pack, "NUWAPatchRenderer")
+    plan, _ = node(pack, "NUWADirectionPlanner")(tiny_model(), canvas, 0, 0, 0, 0, 0, 0, "center")
+    clip = [[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]]
+    ours = [[torch.zeros(1, 16, 16), {"nuwa_text_encoder": "other"}]]
+    with pytest.raises(ValueError, match="no text path.*CLIP Text Encode"):
+        render(tiny_model(), canvas, plan, 0, "auto", 4, 1.0, 0, 1.0, conditioning=clip)
+    with pytest.raises(ValueError, match="768 wide \\(from a CLIP Text Encode node\\).*16-wide.*text encoder words"):
+        render(_text_model(), canvas, plan, 0, "auto", 4, 1.0, 0, 1.0, conditioning=clip)
+    with pytest.raises(ValueError, match="NUWA Text Encode with other.*trained with words: load words"):
+        render(_text_model(), canvas, plan, 0, "auto", 4, 1.0, 0, 1.0, conditioning=ours)
