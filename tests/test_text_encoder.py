@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny import tiny_model
+from _training import renderer_args, write_image
 from safetensors.torch import save_file
 
 from nuwa_core import train
@@ -11,8 +13,6 @@ from nuwa_core.infinity.generation import NuwaInfinity
 from nuwa_core.infinity.patch_samplers import SamplerSettings
 from nuwa_core.text_encoder import TextEncoderError, WordTextConfig, WordTextEncoder, load_text_encoder
 from nuwa_core.training import loop
-from _tiny import tiny_model
-from _training import renderer_args, write_image
 
 CAPTIONS = ("a blue sky over the sea", "a grey sky over a green meadow")
 
