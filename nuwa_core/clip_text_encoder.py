@@ -31,7 +31,7 @@ module matches it:
   the token axis: [1, 154, 768] for 76..150 tokens, and so on. A group of fewer than 8 tokens (a
   bracketed weight group, see below) that does not fit in a row moves whole to the next row (the row is
   closed with the end token and padded); a longer group is split. Same here, with "77" being the file's
-  number of positions.
+  number of positions (248 for a Long-CLIP file, as in ComfyUI).
 - The network. Token + position embeddings, pre-LN transformer layers (causal attention, QuickGELU MLP:
   ComfyUI's SD1 config uses QuickGELU for every CLIP-L file, so this does too), the final LayerNorm; the
   output is the last layer after the final LayerNorm (ComfyUI's SD1 default "last" layer; no CLIP Set
@@ -43,10 +43,11 @@ module matches it:
   parser reads them in a way that depends on their position; write `\\(` for a literal bracket).
 
 Checked against ComfyUI itself (tests/test_clip_text_encoder.py, `-m comfyui`): random weights of the full
-CLIP-L shape, loaded by ComfyUI's CLIPLoader (clip_l and open_clip layouts) and by its checkpoint loader's
-CLIP path (SD 1.5 layout), then CLIP Text Encode, on the CPU: every prompt's tokens equal, features equal
-within 3.4e-6 (max abs, features of size ~5), 1-, 2-row and weighted prompts; keeping float32 weights
-instead of ComfyUI's float16 would differ by 3e-3.
+CLIP-L shape, loaded by ComfyUI's CLIPLoader (clip_l and open_clip layouts, and a 248-position Long-CLIP
+file) and by its checkpoint loader's CLIP path (SD 1.5 layout), then CLIP Text Encode, on the CPU: tokens
+equal for every prompt (300 random ones too), features equal within 3.4e-6 (max abs, features of size
+~5) for 1-row, 2-row, empty and weighted prompts; keeping float32 weights instead of ComfyUI's float16
+would differ by 3e-3.
 
 Refused with an error that says why, never encoded differently: textual-inversion embeddings
 (`embedding:NAME`: ComfyUI loads a file from its embeddings folder, or drops the word when it is

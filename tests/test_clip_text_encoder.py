@@ -5,9 +5,11 @@ by the test, so they need neither downloads nor CLIP's vocabulary; the few check
 run where the vocabulary is found (ComfyUI or open_clip installed) and skip otherwise.
 
 The ComfyUI test (marked comfyui, skipped without COMFYUI_DIR) writes random weights of the full CLIP-L
-shape in ComfyUI's clip_l.safetensors layout (and the same weights in open_clip's layout), runs ComfyUI's
-own CLIPLoader and CLIPTextEncode nodes on them in COMFYUI_PYTHON, and compares the CONDITIONING tensors
-with ClipTextEncoder's features.
+shape in ComfyUI's clip_l.safetensors layout, the same weights in open_clip's and an SD 1.5 checkpoint's
+layouts, and a 248-position Long-CLIP file; in COMFYUI_PYTHON it loads them with ComfyUI's own CLIPLoader
+node (the checkpoint through the checkpoint loader's CLIP path) and runs its CLIPTextEncode node; the
+CONDITIONING tensors are compared with ClipTextEncoder's features, and ComfyUI's tokens with this
+module's for those prompts, a list of tricky ones and 300 random ones.
 """
 from __future__ import annotations
 
@@ -342,6 +344,30 @@ TOKEN_PROMPTS = [
     "supercalifragilisticexpialidocious " * 40,
 ]
 
+
+
+def random_prompts(n: int, seed: int = 0) -> list[str]:
+    """Seeded random prompts over many scripts, symbols and the weighting syntax, for the token comparison
+    (those this module refuses are left out)."""
+    import random
+    rng = random.Random(seed)
+    ranges = [(32, 127), (32, 127), (32, 127), (0xA0, 0x250), (0x370, 0x3FF), (0x400, 0x4FF), (0x600, 0x6FF),
+              (0x900, 0x97F), (0x2000, 0x206F), (0x1F300, 0x1F64F), (0xFF00, 0xFFEF), (0x3040, 0x30FF)]
+    pieces = ["cat", "Dog's", "A", "(x:1.1)", "((y))", "12", "!!", "\\(", "\\)", " ", ",", "word " * 9]
+    out = []
+    while len(out) < n:
+        chars = "".join(chr(rng.randrange(*rng.choice(ranges))) for _ in range(rng.randint(0, 40)))
+        words = [rng.choice(pieces + [chars]) for _ in range(rng.randint(1, 30))]
+        prompt = " ".join(words) if rng.random() < 0.7 else chars
+        try:
+            cte.check_prompt(prompt)
+            cte.weighted_segments(prompt)
+        except ClipTextError:
+            continue
+        out.append(prompt)
+    return out
+
+
 COMFY_SCRIPT = r"""
 import json, sys
 import torch
@@ -371,7 +397,8 @@ def checkpoint_clip(path):
 
 
 out, tokens = {}, {}
-for name in ("clip_l.safetensors", "open_clip_l.safetensors", "sd1_checkpoint.safetensors"):
+for name in ("clip_l.safetensors", "open_clip_l.safetensors", "sd1_checkpoint.safetensors",
+             "long_clip_l.safetensors"):
     if name.startswith("sd1"):
         clip = checkpoint_clip(folder + "/" + name)
     else:
@@ -383,7 +410,7 @@ for name in ("clip_l.safetensors", "open_clip_l.safetensors", "sd1_checkpoint.sa
         out[f"{name}/{n}"] = cond[0][0].float().contiguous().clone()
     for n, prompt in enumerate(prompts + token_prompts):
         rows = clip.tokenize(prompt)["l"]
-        tokens[n] = [[int(t) for t, w in row] for row in rows], [[float(w) for t, w in row] for row in rows]
+        tokens[f"{name}/{n}"] = [[int(t) for t, w in row] for row in rows], [[float(w) for t, w in row] for row in rows]
     del clip
 save_file(out, out_path)
 print("TOKENS " + json.dumps(tokens))
@@ -397,11 +424,16 @@ def test_features_equal_comfyui_clip_text_encode(comfyui_dir, tmp_path):
     sd = canonical_weights(vocab=49408, width=768, layers=12, hidden=3072, positions=77, seed=1)
     save_file({k: v.contiguous() for k, v in as_clip_l(sd).items()}, str(tmp_path / "clip_l.safetensors"))
     save_file({k: v.contiguous() for k, v in as_open_clip(sd).items()}, str(tmp_path / "open_clip_l.safetensors"))
-    save_file({k: v.contiguous() for k, v in as_sd1_checkpoint(sd).items()}, str(tmp_path / "sd1_checkpoint.safetensors"))
+    save_file({k: v.contiguous() for k, v in as_sd1_checkpoint(sd).items()},
+              str(tmp_path / "sd1_checkpoint.safetensors"))
+    long_sd = dict(sd)  # Long-CLIP: 248 positions, which ComfyUI reads as 248-token rows
+    long_sd["embeddings.position_embedding.weight"] = torch.randn(248, 768, generator=torch.Generator().manual_seed(2))
+    save_file({k: v.contiguous() for k, v in as_clip_l(long_sd).items()}, str(tmp_path / "long_clip_l.safetensors"))
+    token_prompts = TOKEN_PROMPTS + random_prompts(300)
     out = tmp_path / "comfy_conditioning.safetensors"
     run = subprocess.run([python, "-c", COMFY_SCRIPT, str(comfyui_dir), str(tmp_path), str(out),
-                          json.dumps(COMFY_PROMPTS), json.dumps(TOKEN_PROMPTS)], capture_output=True, text=True, timeout=1200, check=False,
-                         cwd=str(comfyui_dir), env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          json.dumps(COMFY_PROMPTS), json.dumps(token_prompts)], capture_output=True, text=True,
+                         timeout=1200, check=False, cwd=str(comfyui_dir), env=dict(os.environ, OMP_NUM_THREADS="1"))
     line = [ln for ln in run.stdout.splitlines() if ln.startswith("TOKENS ")]
     assert run.returncode == 0 and line, f"{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     comfy_tokens = json.loads(line[-1][len("TOKENS "):])
@@ -411,26 +443,32 @@ def test_features_equal_comfyui_clip_text_encode(comfyui_dir, tmp_path):
     tensors = as_clip_l(sd)
     ours = ClipTextEncoder.from_state_dict(tensors, "clip_l", "clip_l", vocabulary=vocab)
     full = ClipTextEncoder.from_state_dict(tensors, "clip_l", "clip_l", vocabulary=vocab, weight_dtype=None)
+    long_ = ClipTextEncoder.from_state_dict(as_clip_l(long_sd), "clip_l", "long_clip_l", vocabulary=vocab)
     report = {}
     for n, prompt in enumerate(COMFY_PROMPTS):
-        assert [list(x) for x in ours.tokenize(prompt)] == comfy_tokens[str(n)], prompt
+        for name in ("clip_l.safetensors", "open_clip_l.safetensors", "sd1_checkpoint.safetensors"):
+            assert [list(x) for x in ours.tokenize(prompt)] == comfy_tokens[f"{name}/{n}"], prompt
         mine = ours.encode([prompt])
         for name in ("clip_l.safetensors", "open_clip_l.safetensors", "sd1_checkpoint.safetensors"):
             theirs = comfy[f"{name}/{n}"]
             assert mine.shape == theirs.shape, (prompt, mine.shape, theirs.shape)
             report[f"{name}/{n}"] = (mine - theirs).abs().max().item()
+        assert [list(x) for x in long_.tokenize(prompt)] == comfy_tokens[f"long_clip_l.safetensors/{n}"], prompt
+        theirs = comfy[f"long_clip_l.safetensors/{n}"]
+        assert theirs.shape == (1, 248, 768)
+        report[f"long_clip_l.safetensors/{n}"] = (long_.encode([prompt]) - theirs).abs().max().item()
         report[f"float32_weights/{n}"] = (full.encode([prompt]) - comfy[f"clip_l.safetensors/{n}"]).abs().max().item()
         report[f"scale/{n}"] = mine.abs().max().item()
         if n == 0:
             first = mine
     # the last padding position differs between prompts only through attention: it is exercised
     report["attention_spread"] = (ours.encode([COMFY_PROMPTS[2]]) - first)[0, -1].abs().max().item()
-    for n, prompt in enumerate(TOKEN_PROMPTS, start=len(COMFY_PROMPTS)):
-        assert [list(x) for x in ours.tokenize(prompt)] == comfy_tokens[str(n)], prompt
+    for n, prompt in enumerate(token_prompts, start=len(COMFY_PROMPTS)):
+        assert [list(x) for x in ours.tokenize(prompt)] == comfy_tokens[f"clip_l.safetensors/{n}"], prompt
     print(json.dumps(report, indent=1))
     assert comfy["clip_l.safetensors/4"].shape == (1, 154, 768)  # the long prompt: two rows
     assert comfy["clip_l.safetensors/0"].shape == (1, 77, 768)
-    worst = max(v for k, v in report.items() if k.endswith(tuple(f"/{n}" for n in range(len(COMFY_PROMPTS))))
-                and not k.startswith(("float32", "scale")))
+    worst = max(v for k, v in report.items() if k.split("/")[0].endswith(".safetensors"))
     assert worst <= 1e-4, report
+    assert min(v for k, v in report.items() if k.startswith("float32")) > 10 * worst, report  # float16 matters
     assert report["attention_spread"] > 1e-2, report
