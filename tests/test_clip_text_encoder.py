@@ -472,3 +472,24 @@ def test_features_equal_comfyui_clip_text_encode(comfyui_dir, tmp_path):
     assert worst <= 1e-4, report
     assert min(v for k, v in report.items() if k.startswith("float32")) > 10 * worst, report  # float16 matters
     assert report["attention_spread"] > 1e-2, report
+
+
+def test_a_renderer_trains_on_a_comfyui_clip_file_and_records_it(tiny, tmp_path, tokenizer, monkeypatch):
+    """`train renderer --text-encoder clip_l.safetensors`: the captions go through the same encoder as at use
+    time, and the bundle names it, so NUWA's Patch Renderer can tell a prompt from another encoder."""
+    from _training import renderer_args, write_image
+
+    from nuwa_core import train
+    from nuwa_core.infinity.generation import NuwaInfinity
+    sd, vocab_path = tiny
+    monkeypatch.setenv(cte.VOCAB_ENV, str(vocab_path))
+    clip_file = tmp_path / "clip_l.safetensors"
+    save_file({k: v.contiguous() for k, v in as_clip_l(sd).items()}, str(clip_file))
+    folder = tmp_path / "images"
+    for n, caption in enumerate(("a red sky", "green hills")):
+        write_image(folder / f"img{n}.png", seed=n)
+        (folder / f"img{n}.txt").write_text(caption, encoding="utf-8")
+    out = tmp_path / "model.safetensors"
+    train.main(renderer_args(folder, tokenizer, out, "--steps", "2", "--text-encoder", str(clip_file)))
+    model = NuwaInfinity.load(out)
+    assert model.text_encoder == {"name": "clip_l", "width": TINY["width"]} and model.renderer.config.text_dim == TINY["width"]

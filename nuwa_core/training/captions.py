@@ -68,6 +68,19 @@ def read_captions(paths: list[Path], flag: str = "--clip") -> list[str]:
     return [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in paths]
 
 
+def encode_each(encoder, texts: list[str], paths: list[Path]) -> torch.Tensor:
+    """Captions -> [n, T, D] through a text encoder (text_encoder.load_text_encoder), one at a time: every
+    caption must give the same T (a CLIP caption longer than 75 tokens takes a second row of 77)."""
+    feats = [encoder.encode([t]) for t in texts]
+    lengths = [f.shape[1] for f in feats]
+    if len(set(lengths)) > 1:
+        shortest = min(lengths)
+        longer = [p.name for p, n in zip(paths, lengths) if n > shortest]
+        raise TrainingError(f"--text-encoder {encoder.name}: these captions encode to more tokens ({max(lengths)}) "
+                            f"than the others ({shortest}): {_named(longer)}; shorten them (CLIP: 75 tokens a row)")
+    return torch.cat(feats)
+
+
 def _import_open_clip():
     try:
         import open_clip

@@ -337,7 +337,7 @@ def caption_features(args) -> torch.Tensor | None:
     if args.text_encoder:
         encoder = load_text_encoder(args.text_encoder)
         args.text_encoder_info = describe(encoder)
-        text = encoder.encode(captions.read_captions(paths, "--text-encoder"))
+        text = captions.encode_each(encoder, captions.read_captions(paths, "--text-encoder"), paths)
     elif args.text_embeddings:
         text = captions.load_text_embeddings(args.text_embeddings, paths)
     elif not args.clip_model:
