@@ -86,7 +86,8 @@ class MTDAdapter(torch.nn.Module):
         if context.shape[-1] != d:
             raise ValueError(f"NUWA-XL: the conditioning is {context.shape[-1]} wide but this Mask Temporal "
                              f"Diffusion model takes {d}-wide prompts; make the conditioning with NUWA-XL Prompts "
-                             f"(for KSampler) from a matching CLIP (or none, for an unconditional model)")
+                             f"(for KSampler) from the text encoder the model was trained with (or none, for an "
+                             f"unconditional model)")
         cond = mask = None
         given = kwargs.get(GIVEN_KEY)
         if given is not None:

@@ -101,10 +101,12 @@ class NUWAXLEmptyLatentVideo:
 
 
 class NUWAXLPromptsForKSampler:
-    DESCRIPTION = ("CONDITIONING for KSampler with NUWA-XL Model (for KSampler): one prompt for every frame, or one "
-                   "per frame (several CLIP Text Encode joined with Conditioning (Combine)). Without conditioning, or "
-                   "for an unconditional model (the default one), it is the model's null prompt: wire it to both "
-                   "positive and negative and use cfg 1.")
+    DESCRIPTION = ("CONDITIONING for KSampler with NUWA-XL Model (for KSampler): one prompt for every frame, or "
+                   "several (NUWA Text Encode nodes joined with Conditioning (Combine)) that cut the level's frames "
+                   "into equal parts, in order: each level of the tree takes its own schedule, denser for deeper "
+                   "levels. Without conditioning it is the model's null prompt (what the model learned with the text "
+                   "dropped): wire that to negative and raise KSampler's cfg for classifier-free guidance, or to "
+                   "both with cfg 1 for an unconditional model.")
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING",)
@@ -116,17 +118,20 @@ class NUWAXLPromptsForKSampler:
         return {"required": {
                     "xl_model": _model_input(),
                     "frames": ("INT", {"default": 5, "min": 1, "max": 4096, "tooltip":
-                                       "Frames the prompts are for: the latent's frames (global level), or the "
-                                       "input frames of NUWA-XL In-between (spread over the frames between them)."})},
+                                       "Frames of the level the prompts are for: the latent's frames (global "
+                                       "level); for NUWA-XL In-between its output frames, (K-1)(L-1)+1 (denser "
+                                       "prompts), or its K input frames (the same parts "
+                                       "of the video). The prompts are spread over them."})},
                 "optional": {"conditioning": ("CONDITIONING", {"tooltip":
-                             "From CLIP Text Encode: 1 prompt or `frames` prompts, as wide as the MTD's prompts "
-                             "(768 = SD1 CLIP-L). Leave empty for the null prompt."})}}
+                             "From NUWA Text Encode (several joined with Conditioning (Combine): equal parts of "
+                             "the frames, in order), from the text encoder the MTD was trained with. Leave "
+                             "empty for the null prompt."})}}
 
     def encode(self, xl_model, frames, conditioning=None):
-        prompts = conditioning_prompts(conditioning, xl_model, frames, "NUWA-XL Prompts conditioning")
+        prompts = conditioning_prompts(conditioning, xl_model, "NUWA-XL Prompts conditioning")
         if prompts is None:
             return ([[xl_model.null_prompts().cpu(), {}]],)
-        prompts = prompts.cpu()
+        prompts = spread_prompts(prompts.cpu(), frames)
         if prompts.shape[0] == 1:
             return ([[prompts, {}]],)
         return ([[prompts[:1], {FRAME_CONTEXT_KEY: prompts[None]}]],)
@@ -182,12 +187,13 @@ class NUWAXLInbetweenForKSampler:
         mask[:, 0] = mask[:, -1] = 1.0
         index = torch.arange(s)[:, None] * (L - 1) + torch.arange(L)  # [S, L] video frame of each slot
 
-        def frame_context_for(ctx):  # [1, P, n, d] prompts of the input frames -> [S, L, n, d]
-            if ctx.shape[1] not in (1, k):
-                raise ValueError(f"NUWA-XL In-between: the prompts are for {ctx.shape[1]} frames but {k} frames "
-                                 f"come in; set NUWA-XL Prompts' frames to {k}")
+        def frame_context_for(ctx):  # [1, P, n, d] prompts of the input or output frames -> [S, L, n, d]
+            if ctx.shape[1] not in (1, k, total):
+                raise ValueError(f"NUWA-XL In-between: the prompts are for {ctx.shape[1]} frames but this level has "
+                                 f"{k} input and {total} output frames; set NUWA-XL Prompts' frames to {total} "
+                                 f"(denser prompts) or {k}")
             p = ctx[0].expand(k, *ctx.shape[2:]) if ctx.shape[1] == 1 else ctx[0]
-            return spread_prompts(p, total, k)[index]
+            return spread_prompts(p, total)[index]
 
         given = {"samples": given.movedim(2, 1).contiguous(), "mask": mask}  # [S, C, L, h, w]
         apart = float(frames.get(FRAMES_APART_KEY, 1.0)) / (L - 1)

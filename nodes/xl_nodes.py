@@ -6,8 +6,12 @@ models/nuwa_xl, where the default XL model ships. The combos list only files of 
 (read from the safetensors header), the shipped default first.
 
 Sampling runs the core's DDIM loop (nuwa_core.xl.diffusion) with ComfyUI's ProgressBar and cancel checks
-in its per-step callback. Prompts: a stock CLIP Text Encode CONDITIONING, one entry (repeated) or one
-per keyframe (combine several with Conditioning (Combine)); unconditional models ignore it.
+in its per-step callback, with classifier-free guidance (`guidance`, 1 = off) against the null prompt.
+Prompts: stock CONDITIONING from NUWA Text Encode (the pack's text encoder) or CLIP Text Encode, as wide
+as the model's prompts; P prompts (joined with Conditioning (Combine)) cut the frames they are for
+into P equal parts, in order (nuwa_core.xl.diffusion_over_diffusion.spread_prompts). Coarse-to-Fine takes one schedule per level
+(the paper's denser prompts for deeper levels); a level without its own takes the coarser one's.
+A prompt to an unconditional model is an error.
 """
 from __future__ import annotations
 
@@ -100,47 +104,64 @@ def _to_image(frames: torch.Tensor) -> torch.Tensor:
     return img.to(_comfy.intermediate_device())
 
 
-def conditioning_prompts(conditioning, model, count: int, what: str) -> torch.Tensor | None:
-    """CONDITIONING -> prompt embeddings [1 or count, n, d], or None (no prompt / unconditional model)."""
+TEXT_ENCODER_KEY = "nuwa_text_encoder"  # what NUWA Text Encode puts into its CONDITIONING's options
+
+
+def _model_name(model) -> str:
+    return model.info.get("file") or "this MTD model"
+
+
+def _trained_with(model) -> str:
+    enc = model.text_encoder
+    return f"trained with the text encoder {enc['name']}" if enc.get("name") else "trained with"
+
+
+def conditioning_prompts(conditioning, model, what: str) -> torch.Tensor | None:
+    """CONDITIONING -> prompt embeddings [P, n, d] (every entry's batch, in order: P >= 1), or None (no
+    conditioning). Errors name what was wrong: a prompt to an unconditional model, a width or text
+    encoder other than the model's (both named, with where each comes from)."""
     if conditioning is None:
         return None
     try:
-        tensors = [c[0] for c in conditioning]
+        entries = [(c[0], c[1] if len(c) > 1 and isinstance(c[1], dict) else {}) for c in conditioning]
     except (TypeError, IndexError, KeyError):
-        raise ValueError(f"{what}: expected CONDITIONING from a CLIP Text Encode node (a list of "
+        raise ValueError(f"{what}: expected CONDITIONING from NUWA Text Encode or CLIP Text Encode (a list of "
                          f"[tensor, dict]), got {type(conditioning).__name__}")
-    prompts = []
-    for t in tensors:
+    prompts, sources = [], []
+    for t, options in entries:
         if not isinstance(t, torch.Tensor) or t.ndim != 3:
-            raise ValueError(f"{what}: expected CONDITIONING from a CLIP Text Encode node, whose entries hold a "
-                             f"tensor [batch, tokens, width]; got "
+            raise ValueError(f"{what}: expected CONDITIONING from NUWA Text Encode or CLIP Text Encode, whose "
+                             f"entries hold a tensor [batch, tokens, width]; got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
         prompts += list(t.float())
-    if len(prompts) not in (1, count):
-        raise ValueError(f"{what}: got {len(prompts)} prompts; give 1 (used for every frame) or {count} (one per "
-                         f"keyframe, e.g. several CLIP Text Encode joined with Conditioning (Combine))")
+        sources += [options.get(TEXT_ENCODER_KEY)] * t.shape[0]
     if not model.takes_prompts:
-        _comfy.log.warning("NUWA-XL: this model is unconditional (trained without prompts); the conditioning "
-                           "is ignored")
-        return None
-    width = prompts[0].shape[-1]
-    if any(p.shape[-1] != width for p in prompts) or width != model.context_dim:
-        raise ValueError(f"{what}: the conditioning is {width} wide but this MTD model takes "
-                         f"{model.context_dim}-wide prompt embeddings (768 = SD1 CLIP-L); use a CLIP model that "
-                         f"matches the one the MTD was trained with")
+        raise ValueError(f"{what}: {_model_name(model)} is unconditional (trained without prompts) and cannot follow "
+                         f"a prompt; disconnect the conditioning, or load a prompted MTD (one trained with "
+                         f"captions, e.g. the shipped mtd_default.safetensors)")
+    expected = model.text_encoder
+    for p, source in zip(prompts, sources):
+        where = f"from the text encoder {source}" if source else "from a CLIP Text Encode or another node"
+        if source and expected.get("name") and source != expected["name"]:
+            raise ValueError(f"{what}: the conditioning comes from the text encoder {source} but {_model_name(model)} "
+                             f"was trained with {expected['name']} ({model.context_dim} wide); encode the prompts "
+                             f"with {expected['name']} in NUWA Text Encode")
+        if p.shape[-1] != model.context_dim:
+            raise ValueError(f"{what}: the conditioning is {p.shape[-1]} wide ({where}) but {_model_name(model)} "
+                             f"takes {model.context_dim}-wide prompts (its context_dim, {_trained_with(model)}); "
+                             f"encode the prompts with the text encoder the MTD was trained with")
     n = max(p.shape[0] for p in prompts)
-    prompts = [torch.cat([p, p.new_zeros(n - p.shape[0], width)]) for p in prompts]  # pad longer prompts
+    prompts = [torch.cat([p, p.new_zeros(n - p.shape[0], p.shape[-1])]) for p in prompts]  # pad shorter prompts
     return torch.stack(prompts)
 
 
-def spread_prompts(prompts: torch.Tensor | None, frames: int, per_keyframe: int):
-    """Prompts of `per_keyframe`... keyframes over `frames` evenly spaced frames: each frame takes the
-    prompt of the keyframe segment it lies in (the last frame the last prompt)."""
+def spread_prompts(prompts: torch.Tensor | None, frames: int):
+    """P prompts over `frames` frames, P equal parts in order -> one per frame (None and one prompt
+    stay as they are); see nuwa_core.xl.diffusion_over_diffusion.spread_prompts."""
+    from nuwa_core.xl.diffusion_over_diffusion import spread_prompts as spread
     if prompts is None or prompts.shape[0] == 1:
         return prompts
-    span = (frames - 1) / (per_keyframe - 1)
-    index = torch.tensor([min(int(j // span), per_keyframe - 1) for j in range(frames)])
-    return prompts[index]
+    return spread(prompts, frames)
 
 
 class _Sampling:
@@ -232,13 +253,14 @@ def vae_memory(model, frames: int = 16) -> int:
     return video_vae_bytes(model.vae.config, frames, h * f, w * f, _dtype(model.vae))
 
 
-def sampling_memory(model, level: str, segments: int, L: int, preview: bool = True) -> int:
-    """Working memory of sampling `segments` L-frame segments at once with the level's MTD (plus one
-    decoded preview frame)."""
+def sampling_memory(model, level: str, segments: int, L: int, preview: bool = True, guidance: float = 1.0) -> int:
+    """Working memory of sampling `segments` L-frame segments at once with the level's MTD (twice the
+    batch with classifier-free guidance; plus one decoded preview frame)."""
     from nuwa_core.memory import mtd_working_bytes
     _, h, w = model.latent_shape()
     mtd = model.global_mtd if level == "global" else model.local_mtd
-    need = mtd_working_bytes(mtd.config, max(int(segments), 1), L, h, w, _dtype(mtd))
+    batch = max(int(segments), 1) * (1 if guidance == 1.0 else 2)
+    need = mtd_working_bytes(mtd.config, batch, L, h, w, _dtype(mtd))
     return need + (vae_memory(model, 1) if preview else 0)
 
 
@@ -253,7 +275,8 @@ class NUWAXLModelLoader:
     DESCRIPTION = ("Loads a NUWA-XL model: a T-KLVAE (video autoencoder) and Mask Temporal Diffusion models, from "
                    "the 'nuwa' model folder or 'nuwa_xl' (ComfyUI/models/nuwa_xl, the pack's models/nuwa_xl, where "
                    "the default model ships). One MTD can serve the global (keyframes) and the local (in-filling) "
-                   "levels, or pick a separate local model. The default model is unconditional (no prompts).")
+                   "levels, or pick a separate local model. The default model follows prompts of the shipped text "
+                   "encoder nuwa_text_scenes ('a blue sky over the sea': a camera panning across that scene).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (MODEL_TYPE,)
@@ -303,9 +326,12 @@ def _common_widgets(L_default=5):
     }
 
 
-_COND_TIP = ("Prompts from CLIP Text Encode: one (used for every frame) or one per keyframe (join them with "
-             "Conditioning (Combine)). Must match the MTD's prompt width; the default model is unconditional "
-             "and ignores it.")
+_COND_TIP = ("Prompts from NUWA Text Encode (or CLIP Text Encode for a model trained on CLIP): one for every frame, "
+             "or several joined with Conditioning (Combine), which cut the frames into equal parts, in order (2: the "
+             "first half and the second; as many as frames: one each). Must come from the text encoder the MTD was trained with.")
+_GUIDANCE = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip":
+             "Classifier-free guidance scale against the null prompt (1 = off: one pass per step; above 1 "
+             "follows the prompts more closely at twice the compute). Ignored without prompts."})
 
 
 class NUWAXLGlobalDiffusion:
@@ -322,15 +348,17 @@ class NUWAXLGlobalDiffusion:
         return {"required": {"xl_model": _model_input(), **_common_widgets(),
                              "depth": ("INT", {"default": 3, "min": 1, "max": 8, "tooltip":
                                        "Depth of the tree these keyframes start: they are (L-1)^(depth-1) frames "
-                                       "apart in the final video (sets the fps of their preview)."})},
+                                       "apart in the final video (sets the fps of their preview)."}),
+                             "guidance": _GUIDANCE},
                 "optional": {"conditioning": ("CONDITIONING", {"tooltip": _COND_TIP})}}
 
-    def generate(self, xl_model, L, steps, seed, depth, conditioning=None):
+    def generate(self, xl_model, L, steps, seed, depth, conditioning=None, guidance=1.0):
         _check_tree(L, depth)
-        prompts = conditioning_prompts(conditioning, xl_model, L, "Global Diffusion conditioning")
-        model = _load(xl_model, ("global", "vae"), sampling_memory(xl_model, "global", 1, L))
+        prompts = conditioning_prompts(conditioning, xl_model, "Global Diffusion conditioning")
+        prompts = spread_prompts(prompts, L)
+        model = _load(xl_model, ("global", "vae"), sampling_memory(xl_model, "global", 1, L, guidance=guidance))
         cb = _Sampling(model, steps)
-        keyframes = model.keyframes(prompts, L, steps, seed, callback=cb)
+        keyframes = model.keyframes(prompts, L, steps, seed, callback=cb, guidance=guidance)
         apart = float((L - 1) ** (depth - 1))
         return ({"latents": keyframes.cpu(), "L": L, "frames_apart": apart, "prompts": prompts},)
 
@@ -352,25 +380,29 @@ class NUWAXLLocalDiffusion:
                              **_common_widgets(),
                              "segments_per_batch": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip":
                                                     "Segments sampled together (0 = all at once; lower it to save "
-                                                    "memory, the result is the same)."})},
-                "optional": {"conditioning": ("CONDITIONING", {"tooltip": _COND_TIP + " Here: one per input frame."})}}
+                                                    "memory, the result is the same)."}),
+                             "guidance": _GUIDANCE},
+                "optional": {"conditioning": ("CONDITIONING", {"tooltip": _COND_TIP + " Here: spread over the output "
+                                              "frames; without it, the prompts that came with the input frames."})}}
 
-    def fill(self, xl_model, keyframes, L, steps, seed, segments_per_batch, conditioning=None):
+    def fill(self, xl_model, keyframes, L, steps, seed, segments_per_batch, conditioning=None, guidance=1.0):
         _check_tree(L, 1)
         lat = keyframes["latents"]
         k = lat.shape[0]
         if k < 2:
             raise ValueError(f"Local Diffusion needs at least 2 input frames, got {k}")
         frames = (k - 1) * (L - 1) + 1
-        prompts = conditioning_prompts(conditioning, xl_model, k, "Local Diffusion conditioning")
+        prompts = conditioning_prompts(conditioning, xl_model, "Local Diffusion conditioning")
         if prompts is None:
             prompts = keyframes.get("prompts")
             if prompts is not None and prompts.shape[0] not in (1, k):
                 prompts = None
-        prompts = spread_prompts(prompts, frames, k)
-        model = _load(xl_model, ("local", "vae"), sampling_memory(xl_model, "local", segments_per_batch or k - 1, L))
+        prompts = spread_prompts(prompts, frames)
+        need = sampling_memory(xl_model, "local", segments_per_batch or k - 1, L, guidance=guidance)
+        model = _load(xl_model, ("local", "vae"), need)
         cb = _Sampling(model, steps * _runs(k - 1, segments_per_batch))
-        out = model.fill(lat, prompts, L, steps, seed, callback=cb, max_batch=segments_per_batch or None)
+        out = model.fill(lat, prompts, L, steps, seed, callback=cb, max_batch=segments_per_batch or None,
+                         guidance=guidance)
         apart = keyframes.get("frames_apart", 1.0) / (L - 1)
         return ({"latents": out.cpu(), "L": L, "frames_apart": apart, "prompts": prompts},)
 
@@ -392,6 +424,31 @@ class NUWAXLDecode:
     def decode(self, xl_model, latents):
         model = _load(xl_model, ("vae",), vae_memory(xl_model))
         return decoded_output(model, model.decode(latents["latents"]), latents.get("frames_apart", 1.0))
+
+
+SCHEDULE_LEVELS = 3  # Coarse-to-Fine's prompt inputs: the keyframes' and levels 2..3 (deeper levels reuse the last)
+_LEVEL_TIP = ("Denser prompts for level {k} of the tree (the paper's prompts with smaller time intervals): any "
+              "number, joined with Conditioning (Combine), spread over this level's frames from the first to the "
+              "last (as many as the level's frames, (L-1)^{k} + 1: one each). Deeper levels without their own "
+              "prompts use these; leave empty to use the coarser level's.")
+
+
+def level_schedule(model, L: int, depth: int, conditioning, levels: dict, what: str):
+    """Coarse-to-Fine's prompt inputs -> the per-level prompt list of generate_long_video, or None."""
+    from nuwa_core.xl.diffusion_over_diffusion import prompt_schedule
+    given = [conditioning_prompts(conditioning, model, f"{what} conditioning")]
+    for k in range(2, SCHEDULE_LEVELS + 1):
+        c = levels.pop(f"conditioning_level_{k}", None)
+        given.append(conditioning_prompts(c, model, f"{what} conditioning_level_{k}"))
+    if levels:
+        raise TypeError(f"{what}: unexpected inputs {sorted(levels)}")
+    deepest = max((k for k, p in enumerate(given) if p is not None), default=-1)
+    if deepest < 0:
+        return None
+    if deepest >= depth:
+        raise ValueError(f"{what}: prompts were given for level {deepest + 1} (conditioning_level_{deepest + 1}) but "
+                         f"the tree has {depth} level(s) (depth {depth}); raise depth or disconnect that input")
+    return prompt_schedule(given, L, depth)
 
 
 class NUWAXLCoarseToFine:
@@ -416,19 +473,24 @@ class NUWAXLCoarseToFine:
                              "steps": w["steps"], "seed": w["seed"],
                              "segments_per_batch": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip":
                                                     "Local segments sampled together (0 = a whole level at once; "
-                                                    "lower it to save memory, the result is the same)."})},
-                "optional": {"conditioning": ("CONDITIONING", {"tooltip": _COND_TIP})}}
+                                                    "lower it to save memory, the result is the same)."}),
+                             "guidance": _GUIDANCE},
+                "optional": {"conditioning": ("CONDITIONING", {"tooltip": _COND_TIP + " These are the keyframe "
+                                              "prompts (level 1), and every level's unless a denser level below "
+                                              "is given."}),
+                             **{f"conditioning_level_{k}": ("CONDITIONING", {"tooltip": _LEVEL_TIP.format(k=k)})
+                                for k in range(2, SCHEDULE_LEVELS + 1)}}}
 
-    def generate(self, xl_model, L, depth, steps, seed, segments_per_batch, conditioning=None):
-        from nuwa_core.xl.diffusion_over_diffusion import frames_for, generate_long_video
+    def generate(self, xl_model, L, depth, steps, seed, segments_per_batch, conditioning=None, guidance=1.0,
+                 **levels):
+        from nuwa_core.xl.diffusion_over_diffusion import generate_long_video
         _check_tree(L, depth)
-        prompts = conditioning_prompts(conditioning, xl_model, L, "Coarse-to-Fine conditioning")
-        levels = prompts
-        if prompts is not None and prompts.shape[0] > 1:
-            levels = [spread_prompts(prompts, frames_for(L, k + 1), L) if k else prompts for k in range(depth)]
+        levels = level_schedule(xl_model, L, depth, conditioning, levels, "Coarse-to-Fine")
         widest = (L - 1) ** (depth - 1)  # segments of the last level, sampled together unless split
-        need = max(sampling_memory(xl_model, "global", 1, L), vae_memory(xl_model),
-                   sampling_memory(xl_model, "local", min(widest, segments_per_batch or widest), L) if depth > 1 else 0)
+        g = guidance if levels is not None else 1.0
+        need = max(sampling_memory(xl_model, "global", 1, L, guidance=g), vae_memory(xl_model),
+                   sampling_memory(xl_model, "local", min(widest, segments_per_batch or widest), L, guidance=g)
+                   if depth > 1 else 0)
         model = _load(xl_model, ("global", "local", "vae"), need)
         mb = segments_per_batch or None
         total = steps * (1 + sum(_runs((L - 1) ** k, segments_per_batch) for k in range(1, depth)))
@@ -439,7 +501,8 @@ class NUWAXLCoarseToFine:
         levels = [p.to(model.device) for p in levels] if isinstance(levels, list) else levels.to(model.device)
         with torch.no_grad():
             lat = generate_long_video(model.global_mtd, model.local_mtd, levels, L, depth,
-                                      model.latent_shape(), steps=steps, generator=gen, callback=cb, max_batch=mb)
+                                      model.latent_shape(), steps=steps, generator=gen, callback=cb, max_batch=mb,
+                                      guidance=g)
             frames = model.decode(lat)
         return (*decoded_output(model, frames, 1.0), {"latents": lat.cpu(), "L": L, "frames_apart": 1.0,
                                                       "prompts": None})

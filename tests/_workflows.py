@@ -74,6 +74,8 @@ CORE_NODES = {
                                 ("spacing_width", ("INT", {"min": 0, "max": 1024, "step": 2})),
                                 ("spacing_color", (["white", "black", "red", "green", "blue"], {}))],
                     "outputs": [("IMAGE", "IMAGE")]},
+    "ConditioningCombine": {"inputs": [("conditioning_1", "CONDITIONING"), ("conditioning_2", "CONDITIONING")],
+                            "widgets": [], "outputs": [("CONDITIONING", "CONDITIONING")]},
     "CheckpointLoaderSimple": {"inputs": [], "widgets": [("ckpt_name", ("file", {}))],
                                "outputs": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]},
 }

@@ -305,16 +305,26 @@ def test_specific_contents():
     c2f = next(k for k, n in d.items() if n["class_type"] == "NUWAXLCoarseToFine")
     save = next(n for n in d.values() if n["class_type"] == "SaveAnimatedWEBP")["inputs"]
     assert save["images"] == [c2f, 0] and save["fps"] == [c2f, 1]
-    assert "unconditional" in wf["nuwa_xl_long_video"]["extra"]["nuwa_note"]
+    # ... from a prompt schedule: two prompts of the shipped text encoder, joined, at guidance > 1
+    assert d[c2f]["inputs"]["guidance"] > 1.0
+    combine = d[d[c2f]["inputs"]["conditioning"][0]]
+    assert combine["class_type"] == "ConditioningCombine"
+    texts = [d[combine["inputs"][k][0]] for k in ("conditioning_1", "conditioning_2")]
+    assert all(t["class_type"] == "NUWATextEncode" for t in texts)
+    assert texts[0]["inputs"]["text"] != texts[1]["inputs"]["text"]
+    encoders = {d[t["inputs"]["text_encoder"][0]]["inputs"]["text_encoder_name"] for t in texts}
+    assert encoders == {"nuwa_text_scenes.safetensors"}
+    assert "prompt schedule" in wf["nuwa_xl_long_video"]["extra"]["nuwa_note"]
     # (e) NUWA-XL through stock KSamplers: keyframes with the global MODEL, then each local level
-    # In-between -> KSampler (local MODEL) -> Join Segments on the previous level's frames; cfg 1 (null prompt)
+    # In-between -> KSampler (local MODEL) -> Join Segments on the previous level's frames; prompts as positive,
+    # the model's null prompt as negative, cfg > 1 (classifier-free guidance)
     e = api["nuwa_xl_ksampler"]
     kind = {nid: n["class_type"] for nid, n in e.items()}
     loader = next(n for n in e.values() if n["class_type"] == "NUWAXLModelLoader")["inputs"]
     assert (loader["t_klvae_name"], loader["mtd_name"]) == ("t_klvae_default.safetensors", "mtd_default.safetensors")
     level = {e[nid]["inputs"]["level"]: nid for nid in kind if kind[nid] == "NUWAXLModelAsComfy"}
     ksamplers = {nid: e[nid]["inputs"] for nid in kind if kind[nid] == "KSampler"}
-    assert all(k["cfg"] == 1.0 and k["denoise"] == 1.0 for k in ksamplers.values()), ksamplers
+    assert all(k["cfg"] > 1.0 and k["denoise"] == 1.0 for k in ksamplers.values()), ksamplers
     first = [nid for nid, k in ksamplers.items() if k["model"] == [level["global"], 0]]
     assert len(first) == 1 and kind[ksamplers[first[0]]["latent_image"][0]] == "NUWAXLEmptyLatentVideo"
     empty = e[ksamplers[first[0]]["latent_image"][0]]["inputs"]
@@ -333,10 +343,16 @@ def test_specific_contents():
     assert e[decode]["inputs"]["samples"] == [frames[0], 0]
     save = next(n for n in e.values() if n["class_type"] == "SaveAnimatedWEBP")["inputs"]
     assert save["images"] == [decode, 0] and save["fps"] == [decode, 1]
-    assert "unconditional" in wf["nuwa_xl_ksampler"]["extra"]["nuwa_note"]
-    assert "cfg 1" in wf["nuwa_xl_ksampler"]["extra"]["nuwa_note"]
+    prompts = [nid for nid in kind if kind[nid] == "NUWAXLPromptsForKSampler"]
+    null = [nid for nid in prompts if "conditioning" not in e[nid]["inputs"]]
+    assert len(null) == 1 and all(k["negative"] == [null[0], 0] for k in ksamplers.values() if k["model"] ==
+                                  [level["global"], 0])
+    inbetweens = [nid for nid in kind if kind[nid] == "NUWAXLInbetweenForKSampler"]
+    assert all(e[nid]["inputs"]["negative"] == [null[0], 0] for nid in inbetweens)
+    assert all(kind[e[nid]["inputs"]["conditioning"][0]] == "ConditioningCombine" for nid in prompts if nid not in null)
+    assert "null prompt" in wf["nuwa_xl_ksampler"]["extra"]["nuwa_note"]
     notes = [n for n in wf["nuwa_xl_ksampler"]["nodes"] if n["type"] in VIRTUAL_NODES]
-    assert notes and "unconditional" in notes[0]["widgets_values"][0]
+    assert notes and "null prompt" in notes[0]["widgets_values"][0]
     assert len(wf["nuwa_xl_ksampler"]["groups"]) >= 4
 
 

@@ -37,8 +37,12 @@ def test_empty_latent_and_prompts(pack, models_dir):
     (per,) = node(pack, "NUWAXLPromptsForKSampler")(text, 3, cond)
     assert per[0][1]["nuwa_xl_frame_context"].shape == (1, 3, 4, 8)
     assert torch.equal(per[0][1]["nuwa_xl_frame_context"][0, 2], cond[2][0][0])
-    with pytest.raises(ValueError, match="give 1 .* or 3"):
-        node(pack, "NUWAXLPromptsForKSampler")(text, 3, xl_cond(2))
+    two = xl_cond(2)  # 2 prompts over 3 frames: the first half, then the second
+    (spread,) = node(pack, "NUWAXLPromptsForKSampler")(text, 3, two)
+    ctx = spread[0][1]["nuwa_xl_frame_context"][0]
+    assert torch.equal(ctx[0], two[0][0][0]) and torch.equal(ctx[1], two[1][0][0])
+    with pytest.raises(ValueError, match="unconditional"):
+        node(pack, "NUWAXLPromptsForKSampler")(model, 3, xl_cond(1))
 
 
 def test_inbetween_and_join_keep_the_given_frames(pack, models_dir):
@@ -56,6 +60,14 @@ def test_inbetween_and_join_keep_the_given_frames(pack, models_dir):
     src = per[0][1]["nuwa_xl_frame_context"][0]
     assert torch.equal(ctx[0, 0], src[0]) and torch.equal(ctx[0, 4], src[1]) and torch.equal(ctx[1, 4], src[2])
     assert "nuwa_xl_given" not in per[0][1]  # inputs are not mutated
+    # denser prompts: one per output frame of the level (9), each segment slot its own
+    dense = xl_cond(9)
+    (per9,) = node(pack, "NUWAXLPromptsForKSampler")(text, 9, dense)
+    ctx9 = node(pack, "NUWAXLInbetweenForKSampler")(per9, per9, frames, 5)[0][0][1]["nuwa_xl_frame_context"]
+    assert torch.equal(ctx9[0, 2], dense[2][0][0]) and torch.equal(ctx9[1, 1], dense[5][0][0])
+    (per4,) = node(pack, "NUWAXLPromptsForKSampler")(text, 4, xl_cond(4))
+    with pytest.raises(ValueError, match="prompts are for 4 frames .* 3 input and 9 output"):
+        node(pack, "NUWAXLInbetweenForKSampler")(per4, per4, frames, 5)
     sampled = {**lat, "samples": torch.randn(2, 4, 5, 8, 8)}
     (video,) = node(pack, "NUWAXLJoinSegments")(sampled, frames)
     v = video["samples"]

@@ -50,9 +50,11 @@ def test_coarse_to_fine_makes_the_whole_tree(pack, models_dir):
     assert latents["latents"].shape[0] == 9
     again, _, _ = node(pack, "NUWAXLCoarseToFine")(model, 3, 3, 2, 7, 2)  # 2 segments per batch: same video
     assert torch.allclose(again, images, atol=1e-5)
-    # unconditional model: a conditioning of any width is ignored
-    ignored, _, _ = node(pack, "NUWAXLCoarseToFine")(model, 3, 3, 2, 7, 0, xl_cond(1, width=768))
-    assert torch.equal(ignored, images)
+    # unconditional model: a prompt is an error that says so, guidance without prompts changes nothing
+    with pytest.raises(ValueError, match="mtd.safetensors is unconditional .* disconnect the conditioning"):
+        node(pack, "NUWAXLCoarseToFine")(model, 3, 3, 2, 7, 0, xl_cond(1, width=768))
+    guided, _, _ = node(pack, "NUWAXLCoarseToFine")(model, 3, 3, 2, 7, 0, None, 3.0)
+    assert torch.equal(guided, images)
 
 
 def test_global_local_decode_chain_equals_the_tree(pack, models_dir):
@@ -77,15 +79,17 @@ def test_bad_inputs_give_clear_errors(pack, models_dir):
         c2f(model, 2, 2, 2, 0, 0)
     with pytest.raises(ValueError, match="depth must be at least 1"):
         c2f(model, 3, 0, 2, 0, 0)
-    with pytest.raises(ValueError, match="got 2 prompts; give 1 .* or 3"):
-        c2f(model, 3, 2, 2, 0, 0, xl_cond(2))
-    with pytest.raises(ValueError, match="768 wide but this MTD model takes 8-wide"):
+    with pytest.raises(ValueError, match="768 wide .from a CLIP Text Encode.* but mtd_text.safetensors takes 8-wide"):
         c2f(model, 3, 2, 2, 0, 0, xl_cond(1, width=768))
+    wrong = [[torch.randn(1, 4, 16), {"nuwa_text_encoder": "other_text"}]]
+    with pytest.raises(ValueError, match="16 wide .from the text encoder other_text. but mtd_text.safetensors takes "
+                                         "8-wide"):
+        c2f(model, 3, 2, 2, 0, 0, wrong)
+    with pytest.raises(ValueError, match="level 3 .conditioning_level_3. but the tree has 2"):
+        c2f(model, 3, 2, 2, 0, 0, None, 1.0, conditioning_level_3=xl_cond(2))
     with pytest.raises(ValueError, match="CLIP Text Encode"):
         c2f(model, 3, 2, 2, 0, 0, "a cat")
     (keys,) = node(pack, "NUWAXLGlobalDiffusion")(model, 3, 1, 0, 2)
-    with pytest.raises(ValueError, match="give 1 .* or 3"):
-        node(pack, "NUWAXLLocalDiffusion")(model, keys, 3, 1, 0, 0, xl_cond(2))
     with pytest.raises(ValueError, match="at least 2 input frames"):
         node(pack, "NUWAXLLocalDiffusion")(model, {"latents": keys["latents"][:1]}, 3, 1, 0, 0)
     with pytest.raises(ValueError, match="at least 3"):

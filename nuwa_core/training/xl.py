@@ -7,9 +7,18 @@ call and `depth` levels): level k of the tree has its frames (L-1)^(depth-1-k) v
 - level k >= 1 (local): L frames at that level's stride, the first and last given (mask 1 there),
   as fill_between passes them.
 `--role global|local|both` picks the levels one model learns (both: one model serves the whole tree).
-Prompts are per-frame text embeddings from `--text-embeddings FILE` ([video frames, n, d], one video),
-dropped to the null context (zeros) with probability `--text-drop`; without them the model is
-unconditional and always sees the zero context. Loss: diffusion.training_loss (eps MSE, eq. 5).
+Prompts come from one of two sources, dropped to the null context (zeros, the null prompt of
+classifier-free guidance at sampling) with probability `--text-drop`:
+- `--text-encoder FILE`: captions beside the videos, encoded once, up front, through the pack's text
+  path (nuwa_core.text_encoder: the pack's own word-level encoder or a CLIP-L file). Each video file
+  or frame folder NAME has NAME.txt beside it with one `FRAME: caption` line where a caption starts
+  (frames of the source video, counted from 0, before --frame-step; the first line at frame 0); a
+  frame takes the caption of the last line at or before it. One line without `FRAME:` captions the
+  whole video. The model's file records the encoder (name, width), which the nodes check prompts
+  against.
+- `--text-embeddings FILE`: per-frame embeddings [video frames, n, d] of one video.
+Without either the model is unconditional and always sees the zero context. Loss:
+diffusion.training_loss (eps MSE, eq. 5).
 
 Latents are precomputed once with the frozen T-KLVAE (posterior mean x its latent_scale). All random
 choices (clip, level, timestep, noise) come from one data generator, so `--resume` continues exactly.
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +39,7 @@ from ..xl.diffusion_over_diffusion import _check_tree
 from ..xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
 from ..xl.model import XLModel, contact_sheet, load_mtd_xl, save_mtd_xl, save_png
 from ..xl.t_klvae import TKLVAE, TKLVAEConfig, load_t_klvae
-from .data import load_videos, parse_size, to_model
+from .data import list_video_sources, load_videos, parse_size, to_model
 from .loop import Dist, Run, TrainingError, dtype_named, set_lr
 
 DEFAULT_LR = 2e-4
@@ -78,6 +88,96 @@ def load_text_embeddings(path: str | None, frames: int) -> torch.Tensor | None:
     return emb.float()
 
 
+CAPTION_LINE = re.compile(r"^\s*(\d+)\s*:\s*(.*?)\s*$")
+ENCODE_BATCH = 32
+
+
+def caption_file(source: Path) -> Path:
+    """Where a video's captions are: NAME.txt beside the video file NAME.ext or the frame folder NAME."""
+    return source.parent / f"{source.name}.txt" if source.is_dir() else source.with_suffix(".txt")
+
+
+def parse_captions(path: Path) -> list[tuple[int, str]]:
+    """A caption file -> [(first source frame, caption)], starting at frame 0, frames increasing."""
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        raise TrainingError(f"captions {path} are empty: write one `FRAME: caption` line where each caption "
+                            f"starts (the first at frame 0), e.g. `0: a blue sky over the sea`")
+    if len(lines) == 1 and not CAPTION_LINE.match(lines[0][1]):
+        return [(0, lines[0][1])]
+    out: list[tuple[int, str]] = []
+    for n, line in lines:
+        m = CAPTION_LINE.match(line)
+        if m is None or not m.group(2):
+            raise TrainingError(f"captions {path}, line {n}: {line!r} is not `FRAME: caption` (a frame number of "
+                                f"the video from 0, a colon, the caption), e.g. `120: a grey sky over the sea`")
+        frame = int(m.group(1))
+        if out and frame <= out[-1][0]:
+            raise TrainingError(f"captions {path}, line {n}: frame {frame} comes after frame {out[-1][0]}; the "
+                                f"lines must go forward in the video")
+        out.append((frame, m.group(2)))
+    if out[0][0] != 0:
+        raise TrainingError(f"captions {path}: frames 0..{out[0][0] - 1} have no caption (the first line starts "
+                            f"at frame {out[0][0]}); start the first line at frame 0")
+    return out
+
+
+def frame_captions(source: Path, frames: int, frame_step: int = 1) -> list[str]:
+    """The caption of each of the `frames` frames read from `source` (every frame_step-th source frame)."""
+    path = caption_file(source)
+    if not path.is_file():
+        raise TrainingError(f"--text-encoder: no captions for the video {source.name}: expected {path.name} beside "
+                            f"it, with one `FRAME: caption` line where each caption starts (e.g. `0: a blue sky "
+                            f"over the sea`)")
+    spans = parse_captions(path)
+    out, k = [], 0
+    for i in range(frames):
+        while k + 1 < len(spans) and spans[k + 1][0] <= i * frame_step:
+            k += 1
+        out.append(spans[k][1])
+    return out
+
+
+def encode_captions(encoder, captions: list[list[str]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-frame captions of every video -> (embeddings of each distinct caption [U, n, d] (encoded
+    once), each video's caption index per frame [F] (long))."""
+    unique = sorted({c for video in captions for c in video})
+    unknown = getattr(encoder, "unknown_words", None)
+    if unknown is not None:
+        bad = {c: unknown(c) for c in unique if unknown(c)}
+        if bad:
+            caption, words = next(iter(bad.items()))
+            raise TrainingError(f"--text-encoder {encoder.name} does not know the words {words} of the caption "
+                                f"{caption!r} ({len(bad)} caption(s) with unknown words); use its vocabulary or "
+                                f"another text encoder")
+    table = torch.cat([encoder.encode(unique[s:s + ENCODE_BATCH]).float().cpu()
+                       for s in range(0, len(unique), ENCODE_BATCH)])
+    index = {c: n for n, c in enumerate(unique)}
+    return table, [torch.tensor([index[c] for c in video], dtype=torch.long) for video in captions]
+
+
+def checkpoint_sha256(path) -> str:
+    """The file's sha256: which version of a text encoder file the model was trained with."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_caption_text(args, videos: list[torch.Tensor], kept: list[int]):
+    """--text-encoder: every loaded video's per-frame captions, encoded -> ((table, ids), encoder info).
+    kept: the list_video_sources index of each loaded video."""
+    from ..text_encoder import describe, load_text_encoder
+    sources = list_video_sources(args.videos)
+    captions = [frame_captions(sources[n], v.shape[0], args.frame_step) for n, v in zip(kept, videos)]
+    encoder = load_text_encoder(args.text_encoder)
+    info = {**describe(encoder), "sha256": checkpoint_sha256(args.text_encoder)}
+    return encode_captions(encoder, captions), info
+
+
 @torch.no_grad()
 def encode_videos(vae: TKLVAE, videos: list[torch.Tensor], chunk: int, device) -> list[torch.Tensor]:
     """uint8 videos -> diffusion latents (posterior mean x latent_scale) [F, c, h, w], chunk frames at a time."""
@@ -92,7 +192,12 @@ def encode_videos(vae: TKLVAE, videos: list[torch.Tensor], chunk: int, device) -
 def xl_batch(latents: list[torch.Tensor], n: int, L: int, depth: int, levels: list[int], gen: torch.Generator,
              text: torch.Tensor | None = None, text_drop: float = 0.0, context_dim: int = 0,
              time_reverse: bool = False):
-    """One training batch: x0 [n, L, c, h, w], context [n, L, m, d], cond [n, L, c, h, w], mask [n, L], levels [n]."""
+    """One training batch: x0 [n, L, c, h, w], context [n, L, m, d], cond [n, L, c, h, w], mask [n, L], levels [n].
+
+    text: None (zero context), per-frame embeddings [F, m, d] of one video, or (embeddings [U, m, d],
+    each video's embedding index per frame [F])."""
+    if isinstance(text, torch.Tensor):
+        text = (text, [torch.arange(text.shape[0])])
     xs, ctxs, conds, masks, lv = [], [], [], [], []
     for _ in range(n):
         level = levels[int(torch.randint(len(levels), (1,), generator=gen))]
@@ -114,7 +219,7 @@ def xl_batch(latents: list[torch.Tensor], n: int, L: int, depth: int, levels: li
             cond[0], cond[-1] = x0[0], x0[-1]
             mask[0] = mask[-1] = 1.0
         if text is not None:
-            ctx = text[idx]
+            ctx = text[0][text[1][vi][idx]]
             if text_drop and bool(torch.rand((), generator=gen) < text_drop):
                 ctx = torch.zeros_like(ctx)
         else:
@@ -128,6 +233,7 @@ def xl_config_dict(args, mcfg: MTDConfig, vae_cfg: TKLVAEConfig) -> dict:
             "vae_latent_scale": vae_cfg.latent_scale, "size": args.size, "frame_step": args.frame_step,
             "L": args.L, "depth": args.depth, "role": args.role, "batch": args.batch, "lr": args.lr,
             "seed": args.seed, "text_embeddings": Path(args.text_embeddings).name if args.text_embeddings else "",
+            "text_encoder": Path(args.text_encoder).name if args.text_encoder else "",
             "text_drop": args.text_drop, "time_reverse": args.time_reverse,
             "world": int(os.environ.get("WORLD_SIZE", "1")), "model": dataclasses.asdict(mcfg)}
 
@@ -145,11 +251,22 @@ def train_xl(args) -> dict:
     if size[0] % f or size[1] % f:
         raise TrainingError(f"--size {args.size}: width and height must be multiples of the T-KLVAE's "
                             f"downsampling factor {f}")
-    videos, fps = load_videos(args.videos, size, args.frame_step, args.max_frames, 1)
-    text = load_text_embeddings(args.text_embeddings, videos[0].shape[0]) if args.text_embeddings else None
-    if text is not None and len(videos) != 1:
-        raise TrainingError("--text-embeddings: per-frame embeddings are supported for one video only")
-    context_dim = text.shape[-1] if text is not None else args.context_dim
+    if args.text_embeddings and args.text_encoder:
+        raise TrainingError("give --text-embeddings (precomputed) or --text-encoder (captions beside the videos), "
+                            "not both")
+    kept: list[int] = []
+    videos, fps = load_videos(args.videos, size, args.frame_step, args.max_frames, 1, kept=kept)
+    text, encoder_info, source = None, None, ""
+    if args.text_embeddings:
+        if len(videos) != 1:
+            raise TrainingError("--text-embeddings: per-frame embeddings are supported for one video only; "
+                                "captions for several videos go through --text-encoder")
+        emb = load_text_embeddings(args.text_embeddings, videos[0].shape[0])
+        text, source = (emb, [torch.arange(emb.shape[0])]), f"--text-embeddings {Path(args.text_embeddings).name}"
+    elif args.text_encoder:
+        text, encoder_info = load_caption_text(args, videos, kept)
+        source = f"the text encoder {encoder_info['name']} (--text-encoder)"
+    context_dim = text[0].shape[-1] if text is not None else args.context_dim
     if args.init:
         model, _ = load_mtd_xl(args.init)
         model = model.float()
@@ -157,7 +274,8 @@ def train_xl(args) -> dict:
         model = MaskTemporalDiffusion(mtd_preset(args.preset, vae.config.z_channels, context_dim))
     mcfg = model.config
     if mcfg.context_dim != context_dim and text is not None:
-        raise TrainingError(f"--text-embeddings are {context_dim} wide but the model takes {mcfg.context_dim}")
+        raise TrainingError(f"the prompts are {context_dim} wide ({source}) but the --init model takes "
+                            f"{mcfg.context_dim}-wide prompts; start a new model or use a matching text encoder")
     context_dim = mcfg.context_dim
     lh, lw = size[1] // f, size[0] // f
     if lh % mcfg.downsample_factor or lw % mcfg.downsample_factor:
@@ -171,6 +289,8 @@ def train_xl(args) -> dict:
     info = {"role": args.role, "L": args.L, "depth": args.depth, "prompts": "text" if text is not None else "none",
             "fps": fps, "width": size[0], "height": size[1], "latent_shape": [mcfg.latent_channels, lh, lw],
             "vae": Path(args.vae).name}
+    if encoder_info is not None:
+        info["text_encoder"] = encoder_info
     step = int(run.resume()["step"]) if args.resume else 0
     ddp = dist.wrap(model)
 
@@ -213,7 +333,11 @@ def add_arguments(p) -> None:
                    help="global: keyframes only; local: in-filling levels; both: one model for the whole tree")
     p.add_argument("--text-embeddings", default=None, help="per-frame prompt embeddings [frames, n, d] "
                    "(.safetensors with 'embeddings' or .pt); without: unconditional (zero context)")
-    p.add_argument("--text-drop", type=float, default=0.1, help="probability of the null (zero) context")
+    p.add_argument("--text-encoder", default=None, help="read every video's captions (NAME.txt beside the video "
+                   "or frame folder NAME: `FRAME: caption` lines) and encode them once with this text encoder "
+                   "(the pack's own, or a CLIP-L file)")
+    p.add_argument("--text-drop", type=float, default=0.1, help="probability of the null (zero) context (the null "
+                   "prompt classifier-free guidance samples against)")
     p.add_argument("--context-dim", type=int, default=32, help="prompt width of an unconditional model")
     p.add_argument("--time-reverse", action="store_true", help="random time reversal of clips")
     p.add_argument("--encode-chunk", type=int, default=16, help="frames per T-KLVAE encode call")

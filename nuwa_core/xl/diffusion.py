@@ -5,7 +5,8 @@ Samplers are plain functions with one signature (k-diffusion style):
     sampler(model_fn, x_T, steps, *, alphas_cumprod=None, generator=None, callback=None) -> x_0
 
 `model_fn(x, t)` predicts the noise eps of `x` at float timesteps `t` [B] in [0, 999] (what
-ComfyUI passes too); conditions are bound into `model_fn` by the caller. `generator` is a CPU
+ComfyUI passes too); conditions are bound into `model_fn` by the caller. Classifier-free guidance
+is such a binding too (`guided`): the samplers do not know about it. `generator` is a CPU
 generator: every random draw here is made on the CPU and then moved to the latents' device (as
 ComfyUI makes its noise), so a seed gives the same noise on every device. `callback(info)` runs once
 per step with {"i", "total", "t", "x", "denoised"}; returning True cancels (SamplingCancelled).
@@ -65,6 +66,27 @@ def training_loss(model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generato
     noise = cpu_randn(x0.shape, generator, x0.device, x0.dtype)
     x_t = q_sample(x0, t, noise, ac)
     return F.mse_loss(model_fn(x_t, t.to(x0.dtype)), noise)
+
+
+def guided(model, conditions: tuple, null_conditions: tuple, guidance: float) -> ModelFn:
+    """Classifier-free guidance as a plain model_fn: eps = eps_null + guidance * (eps_cond - eps_null).
+
+    `model(x, t, *conditions)`; `conditions` and `null_conditions` are per-sample tensors of the
+    same shapes (the null prompt is what the training's text drop feeds: zeros). Both passes run as
+    one batch of 2B. guidance 1 is the conditional model alone (one pass); 0 the unconditional one.
+    """
+    if guidance == 1.0:
+        return lambda x, t: model(x, t, *conditions)
+    for c, n in zip(conditions, null_conditions):
+        if c is not None and tuple(c.shape) != tuple(n.shape):
+            raise ValueError(f"guidance: a null condition must have its condition's shape, got {tuple(n.shape)} "
+                             f"for {tuple(c.shape)}")
+    both = tuple(None if c is None else torch.cat([c, n]) for c, n in zip(conditions, null_conditions))
+
+    def fn(x, t):
+        eps_cond, eps_null = model(torch.cat([x, x]), torch.cat([t, t]), *both).chunk(2)
+        return eps_null + guidance * (eps_cond - eps_null)
+    return fn
 
 
 def timesteps_for(steps: int, num_timesteps: int = NUM_TIMESTEPS) -> list[int]:

