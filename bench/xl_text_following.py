@@ -17,6 +17,9 @@ Rows, all computed in this run with the same classifiers:
   prompt, guidance 1 / G          the model, from the video's own prompt
   shuffled prompt                 videos made from the prompts shuffled among them (guidance G), scored
                                   against the label the video was meant to get: must fall to chance
+  schedule: ground A then B       a prompt schedule of two prompts (blue sky over ground A, then over
+                                  ground B, every ordered pair A != B): each frame scored against the
+                                  ground of its half of the video
 
 Goal: ground accuracy ("decoded" centroids) >= 0.8 from the prompt (guidance G), chance <= 0.34. Also time and peak memory
 (RSS above the loaded model, and the pack's working-memory estimate of the widest level) per video with
@@ -46,6 +49,7 @@ from _xl_pans import scene_frames
 from nuwa_core.evaluation.metrics import EFFLITE0_PACKAGES, efflite0_available, efflite0_block_features
 from nuwa_core.memory import mtd_working_bytes
 from nuwa_core.text_encoder import load_text_encoder
+from nuwa_core.xl.diffusion_over_diffusion import prompt_schedule, spread_prompts
 from nuwa_core.xl.model import XLModel
 
 XL = ROOT / "models" / "nuwa_xl"
@@ -195,6 +199,20 @@ def main() -> None:
     run(f"prompt, guidance {args.guidance:g}", args.guidance, lambda k: k)
     run(f"shuffled prompt, guidance {args.guidance:g}", args.guidance, lambda k: shuffled[k])
 
+    # a prompt schedule: one ground for the first half of the video, another for the second (sky blue)
+    hits, n, frames_n = {}, 0, (L - 1) ** args.depth + 1
+    halves = spread_prompts(torch.arange(2)[:, None, None], frames_n).flatten().tolist()  # each frame's half
+    pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
+    for a, b in pairs:
+        keys = encoder.encode([f"{SKY_NAMES[0]} over {GROUND_NAMES[a]}", f"{SKY_NAMES[0]} over {GROUND_NAMES[b]}"])
+        for seed in range(args.seeds):
+            video = _to_image(model.generate(L=L, depth=args.depth, steps=args.steps, seed=seed, guidance=args.guidance,
+                                             prompts=prompt_schedule([keys], L, args.depth)))
+            for key, v in clf.hits(video, {"ground": [(a, b)[h] for h in halves]}).items():
+                hits[key] = hits.get(key, 0) + v
+            n += video.shape[0]
+    score(f"schedule: ground A then B, guidance {args.guidance:g}", hits, n, len(pairs) * args.seeds)
+
     memory = {}
     ctx = text[next(iter(text))]
     for g in (1.0, args.guidance):
@@ -212,8 +230,8 @@ def main() -> None:
     cols = ("ground_decoded", "ground_real", "sky_decoded", "sky_real")
     print(f"{'row':34s} " + " ".join(f"{c:>14s}" for c in cols) + f" {'s/video':>8s}", file=sys.stderr)
     for name, r in rows.items():
-        print(f"{name:34s} " + " ".join(f"{r[c]:14.3f}" for c in cols) + f" {timing.get(name, 0):8.2f}",
-              file=sys.stderr)
+        print(f"{name:34s} " + " ".join(f"{r[c]:14.3f}" if c in r else f"{'-':>14s}" for c in cols)
+              + f" {timing.get(name, 0):8.2f}", file=sys.stderr)
     guided = rows[f"prompt, guidance {args.guidance:g}"]["ground_decoded"]
     chance = rows[f"shuffled prompt, guidance {args.guidance:g}"]["ground_decoded"]
     print(json.dumps({
