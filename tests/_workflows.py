@@ -15,10 +15,11 @@ API_DIR = Path(__file__).resolve().parent / "workflows" / "shipped"
 DEFAULT_MODEL = "nuwa_infinity_default.safetensors"  # the panorama model
 PAINTING_MODEL = "nuwa_infinity_starry_night.safetensors"
 VIDEO_MODEL = "nuwa_infinity_plaza.safetensors"  # image animation; its PG-VQGAN is models/nuwa/pgvqgan/pgvqgan_plaza
-SHIPPED_MODELS = (DEFAULT_MODEL, PAINTING_MODEL, VIDEO_MODEL)
+TEXT_MODEL = "nuwa_infinity_scenes.safetensors"  # text to image; its text encoder is models/nuwa/text_encoders/
+SHIPPED_MODELS = (DEFAULT_MODEL, PAINTING_MODEL, VIDEO_MODEL, TEXT_MODEL)
 # templates that run on first open in a fresh ComfyUI on a shipped model: (model, image or None). The images ship in
 # models/nuwa/; the pack copies them into ComfyUI's input folder when ComfyUI loads it (nodes/_comfy.py
-# copy_example_inputs). text_to_image_wide needs a text-conditioned model that is not shipped (its note says so).
+# copy_example_inputs).
 # TRAINED: the template trains its model on its image (NUWA Train One-Shot) instead of loading one; the two
 # one-shot templates train the same model under the same name, so a second one loads what the first trained.
 TRAINED = "trained by the template"
@@ -27,7 +28,8 @@ SHIPPED_RUNS = {"outpaint_spiral": (PAINTING_MODEL, "nuwa_infinity_starry_night.
                 "grow_canvas_across_runs": (PAINTING_MODEL, "nuwa_infinity_starry_night.jpg"),
                 "outpaint_your_own_painting": (TRAINED, "nuwa_infinity_starry_night.jpg"),
                 "seamless_texture": (TRAINED, "nuwa_infinity_starry_night.jpg"),
-                "image_animation": (VIDEO_MODEL, "nuwa_infinity_plaza.jpg")}
+                "image_animation": (VIDEO_MODEL, "nuwa_infinity_plaza.jpg"),
+                "text_to_image_wide": (TEXT_MODEL, None)}
 SHIPPED_IMAGES = tuple(image for _, image in SHIPPED_RUNS.values() if image)
 EXPECTED = ("outpaint_spiral", "infinite_panorama", "grow_canvas_across_runs", "text_to_image_wide",
             "nuwa_xl_long_video", "nuwa_xl_ksampler", "outpaint_your_own_painting", "seamless_texture",
@@ -38,7 +40,7 @@ XL_WORKFLOWS = ("nuwa_xl_long_video", "nuwa_xl_ksampler")
 # every template is one or the other: the runnable ones are queued from the real frontend in a fresh ComfyUI by the
 # real-server test; a template that cannot run on the shipped models starts its note with NOT_RUNNABLE_NOTE
 RUNNABLE = (*SHIPPED_RUNS, *XL_WORKFLOWS)
-NOT_RUNNABLE = ("text_to_image_wide",)
+NOT_RUNNABLE: tuple[str, ...] = ()
 NOT_RUNNABLE_NOTE = "DOES NOT RUN ON THE SHIPPED MODELS"
 # the stock KSampler's sampler and scheduler names a shipped workflow may use (the real-server test checks that the
 # live server offers them)

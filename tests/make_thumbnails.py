@@ -15,8 +15,8 @@ workflow's own seed, so a rerun on the same model gives the same pictures (a few
 
 Thumbnails: the saved image scaled to 512 px wide; a panorama wider than 8:1 is cut into strips
 of 4:1 stacked with 6 px dark gaps; a saved video (SaveAnimatedWEBP, stood in for: its frames are
-taken as they are) is 5 frames from its first to its last in a row. JPEG quality 85. Only the workflows that run on the shipped
-default model are made this way (text_to_image_wide needs a text model and has no maker). The
+taken as they are) is 5 frames from its first to its last in a row. JPEG quality 85. The workflows that run on the shipped
+NUWA-Infinity models are made this way (SHIPPED_RUNS, text_to_image_wide on the text model included). The
 one-shot templates (outpaint_your_own_painting, seamless_texture) first train their model (their
 Train One-Shot's 10 minutes; the second loads what the first trained), into a temporary model folder
 (NUWA_MODELS_DIR), never into the pack's models/nuwa.

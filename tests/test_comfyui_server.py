@@ -338,7 +338,7 @@ def test_shipped_workflow_runs(shipped_server, frontend_runs, name):
     """The shipped NUWA-Infinity templates run on the shipped models (outpaint_spiral and grow_canvas_across_runs
     on the painting model and its image) and make what they say: checked on the frontend's run of the template,
     or a run of its API copy without a browser.
-    (text_to_image_wide needs a text-conditioned model and a CLIP checkpoint: never run here.)"""
+    text_to_image_wide runs on the shipped text model and its text encoder."""
     from PIL import Image
     server = shipped_server
     prompt, types, outputs = _template_run(server, frontend_runs, name)

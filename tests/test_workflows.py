@@ -293,11 +293,14 @@ def test_specific_contents():
     empty = next(n for n in b.values() if n["class_type"] == "NUWAEmptyCanvas")["inputs"]
     assert empty["width"] >= 8 * empty["height"], empty
     assert {"SaveImage", "NUWACanvasSave"} <= {n["class_type"] for n in b.values()}
-    # (c) text: a stock CLIP Text Encode feeds the renderer's conditioning
+    # (c) text: NUWA Text Encode with the shipped text encoder feeds the renderer's conditioning, at 4:1
     c = api["text_to_image_wide"]
     renderer = next(n for n in c.values() if n["class_type"] == "NUWAPatchRenderer")["inputs"]
-    assert c[renderer["conditioning"][0]]["class_type"] == "CLIPTextEncode"
-    assert "text-conditioned" in wf["text_to_image_wide"]["extra"]["nuwa_note"]
+    encode = c[renderer["conditioning"][0]]
+    assert encode["class_type"] == "NUWATextEncode" and encode["inputs"]["text"].strip()
+    assert c[encode["inputs"]["text_encoder"][0]]["inputs"]["text_encoder_name"] == "nuwa_text_scenes.safetensors"
+    empty = next(n for n in c.values() if n["class_type"] == "NUWAEmptyCanvas")["inputs"]
+    assert empty["width"] == 4 * empty["height"], empty
     # (d) NUWA-XL: the shipped default XL model, the whole tree, saved as an animation at the model's fps
     d = api["nuwa_xl_long_video"]
     xl_loader = next(n for n in d.values() if n["class_type"] == "NUWAXLModelLoader")["inputs"]
@@ -373,8 +376,6 @@ def test_every_template_runs_on_the_shipped_models_or_says_it_does_not():
         else:
             assert path.stem in RUNNABLE, f"{path.name}: neither in RUNNABLE nor in NOT_RUNNABLE (tests/_workflows.py)"
             assert not says_not, path.name
-    note = json.loads((UI_DIR / "text_to_image_wide.json").read_text())["extra"]["nuwa_note"]
-    assert "text-conditioned" in note and "none ships" in note, note
 
 
 def test_templates_load_only_images_the_pack_ships():

