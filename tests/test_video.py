@@ -232,3 +232,24 @@ def test_one_shot_on_a_video_writes_a_video_model_and_its_pgvqgan(tmp_path, monk
     with pytest.raises(TrainingError, match="trim the video instead"):
         one_shot.train_one_shot(torch.zeros(5, 3, 128, 128), tmp_path / "m.safetensors",
                                 keep_out=torch.ones(128, 128))
+
+
+def test_text_to_video_reads_captions_through_a_text_encoder(tmp_path, tokenizer):
+    """T2V uses the same text path as text to image: a video's same-name .txt through --text-encoder, whose
+    name the bundle records; a video without its caption is named."""
+    from nuwa_core.text_encoder import WordTextConfig, WordTextEncoder
+    videos = tmp_path / "videos"
+    write_frames(videos / "left", shift=3)
+    write_frames(videos / "right", shift=-3)
+    (videos / "left.txt").write_text("the scene moves left", encoding="utf-8")
+    (videos / "right.txt").write_text("the scene moves right", encoding="utf-8")
+    torch.manual_seed(0)
+    WordTextEncoder(WordTextConfig(vocab=("the", "scene", "moves", "left", "right"), width=8, heads=2)).save(
+        tmp_path / "words.safetensors")
+    out = tmp_path / "t2v.safetensors"
+    train.main(video_args(videos, tokenizer, out, "--text-encoder", str(tmp_path / "words.safetensors")))
+    model = NuwaInfinity.load(out)
+    assert model.text_encoder == {"name": "words", "width": 8} and model.renderer.config.text_dim == 8
+    (videos / "right.txt").unlink()
+    with pytest.raises(TrainingError, match=r"--text-encoder: no caption .*right"):
+        train.main(video_args(videos, tokenizer, out, "--text-encoder", str(tmp_path / "words.safetensors")))
