@@ -82,4 +82,4 @@ def test_the_server_serves_the_nodes_through_the_v3_api_with_their_display_names
     assert info["input_order"]["required"] == ["e_w", "e_h", "e_f"]
     planner = comfyui_server.get("/object_info/NUWADirectionPlanner")["NUWADirectionPlanner"]
     assert planner["input"]["required"]["anchor"][0][:2] == ["center", "top_left"]  # a combo's type is its choices
-    assert planner["input_order"]["optional"] == ["mask", "units", "feather", "wrap"]
+    assert planner["input_order"]["optional"] == ["mask", "units", "feather", "wrap", "frames_to_add"]
