@@ -62,9 +62,10 @@ def check_prompt_fits(cond: torch.Tensor, extra: dict, model) -> None:
     if width != trained:
         raise ValueError(f"the prompt is {width} wide (from {source}) but this model reads {trained}-wide prompts"
                          f"{with_encoder}; encode the prompt with the encoder the model was trained with")
-    if made_by and encoder and made_by != encoder:
-        raise ValueError(f"the prompt comes from NUWA Text Encode with {made_by}, but this model was trained with "
-                         f"{encoder}: load {encoder} in NUWA Text Encoder Loader")
+    from nuwa_core.text_encoder import different_file
+    why = different_file({"name": made_by, "sha256": extra.get("nuwa_text_encoder_sha256")}, model.text_encoder)
+    if why:
+        raise ValueError(f"NUWA Patch Renderer: {why}")
 
 
 def extension_for_target(current: int, target_px: int, patch_px: int, anchor_first: float) -> tuple[int, int]:

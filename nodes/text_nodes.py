@@ -58,7 +58,7 @@ class NUWATextEncode:
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("conditioning",)
-    OUTPUT_TOOLTIPS = ("[[features [1, tokens, width], {'nuwa_text_encoder': name}]]",)
+    OUTPUT_TOOLTIPS = ("[[features [1, tokens, width], {'nuwa_text_encoder': name, 'nuwa_text_encoder_sha256': ...}]]",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -78,7 +78,10 @@ class NUWATextEncode:
             _comfy.log.warning("NUWA Text Encode: %s does not know %s (read as unknown); it knows: %s",
                                text_encoder.name, ", ".join(repr(w) for w in unknown), vocab)
         features = text_encoder.encode([text]).to(_comfy.intermediate_device())
-        return ([[features, {"nuwa_text_encoder": text_encoder.name}]],)
+        tags = {"nuwa_text_encoder": text_encoder.name}
+        if getattr(text_encoder, "sha256", None):
+            tags["nuwa_text_encoder_sha256"] = text_encoder.sha256
+        return ([[features, tags]],)
 
 
 NODE_CLASS_MAPPINGS = {"NUWATextEncoderLoader": NUWATextEncoderLoader, "NUWATextEncode": NUWATextEncode}

@@ -134,18 +134,22 @@ def conditioning_prompts(conditioning, model, what: str) -> torch.Tensor | None:
                              f"entries hold a tensor [batch, tokens, width]; got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
         prompts += list(t.float())
-        sources += [options.get(TEXT_ENCODER_KEY)] * t.shape[0]
+        sources += [(options.get(TEXT_ENCODER_KEY), options.get(TEXT_ENCODER_KEY + "_sha256"))] * t.shape[0]
     if not model.takes_prompts:
         raise ValueError(f"{what}: {_model_name(model)} is unconditional (trained without prompts) and cannot follow "
                          f"a prompt; disconnect the conditioning, or load a prompted MTD (one trained with "
                          f"captions, e.g. the shipped mtd_default.safetensors)")
+    from nuwa_core.text_encoder import different_file
     expected = model.text_encoder
-    for p, source in zip(prompts, sources):
+    for p, (source, sha) in zip(prompts, sources):
         where = f"from the text encoder {source}" if source else "from a CLIP Text Encode or another node"
         if source and expected.get("name") and source != expected["name"]:
             raise ValueError(f"{what}: the conditioning comes from the text encoder {source} but {_model_name(model)} "
                              f"was trained with {expected['name']} ({model.context_dim} wide); encode the prompts "
                              f"with {expected['name']} in NUWA Text Encode")
+        why = different_file({"name": source, "sha256": sha}, expected)
+        if why:
+            raise ValueError(f"{what}: {why}")
         if p.shape[-1] != model.context_dim:
             raise ValueError(f"{what}: the conditioning is {p.shape[-1]} wide ({where}) but {_model_name(model)} "
                              f"takes {model.context_dim}-wide prompts (its context_dim, {_trained_with(model)}); "

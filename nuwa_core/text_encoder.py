@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .attention import attention
-from .checkpoint import config_from_json, load_state_dict, load_strict, save_model_file
+from .checkpoint import config_from_json, load_state_dict, load_strict, save_model_file, sha256_file
 
 TEXT_ENCODER_KIND = "nuwa_text_encoder"
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
@@ -138,6 +138,7 @@ def load_text_encoder(path, allow_pickle: bool = False) -> nn.Module:
         config.vocab = tuple(config.vocab)
         encoder = WordTextEncoder(config, path.stem)
         load_strict(encoder, {k: v.float() for k, v in tensors.items()}, str(path))
+        encoder.sha256 = sha256_file(path)  # which version of the file: a retrained one may keep its name
         return encoder.eval().requires_grad_(False)
     from .clip_text_encoder import ClipTextEncoder, clip_layout
     layout = clip_layout(tensors.keys())
@@ -150,8 +151,24 @@ def load_text_encoder(path, allow_pickle: bool = False) -> nn.Module:
 
 
 def describe(encoder: nn.Module) -> dict:
-    """What a model trained on `encoder` records about it, to check prompts against at use time."""
-    return {"name": encoder.name, "width": encoder.width}
+    """What a model trained on `encoder` records about it, to check prompts against at use time: name,
+    width and, for the pack's own encoders, the file's sha256."""
+    sha = getattr(encoder, "sha256", None)
+    return {"name": encoder.name, "width": encoder.width, **({"sha256": sha} if sha else {})}
+
+
+def different_file(made_by: dict, trained_with: dict | None) -> str | None:
+    """Why a prompt's encoder is not the one a model was trained with ({"name", "sha256"} each), or None."""
+    if not made_by.get("name") or not (trained_with or {}).get("name"):
+        return None
+    if made_by["name"] != trained_with["name"]:
+        return f"the prompt comes from the text encoder {made_by['name']}, but the model was trained with " \
+               f"{trained_with['name']}: load {trained_with['name']} in NUWA Text Encoder Loader"
+    if made_by.get("sha256") and trained_with.get("sha256") and made_by["sha256"] != trained_with["sha256"]:
+        return f"the prompt comes from a text encoder file named {made_by['name']} that is not the one the model " \
+               f"was trained with (sha256 {made_by['sha256'][:12]}... vs {trained_with['sha256'][:12]}...): the " \
+               f"encoder was retrained or replaced; use the file the model was trained with, or retrain the model"
+    return None
 
 
 def check_width(features: torch.Tensor, expected: int, model_name: str, source: str) -> None:

@@ -9,6 +9,7 @@ from _training import renderer_args, write_image
 from safetensors.torch import save_file
 
 from nuwa_core import train
+from nuwa_core.checkpoint import sha256_file
 from nuwa_core.infinity.generation import NuwaInfinity
 from nuwa_core.infinity.patch_samplers import SamplerSettings
 from nuwa_core.text_encoder import TextEncoderError, WordTextConfig, WordTextEncoder, load_text_encoder
@@ -95,7 +96,8 @@ def test_renderer_trained_with_text_encoder_records_it(tmp_path, tokenizer):
     out = tmp_path / "model.safetensors"
     train.main(renderer_args(folder, tokenizer, out, "--steps", "2", "--text-encoder", str(tmp_path / "words.safetensors")))
     m = NuwaInfinity.load(out)
-    assert m.text_encoder == {"name": "words", "width": 16} and m.renderer.config.text_dim == 16
+    assert m.text_encoder == {"name": "words", "width": 16, "sha256": sha256_file(tmp_path / "words.safetensors")}
+    assert m.renderer.config.text_dim == 16
     m.save(tmp_path / "again.safetensors")
     assert NuwaInfinity.load(tmp_path / "again.safetensors").text_encoder == m.text_encoder
     with pytest.raises(loop.TrainingError, match="one way: --text-encoder or --text-embeddings"):
@@ -157,7 +159,7 @@ def test_text_nodes_load_encode_and_the_renderer_follows_guidance(pack, tmp_path
     assert "text_encoders/words.safetensors" not in pack["NUWAModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
     (encoder,) = node(pack, "NUWATextEncoderLoader")("words.safetensors")
     (cond,) = node(pack, "NUWATextEncode")(encoder, "A blue sky over the sea")
-    assert cond[0][0].shape == (1, 16, 16) and cond[0][1] == {"nuwa_text_encoder": "words"}
+    assert cond[0][0].shape == (1, 16, 16) and cond[0][1]["nuwa_text_encoder"] == "words"
     with pytest.raises(ValueError, match="the prompt is empty"):
         node(pack, "NUWATextEncode")(encoder, "   ")
     model = _text_model()
@@ -182,5 +184,27 @@ def test_renderer_names_the_prompt_that_does_not_fit(pack):
         render(tiny_model(), canvas, plan, 0, "auto", 4, 1.0, 0, 1.0, conditioning=clip)
     with pytest.raises(ValueError, match="768 wide \\(from a CLIP Text Encode node\\).*16-wide.*text encoder words"):
         render(_text_model(), canvas, plan, 0, "auto", 4, 1.0, 0, 1.0, conditioning=clip)
-    with pytest.raises(ValueError, match="NUWA Text Encode with other.*trained with words: load words"):
+    with pytest.raises(ValueError, match="text encoder other, but the model was trained with words: load words"):
         render(_text_model(), canvas, plan, 0, "auto", 4, 1.0, 0, 1.0, conditioning=ours)
+
+
+def test_a_retrained_encoder_under_the_same_name_is_refused(pack, tmp_path, monkeypatch):
+    """Models record the sha256 of the pack text encoder they were trained with; a prompt from another file of
+    the same name (the encoder retrained or replaced) is refused, for NUWA-Infinity and NUWA-XL alike."""
+    from _pack import node
+    monkeypatch.setenv("NUWA_MODELS_DIR", str(tmp_path))
+    folder = tmp_path / "nuwa" / "text_encoders"
+    folder.mkdir(parents=True)
+    _encoder().save(folder / "words.safetensors")
+    (encoder,) = node(pack, "NUWATextEncoderLoader")("words.safetensors")
+    (cond,) = node(pack, "NUWATextEncode")(encoder, "a blue sky")
+    assert cond[0][1]["nuwa_text_encoder_sha256"] == encoder.sha256
+    model = _text_model()
+    model.text_encoder = {"name": "words", "width": 16, "sha256": encoder.sha256}
+    canvas = model.blank_canvas(1, 1)
+    plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 0, 0, 0, 0, 0, 0, "center")
+    render = node(pack, "NUWAPatchRenderer")
+    render(model, canvas, plan, 0, "auto", 4, 1.0, 0, 1.0, conditioning=cond)  # the same file: fine
+    model.text_encoder["sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="named words that is not the one the model was trained with"):
+        render(model, canvas, plan, 0, "auto", 4, 1.0, 0, 1.0, conditioning=cond)

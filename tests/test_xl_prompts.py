@@ -9,6 +9,7 @@ from test_xl_training import _frames, _xl_args
 from test_xl_tree import SHAPE, D, perturbed
 
 from nuwa_core import train
+from nuwa_core.checkpoint import sha256_file
 from nuwa_core.text_encoder import WordTextConfig, WordTextEncoder
 from nuwa_core.training import loop, xl as xt
 from nuwa_core.xl.diffusion import guided, sample_ddim
@@ -119,7 +120,7 @@ def test_xl_stage_trains_on_captions_through_the_text_encoder(tmp_path, vae_file
     train.main(args)
     model, info = load_mtd_xl(out)
     assert info["prompts"] == "text" and info["text_encoder"] == {"name": "tiny_text", "width": 8,
-                                                                   "sha256": xt.checkpoint_sha256(enc_path)}
+                                                                   "sha256": sha256_file(enc_path)}
     assert model.config.context_dim == 8
 
 

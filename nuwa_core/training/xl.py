@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import sha256_file
 from ..xl import diffusion
 from ..xl.diffusion_over_diffusion import _check_tree
 from ..xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
@@ -157,16 +158,6 @@ def encode_captions(encoder, captions: list[list[str]]) -> tuple[torch.Tensor, l
     return table, [torch.tensor([index[c] for c in video], dtype=torch.long) for video in captions]
 
 
-def checkpoint_sha256(path) -> str:
-    """The file's sha256: which version of a text encoder file the model was trained with."""
-    import hashlib
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_caption_text(args, videos: list[torch.Tensor], kept: list[int]):
     """--text-encoder: every loaded video's per-frame captions, encoded -> ((table, ids), encoder info).
     kept: the list_video_sources index of each loaded video."""
@@ -174,7 +165,7 @@ def load_caption_text(args, videos: list[torch.Tensor], kept: list[int]):
     sources = list_video_sources(args.videos)
     captions = [frame_captions(sources[n], v.shape[0], args.frame_step) for n, v in zip(kept, videos)]
     encoder = load_text_encoder(args.text_encoder)
-    info = {**describe(encoder), "sha256": checkpoint_sha256(args.text_encoder)}
+    info = {**describe(encoder), "sha256": sha256_file(args.text_encoder)}
     return encode_captions(encoder, captions), info
 
 
