@@ -138,23 +138,23 @@ def load_text_encoder(path, allow_pickle: bool = False) -> nn.Module:
         config.vocab = tuple(config.vocab)
         encoder = WordTextEncoder(config, path.stem)
         load_strict(encoder, {k: v.float() for k, v in tensors.items()}, str(path))
-        encoder.sha256 = sha256_file(path)  # which version of the file: a retrained one may keep its name
-        return encoder.eval().requires_grad_(False)
-    from .clip_text_encoder import ClipTextEncoder, clip_layout
-    layout = clip_layout(tensors.keys())
-    if layout is None:
-        accepted = "; ".join(f"{k}: {v}" for k, v in text_encoder_layouts().items())
-        raise TextEncoderError(f"{path.name} is not a text encoder in a layout this pack reads "
-                               f"({meta.get('nuwa_kind') or 'no nuwa_kind'}, e.g. key {next(iter(tensors), '-')!r}). "
-                               f"Accepted layouts: {accepted}")
-    return ClipTextEncoder.from_state_dict(tensors, layout, path.stem).eval().requires_grad_(False)
+    else:
+        from .clip_text_encoder import ClipTextEncoder, clip_layout
+        layout = clip_layout(tensors.keys())
+        if layout is None:
+            accepted = "; ".join(f"{k}: {v}" for k, v in text_encoder_layouts().items())
+            raise TextEncoderError(f"{path.name} is not a text encoder in a layout this pack reads "
+                                   f"({meta.get('nuwa_kind') or 'no nuwa_kind'}, e.g. key "
+                                   f"{next(iter(tensors), '-')!r}). Accepted layouts: {accepted}")
+        encoder = ClipTextEncoder.from_state_dict(tensors, layout, path.stem)
+    encoder.sha256 = sha256_file(path)  # which version of the file: a retrained one may keep its name
+    return encoder.eval().requires_grad_(False)
 
 
 def describe(encoder: nn.Module) -> dict:
-    """What a model trained on `encoder` records about it, to check prompts against at use time: name,
-    width and, for the pack's own encoders, the file's sha256."""
-    sha = getattr(encoder, "sha256", None)
-    return {"name": encoder.name, "width": encoder.width, **({"sha256": sha} if sha else {})}
+    """What a model trained on `encoder` (from load_text_encoder) records about it, to check prompts against
+    at use time: name, width and the file's sha256."""
+    return {"name": encoder.name, "width": encoder.width, "sha256": encoder.sha256}
 
 
 def different_file(made_by: dict, trained_with: dict | None) -> str | None:
@@ -169,10 +169,3 @@ def different_file(made_by: dict, trained_with: dict | None) -> str | None:
                f"was trained with (sha256 {made_by['sha256'][:12]}... vs {trained_with['sha256'][:12]}...): the " \
                f"encoder was retrained or replaced; use the file the model was trained with, or retrain the model"
     return None
-
-
-def check_width(features: torch.Tensor, expected: int, model_name: str, source: str) -> None:
-    if features.shape[-1] != expected:
-        raise TextEncoderError(f"the prompt features are {features.shape[-1]} wide ({source}) but {model_name} "
-                               f"reads {expected}-wide text features: encode the prompt with the text encoder "
-                               f"the model was trained with")

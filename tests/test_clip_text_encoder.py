@@ -480,6 +480,7 @@ def test_a_renderer_trains_on_a_comfyui_clip_file_and_records_it(tiny, tmp_path,
     from _training import renderer_args, write_image
 
     from nuwa_core import train
+    from nuwa_core.checkpoint import sha256_file
     from nuwa_core.infinity.generation import NuwaInfinity
     sd, vocab_path = tiny
     monkeypatch.setenv(cte.VOCAB_ENV, str(vocab_path))
@@ -492,4 +493,5 @@ def test_a_renderer_trains_on_a_comfyui_clip_file_and_records_it(tiny, tmp_path,
     out = tmp_path / "model.safetensors"
     train.main(renderer_args(folder, tokenizer, out, "--steps", "2", "--text-encoder", str(clip_file)))
     model = NuwaInfinity.load(out)
-    assert model.text_encoder == {"name": "clip_l", "width": TINY["width"]} and model.renderer.config.text_dim == TINY["width"]
+    assert model.text_encoder == {"name": "clip_l", "width": TINY["width"], "sha256": sha256_file(clip_file)}
+    assert model.renderer.config.text_dim == TINY["width"]

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import sha256_file
 from ..xl import diffusion
 from ..xl.diffusion_over_diffusion import _check_tree
 from ..xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
@@ -165,8 +164,7 @@ def load_caption_text(args, videos: list[torch.Tensor], kept: list[int]):
     sources = list_video_sources(args.videos)
     captions = [frame_captions(sources[n], v.shape[0], args.frame_step) for n, v in zip(kept, videos)]
     encoder = load_text_encoder(args.text_encoder)
-    info = {**describe(encoder), "sha256": sha256_file(args.text_encoder)}
-    return encode_captions(encoder, captions), info
+    return encode_captions(encoder, captions), describe(encoder)
 
 
 @torch.no_grad()
