@@ -86,6 +86,18 @@ def tokenizer(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory):
+    """A tiny random T-KLVAE file, for NUWA-XL training runs."""
+    import torch
+
+    from nuwa_core.xl.t_klvae import TKLVAE, TKLVAEConfig, save_t_klvae
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae") / "tiny_vae.safetensors"
+    save_t_klvae(TKLVAE(TKLVAEConfig.tiny()), path)
+    return path
+
+
 @pytest.fixture()
 def models_dir(tmp_path, monkeypatch):
     """NUWA_MODELS_DIR with tiny random NUWA-XL models: unconditional vae/mtd in nuwa_xl/, text-conditioned

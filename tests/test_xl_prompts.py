@@ -124,15 +124,6 @@ def test_xl_stage_trains_on_captions_through_the_text_encoder(tmp_path, vae_file
     assert model.config.context_dim == 8
 
 
-@pytest.fixture(scope="module")
-def vae_file(tmp_path_factory):
-    from nuwa_core.xl.t_klvae import TKLVAE, TKLVAEConfig, save_t_klvae
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae") / "tiny_vae.safetensors"
-    save_t_klvae(TKLVAE(TKLVAEConfig.tiny()), path)
-    return path
-
-
 def test_nodes_check_the_text_encoder_and_take_a_schedule_per_level(pack, models_dir):
     model = load_xl(pack, "vae_text.safetensors", "mtd_text.safetensors")
     model.info["text_encoder"] = {"name": "scenes_text", "width": 8}

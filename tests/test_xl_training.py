@@ -13,7 +13,7 @@ from nuwa_core.training import data as xt_data, loop, xl as xt
 from nuwa_core.xl import model as nuwa_xl
 from nuwa_core.checkpoint import load_state_dict
 from nuwa_core.xl.mask_temporal_diffusion import load_mtd
-from nuwa_core.xl.t_klvae import TKLVAE, TKLVAEConfig, load_t_klvae, save_t_klvae
+from nuwa_core.xl.t_klvae import load_t_klvae
 
 REAL_VIDEO = Path("/work/shared/data/video/vtest_opencv.avi")
 
@@ -33,14 +33,6 @@ def _frames(folder: Path, n=24, w=20, h=16) -> Path:
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory):
     return _frames(tmp_path_factory.mktemp("video") / "clip")
-
-
-@pytest.fixture(scope="module")
-def vae_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae") / "tiny_vae.safetensors"
-    save_t_klvae(TKLVAE(TKLVAEConfig.tiny()), path)
-    return path
 
 
 def _vae_args(frames, out, *extra):
