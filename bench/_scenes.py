@@ -12,6 +12,7 @@ bench/text_following.py builds the same scenes in memory for its classifier and 
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 from pathlib import Path
 
@@ -44,11 +45,10 @@ def data_dir() -> Path:
     return DATA
 
 
+@functools.lru_cache(maxsize=None)
 def _open(rel: str) -> Image.Image:
-    img = Image.open(data_dir() / rel)
-    if img.mode == "RGBA":  # panoramas: only fully opaque rows are inside the boxes
-        img = img.convert("RGB")
-    return img.convert("RGB")
+    """A source as RGB, read once (panoramas: only fully opaque rows are inside the boxes)."""
+    return Image.open(data_dir() / rel).convert("RGB")
 
 
 def _band(source: tuple[str, tuple], size: tuple[int, int], rng: random.Random) -> Image.Image:

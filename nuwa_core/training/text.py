@@ -87,7 +87,8 @@ def train_text(args) -> dict:
     crop = (args.crop, args.crop)
     images = load_images(args.images, args.downscale, crop)
     ids = encoder.tokenize(captions)                          # [n, T]
-    caption_index = torch.tensor([sorted(set(captions)).index(c) for c in captions])
+    distinct = {c: n for n, c in enumerate(sorted(set(captions)))}
+    caption_index = torch.tensor([distinct[c] for c in captions])
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
     config = {"stage": "text", "text": {k: v for k, v in vars(cfg).items() if k != "vocab"}, "vocab": list(cfg.vocab),
