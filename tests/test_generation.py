@@ -420,7 +420,7 @@ def test_reencode_replaces_a_cache_with_the_one_its_order_makes():
     """reencode_pooled: a cache made in another order becomes the teacher-forced one of the new order,
     with the caches before it in that order as its context; one forward per re-encoded patch."""
     from nuwa_core.infinity.arbitrary_direction_controller import Order
-    from nuwa_core.infinity.generation import reencode_pooled
+    from nuwa_core.infinity.generation import PatchBatch, reencode_pooled
     m = tiny_model()
     r, grid = m.renderer, (1, 2, 2)
     tokens = {(0, i, j): torch.randint(0, 64, (1, 16), generator=seeded(i * 2 + j)) for i in range(2) for j in range(2)}
@@ -431,14 +431,14 @@ def test_reencode_replaces_a_cache_with_the_one_its_order_makes():
     calls = []
     encode = r.encode
     r.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)
-    done = reencode_pooled(r, pool, [(0, 1, 0), (0, 1, 1)], Order.RIGHT_UP, grid, tokens.__getitem__, r.text_kv(None))
+    done = reencode_pooled(PatchBatch(r), pool, [(0, 1, 0), (0, 1, 1)], Order.RIGHT_UP, grid, tokens.__getitem__)
     assert done == [(0, 1, 0), (0, 1, 1)] and len(calls) == 2 and len(pool) == 4
     assert pool.orders[(0, 1, 0)] is Order.RIGHT_UP and pool.orders[(0, 0, 0)] is Order.DOWN_RIGHT
     # RIGHT_UP runs the bottom row first: (0,1,0) has no predecessor, (0,1,1) has (0,1,0), re-encoded
     assert torch.allclose(pool.caches[(0, 1, 0)], encode(tokens[(0, 1, 0)], Order.RIGHT_UP, empty, r.text_kv(None)))
     ctx = Context.from_pool([((0, 1, 0), pool.caches[(0, 1, 0)])], (0, 1, 1), r.rel, "cpu")
     assert torch.allclose(pool.caches[(0, 1, 1)], encode(tokens[(0, 1, 1)], Order.RIGHT_UP, ctx, r.text_kv(None)))
-    assert reencode_pooled(r, pool, [(0, 1, 0)], Order.RIGHT_UP, grid, tokens.__getitem__, r.text_kv(None)) == []
+    assert reencode_pooled(PatchBatch(r), pool, [(0, 1, 0)], Order.RIGHT_UP, grid, tokens.__getitem__) == []
 
 
 def test_pool_orders_survive_save_load_shift_and_forget(tmp_path):

@@ -110,7 +110,7 @@ def test_guidance_zero_is_the_unconditional_canvas_and_guidance_changes_it(decod
     """Classifier-free guidance runs [with text; without text] together: at scale 0 the sampled canvas is
     exactly the one made without a prompt (same seed), at scale 1 exactly the conditional one."""
     m = tiny_model(text_dim=8, decoder=decoder)
-    text = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(1)) * 3
+    text = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(1)) * 30  # strong enough to move an untrained model
     st = m.blank_canvas(2, 3)
 
     def run(guidance, prompt):

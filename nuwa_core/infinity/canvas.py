@@ -38,6 +38,7 @@ class CanvasState:
     source_size: tuple | None = None    # (H, W) px of the image the canvas was encoded from
     source_box: tuple | None = None     # (top, left, height, width) of that image that became `given`
     wrap: str = "none"                  # "none", "x" (columns wrap: a 360-degree panorama), "xy" (a torus)
+    origin: tuple = (0, 0)              # (rows, cols) of patches added above / left since the canvas was made
 
     def __post_init__(self):
         adc.check_wrap(self.wrap)
@@ -59,6 +60,12 @@ class CanvasState:
             if added and wraps:
                 raise ValueError(f"the canvas wraps {how} (wrap={self.wrap!r}): it has no {sides} edge to extend "
                                  f"from; fill or regenerate its patches instead, or make it wrap='none' to grow it")
+
+    def stream_coord(self, coord: Coord) -> Coord:
+        """Where a patch lies relative to the canvas as first made: what seeds its random stream
+        (wavefront.patch_seed), unchanged when the canvas later grows up or left."""
+        k, i, j = coord
+        return k, i - self.origin[0], j - self.origin[1]
 
     @property
     def batch(self) -> int:
@@ -100,6 +107,7 @@ class CanvasState:
             state.pool.shift(top, left)
         px = self.pixels_per_token
         state.given_origin = (self.given_origin[0] + top * ph * px, self.given_origin[1] + left * pw * px)
+        state.origin = (self.origin[0] + top, self.origin[1] + left)
         return state
 
     def forget(self, cells, pixel_mask: torch.Tensor | None = None) -> "CanvasState":
@@ -174,7 +182,7 @@ class CanvasState:
                 "given_origin": json.dumps(list(self.given_origin)), "pool_extent": json.dumps(extent),
                 "pool_orders": json.dumps(orders), "pixels_per_token": str(self.pixels_per_token),
                 "feather": json.dumps(self.feather), "source_size": json.dumps(self.source_size),
-                "source_box": json.dumps(self.source_box), "wrap": self.wrap}
+                "source_box": json.dumps(self.source_box), "wrap": self.wrap, "origin": json.dumps(list(self.origin))}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -197,7 +205,8 @@ class CanvasState:
                    given_origin=tuple(json.loads(meta["given_origin"])), pixels_per_token=int(meta["pixels_per_token"]),
                    given_mask=tensors.get("given_mask"), feather=optional["feather"],
                    source_size=_tuple_or_none(optional["source_size"]), source_box=_tuple_or_none(optional["source_box"]),
-                   wrap=meta.get("wrap", "none"))  # canvases saved before wrapping existed do not wrap
+                   wrap=meta.get("wrap", "none"),  # canvases saved before wrapping existed do not wrap
+                   origin=tuple(json.loads(meta.get("origin", "[0, 0]"))))
 
 
 def _tuple_or_none(value):

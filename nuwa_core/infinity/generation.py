@@ -35,12 +35,12 @@ from ..checkpoint import (
 )
 from ..images import check_finite, image_to_model, model_to_image, to_rgb
 from ..memory import check_memory
-from . import arbitrary_direction_controller as adc
+from . import arbitrary_direction_controller as adc, wavefront
 from .arbitrary_direction_controller import Coord, Grid, Order, Plan
 from .canvas import UNKNOWN, CanvasState
 from .nearby_context_pool import NearbyContextPool, last_needed_steps
-from .patch_samplers import SAMPLERS, SamplerSettings, both_halves
-from .renderer import Context, Renderer, RendererConfig
+from .patch_samplers import SAMPLERS, PatchStreams, SamplerSettings, both_halves
+from .renderer import Context, Renderer, RendererConfig, patch_row_split, patch_rows
 from .vqgan import VQGANConfig, VQModel
 
 BUNDLE_KIND = "nuwa_infinity"
@@ -214,10 +214,15 @@ class NuwaInfinity(nn.Module):
     # ---- Algorithm 2 -------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, state: CanvasState, plan: Plan, settings: SamplerSettings | None = None,
-                 text: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 text: torch.Tensor | None = None, generator: torch.Generator | int | None = None,
                  callback: Callback | None = None, extent: Grid | None = None,
-                 reencode: bool = True) -> CanvasState:
+                 reencode: bool = True, schedule: str = "wavefront", max_wave: int = 32) -> CanvasState:
         """Generate the plan's patches on a copy of `state`; the input state is left untouched.
+
+        generator: a seed, or a CPU generator that one seed is drawn from (None: torch's default
+        one). Every patch samples from its own stream, seeded from it and the patch's place on the
+        canvas (wavefront.patch_seed), so a seed gives the same canvas with either schedule and
+        when a canvas is grown in several calls (each given the same seed) instead of one.
 
         extent (e_f, e_h, e_w): how far the Nearby Context Pool reaches; default the trained
         extent, smaller is allowed (less memory and time, less context), larger is not.
@@ -226,8 +231,12 @@ class NuwaInfinity(nn.Module):
         patches its patches can select that were made in another order (`reencode_pooled`; one
         renderer forward each). Nothing changes for a plan in one order.
 
-        callback(done, total, state) runs after every patch; returning False stops cleanly and
-        returns the canvas with the patches made so far.
+        schedule: 'wavefront' renders together, in one batch of at most `max_wave` patches, the
+        patches whose selected context is complete (wavefront.py); 'sequential' one patch at a
+        time. Same plan, same context for every patch, same canvas.
+
+        callback(done, total, state) runs after every wave (every patch when sequential);
+        returning False stops cleanly and returns the canvas with the patches made so far.
         """
         settings = settings or SamplerSettings()
         cfg = self.renderer.config
@@ -237,48 +246,61 @@ class NuwaInfinity(nn.Module):
                              f"(use decoder='auto' or {cfg.decoder!r})")
         if tuple(state.patch_size) != tuple(cfg.patch_size):
             raise ValueError(f"canvas patches are {state.patch_size} tokens but the renderer's are {cfg.patch_size}")
+        if not isinstance(max_wave, int) or max_wave < 1:
+            raise ValueError(f"max_wave (patches rendered in one batch) must be a whole number >= 1, got {max_wave!r}")
+        run_schedule = wavefront.schedule(schedule)
         extent = self._extent(extent)
+        seed = run_seed(generator)
         state = state.grown(plan)
-        steps = plan.steps()
-        self._check_plan(state, steps)
+        self._check_plan(state, plan.steps())
         # classifier-free guidance runs a batch of 2B: B rows with the text, B without (patch_samplers.guided)
         guided = text is not None and settings.guidance != 1.0
         if not guided and settings.guidance != 1.0:
             settings = dataclasses.replace(settings, guidance=1.0)  # nothing to guide without a prompt
+        grid, periods = state.grid, state.periods
+        waves = [(segment.order, run_schedule(segment.patches, extent, grid, periods, max_wave))
+                 for segment in plan.segments]
+        widest = max((len(w) for _, segment_waves in waves for w in segment_waves), default=1)
         batch = state.batch * (2 if guided else 1)
-        check_memory(self.estimate_bytes(state.grid, batch), "this generation", self.device)
-        text_kv = self.renderer.text_kv(self._text(text, state.batch), with_null=guided)
+        check_memory(self.estimate_bytes(grid, batch, wave=widest), "this generation", self.device)
+        rows = PatchBatch(self.renderer, self._text(text, state.batch), guided)
         pool = state.pool if _pool_fits(state.pool, cfg, batch, extent) else NearbyContextPool(extent)
         # a canvas from a file or a node's output keeps its caches on the CPU: onto the model's device and dtype
         pool.caches = {c: cache.to(self.device, self.renderer.pos_f.dtype) for c, cache in pool.caches.items()}
-        pool.periods = periods = state.periods
-        last = last_needed_steps([c for _, c in steps], extent, keep=self._frontier(plan, state, extent),
-                                 periods=periods)
+        pool.periods = periods
+        executed = [c for _, segment_waves in waves for w in segment_waves for c in w]
+        last = last_needed_steps(executed, extent, keep=self._frontier(plan, state, extent), periods=periods)
 
         def patch_tokens(coord: Coord) -> torch.Tensor:
             return both_halves(state.patch_tokens(coord).to(self.device), settings)
 
-        for coord in self._precache_list(state, steps, pool, plan.precache_order, extent):
-            context = Context.from_pool(pool.select(coord), coord, self.renderer.rel, self.device)
-            pool.add(coord, self.renderer.encode(patch_tokens(coord), plan.precache_order, context, text_kv),
-                     plan.precache_order)
+        precache = self._precache_list(state, executed, pool, plan.precache_order, extent)
+        for wave in run_schedule(precache, extent, grid, periods, max_wave):
+            rows.encode(wave, plan.precache_order, pool, pool.select, patch_tokens)
         pool.remove(-1, last)
 
         sample = SAMPLERS[decoder]
         state.pool = pool
-        t = 0
-        for segment in plan.segments:
+        done = 0
+        for order, segment_waves in waves:
             if reencode:
-                near = {n for c in segment.patches for n in adc.neighbours(c, extent, state.grid, periods)}
-                reencode_pooled(self.renderer, pool, near, segment.order, state.grid, patch_tokens, text_kv)
-            for coord in segment.patches:
-                context = Context.from_pool(pool.select(coord), coord, self.renderer.rel, self.device)
-                tokens, cache = sample(self.renderer, context, segment.order, text_kv, batch, settings, generator)
-                state.set_patch(coord, tokens[:state.batch].cpu())
-                pool.add(coord, cache, segment.order)
-                pool.remove(t, last)
-                t += 1
-                if callback is not None and callback(t, len(steps), state) is False:
+                segment = [c for w in segment_waves for c in w]
+                near = {n for c in segment for n in adc.neighbours(c, extent, grid, periods)}
+                reencode_pooled(rows, pool, near, order, grid, patch_tokens,
+                                lambda coords: run_schedule(coords, extent, grid, periods, max_wave))
+            for wave in segment_waves:
+                streams = PatchStreams([torch.Generator().manual_seed(wavefront.patch_seed(seed, state.stream_coord(c)))
+                                        for c in wave])
+                context = rows.context([(c, pool.select(c)) for c in wave])
+                tokens, cache = sample(self.renderer, context, order, rows.text_kv(len(wave)), batch * len(wave),
+                                       settings, streams)
+                tokens = tokens[:state.batch * len(wave)].view(len(wave), state.batch, -1).cpu()  # the sampled half
+                for coord, patch, patch_cache in zip(wave, tokens, rows.split(cache, len(wave), dim=1)):
+                    state.set_patch(coord, patch)
+                    pool.add(coord, patch_cache, order)
+                done += len(wave)
+                pool.remove(done - 1, last)
+                if callback is not None and callback(done, len(executed), state) is False:
                     return state
         return state
 
@@ -316,10 +338,11 @@ class NuwaInfinity(nn.Module):
             seen.add(coord)
 
     @staticmethod
-    def _precache_list(state: CanvasState, steps, pool: NearbyContextPool, order: Order, extent: Grid) -> list[Coord]:
+    def _precache_list(state: CanvasState, planned: list[Coord], pool: NearbyContextPool, order: Order,
+                       extent: Grid) -> list[Coord]:
         """Known patches the plan can select (and their own known context), not yet in the pool."""
         grid, periods = state.grid, state.periods
-        ring1 = {n for _, c in steps for n in adc.neighbours(c, extent, grid, periods) if state.known[n]} - set(pool.caches)
+        ring1 = {n for c in planned for n in adc.neighbours(c, extent, grid, periods) if state.known[n]} - set(pool.caches)
         ring2 = {n for c in ring1 for n in adc.neighbours(c, extent, grid, periods) if state.known[n]}
         todo = (ring1 | ring2) - set(pool.caches)
         return sorted(todo, key=lambda c: adc.time_index(c, order, grid))
@@ -342,8 +365,9 @@ class NuwaInfinity(nn.Module):
             rows = range(min(eh, h))
         return [(k, i, j) for k in frames for i in rows for j in cols]
 
-    def estimate_bytes(self, grid: Grid, batch: int) -> int:
-        """Rough peak memory of generating and decoding a canvas: output image, tokens, pool."""
+    def estimate_bytes(self, grid: Grid, batch: int, wave: int = 1) -> int:
+        """Rough peak memory of generating and decoding a canvas: output image, tokens, pool, and the
+        contexts of a wave of `wave` patches rendered together."""
         cfg = self.renderer.config
         f, h, w = grid
         php, pwp = self.patch_pixels
@@ -351,8 +375,9 @@ class NuwaInfinity(nn.Module):
         tokens = batch * f * h * w * cfg.tokens_per_patch * 8
         ef, eh, ew = cfg.extent
         band = min(f * h * w, (ef + 1) * (2 * eh + 1) * (2 * ew + 1) * max(h, w))
-        pool = band * cfg.n_layer * batch * cfg.tokens_per_patch * cfg.d_model * 4
-        return image + tokens + pool
+        cache = cfg.n_layer * batch * cfg.tokens_per_patch * cfg.d_model * 4
+        context = wave * (ef + 1) * (2 * eh + 1) * (2 * ew + 1) * cache * 3  # selected caches, their keys, values
+        return image + tokens + band * cache + context
 
     # ---- decoding ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -435,12 +460,55 @@ def given_weight(size: tuple[int, int], origin: tuple[int, int], canvas: tuple[i
     return torch.minimum(keep, ramp / (feather + 1))
 
 
+class PatchBatch:
+    """P patches run as one batch of rows (renderer.patch_rows: half-major, then patch, then canvas):
+    their contexts padded into one, their outputs split back, the text's keys and values for P.
+
+    text [B, T, D] or None; guided: the rows are [with text; without] (classifier-free guidance).
+    """
+
+    def __init__(self, renderer: Renderer, text: torch.Tensor | None = None, guided: bool = False):
+        self.renderer, self.text, self.halves = renderer, text, 2 if guided else 1
+        self._text_kv: dict[int, list] = {}
+
+    def text_kv(self, patches: int) -> list:
+        if patches not in self._text_kv:
+            text = None if self.text is None else self.text.repeat(patches, 1, 1)
+            self._text_kv[patches] = self.renderer.text_kv(text, with_null=self.halves == 2)
+        return self._text_kv[patches]
+
+    def context(self, selections: list[tuple[Coord, list]]) -> Context:
+        """[(coord, NCP.Select(coord))] -> the batch's context."""
+        device = self.renderer.pos_f.device
+        return Context.batched([Context.from_pool(sel, c, self.renderer.rel, device) for c, sel in selections],
+                               self.halves)
+
+    def rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per patch [halves*B, ..] -> [halves*P*B, ..]."""
+        return parts[0] if len(parts) == 1 else patch_rows(parts, self.halves, dim=0)
+
+    def split(self, x: torch.Tensor, patches: int, dim: int) -> list[torch.Tensor]:
+        """[.., halves*P*B, ..] along `dim` -> per patch [.., halves*B, ..]."""
+        return [x] if patches == 1 else patch_row_split(x, patches, self.halves, dim)
+
+    def encode(self, coords: list[Coord], order: Order, pool: NearbyContextPool, select,
+               patch_tokens: Callable[[Coord], torch.Tensor]) -> None:
+        """Teacher-force known patches that do not select each other, in one renderer forward, and
+        add their caches to the pool. select(coord) -> the (position, cache) pairs it sees."""
+        context = self.context([(c, select(c)) for c in coords])
+        tokens = self.rows([patch_tokens(c) for c in coords])
+        cache = self.renderer.encode(tokens, order, context, self.text_kv(len(coords)))
+        for coord, patch_cache in zip(coords, self.split(cache, len(coords), dim=1)):
+            pool.add(coord, patch_cache, order)
+
+
 @torch.no_grad()
-def reencode_pooled(renderer: Renderer, pool: NearbyContextPool, coords: Iterable[Coord], order: Order, grid: Grid,
-                    patch_tokens: Callable[[Coord], torch.Tensor], text_kv: list) -> list[Coord]:
+def reencode_pooled(rows: PatchBatch, pool: NearbyContextPool, coords: Iterable[Coord], order: Order, grid: Grid,
+                    patch_tokens: Callable[[Coord], torch.Tensor], waves=None) -> list[Coord]:
     """Re-encode, teacher-forced in `order`, the pool's caches among `coords` that were made in
     another (or an unknown) order, so what a segment in `order` selects is what training in
-    `order` makes. Returns the re-encoded coordinates; one renderer forward each.
+    `order` makes. Returns the re-encoded coordinates; one renderer forward each, or one per
+    wave when `waves` (coords -> lists of coords, wavefront.py) groups them.
 
     They go in `order`'s sequence over `grid`, each with the pooled caches that precede it in
     that order as its context (as in a training sample in `order`; one re-encoded before serves
@@ -451,12 +519,27 @@ def reencode_pooled(renderer: Renderer, pool: NearbyContextPool, coords: Iterabl
     """
     todo = sorted((c for c in set(coords) if c in pool and pool.orders.get(c) is not order),
                   key=lambda c: adc.time_index(c, order, grid))
-    for coord in todo:
+
+    def before(coord: Coord) -> list:
         n = adc.time_index(coord, order, grid)
-        before = [(c, cache) for c, cache in pool.select(coord) if adc.time_index(c, order, grid) < n]
-        context = Context.from_pool(before, coord, renderer.rel, renderer.pos_f.device)
-        pool.add(coord, renderer.encode(patch_tokens(coord), order, context, text_kv), order)
+        return [(c, cache) for c, cache in pool.select(coord) if adc.time_index(c, order, grid) < n]
+
+    for wave in waves(todo) if waves else [[c] for c in todo]:
+        rows.encode(wave, order, pool, before, patch_tokens)
     return todo
+
+
+def run_seed(generator: torch.Generator | int | None) -> int:
+    """The seed the patch streams of one generate() call derive from: the int given, or one drawn
+    from the generator (None: torch's default generator)."""
+    if isinstance(generator, bool) or not isinstance(generator, (int, torch.Generator, type(None))):
+        raise TypeError(f"generator must be a seed (int), a CPU torch.Generator or None, got {type(generator).__name__}")
+    if isinstance(generator, int):
+        return generator
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"the generator must be a CPU generator (noise is drawn on the CPU and moved, so a seed "
+                         f"gives one image on every device), got one on {generator.device}")
+    return int(torch.randint(0, 2 ** 62, (1,), generator=generator))
 
 
 def _pool_fits(pool: NearbyContextPool | None, cfg: RendererConfig, batch: int, extent: Grid) -> bool:

@@ -105,14 +105,34 @@ def filter_logits(logits: torch.Tensor, settings: SamplerSettings) -> torch.Tens
     return logits
 
 
+class PatchStreams:
+    """The random streams of a batch of patches: one CPU generator per patch, each drawing the rows
+    of its own patch (rows [p*B:(p+1)*B] of what is sampled; renderer.patch_rows), so the noise a
+    patch gets does not depend on which patches share its batch. Pass it where a generator goes."""
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = list(generators)
+
+    def rand(self, shape) -> torch.Tensor:
+        rows, p = shape[0], len(self.generators)
+        if rows % p:
+            raise ValueError(f"{rows} rows cannot be shared by {p} patch streams")
+        return torch.cat([torch.rand((rows // p, *shape[1:]), generator=g, dtype=torch.float32)
+                          for g in self.generators])
+
+
 def gumbel_noise(shape, generator, device) -> torch.Tensor:
     """Standard Gumbel noise of `shape` on `device`, drawn on the CPU and then moved.
 
     The uniform draw and its transform both run on the CPU (as ComfyUI makes its noise), so a seed
     gives the same noise, bit for bit, whatever device the model runs on; `generator` must be a CPU
-    generator (None: torch's default one).
+    generator (None: torch's default one) or PatchStreams (split along the first axis).
     """
-    u = torch.rand(tuple(shape), generator=generator, dtype=torch.float32).clamp_(1e-20, 1.0 - 1e-7)
+    if isinstance(generator, PatchStreams):
+        u = generator.rand(tuple(shape))
+    else:
+        u = torch.rand(tuple(shape), generator=generator, dtype=torch.float32)
+    u.clamp_(1e-20, 1.0 - 1e-7)
     return (-torch.log(-torch.log(u))).to(device)
 
 
@@ -120,6 +140,23 @@ def sample_categorical(logits: torch.Tensor, generator) -> torch.Tensor:
     """One draw per row by the gumbel-max trick (reproducible with a CPU generator): the noise is the
     same on every device, so only the logits' float rounding can change a token. [.., V] -> [..]"""
     return (logits.float() + gumbel_noise(logits.shape, generator, logits.device)).argmax(-1)
+
+
+NOISE_CHUNK = 1 << 18  # floats per row the AR sampler draws at once (a fixed share of the patch's tokens)
+
+
+def ar_noise(generator, rows: int, m: int, vocab: int, device):
+    """The gumbel noise of a patch's M token draws, t -> [rows, V], drawn a chunk of tokens at a time
+    (one CPU draw and one copy to the device per chunk, not per token). The chunk depends only on
+    (M, V), so a patch consumes its stream the same way in any batch and any schedule."""
+    chunk = max(1, min(m, NOISE_CHUNK // vocab))
+    held = {}
+
+    def noise(t: int) -> torch.Tensor:
+        if t % chunk == 0:
+            held["chunk"] = gumbel_noise((rows, min(chunk, m - t), vocab), generator, device)
+        return held["chunk"][:, t % chunk]
+    return noise
 
 
 def cosine_schedule(ratio: float) -> float:
@@ -136,10 +173,16 @@ def gumbel_temperature(ratio: float, settings: SamplerSettings) -> float:
 @torch.no_grad()
 def sample_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch: int,
               settings: SamplerSettings, generator=None):
+    cfg = renderer.config
+    rows = batch if settings.guidance == 1.0 else batch // 2  # a guided batch samples its first half
+    noise, step = ar_noise(generator, rows, cfg.tokens_per_patch, cfg.vocab_size, renderer.pos_f.device), [0]
+
     def choose(logits):
-        return both_halves(sample_categorical(filter_logits(guided(logits, settings), settings), generator), settings)
+        scores = filter_logits(guided(logits, settings), settings).float() + noise(step[0])
+        step[0] += 1
+        return both_halves(scores.argmax(-1), settings)
     tokens, cache = decode_ar(renderer, context, order, text_kv, batch, choose)
-    if not renderer.config.transfer:
+    if not cfg.transfer:
         cache = renderer.encode(tokens, order, context, text_kv)
     return tokens, cache
 
@@ -168,7 +211,8 @@ def decode_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch
         kv.append((k, v, n_ctx))
     hidden = pos.new_zeros(n_layer, batch, m, d)
     tokens = torch.zeros(batch, m, dtype=torch.long, device=pos.device)
-    masks = [renderer.attn_mask(l, context, 1, 1, causal=False) for l in range(n_layer)]
+    # one query over [context; every slot], sliced to the slots written so far at each step
+    masks = [renderer.attn_mask(l, context, 1, m + 1, causal=False) for l in range(n_layer)]
     x = (renderer.order_emb.weight[order.id] + nxt[0]).expand(batch, 1, d)
     for t in range(m + 1):
         for l, blk in enumerate(renderer.blocks):
@@ -176,7 +220,7 @@ def decode_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch
                 hidden[l, :, t - 1] = x[:, 0]  # slot t holds token t-1
             if t == m and l == n_layer - 1:
                 break
-            mask = None if masks[l] is None else _grow_post_bias(masks[l], t + 1)
+            mask = None if masks[l] is None else masks[l][..., :n_ctx + t + 1]
             x = blk(x, None, renderer.self_key_emb(l), mask, text_kv[l], kv_cache=kv[l], pos=t)
         if t == m:
             break
@@ -184,11 +228,6 @@ def decode_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch
         tokens[:, t] = token
         x = renderer.tok_emb(token)[:, None] + pos[t] + nxt[t + 1]
     return tokens[:, inv], hidden[:, :, inv]
-
-
-def _grow_post_bias(bias_one: torch.Tensor, n_self: int) -> torch.Tensor:
-    """Post-RPE bias for one query over [context; n_self patch keys] from the n_self=1 bias."""
-    return torch.cat([bias_one, bias_one[..., -1:].expand(*bias_one.shape[:-1], n_self - 1)], dim=-1)
 
 
 @torch.no_grad()

@@ -81,17 +81,21 @@ class RendererConfig:
 
 
 class Context:
-    """The selected context of one patch: same-layer caches and the key embedding indices.
+    """The selected context of one patch, or of a batch of patches: same-layer caches and the key
+    embedding indices.
 
-    hidden [L, B, Nc*M, d]; rel [Nc*M] index of each key token's patch offset in ADC.Emb.
+    hidden [L, B, Nc*M, d]; rel [Nc*M] index of each key token's patch offset in ADC.Emb, or
+    [B, Nc*M] when the rows are different patches (`batched`); key_mask [B, Nc*M] bool (True = a
+    real key) when those patches select different numbers of caches and the shorter ones are padded.
     """
 
-    def __init__(self, hidden: torch.Tensor | None, rel: torch.Tensor | None, n_patches: int):
-        self.hidden, self.rel, self.n_patches = hidden, rel, n_patches
+    def __init__(self, hidden: torch.Tensor | None, rel: torch.Tensor | None, n_patches: int,
+                 key_mask: torch.Tensor | None = None):
+        self.hidden, self.rel, self.n_patches, self.key_mask = hidden, rel, n_patches, key_mask
 
     @classmethod
     def from_pool(cls, selected: list[tuple[Coord, torch.Tensor]], coord: Coord,
-                  emb: RelativePositionEmbedding, device) -> "Context":
+                  emb: RelativePositionEmbedding, device) -> Context:
         if not selected:
             return cls(None, None, 0)
         m = selected[0][1].shape[2]
@@ -99,6 +103,52 @@ class Context:
         rel = torch.tensor([emb.index(tuple(a - b for a, b in zip(c, coord))) for c, _ in selected],
                            dtype=torch.long, device=device).repeat_interleave(m)
         return cls(hidden, rel, len(selected))
+
+    @classmethod
+    def batched(cls, contexts: list[Context], halves: int = 1) -> Context:
+        """The contexts of P patches as one batch of rows (patch_rows layout), keys padded to the longest.
+
+        Each context's hidden is [L, halves*B, N_p, d] (halves = 2 for classifier-free guidance:
+        rows [with text; without]); the batch is [L, halves*P*B, max N_p, d] with the padding masked.
+        """
+        if len(contexts) == 1:
+            return contexts[0]
+        real = [c for c in contexts if c.hidden is not None]
+        if not real:
+            return cls(None, None, 0)
+        n_max = max(c.hidden.shape[2] for c in real)
+        layers, rows, _, d = real[0].hidden.shape
+        like = real[0].hidden
+        hidden, rel, mask = [], [], []
+        for c in contexts:
+            n = 0 if c.hidden is None else c.hidden.shape[2]
+            h = like.new_zeros(layers, rows, n_max, d)
+            r = torch.zeros(n_max, dtype=torch.long, device=like.device)
+            if n:
+                h[:, :, :n] = c.hidden
+                r[:n] = c.rel
+            hidden.append(h)
+            rel.append(r.expand(rows, n_max))
+            mask.append((torch.arange(n_max, device=like.device) < n).expand(rows, n_max))
+        padded = any(c.hidden is None or c.hidden.shape[2] < n_max for c in contexts)
+        return cls(patch_rows(hidden, halves, dim=1), patch_rows(rel, halves, dim=0),
+                   max(c.n_patches for c in contexts), patch_rows(mask, halves, dim=0) if padded else None)
+
+
+def patch_rows(parts: list[torch.Tensor], halves: int, dim: int) -> torch.Tensor:
+    """P tensors with rows [halves*B] along `dim` -> one with rows [halves*P*B]: half-major, then
+    patch, then canvas, so a guided batch's [with text; without] halves stay contiguous
+    (patch_samplers.guided chunks them)."""
+    x = torch.stack(parts, dim=dim)  # [.., P, halves*B, ..]
+    rows = x.shape[dim + 1]
+    x = x.unflatten(dim + 1, (halves, rows // halves)).transpose(dim, dim + 1)  # [.., halves, P, B, ..]
+    return x.flatten(dim, dim + 2)
+
+
+def patch_row_split(x: torch.Tensor, p: int, halves: int, dim: int) -> list[torch.Tensor]:
+    """Inverse of patch_rows: rows [halves*P*B] along `dim` -> P tensors with rows [halves*B]."""
+    x = x.unflatten(dim, (halves, p, x.shape[dim] // (halves * p)))  # [.., halves, P, B, ..]
+    return [x.select(dim + 1, i).flatten(dim, dim + 1) for i in range(p)]
 
 
 class Block(nn.Module):
@@ -254,23 +304,30 @@ class Renderer(nn.Module):
         return [blk.text_kv(text, gate) for blk in self.blocks]
 
     def attn_mask(self, layer: int, context: Context, n_query: int, n_self: int, causal: bool):
-        """[T, Nc*M + n_self] keys visible to each query (bool), or a float bias for post-RPE."""
+        """Keys visible to each query over [context; n_self patch keys]: None (all), bool [T, keys]
+        (True = attend) or a float bias [h, T, keys] for post-RPE; with per-row context keys (a
+        batch of patches: padded keys, or post-RPE with per-row offsets) [B, 1 or h, T, keys]."""
         n_ctx = 0 if context.hidden is None else context.hidden.shape[2]
         post = self.config.rpe == "post"
-        if not causal and not post:
+        padded = context.key_mask is not None and n_ctx > 0
+        if not causal and not post and not padded:
             return None
         device = self.pos_f.device
         visible = torch.ones(n_query, n_ctx + n_self, dtype=torch.bool, device=device)
         if causal:  # lower-right aligned: query t sees every context key and patch keys <= t
             q_pos = torch.arange(n_self - n_query, n_self, device=device)[:, None]
             visible[:, n_ctx:] = torch.arange(n_self, device=device)[None] <= q_pos
+        if padded:  # [B, 1, T, keys]: each row's own padding hidden
+            own = torch.ones(len(context.key_mask), n_self, dtype=torch.bool, device=device)
+            visible = visible & torch.cat([context.key_mask, own], dim=1)[:, None, None]
         if not post:
             return visible
         bias = self.rel(layer, torch.tensor([self.self_rel], device=device)).T  # [h, 1]
         bias = bias.expand(-1, n_self)
         if n_ctx:
-            bias = torch.cat([self.rel(layer, context.rel).T, bias], dim=1)  # [h, Nc*M + n_self]
-        return bias[:, None].masked_fill(~visible, float("-inf"))  # [h, T, keys]
+            ctx_bias = self.rel(layer, context.rel).transpose(-1, -2)  # [h, Nc*M] or [B, h, Nc*M]
+            bias = torch.cat([ctx_bias, bias.expand(*ctx_bias.shape[:-1], n_self)], dim=-1)
+        return bias.unsqueeze(-2).masked_fill(~visible, float("-inf"))  # [(B,) h, T, keys]
 
     def forward(self, x: torch.Tensor, context: Context, text_kv: list, ctx_kv: list | None = None,
                 causal: bool = False):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..checkpoint import stored_dtype
 from ..images import save_image
 from ..infinity import arbitrary_direction_controller as adc
-from ..infinity.generation import NuwaInfinity, reencode_pooled
+from ..infinity.generation import NuwaInfinity, PatchBatch, reencode_pooled
 from ..infinity.nearby_context_pool import NearbyContextPool, last_needed_steps
 from ..infinity.patch_samplers import SamplerSettings
 from ..infinity.renderer import Context, Renderer, RendererConfig
@@ -147,7 +147,7 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
             end = next((u for u in range(t, len(steps)) if steps[u][0] is not order), len(steps))
             strip = [c for _, c in steps[t:end]]
             near = {n for c in strip for n in adc.neighbours(c, cfg.extent, grid)}
-            reencode_pooled(renderer, pool, near, order, grid, patch_tokens, renderer.text_kv(text))
+            reencode_pooled(PatchBatch(renderer, text), pool, near, order, grid, patch_tokens)
         patch = patch_tokens(coord)
         ctx = Context(None, None, 0) if no_context else Context.from_pool(pool.select(coord), coord, renderer.rel, device)
         masked = pnar_mask(b, patch.shape[1], gen).to(device) if cfg.decoder == "pnar" else None
