@@ -332,10 +332,16 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def vqgan_memory(model, batch: int = 1) -> int:
-    """Working memory of VQGAN Encode / Decode: one window of the tiled VQGAN at a time."""
+def vqgan_memory(model, batch: int = 1, decode: bool = False) -> int:
+    """Working memory of VQGAN Encode / Decode: one window of the tiled VQGAN over `batch` images at a
+    time; decode: up to vqgan.window_batch's windows of one frame at a time (a fixed budget per call)."""
     from nuwa_core.memory import vqgan_window_bytes
-    return vqgan_window_bytes(model.vqgan.config, model.vqgan_tile, max(int(batch), 1), _model_dtype(model))
+    cfg, tile, dtype = model.vqgan.config, model.vqgan_tile, _model_dtype(model)
+    one = vqgan_window_bytes(cfg, tile, max(int(batch), 1), dtype)
+    if not decode:
+        return one
+    from nuwa_core.infinity.vqgan import window_batch  # on the device the run loads the model on
+    return max(one, window_batch(cfg, tile, 1, torch_device(), dtype) * vqgan_window_bytes(cfg, tile, 1, dtype))
 
 
 def render_memory(model, canvas, plans, extent=None, guided: bool = False) -> int:
@@ -347,7 +353,7 @@ def render_memory(model, canvas, plans, extent=None, guided: bool = False) -> in
     grid = tuple(max(g[i] for g in grids) for i in range(3))
     cfg = model.renderer.config
     return (renderer_working_bytes(cfg, grid, canvas.batch * (2 if guided else 1), extent or cfg.extent, _model_dtype(model))
-            + vqgan_memory(model, 1))
+            + vqgan_memory(model, 1, decode=True))
 
 
 def canvas_to(state, device):

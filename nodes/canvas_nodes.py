@@ -58,7 +58,7 @@ class NUWAVQGANDecode:
 
     def decode(self, model, canvas):
         _comfy.check_interrupted()
-        _comfy.load_for_run(getattr(model, "comfy_patcher", None), _comfy.vqgan_memory(model))
+        _comfy.load_for_run(getattr(model, "comfy_patcher", None), _comfy.vqgan_memory(model, decode=True))
         image = model.decode(canvas)
         return (image.to(_comfy.intermediate_device()),)
 

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import time
+import weakref
 
 import numpy as np
 import torch
 from PIL import Image
+
+from nuwa_core.infinity.preview import PreviewDecoder
 
 from . import _comfy, _engine
 from .planning_nodes import PlanSpec, as_plan_spec
@@ -41,14 +44,19 @@ class NUWAEmptyCanvas:
         return (model.blank_canvas(rows, cols, frames=frames, batch=batch_size),)
 
 
-def _preview(model, state) -> Image.Image:
-    one = state.clone()
-    one.tokens = one.tokens[:1, :state.patch_size[0]]
-    one.known = one.known[:1]
-    if one.given is not None:
-        one.given = one.given[:1]
-    image = model.decode(one)[0]
+def _preview(model, state, decoder=None) -> Image.Image:
+    """Batch row 0, frame 0 of the canvas, decoded incrementally: only the VQGAN windows whose tokens
+    changed since the last preview are decoded again (nuwa_core.infinity.preview). decoder: a
+    PreviewDecoder for this run; None: one kept per model (it compares tokens, so any canvas is safe)."""
+    if decoder is None:
+        decoder = _PREVIEWS.get(model)
+        if decoder is None:
+            decoder = _PREVIEWS[model] = PreviewDecoder(model)
+    image = decoder(state)
     return Image.fromarray((image.clamp(0, 1).numpy() * 255).astype(np.uint8))
+
+
+_PREVIEWS = weakref.WeakKeyDictionary()  # model -> its PreviewDecoder
 
 
 class NUWAPatchRenderer:

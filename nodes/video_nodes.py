@@ -71,7 +71,7 @@ class NUWAPGVQGANDecode:
         from nuwa_core.infinity.canvas import UNKNOWN
         from nuwa_core.infinity.pixel_guided_vqgan import check_pair, decode_video, load_pgvqgan
         _comfy.check_interrupted()
-        _comfy.load_for_run(getattr(model, "comfy_patcher", None), 2 * _comfy.vqgan_memory(model))
+        _comfy.load_for_run(getattr(model, "comfy_patcher", None), 2 * _comfy.vqgan_memory(model, decode=True))
         vq = model.vqgan
         pg = None
         if pgvqgan_name != NONE:

@@ -14,7 +14,7 @@ from _tiny import tiny_model
 
 from nuwa_core.infinity.patch_samplers import SamplerSettings
 from nuwa_core.infinity.renderer import RendererConfig
-from nuwa_core.infinity.vqgan import VQGANConfig
+from nuwa_core.infinity.vqgan import VQGANConfig, window_batch
 from nuwa_core.memory import renderer_working_bytes, vqgan_window_bytes
 
 
@@ -39,13 +39,16 @@ def _model_with_patcher():
     return model
 
 
-def test_every_infinity_node_loads_the_model_with_its_working_memory(pack, loads):
+def test_every_infinity_node_loads_the_model_with_its_working_memory(pack, loads, comfy_helpers):
     model = _model_with_patcher()
     (canvas,) = node(pack, "NUWAVQGANEncode")(model, torch.rand(2, 32, 32, 3), "refuse")
     node(pack, "NUWAVQGANDecode")(model, canvas)
     assert [p for p, _ in loads] == [model.comfy_patcher] * 2, "Encode / Decode did not ask ComfyUI to load the model"
     encode, decode = (m for _, m in loads)
-    assert encode > decode > 0, "the encode estimate should grow with the image batch"
+    assert encode > comfy_helpers.vqgan_memory(model, 1) > 0, "the encode estimate should grow with the image batch"
+    # the decode batches windows of a frame (vqgan.window_batch): a window's memory times the batch
+    window = comfy_helpers.vqgan_memory(model, 1)
+    assert decode == window_batch(model.vqgan.config, model.vqgan_tile) * window > window
     plan = model.plan_extension(canvas, right=2)
     node(pack, "NUWAPatchRenderer")(model, canvas, plan, 1, "auto", 4, 1.0, 16, 1.0)
     patcher, render = loads[-1]

@@ -90,7 +90,7 @@ def test_guidance_changes_the_output_and_tiles_crop_the_previous_frame():
     # one window over the whole grid: exactly the untiled decode
     assert torch.equal(pg.decode_tokens_tiled(tokens, prev, tile=8, overlap=2), out)
     # no overlap: every tile is decoded on its own tokens, guided by the previous frame's pixels under it
-    tiled = pg.decode_tokens_tiled(tokens, prev, tile=2, overlap=0)
+    tiled = pg.decode_tokens_tiled(tokens, prev, tile=2, overlap=0, max_windows=1)  # batched: tests/test_vqgan_batched_decode.py
     assert torch.allclose(tiled[..., 8:16, 8:16], pg.decode_tokens(tokens[:, 2:4, 2:4], prev[..., 8:16, 8:16]),
                           atol=1e-6)
     with pytest.raises(ValueError, match=r"previous frame must be \[B, 3, H, W\] = \[1, 3, 16, 24\]"):

@@ -141,13 +141,16 @@ def test_tiled_decode_bounded_windows(tiny, monkeypatch):
     original = VQModel.decode_tokens
 
     def spy(self, t):
-        seen.append(tuple(t.shape[1:]))
+        seen.append(tuple(t.shape))
         return original(self, t)
     monkeypatch.setattr(VQModel, "decode_tokens", spy)
-    out = tiny.decode_tokens_tiled(ids, tile=4, overlap=1)
+    out = tiny.decode_tokens_tiled(ids, tile=4, overlap=1, max_windows=1)  # one window per call
     assert out.shape == full.shape and torch.isfinite(out).all()
     # (tile + 2*overlap)^2 at most; windows shifted inwards at the far border are not decoded twice
-    assert max(max(s) for s in seen) <= 6 and len(seen) == 3 * 3
+    assert max(max(s[1:]) for s in seen) <= 6 and len(seen) == 3 * 3 and all(s[0] == 1 for s in seen)
+    seen.clear()  # batched (the default): the same 9 windows, several per call
+    assert (tiny.decode_tokens_tiled(ids, tile=4, overlap=1) - out).abs().max() <= 1e-5
+    assert sum(s[0] for s in seen) == 9 and len(seen) < 9 and max(max(s[1:]) for s in seen) <= 6
     # away from any cross-fade, pixels come from one window only, unchanged: the top-left corner
     # (tokens [0:3, 0:3]) from the first window, tokens [0:6, 0:6] ...
     assert torch.equal(out[..., :12, :12], tiny.decode_tokens(ids[:, :6, :6])[..., :12, :12])

@@ -33,7 +33,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint
-from .vqgan import Decoder, Downsample, ResnetBlock, VectorQuantizer, VQGANConfig, VQModel, _scale, blend_windows
+from .vqgan import (
+    Decoder,
+    Downsample,
+    ResnetBlock,
+    VectorQuantizer,
+    VQGANConfig,
+    VQModel,
+    _scale,
+    blend_windows,
+    window_batch,
+)
 
 KIND = "pgvqgan"
 # the tensors that fix what a token id decodes to: a PG-VQGAN fits only a VQGAN with these
@@ -185,10 +195,12 @@ class PixelGuidedDecoder(nn.Module):
 
     @torch.no_grad()
     def decode_tokens_tiled(self, tokens: torch.Tensor, previous: torch.Tensor, tile: int = 16, overlap: int = 4,
-                            wrap: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+                            wrap: tuple[bool, bool] = (False, False), max_windows: int | None = None) -> torch.Tensor:
         """decode_tokens window by window, cross-faded exactly as VQModel.decode_tokens_tiled (the
         same plan: vqgan.blend_windows); each window is guided by the previous frame's pixels under
-        it. tokens [B, h, w], previous [B, 3, h*f, w*f] -> [B, 3, h*f, w*f]."""
+        it. tokens [B, h, w], previous [B, 3, h*f, w*f] -> [B, 3, h*f, w*f]. max_windows: windows of
+        one shape decoded together (None: vqgan.window_batch's budget, counting the guidance
+        encoder as a second decoder; 1: one at a time)."""
         f = self.downsample_factor
         B, h, w = tokens.shape
         if tuple(previous.shape) != (B, 3, h * f, w * f):
@@ -201,9 +213,12 @@ class PixelGuidedDecoder(nn.Module):
                 rows = rows.to(previous.device)
             if not isinstance(cols, slice):
                 cols = cols.to(previous.device)
-            return self.decode_tokens(tokens[:, ys][:, :, xs], previous[:, :, rows][:, :, :, cols])
+            return tokens[:, ys][:, :, xs], previous[:, :, rows][:, :, :, cols]
 
-        return blend_windows(window, tokens.shape, f, tile, overlap, wrap)
+        if max_windows is None:
+            max_windows = window_batch(self.config.vqgan, tile, 2 * B, tokens.device, self._dtype())
+        return blend_windows(self.decode_tokens, tokens.shape, f, tile, overlap, wrap, take=window,
+                             max_windows=max_windows)
 
 
 # ---------------------------------------------------------------------------------------------
