@@ -5,7 +5,6 @@ import time
 import weakref
 
 import numpy as np
-import torch
 from PIL import Image
 
 from nuwa_core.infinity.preview import PreviewDecoder
@@ -119,7 +118,7 @@ class NUWAPatchRenderer:
         memory = _comfy.render_memory(model, canvas, spec.plans, extent, guided=text is not None and guidance != 1)
         _comfy.load_for_run(getattr(model, "comfy_patcher", None), memory)
         state = spec.prepare(canvas)  # a copy: the input canvas is never modified
-        generator = torch.Generator().manual_seed(int(seed) % (2 ** 63))  # CPU noise, as ComfyUI: one image per seed on every device
+        seed = int(seed) % (2 ** 63)  # every patch draws CPU noise from its own stream of it: one image per seed on every device
         total = len(spec)
         progress = _comfy.Progress(total)
         last = {"t": 0.0, "cost": 0.0}
@@ -138,8 +137,8 @@ class NUWAPatchRenderer:
             return True
 
         result = state
-        for core_plan in spec.plans:  # one generator through all of them: a seed gives one canvas
-            result = model.generate(result, core_plan, settings, text=text, generator=generator, callback=callback,
+        for core_plan in spec.plans:  # one seed for all of them: each patch's stream is keyed by its place
+            result = model.generate(result, core_plan, settings, text=text, generator=seed, callback=callback,
                                     extent=extent)
             finished += len(core_plan)
         image = model.decode(result)

@@ -44,26 +44,28 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def renderer_working_bytes(cfg, grid, batch: int, extent=None, dtype: torch.dtype = torch.float32) -> int:
+def renderer_working_bytes(cfg, grid, batch: int, extent=None, dtype: torch.dtype = torch.float32,
+                           wave: int = 1) -> int:
     """Peak device memory of the renderer generating on a canvas of `grid` (F, H, W) patches, pool included.
 
     cfg: a RendererConfig (n_layer, n_head, d_model, tokens_per_patch, extent, mlp_ratio, vocab_size).
     The pool holds the caches of the band of patches later patches can select: (e_f+1)(2e_h+1)
     patches across a row of the longer side, and never more than the canvas; one patch's context
     is the caches it selects, their per-layer keys and values, and the attention scores over
-    [context; patch] (softmax in fp32).
+    [context; patch] (softmax in fp32). `wave` patches rendered together (the wavefront schedule)
+    hold that many contexts, activations and new caches at once.
     """
     ef, eh, ew = tuple(extent or cfg.extent)
     f, h, w = grid
     layers, d, m, heads = cfg.n_layer, cfg.d_model, cfg.tokens_per_patch, cfg.n_head
-    size = _itemsize(dtype)
+    size, rows = _itemsize(dtype), batch * wave
     cache = layers * batch * m * d * size  # one pooled patch
     selected = (ef + 1) * (2 * eh + 1) * (2 * ew + 1)
-    band = min(f * h * w, (ef + 1) * (2 * max(eh, ew) + 1) * max(h, w) + selected)
-    context = selected * cache * 3  # the selected caches, their keys and values (every layer)
-    scores = batch * heads * m * (selected + 1) * m * 4 * 2  # one layer's scores and softmax, fp32
-    hidden = batch * m * d * (2 + cfg.mlp_ratio) * size * 2 + layers * batch * (m + 1) * d * size
-    logits = batch * m * max(getattr(cfg, "vocab_size", 0), 1) * 4 * 3  # logits, filtered copy, noise
+    band = min(f * h * w, (ef + 1) * (2 * max(eh, ew) + 1) * max(h, w) + selected) + wave
+    context = wave * selected * cache * 3  # the selected caches, their keys and values (every layer)
+    scores = rows * heads * m * (selected + 1) * m * 4 * 2  # one layer's scores and softmax, fp32
+    hidden = rows * m * d * (2 + cfg.mlp_ratio) * size * 2 + layers * rows * (m + 1) * d * size
+    logits = rows * m * max(getattr(cfg, "vocab_size", 0), 1) * 4 * 3  # logits, filtered copy, noise
     return int(MARGIN * (band * cache + context + scores + hidden + logits))
 
 

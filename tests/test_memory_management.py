@@ -89,6 +89,7 @@ def test_working_memory_estimates_scale_with_what_they_hold():
     assert renderer_working_bytes(cfg, (1, 4, 32), 1) > one  # a longer canvas keeps a longer band of caches
     assert renderer_working_bytes(cfg, (1, 4, 16), 2) > 1.9 * one
     assert renderer_working_bytes(cfg, (1, 4, 16), 1, dtype=torch.bfloat16) < 0.6 * one
+    assert renderer_working_bytes(cfg, (1, 4, 16), 1, wave=8) > 3 * one  # 8 patches' contexts at once
     cache = cfg.n_layer * cfg.tokens_per_patch * cfg.d_model * 4  # one pooled patch, fp32
     assert 25 * cache < one < 400 * cache  # at least the 25 caches a patch selects, not the whole canvas
     vq = VQGANConfig()

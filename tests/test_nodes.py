@@ -230,3 +230,32 @@ def test_latest_continues_the_last_saved_canvas_and_starts_from_start(pack, mode
     assert changed.endswith(str((tmp_path / "output" / "grow" / "c_00003.nuwacanvas.safetensors").stat().st_mtime_ns))
     (other,) = load("latest", "other/c", start=start)
     assert other is start  # another prefix: nothing saved there yet
+
+def test_progress_preview_and_cancel_run_per_wavefront_step(pack, model, monkeypatch):
+    """A 4 x 4 blank canvas renders in 10 wavefront steps: the bar moves once per step to the patches
+    made so far, a preview can be shown at each, and ComfyUI's interrupt stops the run between steps."""
+    comfy = sys.modules[f"{import_pack().__name__}.nodes._comfy"]
+    updates, previews = [], []
+
+    class Bar:
+        def update_absolute(self, done, total, preview=None):
+            updates.append((done, total))
+            previews.append(preview is not None)
+
+    monkeypatch.setattr(comfy.Progress, "__init__", lambda self, total: setattr(self, "total", total)
+                        or setattr(self, "bar", Bar()))
+    (canvas,) = node(pack, "NUWAEmptyCanvas")(model, 64, 64, 1, 1)
+    plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 0, 0, 0, 0, 0, 0, "center")
+    node(pack, "NUWAPatchRenderer")(model, canvas, plan, 3, "auto", 4, 1.0, 16, 1.0)
+    assert [d for d, _ in updates] == [1, 2, 4, 6, 8, 10, 12, 14, 15, 16] and {t for _, t in updates} == {16}
+    assert previews[0] and previews[-1]  # the first step and the finished canvas are previewed
+
+    class Interrupted(Exception):
+        pass
+    calls = []
+    monkeypatch.setattr(comfy, "check_interrupted", lambda: calls.append(1) if len(calls) < 3 else
+                        (_ for _ in ()).throw(Interrupted()))
+    updates.clear()
+    with pytest.raises(Interrupted):
+        node(pack, "NUWAPatchRenderer")(model, canvas, plan, 3, "auto", 4, 1.0, 16, 1.0)
+    assert [d for d, _ in updates] == [1, 2, 4]  # stopped at the fourth step's check

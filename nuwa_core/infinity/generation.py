@@ -216,7 +216,7 @@ class NuwaInfinity(nn.Module):
     def generate(self, state: CanvasState, plan: Plan, settings: SamplerSettings | None = None,
                  text: torch.Tensor | None = None, generator: torch.Generator | int | None = None,
                  callback: Callback | None = None, extent: Grid | None = None,
-                 reencode: bool = True, schedule: str = "wavefront", max_wave: int = 32) -> CanvasState:
+                 reencode: bool = True, schedule: str = "wavefront", max_wave: int = wavefront.MAX_WAVE) -> CanvasState:
         """Generate the plan's patches on a copy of `state`; the input state is left untouched.
 
         generator: a seed, or a CPU generator that one seed is drawn from (None: torch's default
@@ -250,6 +250,7 @@ class NuwaInfinity(nn.Module):
             raise ValueError(f"max_wave (patches rendered in one batch) must be a whole number >= 1, got {max_wave!r}")
         run_schedule = wavefront.schedule(schedule)
         extent = self._extent(extent)
+        waves = wavefront.plan_waves(plan, state.wrap, extent, schedule, max_wave)
         seed = run_seed(generator)
         state = state.grown(plan)
         self._check_plan(state, plan.steps())
@@ -258,11 +259,8 @@ class NuwaInfinity(nn.Module):
         if not guided and settings.guidance != 1.0:
             settings = dataclasses.replace(settings, guidance=1.0)  # nothing to guide without a prompt
         grid, periods = state.grid, state.periods
-        waves = [(segment.order, run_schedule(segment.patches, extent, grid, periods, max_wave))
-                 for segment in plan.segments]
-        widest = max((len(w) for _, segment_waves in waves for w in segment_waves), default=1)
         batch = state.batch * (2 if guided else 1)
-        check_memory(self.estimate_bytes(grid, batch, wave=widest), "this generation", self.device)
+        check_memory(self.estimate_bytes(grid, batch, wave=wavefront.widest(waves)), "this generation", self.device)
         rows = PatchBatch(self.renderer, self._text(text, state.batch), guided)
         pool = state.pool if _pool_fits(state.pool, cfg, batch, extent) else NearbyContextPool(extent)
         # a canvas from a file or a node's output keeps its caches on the CPU: onto the model's device and dtype

@@ -25,9 +25,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .arbitrary_direction_controller import Order
-from .renderer import Context, Renderer
+from .renderer import Context, Renderer, TokenStep
 
 # epsilon of the user-facing entry points (the Render node, the demo): with the shipped 512-code
 # model, a token must be 5x as likely as a uniform pick. The core default stays 0 (the paper's top-k only).
@@ -88,7 +89,8 @@ def filter_logits(logits: torch.Tensor, settings: SamplerSettings) -> torch.Tens
     floor that top-k alone still samples from (a = 0.15, V = 512: 2.9e-4 per code, ~3% of the
     mass of a top-100); a patch of 64 tokens then picks a couple of codes the model never meant.
     """
-    logits = logits / settings.temperature
+    if settings.temperature != 1.0:
+        logits = logits / settings.temperature
     top_k, top_p = settings.top_k, settings.top_p
     if settings.epsilon > 0:
         probs = logits.softmax(-1)
@@ -189,45 +191,28 @@ def sample_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch
 
 @torch.no_grad()
 def decode_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch: int, choose):
-    """Token-by-token decoding with a preallocated KV cache; choose(logits [B, V]) -> tokens [B].
+    """Token-by-token decoding; choose(logits [B, V]) -> tokens [B].
 
-    The context's keys and values are projected once per patch; each step runs one slot
-    (renderer module docstring) through every layer and attends to [context; patch keys so far].
-    Slot t predicts token t; one more step after the last token runs slot M only as far as the
-    last layer's input, for the cache (no head).
+    renderer.TokenStep runs one slot (renderer module docstring) at a time through every layer,
+    attending to [context; slots so far] held in preallocated key / value buffers; the context is
+    projected once per patch. Slot t predicts token t; one more step after the last token runs
+    slot M only as far as the last layer's input, for the cache (no head).
     """
     cfg = renderer.config
-    m, d, dh, n_layer = cfg.tokens_per_patch, cfg.d_model, cfg.d_model // cfg.n_head, cfg.n_layer
-    ctx_kv = renderer.context_kv(context)
+    m, n_layer = cfg.tokens_per_patch, cfg.n_layer
     perm, inv = renderer.permutation(order)
-    pos = renderer.positions()[perm]  # [M, d] own position of each token, generation order
     nxt = renderer.next_positions(order)  # [M + 1, d]
-    n_ctx = 0 if context.hidden is None else context.hidden.shape[2]
-    kv = []  # per layer: [context keys; patch keys] in one buffer, the context written once
-    for layer_kv in ctx_kv:
-        k, v = (pos.new_zeros(batch, cfg.n_head, n_ctx + m + 1, dh) for _ in range(2))
-        if layer_kv is not None:
-            k[:, :, :n_ctx], v[:, :, :n_ctx] = layer_kv
-        kv.append((k, v, n_ctx))
-    hidden = pos.new_zeros(n_layer, batch, m, d)
-    tokens = torch.zeros(batch, m, dtype=torch.long, device=pos.device)
-    # one query over [context; every slot], sliced to the slots written so far at each step
-    masks = [renderer.attn_mask(l, context, 1, m + 1, causal=False) for l in range(n_layer)]
-    x = (renderer.order_emb.weight[order.id] + nxt[0]).expand(batch, 1, d)
-    for t in range(m + 1):
-        for l, blk in enumerate(renderer.blocks):
-            if t:
-                hidden[l, :, t - 1] = x[:, 0]  # slot t holds token t-1
-            if t == m and l == n_layer - 1:
-                break
-            mask = None if masks[l] is None else masks[l][..., :n_ctx + t + 1]
-            x = blk(x, None, renderer.self_key_emb(l), mask, text_kv[l], kv_cache=kv[l], pos=t)
-        if t == m:
-            break
-        token = choose(renderer.head(renderer.ln_f(x[:, 0])))
+    after = renderer.positions()[perm] + nxt[1:]  # [M, d] slot t+1 = tok_emb(token t) + this
+    step = TokenStep(renderer, context, text_kv, batch, m + 1)
+    tokens = torch.zeros(batch, m, dtype=torch.long, device=nxt.device)
+    x = (renderer.order_emb.weight[order.id] + nxt[0]).expand(batch, -1)
+    for t in range(m):
+        token = choose(step.logits(step(x, t)))
         tokens[:, t] = token
-        x = renderer.tok_emb(token)[:, None] + pos[t] + nxt[t + 1]
-    return tokens[:, inv], hidden[:, :, inv]
+        x = torch.add(F.embedding(token, renderer.tok_emb.weight), after[t])
+    step(x, m, layers=n_layer - 1)  # slot M: the last token's cache
+    cache = step.inputs[:, 1:].transpose(1, 2)  # [L, B, M, d], generation order (slot t+1 holds token t)
+    return tokens[:, inv], cache[:, :, inv]
 
 
 @torch.no_grad()

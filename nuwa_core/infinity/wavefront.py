@@ -21,6 +21,7 @@ from . import arbitrary_direction_controller as adc
 from .arbitrary_direction_controller import Coord, Grid
 
 SCHEDULES = ("wavefront", "sequential")
+MAX_WAVE = 32  # patches one step renders together at most (memory: NuwaInfinity.estimate_bytes)
 
 
 def sequential(coords: list[Coord], extent: Grid, grid: Grid, periods: Grid = adc.NO_PERIODS,
@@ -53,6 +54,19 @@ def schedule(name: str):
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
     return wavefronts if name == "wavefront" else sequential
+
+
+def plan_waves(plan: adc.Plan, wrap: str, extent: Grid, name: str = "wavefront",
+               max_size: int | None = None) -> list[tuple[adc.Order, list[list[Coord]]]]:
+    """(order, waves) of every segment of `plan` on a canvas that wraps as `wrap`. Segments stay
+    apart: a segment starts once the one before it is done (it may re-encode that one's caches)."""
+    run, periods = schedule(name), adc.periods(plan.grid, wrap)
+    return [(segment.order, run(segment.patches, extent, plan.grid, periods, max_size)) for segment in plan.segments]
+
+
+def widest(waves: list[tuple[adc.Order, list[list[Coord]]]]) -> int:
+    """The most patches one step renders together (1 for an empty plan)."""
+    return max((len(wave) for _, segment in waves for wave in segment), default=1)
 
 
 def patch_seed(seed: int, coord: Coord) -> int:
