@@ -47,15 +47,18 @@ def _preview(model, state, decoder=None) -> Image.Image:
     """Batch row 0, frame 0 of the canvas, decoded incrementally: only the VQGAN windows whose tokens
     changed since the last preview are decoded again (nuwa_core.infinity.preview). decoder: a
     PreviewDecoder for this run; None: one kept per model (it compares tokens, so any canvas is safe)."""
-    if decoder is None:
-        decoder = _PREVIEWS.get(model)
-        if decoder is None:
-            decoder = _PREVIEWS[model] = PreviewDecoder(model)
-    image = decoder(state)
+    image = (decoder or _preview_decoder(model))(state)
     return Image.fromarray((image.clamp(0, 1).numpy() * 255).astype(np.uint8))
 
 
 _PREVIEWS = weakref.WeakKeyDictionary()  # model -> its PreviewDecoder
+
+
+def _preview_decoder(model) -> PreviewDecoder:
+    decoder = _PREVIEWS.get(model)
+    if decoder is None:
+        decoder = _PREVIEWS[model] = PreviewDecoder(model)
+    return decoder
 
 
 class NUWAPatchRenderer:
@@ -122,6 +125,7 @@ class NUWAPatchRenderer:
         total = len(spec)
         progress = _comfy.Progress(total)
         last = {"t": 0.0, "cost": 0.0}
+        previews = _preview_decoder(model)
 
         finished = 0  # patches of the plans run before this one (a mask's fill, then an extension)
 
@@ -131,7 +135,7 @@ class NUWAPatchRenderer:
             now = time.perf_counter()
             # previews decode the canvas: keep them to about a fifth of the run's time
             if progress.bar is not None and (finished + done == total or now - last["t"] >= 5 * last["cost"]):
-                preview = _preview(model, current)
+                preview = _preview(model, current, previews)
                 last["t"], last["cost"] = time.perf_counter(), time.perf_counter() - now
             progress.update(finished + done, preview)
             return True
@@ -141,7 +145,12 @@ class NUWAPatchRenderer:
             result = model.generate(result, core_plan, settings, text=text, generator=seed, callback=callback,
                                     extent=extent)
             finished += len(core_plan)
-        image = model.decode(result)
+        if result.batch == 1 and result.tokens.shape[1] == 1:
+            # one image: the previews decoded it as it grew, window by window; only the windows changed
+            # since the last one are decoded now (the same pixels as model.decode)
+            image = previews(result)[None]
+        else:
+            image = model.decode(result)
         device = _comfy.intermediate_device()
         return (image.to(device), _comfy.canvas_to(result, device))
 

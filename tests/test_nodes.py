@@ -40,6 +40,7 @@ def test_encode_plan_render_decode(pack, model):
     assert torch.equal(again, image_out), "same seed, different image"
     (decoded,) = node(pack, "NUWAVQGANDecode")(model, grown)
     assert decoded.shape == image_out.shape
+    assert (decoded - image_out).abs().max() <= 1e-5  # the renderer's incremental decode is the full decode
 
 
 def test_render_epsilon_reaches_the_sampler(pack, model):

@@ -233,3 +233,19 @@ def test_pnar_gumbel_temperature_is_linear_4_5_to_1_and_used_as_is(monkeypatch, 
         want = torch.zeros(16, dtype=torch.bool)
         want[unknown[:n_mask] if factor < 1 else unknown[-n_mask:]] = True
         assert torch.equal(seen[step + 1][0] == 64, want), step
+
+
+def test_epsilon_and_top_k_keep_exactly_the_tokens_both_rules_keep():
+    """filter_logits skips top-k when it cannot remove an epsilon-likely token (top_k >= 1/epsilon):
+    the same tokens as applying both rules one after the other, ties and peaked rows included."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.randn(64, 512, generator=gen) * s for s in (0.5, 2.0, 6.0)])
+    logits[:8, :300] = 0.0  # ties
+    for top_k, epsilon in ((100, 0.01), (768, 0.01), (200, 0.005), (50, 0.01), (10, 0.2)):
+        got = filter_logits(logits, SamplerSettings(top_k=top_k, epsilon=epsilon))
+        probs = logits.softmax(-1)
+        keep = (probs >= epsilon) | (probs == probs.amax(-1, keepdim=True))
+        if top_k < logits.shape[-1]:
+            kth = torch.topk(logits.masked_fill(~keep, float("-inf")), top_k, dim=-1).values[..., -1:]
+            keep &= logits >= kth
+        assert torch.equal(torch.isfinite(got), keep), (top_k, epsilon)

@@ -94,8 +94,10 @@ def filter_logits(logits: torch.Tensor, settings: SamplerSettings) -> torch.Tens
     top_k, top_p = settings.top_k, settings.top_p
     if settings.epsilon > 0:
         probs = logits.softmax(-1)
-        keep = (probs >= settings.epsilon) | (probs == probs.amax(-1, keepdim=True))
-        logits = logits.masked_fill(~keep, float("-inf"))
+        floor = probs.amax(-1, keepdim=True).clamp_(max=settings.epsilon)  # the most likely token stays
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+        if top_k * settings.epsilon >= 1:  # at most 1/epsilon tokens are epsilon likely: all in the top-k
+            top_k = 0
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

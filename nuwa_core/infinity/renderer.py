@@ -217,13 +217,14 @@ class Block(nn.Module):
 class TokenStep:
     """The renderer run one AR slot at a time, every slot attending to [context; slots so far].
 
-    Built once per patch (or batch of patches): each layer's q, k, v weights fused into one
-    pre-transposed matrix, the attention scale folded into q and the pre-RPE key embedding of the
-    patch's own keys into k's bias; the context's keys (transposed) and values projected once into
-    buffers that each slot's key and value are then written after. A step is a few matmuls per
-    layer, with no module calls and nothing of the context reshaped or reallocated; each layer's
-    output is written straight into the buffer of the next layer's inputs. The same layers as
-    Block.forward (tests compare it with the teacher-forced pass).
+    Each layer's q, k, v weights are fused into one pre-transposed matrix (per head), the attention
+    scale folded into q and the pre-RPE key embedding of the patch's own keys into k's bias
+    (`fused_layers`, made once per set of weights). Per patch (or batch of patches), the context's
+    keys (transposed) and values are projected once into buffers that each slot's key and value
+    are written after. A step is then a few matmuls per layer, with no module calls and nothing of
+    the context reshaped or reallocated; each layer's output is written straight into the buffer
+    of the next layer's inputs. The same layers as Block.forward (tests compare it with the
+    teacher-forced pass).
 
     inputs [L, slots, B, d]: each layer's input at each slot (what the pool caches).
     """
@@ -235,20 +236,12 @@ class TokenStep:
         self.d, self.h, self.rows = d, h, rows
         self.n_ctx = 0 if context.hidden is None else context.hidden.shape[2]
         n, like = self.n_ctx + slots, renderer.pos_f
-        scale = dh ** -0.5
+        fused, self.head = fused_layers(renderer)
         ctx_kv = renderer.context_kv(context)
-
-        def weight_t(w: torch.Tensor) -> torch.Tensor:  # [out, in] -> [in, out], contiguous (the fast addmm)
-            return w.t().contiguous()
-
-        def by_head(q, k, v):  # rows of q, k, v [d, ..] -> [3d, ..] as (head, q/k/v, d/h): a step views it per head
-            return torch.stack([x.reshape(h, dh, *x.shape[1:]) for x in (q, k, v)], dim=1).flatten(0, 2)
         self.layers = []
-        for l, blk in enumerate(renderer.blocks):
-            key_emb = renderer.self_key_emb(l)
-            k_bias = blk.k.bias if key_emb is None else blk.k.bias + key_emb
-            keys_t = like.new_zeros(rows * h, dh, n)  # keys transposed: a query's scores are one bmm
-            values = like.new_zeros(rows * h, n, dh)
+        for l, (ln_1, qkv, proj, text_w, ln_2, fc, out) in enumerate(fused):
+            keys_t = like.new_empty(rows * h, dh, n)  # keys transposed: a query's scores are one bmm
+            values = like.new_empty(rows * h, n, dh)
             if ctx_kv[l] is not None:
                 keys_t[:, :, :self.n_ctx] = ctx_kv[l][0].reshape(rows * h, self.n_ctx, dh).transpose(1, 2)
                 values[:, :self.n_ctx] = ctx_kv[l][1].reshape(rows * h, self.n_ctx, dh)
@@ -258,59 +251,88 @@ class TokenStep:
             text = None
             if text_kv[l] is not None:
                 text_k, text_v, gate = text_kv[l]
-                text = ((blk.ln_x.weight, blk.ln_x.bias, blk.ln_x.eps),
-                        (blk.xq.bias * scale, weight_t(blk.xq.weight * scale)),
-                        text_k.reshape(rows * h, -1, dh).transpose(1, 2).contiguous(), text_v.reshape(rows * h, -1, dh).contiguous(),
-                        (blk.xproj.bias, weight_t(blk.xproj.weight)), None if gate is None else gate.view(rows, 1))
-            self.layers.append((
-                (blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps),
-                (by_head(blk.q.bias * scale, k_bias, blk.v.bias),
-                 weight_t(by_head(blk.q.weight * scale, blk.k.weight, blk.v.weight))),
-                keys_t, values, None if mask is None else mask.expand(rows, h, 1, n).reshape(rows * h, 1, n),
-                (blk.proj.bias, weight_t(blk.proj.weight)), text,
-                (blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps),
-                (blk.mlp[0].bias, weight_t(blk.mlp[0].weight)), (blk.mlp[2].bias, weight_t(blk.mlp[2].weight))))
-        self.head = ((renderer.ln_f.weight, renderer.ln_f.bias, renderer.ln_f.eps), weight_t(renderer.head.weight))
-        self.inputs = like.new_zeros(len(self.layers), slots, rows, d)
+                text = (*text_w, text_k.reshape(rows * h, -1, dh).transpose(1, 2).contiguous(),
+                        text_v.reshape(rows * h, -1, dh).contiguous(), None if gate is None else gate.view(rows, 1))
+            self.layers.append((ln_1, qkv, keys_t, values,
+                                None if mask is None else mask.expand(rows, h, 1, n).reshape(rows * h, 1, n),
+                                proj, text, ln_2, fc, out))
+        self.inputs = like.new_empty(len(self.layers), slots, rows, d)
 
     def __call__(self, x: torch.Tensor, t: int, layers: int | None = None) -> torch.Tensor:
         """Slot t's input x [B, d] through the first `layers` layers (all by default) -> [B, d]; each
         layer's input is kept in `inputs` (a partial run's output too, as the next layer's input)."""
         d, h, rows = self.d, self.h, self.rows
-        dh, at, end = d // h, self.n_ctx + t, self.n_ctx + t + 1
-        layers = len(self.layers) if layers is None else layers
-        self.inputs[0, t] = x
+        dh, at, end, shape = d // h, self.n_ctx + t, self.n_ctx + t + 1, (d,)
+        inputs = self.inputs.select(1, t)  # [L, B, d]
+        last = len(self.layers) - 1
+        layers = last + 1 if layers is None else layers
+        inputs[0].copy_(x)
         for l in range(layers):
             ln_1, qkv_w, keys_t, values, bias, proj, text, ln_2, fc, out = self.layers[l]
-            x = self.inputs[l, t]
-            qkv = _linear(F.layer_norm(x, (d,), *ln_1), qkv_w).view(rows * h, 3, dh)
-            keys_t[:, :, at], values[:, at] = qkv[:, 1], qkv[:, 2]
-            scores = torch.bmm(qkv[:, :1], keys_t[:, :, :end])  # [B*h, 1, keys]
+            x = inputs[l]
+            qkv = torch.addmm(qkv_w[0], torch.layer_norm(x, shape, *ln_1), qkv_w[1]).view(rows * h, 3, dh)
+            keys_t.select(2, at).copy_(qkv.select(1, 1))
+            values.select(1, at).copy_(qkv.select(1, 2))
+            scores = torch.bmm(qkv.narrow(1, 0, 1), keys_t.narrow(2, 0, end))  # [B*h, 1, keys]
             if bias is not None:
-                scores += bias[..., :end]
-            y = torch.bmm(scores.softmax(-1), values[:, :end]).view(rows, d)
-            x = _linear(y, proj).add_(x)
+                scores += bias.narrow(2, 0, end)
+            y = torch.bmm(scores.softmax(-1), values.narrow(1, 0, end)).view(rows, d)
+            x = torch.addmm(proj[0], y, proj[1]).add_(x)
             if text is not None:
-                ln_x, xq, text_kt, text_v, xproj, gate = text
-                q = _linear(F.layer_norm(x, (d,), *ln_x), xq).view(rows * h, 1, dh)
-                y = _linear(torch.bmm(torch.bmm(q, text_kt).softmax(-1), text_v).view(rows, d), xproj)
+                ln_x, xq_b, xq_w, xproj_b, xproj_w, text_kt, text_v, gate = text
+                q = torch.addmm(xq_b, torch.layer_norm(x, shape, *ln_x), xq_w).view(rows * h, 1, dh)
+                y = torch.addmm(xproj_b, torch.bmm(torch.bmm(q, text_kt).softmax(-1), text_v).view(rows, d), xproj_w)
                 x = x + (y if gate is None else y * gate)
-            u = F.gelu(_linear(F.layer_norm(x, (d,), *ln_2), fc), approximate="tanh")
-            if l + 1 < len(self.inputs):  # the output is the next layer's input: written there
-                x = torch.add(x, _linear(u, out), out=self.inputs[l + 1, t])
+            u = F.gelu(torch.addmm(fc[0], torch.layer_norm(x, shape, *ln_2), fc[1]), approximate="tanh")
+            if l < last:  # the output is the next layer's input: written there
+                x = torch.add(x, torch.addmm(out[0], u, out[1]), out=inputs[l + 1])
             else:
-                x = _linear(u, out).add_(x)
+                x = torch.addmm(out[0], u, out[1]).add_(x)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Last layer's output [B, d] -> logits [B, V]."""
         ln_f, head = self.head
-        return torch.mm(F.layer_norm(x, (self.d,), *ln_f), head)
+        return torch.mm(torch.layer_norm(x, (self.d,), *ln_f), head)
 
 
-def _linear(x: torch.Tensor, bias_weight: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x [B, d_in] @ weight_t [d_in, d_out] + bias, in one addmm."""
-    return torch.addmm(bias_weight[0], x, bias_weight[1])
+def fused_layers(renderer: Renderer) -> tuple[list, tuple]:
+    """TokenStep's per-layer weights (layer norms as (weight, bias, eps), linears as (bias, weight
+    [in, out] contiguous), q/k/v fused per head) and the head's, made once and kept on the renderer
+    until any parameter changes (training updates them in place: their versions move)."""
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in renderer.parameters())
+    held = renderer.__dict__.get("_fused")
+    if held is not None and held[0] == key:
+        return held[1]
+    cfg = renderer.config
+    h, dh = cfg.n_head, cfg.d_model // cfg.n_head
+    scale = dh ** -0.5
+
+    def linear(bias: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return bias.detach(), weight.detach().t().contiguous()
+
+    def by_head(q, k, v):  # rows of q, k, v [d, ..] -> [3d, ..] as (head, q/k/v, d/h): a step views it per head
+        return torch.stack([x.reshape(h, dh, *x.shape[1:]) for x in (q, k, v)], dim=1).flatten(0, 2)
+
+    def norm(ln: nn.LayerNorm) -> tuple:
+        return ln.weight.detach(), ln.bias.detach(), ln.eps
+
+    layers = []
+    with torch.no_grad():
+        for l, blk in enumerate(renderer.blocks):
+            key_emb = renderer.self_key_emb(l)
+            k_bias = blk.k.bias if key_emb is None else blk.k.bias + key_emb
+            text = None
+            if cfg.text_dim:
+                text = (norm(blk.ln_x), *linear(blk.xq.bias * scale, blk.xq.weight * scale),
+                        *linear(blk.xproj.bias, blk.xproj.weight))
+            layers.append((norm(blk.ln_1), linear(by_head(blk.q.bias * scale, k_bias, blk.v.bias),
+                                                  by_head(blk.q.weight * scale, blk.k.weight, blk.v.weight)),
+                           linear(blk.proj.bias, blk.proj.weight), text, norm(blk.ln_2),
+                           linear(blk.mlp[0].bias, blk.mlp[0].weight), linear(blk.mlp[2].bias, blk.mlp[2].weight)))
+        head = (norm(renderer.ln_f), renderer.head.weight.detach().t().contiguous())
+    renderer.__dict__["_fused"] = (key, (layers, head))
+    return layers, head
 
 
 class Renderer(nn.Module):
