@@ -249,3 +249,18 @@ def test_epsilon_and_top_k_keep_exactly_the_tokens_both_rules_keep():
             kth = torch.topk(logits.masked_fill(~keep, float("-inf")), top_k, dim=-1).values[..., -1:]
             keep &= logits >= kth
         assert torch.equal(torch.isfinite(got), keep), (top_k, epsilon)
+
+
+def test_the_token_step_follows_weights_changed_in_place():
+    """TokenStep keeps fused copies of the weights; an optimizer step (in place) must not leave it stale."""
+    r = tiny_renderer()
+    tokens = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(3))
+    perm, _ = r.permutation(Order.DOWN_RIGHT)
+    for _ in range(2):
+        forced = iter(tokens[0, perm])
+        _, cache = decode_ar(r, Context(None, None, 0), Order.DOWN_RIGHT, r.text_kv(None), 1,
+                             lambda logits: next(forced)[None])
+        _, full = r.teacher_forced(tokens, Order.DOWN_RIGHT, Context(None, None, 0), r.text_kv(None))
+        assert (cache - full).abs().max() <= 1e-4
+        with torch.no_grad():
+            r.blocks[0].q.weight.mul_(3.0)  # as an optimizer step would
