@@ -264,3 +264,12 @@ def test_the_token_step_follows_weights_changed_in_place():
         assert (cache - full).abs().max() <= 1e-4
         with torch.no_grad():
             r.blocks[0].q.weight.mul_(3.0)  # as an optimizer step would
+
+
+def test_the_token_step_runs_on_weights_made_under_inference_mode():
+    """ComfyUI runs nodes under torch.inference_mode: weights loaded there have no version counter."""
+    with torch.inference_mode():
+        r = tiny_renderer()
+        tokens, cache = decode_ar(r, Context(None, None, 0), Order.DOWN_RIGHT, r.text_kv(None), 1,
+                                  lambda logits: logits.argmax(-1))
+    assert tokens.shape == (1, 16) and cache.shape == (2, 1, 16, 32)

@@ -299,8 +299,10 @@ class TokenStep:
 def fused_layers(renderer: Renderer) -> tuple[list, tuple]:
     """TokenStep's per-layer weights (layer norms as (weight, bias, eps), linears as (bias, weight
     [in, out] contiguous), q/k/v fused per head) and the head's, made once and kept on the renderer
-    until any parameter changes (training updates them in place: their versions move)."""
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in renderer.parameters())
+    until any parameter changes (training updates them in place: their versions move; weights
+    loaded under torch.inference_mode, as ComfyUI runs nodes, have no version and are not trained)."""
+    key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype, p.device)
+                for p in renderer.parameters())
     held = renderer.__dict__.get("_fused")
     if held is not None and held[0] == key:
         return held[1]
