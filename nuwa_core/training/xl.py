@@ -23,6 +23,10 @@ diffusion.training_loss (eps MSE, eq. 5).
 Latents are precomputed once with the frozen T-KLVAE (posterior mean x its latent_scale). All random
 choices (clip, level, timestep, noise) come from one data generator, so `--resume` continues exactly.
 The trained file is written by xl.model.save_mtd_xl.
+
+`--init-unet FILE` starts the MTD from an SD 1.x UNet (a checkpoint's model.diffusion_model.* keys or a
+bare UNet file; xl.sd_unet.mtd_from_sd_unet): its spatial layers are the UNet's, the temporal layers,
+temporal attentions and condition injections start at identity / zero, as the paper initialises it.
 """
 from __future__ import annotations
 
@@ -34,10 +38,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import CheckpointError
 from ..xl import diffusion
 from ..xl.diffusion_over_diffusion import _check_tree
 from ..xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
 from ..xl.model import XLModel, contact_sheet, load_mtd_xl, save_mtd_xl, save_png
+from ..xl.sd_unet import mtd_from_sd_unet
 from ..xl.t_klvae import TKLVAE, TKLVAEConfig, load_t_klvae
 from .data import list_video_sources, load_videos, parse_size, to_model
 from .loop import Dist, Run, TrainingError, dtype_named, set_lr
@@ -56,6 +62,18 @@ def mtd_preset(name: str, latent_channels: int, context_dim: int) -> MTDConfig:
     if name not in presets:
         raise TrainingError(f"--preset {name!r}: choose one of {sorted(presets)}")
     return presets[name]()
+
+
+def mtd_from_unet_file(path: str, latent_channels: int) -> MaskTemporalDiffusion:
+    """--init-unet: an MTD whose spatial layers are an SD 1.x UNet's (temporal and injection layers fresh)."""
+    try:
+        model = mtd_from_sd_unet(path)
+    except CheckpointError as err:  # not found, a pickle, another architecture (SDUNetError)
+        raise TrainingError(f"--init-unet: {err}") from None
+    if model.config.latent_channels != latent_channels:
+        raise TrainingError(f"--init-unet {Path(path).name} takes {model.config.latent_channels}-channel latents but "
+                            f"the T-KLVAE makes {latent_channels}")
+    return model
 
 
 def role_levels(role: str, depth: int) -> list[int]:
@@ -219,6 +237,7 @@ def xl_batch(latents: list[torch.Tensor], n: int, L: int, depth: int, levels: li
 
 def xl_config_dict(args, mcfg: MTDConfig, vae_cfg: TKLVAEConfig) -> dict:
     return {"stage": "xl", "preset": args.preset, "init": args.init or "", "vae": Path(args.vae).name,
+            "init_unet": Path(args.init_unet).name if args.init_unet else "",
             "vae_latent_scale": vae_cfg.latent_scale, "size": args.size, "frame_step": args.frame_step,
             "L": args.L, "depth": args.depth, "role": args.role, "batch": args.batch, "lr": args.lr,
             "seed": args.seed, "text_embeddings": Path(args.text_embeddings).name if args.text_embeddings else "",
@@ -256,14 +275,20 @@ def train_xl(args) -> dict:
         text, encoder_info = load_caption_text(args, videos, kept)
         source = f"the text encoder {encoder_info['name']} (--text-encoder)"
     context_dim = text[0].shape[-1] if text is not None else args.context_dim
+    if args.init and args.init_unet:
+        raise TrainingError("give --init (an MTD file to go on from) or --init-unet (an SD 1.x UNet to start from), "
+                            "not both")
     if args.init:
         model, _ = load_mtd_xl(args.init)
         model = model.float()
+    elif args.init_unet:
+        model = mtd_from_unet_file(args.init_unet, vae.config.z_channels).float()
     else:
         model = MaskTemporalDiffusion(mtd_preset(args.preset, vae.config.z_channels, context_dim))
     mcfg = model.config
     if mcfg.context_dim != context_dim and text is not None:
-        raise TrainingError(f"the prompts are {context_dim} wide ({source}) but the --init model takes "
+        start = "--init-unet UNet" if args.init_unet else "--init model"
+        raise TrainingError(f"the prompts are {context_dim} wide ({source}) but the {start} takes "
                             f"{mcfg.context_dim}-wide prompts; start a new model or use a matching text encoder")
     context_dim = mcfg.context_dim
     lh, lw = size[1] // f, size[0] // f
@@ -316,6 +341,9 @@ def add_arguments(p) -> None:
     p.add_argument("--vae", required=True, help="the frozen T-KLVAE .safetensors")
     p.add_argument("--preset", default="small", help="MTD size: tiny | small | sd (used without --init)")
     p.add_argument("--init", default=None, help="start from this MTD file")
+    p.add_argument("--init-unet", default=None, help="start from an SD 1.x UNet: a checkpoint (its "
+                   "model.diffusion_model.* weights) or a bare UNet file, .safetensors (or a .ckpt/.pt of plain "
+                   "tensors); its widths replace --preset, temporal and condition layers start at identity / zero")
     p.add_argument("--L", type=int, default=5, help="frames per diffusion call")
     p.add_argument("--depth", type=int, default=3, help="tree depth the strides are sampled for")
     p.add_argument("--role", choices=("global", "local", "both"), default="both",

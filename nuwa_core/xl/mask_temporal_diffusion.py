@@ -39,6 +39,11 @@ class MTDConfig:
     temporal_kernel: int = 3
     multiscale_injection: bool = True  # "MI" of Table 2b: condition at every scale, else the highest only
     symmetric_injection: bool = True  # "SI": into DownBlocks and UpBlocks, else UpBlocks only
+    # SD compatibility (defaults: the blocks the first MTD files were saved with; files without these keys
+    # load with them): the transformer's MLP, "gelu" (c -> 4c -> c) or SD's "geglu" (c -> 8c gated to 4c -> c),
+    # and the eps of the GroupNorm in front of each transformer (SD: 1e-6; its ResBlocks and output use 1e-5)
+    feed_forward: str = "gelu"
+    transformer_norm_eps: float = 1e-5
 
     def __post_init__(self):
         for m in self.channel_mult:
@@ -46,16 +51,19 @@ class MTDConfig:
             if c % self.num_groups or c % self.num_heads:
                 raise ValueError(f"channel count {c} (model_channels x {m}) must be divisible by num_groups "
                                  f"{self.num_groups} and num_heads {self.num_heads}")
+        if self.feed_forward not in ("gelu", "geglu"):
+            raise ValueError(f"feed_forward must be 'gelu' or 'geglu', got {self.feed_forward!r}")
         if self.temporal_kernel % 2 == 0:
             raise ValueError(f"temporal_kernel must be odd to have a centre tap, got {self.temporal_kernel}")
 
     @classmethod
-    def sd(cls, **overrides) -> "MTDConfig":
-        """The SD 1.x UNet's widths and levels, with CLIP-L prompts."""
-        return cls(**overrides)
+    def sd(cls, **overrides) -> MTDConfig:
+        """The SD 1.x UNet's widths, levels and blocks (GEGLU, GroupNorm eps 1e-6 before attention), with
+        CLIP-L prompts: spatial weights load from an SD 1.x UNet (sd_unet.mtd_from_sd_unet)."""
+        return cls(**{"feed_forward": "geglu", "transformer_norm_eps": 1e-6, **overrides})
 
     @classmethod
-    def tiny(cls, **overrides) -> "MTDConfig":
+    def tiny(cls, **overrides) -> MTDConfig:
         return cls(**{"model_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1,
                       "attention_levels": (0, 1), "num_heads": 2, "context_dim": 32, "num_groups": 4,
                       **overrides})
@@ -138,18 +146,33 @@ class Attention(nn.Module):
         return self.out(rearrange(y, "N heads n d -> N n (heads d)"))
 
 
+class GEGLU(nn.Module):
+    """SD's gated feed-forward input: Linear(c, 2 inner), half of it times GELU of the other half."""
+
+    def __init__(self, c: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(c, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
 class Transformer(nn.Module):
     """Spatial self-attention (SA), prompt cross-attention (PA), temporal self-attention (TA), MLP."""
 
     def __init__(self, c: int, cfg: MTDConfig):
         super().__init__()
-        self.norm = nn.GroupNorm(cfg.num_groups, c)
+        self.norm = nn.GroupNorm(cfg.num_groups, c, eps=cfg.transformer_norm_eps)
         self.proj_in = nn.Linear(c, c)
         self.ln_sa, self.sa = nn.LayerNorm(c), Attention(c, cfg.num_heads)
         self.ln_pa, self.pa = nn.LayerNorm(c), Attention(c, cfg.num_heads, cfg.context_dim)
         self.ln_ta, self.ta = nn.LayerNorm(c), Attention(c, cfg.num_heads, zero_out=True)
         self.ln_mlp = nn.LayerNorm(c)
-        self.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
+        if cfg.feed_forward == "geglu":
+            self.mlp = nn.Sequential(GEGLU(c, 4 * c), nn.Linear(4 * c, c))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
         self.proj_out = nn.Linear(c, c)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, f: int) -> torch.Tensor:
