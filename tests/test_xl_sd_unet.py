@@ -234,3 +234,63 @@ def test_train_xl_starts_from_an_sd_unet_file(tmp_path, vae_file):
     with pytest.raises(TrainingError, match="--init-unet: sdxl.safetensors: .*SDXL-like"):
         train.main(_xl_args(frames, vae_file, tmp_path / "y.safetensors", "--steps", "1", "--init-unet",
                             str(tmp_path / "sdxl.safetensors")))
+
+
+COMFY_SHAPES_SCRIPT = r"""
+import json, sys
+import torch
+comfy_dir, ours_path = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy_dir)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.model_detection
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+common = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=2,
+              use_spatial_transformer=True, legacy=False, dtype=torch.float32, device="meta")
+configs = {  # full-size UNets as ComfyUI's model detection configures them
+    "sd15": dict(common, channel_mult=(1, 2, 4, 4), transformer_depth=[1] * 6 + [0] * 2,
+                 transformer_depth_output=[1] * 9 + [0] * 3, transformer_depth_middle=1, context_dim=768,
+                 num_heads=8, use_linear_in_transformer=False),
+    "sd21": dict(common, channel_mult=(1, 2, 4, 4), transformer_depth=[1] * 6 + [0] * 2,
+                 transformer_depth_output=[1] * 9 + [0] * 3, transformer_depth_middle=1, context_dim=1024,
+                 num_head_channels=64, use_linear_in_transformer=True),
+    "sdxl": dict(common, channel_mult=(1, 2, 4), transformer_depth=[0, 0, 2, 2, 10, 10],
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10,
+                 context_dim=2048, num_head_channels=64, use_linear_in_transformer=True, num_classes="sequential",
+                 adm_in_channels=2816),
+}
+out = {name: {k: list(v.shape) for k, v in UNetModel(**kw).state_dict().items()} for name, kw in configs.items()}
+with torch.device("meta"):
+    ours = {"model.diffusion_model." + k: torch.empty(v) for k, v in json.load(open(ours_path)).items()}
+detected = comfy.model_detection.model_config_from_unet(ours, "model.diffusion_model.")
+print("RESULT " + json.dumps({"shapes": out, "detected": type(detected).__name__}))
+"""
+
+
+@pytest.mark.comfyui
+def test_full_size_key_map_matches_comfyui_sd15_and_refuses_sd2_sdxl(comfyui_dir, tmp_path):
+    """Shapes only (meta tensors): MTDConfig.sd's spatial weights are exactly ComfyUI's SD 1.5 UNet's keys
+    and shapes (ComfyUI's model detection calls them SD15); ComfyUI's SD 2.1 and SDXL UNets are refused."""
+    with torch.device("meta"):
+        ours = sd_unet.mtd_to_sd_unet(MaskTemporalDiffusion(MTDConfig.sd()))
+    (tmp_path / "ours.json").write_text(json.dumps({k: list(v.shape) for k, v in ours.items()}))
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    run = subprocess.run([python, "-c", COMFY_SHAPES_SCRIPT, str(comfyui_dir), str(tmp_path / "ours.json")],
+                         capture_output=True, text=True, timeout=600, check=False, cwd=str(comfyui_dir),
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert run.returncode == 0 and line, f"{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+    result = json.loads(line[-1][len("RESULT "):])
+    assert result["detected"] == "SD15"
+    theirs = result["shapes"]["sd15"]
+    assert {k: list(v.shape) for k, v in ours.items()} == theirs
+    assert sum(v.numel() for v in ours.values()) == 859_520_964  # SD 1.5's UNet
+    with torch.device("meta"):
+        def state(name):
+            return {k: torch.empty(v) for k, v in result["shapes"][name].items()}
+        assert sd_unet.config_for_sd_unet(state("sd15")) == MTDConfig.sd()
+        with pytest.raises(sd_unet.SDUNetError, match=r"SD 2\.x-like UNet \(context_dim 1024, linear proj_in"):
+            sd_unet.config_for_sd_unet(state("sd21"))
+        with pytest.raises(sd_unet.SDUNetError, match=r"SDXL-like UNet \(context_dim 2048.*depth 10.*label_emb"):
+            sd_unet.config_for_sd_unet(state("sdxl"))
