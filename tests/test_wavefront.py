@@ -185,3 +185,13 @@ def test_bad_schedule_arguments_are_named():
         m.generate(st, m.plan_fill(st), FAST, max_wave=0)
     with pytest.raises(TypeError, match="a seed"):
         m.generate(st, m.plan_fill(st), FAST, generator=1.5)
+
+
+def test_pooled_caches_of_a_wave_do_not_share_its_batch_tensor():
+    m = tiny_model()
+    st = m.blank_canvas(4, 4)
+    out = m.generate(st, m.plan_fill(st), FAST, generator=1)
+    storages = [c.untyped_storage().data_ptr() for c in out.pool.caches.values()]
+    assert len(set(storages)) == len(storages)
+    assert all(c.is_contiguous() and c.untyped_storage().nbytes() == c.numel() * c.element_size()
+               for c in out.pool.caches.values())

@@ -486,8 +486,9 @@ class PatchBatch:
         return parts[0] if len(parts) == 1 else patch_rows(parts, self.halves, dim=0)
 
     def split(self, x: torch.Tensor, patches: int, dim: int) -> list[torch.Tensor]:
-        """[.., halves*P*B, ..] along `dim` -> per patch [.., halves*B, ..]."""
-        return [x] if patches == 1 else patch_row_split(x, patches, self.halves, dim)
+        """[.., halves*P*B, ..] along `dim` -> per patch [.., halves*B, ..], each its own tensor (a
+        view would keep the whole batch alive in the pool for as long as any one patch is held)."""
+        return [x] if patches == 1 else [part.contiguous() for part in patch_row_split(x, patches, self.halves, dim)]
 
     def encode(self, coords: list[Coord], order: Order, pool: NearbyContextPool, select,
                patch_tokens: Callable[[Coord], torch.Tensor]) -> None:

@@ -99,7 +99,7 @@ def filter_logits(logits: torch.Tensor, settings: SamplerSettings) -> torch.Tens
         if top_k * settings.epsilon >= 1:  # at most 1/epsilon tokens are epsilon likely: all in the top-k
             top_k = 0
     if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        kth = torch.topk(logits, top_k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
@@ -221,7 +221,7 @@ def decode_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch
 def sample_nar(renderer: Renderer, context: Context, order: Order, text_kv, batch: int,
                settings: SamplerSettings, generator=None):
     cfg = renderer.config
-    ctx_kv = renderer.context_kv(context)
+    ctx_kv = renderer.context_kv(context, room=cfg.tokens_per_patch)  # shared by the pass and the cache pass
     masked = torch.full((batch, cfg.tokens_per_patch), cfg.mask_id, dtype=torch.long, device=renderer.pos_f.device)
     logits, _ = renderer(renderer.parallel_inputs(masked, order), context, text_kv, ctx_kv)
     tokens = both_halves(sample_categorical(filter_logits(guided(logits, settings), settings), generator), settings)
@@ -233,7 +233,7 @@ def sample_pnar(renderer: Renderer, context: Context, order: Order, text_kv, bat
                 settings: SamplerSettings, generator=None):
     cfg = renderer.config
     m, device = cfg.tokens_per_patch, renderer.pos_f.device
-    ctx_kv = renderer.context_kv(context)
+    ctx_kv = renderer.context_kv(context, room=m)  # every step and the cache pass write their keys after it
     rows = batch if settings.guidance == 1.0 else batch // 2  # a guided batch samples its first half
     tokens = torch.full((rows, m), cfg.mask_id, dtype=torch.long, device=device)
     unknown = torch.ones(rows, m, dtype=torch.bool, device=device)

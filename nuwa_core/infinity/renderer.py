@@ -404,13 +404,28 @@ class Renderer(nn.Module):
         return self.tok_emb(tokens) + self.positions() + self.order_emb.weight[order.id]
 
     # ---- the network ----------------------------------------------------------------------
-    def context_kv(self, context: Context) -> list:
-        """Per layer (k, v) of the context, or None when there is no context."""
+    def context_kv(self, context: Context, room: int = 0) -> list:
+        """Per layer (k, v) of the context, or None when there is no context.
+
+        room > 0: per layer (k, v, n_ctx) buffers [B, h, n_ctx + room, d/h] holding the context's
+        keys and values, with room after them for a pass's own `room` keys (Block.forward's
+        kv_cache): passes repeated over one context (P-NAR's steps, the cache pass) then write their
+        keys there instead of concatenating the whole context again in every layer.
+        """
         if context.hidden is None:
             return [None] * len(self.blocks)
         pre = self.config.rpe == "pre"
-        return [blk.context_kv(context.hidden[l], self.rel(l, context.rel) if pre else None)
-                for l, blk in enumerate(self.blocks)]
+        kv = [blk.context_kv(context.hidden[l], self.rel(l, context.rel) if pre else None)
+              for l, blk in enumerate(self.blocks)]
+        if not room:
+            return kv
+        buffers = []
+        for k, v in kv:
+            n_ctx = k.shape[2]
+            k_buf, v_buf = k.new_empty(*k.shape[:2], n_ctx + room, k.shape[3]), v.new_empty(*v.shape[:2], n_ctx + room, v.shape[3])
+            k_buf[:, :, :n_ctx], v_buf[:, :, :n_ctx] = k, v
+            buffers.append((k_buf, v_buf, n_ctx))
+        return buffers
 
     def text_kv(self, text: torch.Tensor | None, with_null: bool = False) -> list:
         """Per layer the cross-attention's (keys, values, gate) of text [B, T, D], or None without text.
@@ -455,7 +470,8 @@ class Renderer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: Context, text_kv: list, ctx_kv: list | None = None,
                 causal: bool = False):
-        """One pass over a whole patch. x [B, T, d] inputs -> (logits [B, T, V], layer inputs [L, B, T, d])."""
+        """One pass over a whole patch. x [B, T, d] inputs -> (logits [B, T, V], layer inputs [L, B, T, d]).
+        ctx_kv: context_kv(context), or its buffers (room=T) when several passes share the context."""
         out, inputs = self.trunk(x, context, text_kv, ctx_kv, causal)
         return self.head(self.ln_f(out)), inputs
 
@@ -466,8 +482,11 @@ class Renderer(nn.Module):
         inputs = []
         for l, blk in enumerate(self.blocks):
             inputs.append(x)
-            x = blk(x, ctx_kv[l], self.self_key_emb(l), self.attn_mask(l, context, x.shape[1], x.shape[1], causal),
-                    text_kv[l])
+            mask = self.attn_mask(l, context, x.shape[1], x.shape[1], causal)
+            if ctx_kv[l] is not None and len(ctx_kv[l]) == 3:  # a buffer with room for this pass's keys
+                x = blk(x, None, self.self_key_emb(l), mask, text_kv[l], kv_cache=ctx_kv[l], pos=0)
+            else:
+                x = blk(x, ctx_kv[l], self.self_key_emb(l), mask, text_kv[l])
         return x, torch.stack(inputs)
 
     def self_key_emb(self, layer: int) -> torch.Tensor | None:
