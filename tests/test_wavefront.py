@@ -195,3 +195,18 @@ def test_pooled_caches_of_a_wave_do_not_share_its_batch_tensor():
     assert len(set(storages)) == len(storages)
     assert all(c.is_contiguous() and c.untyped_storage().nbytes() == c.numel() * c.element_size()
                for c in out.pool.caches.values())
+
+
+@pytest.mark.parametrize("decoder", ["ar", "nar"])  # (P-NAR counts its masked tokens: data a meta tensor lacks)
+def test_a_padded_wave_keeps_every_tensor_on_the_models_device(decoder):
+    """Device mixing without a GPU: a renderer on `meta` renders a wave of patches with padded
+    contexts; a mask, buffer or noise made on the CPU would fail to combine with it."""
+    r = tiny_model(decoder=decoder, rpe="post").renderer.to("meta")
+    caches = [torch.zeros(2, 1, 16, 32, device="meta") for _ in range(3)]
+    contexts = [Context.from_pool([((0, 0, 0), caches[0]), ((0, 0, 1), caches[1])], (0, 1, 1), r.rel, "meta"),
+                Context(None, None, 0), Context.from_pool([((0, 1, 0), caches[2])], (0, 1, 1), r.rel, "meta")]
+    batch = g.PatchBatch(r)
+    streams = PatchStreams([torch.Generator().manual_seed(i) for i in range(3)])
+    sample = g.SAMPLERS[decoder]
+    tokens, cache = sample(r, Context.batched(contexts), Order.DOWN_RIGHT, batch.text_kv(3), 3, FAST, streams)
+    assert tokens.device.type == cache.device.type == "meta" and cache.shape == (2, 3, 16, 32)
