@@ -1,4 +1,5 @@
-"""NUWA-XL nodes: model loader, Global Diffusion, Local Diffusion, Coarse-to-Fine (the whole tree), Decode.
+"""NUWA-XL nodes: model loader, Global Diffusion, Local Diffusion, Coarse-to-Fine (the whole tree), Decode,
+Encode (a user's own frames -> keyframes for Local Diffusion; nuwa_core.xl.keyframes).
 
 Model files are looked up in the "nuwa" model folder (ComfyUI/models/nuwa, the pack's models/nuwa,
 extra_model_paths.yaml `nuwa:`) and in the "nuwa_xl" folder: ComfyUI/models/nuwa_xl and the pack's own
@@ -430,6 +431,54 @@ class NUWAXLDecode:
         return decoded_output(model, model.decode(latents["latents"]), latents.get("frames_apart", 1.0))
 
 
+class NUWAXLEncode:
+    DESCRIPTION = ("Encodes your own frames (an IMAGE batch: Load Image nodes joined with Batch Images, or a video's "
+                   "frames from a video loader) with the model's T-KLVAE into keyframe latents, as Global Diffusion "
+                   "makes them: feed them to Local Diffusion to fill between your frames (it keeps them). The frames "
+                   "must be the model's frame size (the shipped model: 64x48) or be scaled and centre-cropped to it by "
+                   "the size option; at least 2 frames.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = (LATENTS_TYPE,)
+    RETURN_NAMES = ("keyframes",)
+    OUTPUT_TOOLTIPS = ("Keyframe latents, one per frame taken; to Local Diffusion (or NUWA-XL Decode).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from nuwa_core.xl.keyframes import FIT_MODES, FIT_REFUSE
+        return {"required": {
+            "xl_model": _model_input(),
+            "images": ("IMAGE", {"tooltip": "The frames, in order: an IMAGE batch [N, H, W, 3] of at least 2 frames."}),
+            "size": (list(FIT_MODES), {"default": FIT_REFUSE, "tooltip":
+                     "Frames of another size than the model's: refuse them with an error naming the size that fits, "
+                     "or scale each (keeping its aspect) until it covers the model's size and cut out the centre."}),
+            "every": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip":
+                      "Take frames 0, every, 2*every, ... of the batch as keyframes (1: every frame; e.g. 16 to take "
+                      "keyframes 16 frames apart from a video)."}),
+            "frames_apart": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "tooltip":
+                             "Frames of the final video between two of these keyframes (sets the fps of decoding "
+                             "them; each Local Diffusion level divides it by L-1). 0: as far apart as Global "
+                             "Diffusion's keyframes, (L-1)^(depth-1) of the model (L=5, depth 3: 16)."}),
+        }}
+
+    def encode(self, xl_model, images, size, every=1, frames_apart=0):
+        from nuwa_core.xl.keyframes import encode_keyframes
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4):
+            raise ValueError(f"NUWA-XL Encode: expected an IMAGE batch [N, H, W, 3], got "
+                             f"{tuple(getattr(images, 'shape', ())) or type(images).__name__}")
+        frames = images[..., :3].float().permute(0, 3, 1, 2) * 2.0 - 1.0  # an alpha channel is dropped
+        if not frames_apart:
+            L, depth = int(xl_model.info.get("L", 5)), int(xl_model.info.get("depth", 3))
+            frames_apart = (L - 1) ** max(depth - 1, 0)
+        model = _load(xl_model, ("vae",), vae_memory(xl_model))
+        try:  # consecutive frames of a clip are encoded together, keyframes further apart one at a time
+            latents = encode_keyframes(model, frames, size, every, neighbours=every == 1 and frames_apart == 1)
+        except ValueError as err:
+            taken = f" (frames 0, {every}, ... of {images.shape[0]})" if every > 1 else ""
+            raise ValueError(f"NUWA-XL Encode{taken}: {err}") from None
+        return ({"latents": latents, "L": latents.shape[0], "frames_apart": float(frames_apart), "prompts": None},)
+
+
 SCHEDULE_LEVELS = 3  # Coarse-to-Fine's prompt inputs: the keyframes' and levels 2..3 (deeper levels reuse the last)
 _LEVEL_TIP = ("Denser prompts for level {k} of the tree (the paper's prompts with smaller time intervals): any "
               "number, joined with Conditioning (Combine), spread over this level's frames from the first to the "
@@ -518,6 +567,7 @@ NODE_CLASS_MAPPINGS = {
     "NUWAXLLocalDiffusion": NUWAXLLocalDiffusion,
     "NUWAXLCoarseToFine": NUWAXLCoarseToFine,
     "NUWAXLDecode": NUWAXLDecode,
+    "NUWAXLEncode": NUWAXLEncode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "NUWAXLModelLoader": "NUWA-XL Model Loader",
@@ -525,4 +575,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "NUWAXLLocalDiffusion": "NUWA-XL Local Diffusion",
     "NUWAXLCoarseToFine": "NUWA-XL Coarse-to-Fine (long video)",
     "NUWAXLDecode": "NUWA-XL Decode",
+    "NUWAXLEncode": "NUWA-XL Encode (your frames -> keyframes)",
 }

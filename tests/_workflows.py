@@ -33,10 +33,14 @@ SHIPPED_RUNS = {"outpaint_spiral": (PAINTING_MODEL, "nuwa_infinity_starry_night.
 SHIPPED_IMAGES = tuple(image for _, image in SHIPPED_RUNS.values() if image)
 EXPECTED = ("outpaint_spiral", "infinite_panorama", "grow_canvas_across_runs", "text_to_image_wide",
             "nuwa_xl_long_video", "nuwa_xl_ksampler", "outpaint_your_own_painting", "seamless_texture",
-            "image_animation")
+            "image_animation", "nuwa_xl_fill_between_frames")
 # NUWA-XL: its own loader and model files; run on the shipped default XL model (models/nuwa_xl) by the real-server
 # test, and their thumbnails come from such a run (python tests/make_thumbnails.py --comfyui)
-XL_WORKFLOWS = ("nuwa_xl_long_video", "nuwa_xl_ksampler")
+XL_WORKFLOWS = ("nuwa_xl_long_video", "nuwa_xl_ksampler", "nuwa_xl_fill_between_frames")
+# NUWA-XL templates that start from frames a user gives (NUWA-XL Encode) and the example frames they load, shipped in
+# models/nuwa_xl/ (copied into ComfyUI's input folder like the images above): a held-out pan of the default model's kind
+XL_FRAMES = {"nuwa_xl_fill_between_frames": ("nuwa_xl_keyframe_1.png", "nuwa_xl_keyframe_2.png",
+                                             "nuwa_xl_keyframe_3.png")}
 # every template is one or the other: the runnable ones are queued from the real frontend in a fresh ComfyUI by the
 # real-server test; a template that cannot run on the shipped models starts its note with NOT_RUNNABLE_NOTE
 RUNNABLE = (*SHIPPED_RUNS, *XL_WORKFLOWS)
@@ -76,6 +80,7 @@ CORE_NODES = {
                                 ("spacing_width", ("INT", {"min": 0, "max": 1024, "step": 2})),
                                 ("spacing_color", (["white", "black", "red", "green", "blue"], {}))],
                     "outputs": [("IMAGE", "IMAGE")]},
+    "ImageBatch": {"inputs": [("image1", "IMAGE"), ("image2", "IMAGE")], "widgets": [], "outputs": [("IMAGE", "IMAGE")]},
     "ConditioningCombine": {"inputs": [("conditioning_1", "CONDITIONING"), ("conditioning_2", "CONDITIONING")],
                             "widgets": [], "outputs": [("CONDITIONING", "CONDITIONING")]},
     "CheckpointLoaderSimple": {"inputs": [], "widgets": [("ckpt_name", ("file", {}))],

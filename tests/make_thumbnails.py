@@ -21,7 +21,8 @@ one-shot templates (outpaint_your_own_painting, seamless_texture) first train th
 Train One-Shot's 10 minutes; the second loads what the first trained), into a temporary model folder
 (NUWA_MODELS_DIR), never into the pack's models/nuwa.
 
---comfyui: the NUWA-XL workflows (XL_WORKFLOWS: nuwa_xl_long_video, nuwa_xl_ksampler) need ComfyUI's
+--comfyui: the NUWA-XL workflows (XL_WORKFLOWS: nuwa_xl_long_video, nuwa_xl_ksampler,
+nuwa_xl_fill_between_frames) need ComfyUI's
 own nodes (KSampler, SaveAnimatedWEBP), so they run on a real ComfyUI server (CPU, a temporary
 --base-directory, started as the real-server tests start it) with the shipped default XL model
 (models/nuwa_xl); their thumbnail is a contact sheet of every frame of the animated WEBP the

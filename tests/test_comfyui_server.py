@@ -434,7 +434,25 @@ def test_frontend_loads_shipped_workflows(comfyui_server, tmp_path):
 
 
 def _xl_frames(prompt: dict) -> int:
-    """Frames an XL workflow makes: (L-1)^depth + 1, from Coarse-to-Fine or the KSampler route's Empty Latent Video."""
+    """Frames an XL workflow makes: (L-1)^depth + 1, from Coarse-to-Fine or the KSampler route's Empty Latent Video;
+    from a user's K frames (NUWA-XL Encode), (K-1)(L-1)+1 for each Local Diffusion level after it."""
+    def count(ref) -> int:  # frames out of an IMAGE or NUWA-XL latents output
+        node = prompt[ref[0]]
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "LoadImage":
+            return 1
+        if kind == "ImageBatch":
+            return count(inputs["image1"]) + count(inputs["image2"])
+        if kind == "NUWAXLEncode":
+            return -(-count(inputs["images"]) // inputs["every"])
+        if kind == "NUWAXLLocalDiffusion":
+            return (count(inputs["keyframes"]) - 1) * (inputs["L"] - 1) + 1
+        if kind == "NUWAXLDecode":
+            return count(inputs["latents"])
+        raise AssertionError(f"unexpected {kind} on the way to SaveAnimatedWEBP")
+    if any(node["class_type"] == "NUWAXLEncode" for node in prompt.values()):
+        save = next(node for node in prompt.values() if node["class_type"] == "SaveAnimatedWEBP")
+        return count(save["inputs"]["images"])
     for node in prompt.values():
         if node["class_type"] == "NUWAXLCoarseToFine":
             return (node["inputs"]["L"] - 1) ** node["inputs"]["depth"] + 1

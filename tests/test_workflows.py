@@ -25,7 +25,7 @@ import pytest
 
 from _pack import import_pack
 from _workflows import (API_DIR, CORE_NODES, EXPECTED, NOT_RUNNABLE, NOT_RUNNABLE_NOTE, REPO, RUNNABLE, SHIPPED_IMAGES,
-                        SHIPPED_MODELS, SHIPPED_RUNS, TRAINED, UI_DIR, XL_WORKFLOWS)
+                        SHIPPED_MODELS, SHIPPED_RUNS, TRAINED, UI_DIR, XL_FRAMES, XL_WORKFLOWS)
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -240,8 +240,9 @@ def test_workflow_nodes_widgets_and_links(path):
     problems = workflow_problems(workflow)
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
     types = {n["type"] for n in workflow["nodes"]}
-    if path.stem in XL_WORKFLOWS:  # the whole tree in one node, or one stock KSampler per level
-        assert "NUWAXLModelLoader" in types and ("NUWAXLCoarseToFine" in types or "KSampler" in types)
+    if path.stem in XL_WORKFLOWS:  # the whole tree in one node, one stock KSampler per level, or the user's frames filled
+        assert "NUWAXLModelLoader" in types and ("NUWAXLCoarseToFine" in types or "KSampler" in types or
+                                                 {"NUWAXLEncode", "NUWAXLLocalDiffusion"} <= types)
     else:
         assert ("NUWAModelLoader" in types or "NUWATrainOneShot" in types) and "NUWAPatchRenderer" in types
     note = workflow["extra"].get("nuwa_note", "")
@@ -357,6 +358,42 @@ def test_specific_contents():
     notes = [n for n in wf["nuwa_xl_ksampler"]["nodes"] if n["type"] in VIRTUAL_NODES]
     assert notes and "null prompt" in notes[0]["widgets_values"][0]
     assert len(wf["nuwa_xl_ksampler"]["groups"]) >= 4
+
+    # (f) NUWA-XL from the user's own frames: the shipped example frames, loaded and batched in order, encoded at the
+    # model's size (refused otherwise), then Local Diffusion level after level on the shipped model, decoded, saved
+    f = api["nuwa_xl_fill_between_frames"]
+    kind = {nid: n["class_type"] for nid, n in f.items()}
+    loader = next(n for n in f.values() if n["class_type"] == "NUWAXLModelLoader")["inputs"]
+    assert (loader["t_klvae_name"], loader["mtd_name"]) == ("t_klvae_default.safetensors", "mtd_default.safetensors")
+    encode = next(nid for nid in kind if kind[nid] == "NUWAXLEncode")
+    assert f[encode]["inputs"]["size"] == "refuse other sizes"
+
+    def batch_order(ref) -> list[str]:
+        n = f[ref[0]]
+        if n["class_type"] == "LoadImage":
+            return [n["inputs"]["image"]]
+        assert n["class_type"] == "ImageBatch", n
+        return batch_order(n["inputs"]["image1"]) + batch_order(n["inputs"]["image2"])
+    assert tuple(batch_order(f[encode]["inputs"]["images"])) == XL_FRAMES["nuwa_xl_fill_between_frames"]
+    decode = next(nid for nid in kind if kind[nid] == "NUWAXLDecode")
+    chain, ref = [], f[decode]["inputs"]["latents"][0]
+    while kind[ref] == "NUWAXLLocalDiffusion":
+        chain.append(ref)
+        ref = f[ref]["inputs"]["keyframes"][0]
+    assert ref == encode and len(chain) == 2 and all(f[nid]["inputs"]["L"] == 5 for nid in chain)
+    save = next(n for n in f.values() if n["class_type"] == "SaveAnimatedWEBP")["inputs"]
+    assert save["images"] == [decode, 0] and save["fps"] == [decode, 1]
+    assert "NUWA-XL Encode" in wf["nuwa_xl_fill_between_frames"]["extra"]["nuwa_note"]
+
+
+def test_shipped_example_frames_are_the_model_frame_size():
+    """The XL templates' example frames are the shipped default model's frame size (NUWA-XL Encode refuses others)."""
+    from PIL import Image
+    for name, frames in XL_FRAMES.items():
+        assert [n for n in _loaded_images(json.loads((UI_DIR / f"{name}.json").read_text()))] == list(frames), name
+        for frame in frames:
+            with Image.open(REPO / "models" / "nuwa_xl" / frame) as img:
+                assert img.size == (64, 48) and img.mode == "RGB", (frame, img.size, img.mode)
 
 
 def _loaded_images(workflow: dict) -> list[str]:
