@@ -391,8 +391,13 @@ class NUWAXLLocalDiffusion:
                                               "frames; without it, the prompts that came with the input frames."})}}
 
     def fill(self, xl_model, keyframes, L, steps, seed, segments_per_batch, conditioning=None, guidance=1.0):
+        from nuwa_core.xl.keyframes import check_keyframe_latents
         _check_tree(L, 1)
         lat = keyframes["latents"]
+        try:
+            check_keyframe_latents(xl_model, lat)
+        except ValueError as err:
+            raise ValueError(f"Local Diffusion: {err}") from None
         k = lat.shape[0]
         if k < 2:
             raise ValueError(f"Local Diffusion needs at least 2 input frames, got {k}")

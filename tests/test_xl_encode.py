@@ -62,6 +62,19 @@ def test_frames_of_the_wrong_size_are_refused_or_cropped(pack, models_dir):
     assert small["latents"].shape == (2, *model.latent_shape())
 
 
+def test_local_diffusion_refuses_keyframes_of_another_size_or_width(pack, models_dir):
+    model = load_xl(pack)  # 16x16 frames: 4 channels of 4x4 latents (f4)
+    c, h, w = model.latent_shape()
+    f = model.vae.config.downsample_factor
+    wrong = {"latents": torch.randn(3, c, h + 1, w + 2)}
+    with pytest.raises(ValueError, match=rf"Local Diffusion: the keyframes are latents of {(w + 2) * f}x{(h + 1) * f} "
+                                         rf"frames \({w + 2}x{h + 1} latents\) but this model makes and takes 16x16 "
+                                         rf"frames \({w}x{h} latents\); encode frames of that size with NUWA-XL Encode"):
+        node(pack, "NUWAXLLocalDiffusion")(model, wrong, 3, 1, 0, 0)
+    with pytest.raises(ValueError, match=rf"Local Diffusion: the keyframes have {c + 1} latent channels but .* take {c}"):
+        node(pack, "NUWAXLLocalDiffusion")(model, {"latents": torch.randn(3, c + 1, h, w)}, 3, 1, 0, 0)
+
+
 def test_too_few_frames_or_not_an_image_batch_are_refused(pack, models_dir):
     model = load_xl(pack)
     with pytest.raises(ValueError, match=r"NUWA-XL Encode: got 1 frame\(s\) .* needs at least 2"):

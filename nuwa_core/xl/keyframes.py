@@ -62,6 +62,23 @@ def check_keyframe_count(n: int) -> None:
                          f"or more")
 
 
+def check_keyframe_latents(model, latents: torch.Tensor) -> None:
+    """Keyframe latents [K, c, h, w] that the model can fill between: its latent channels and its frame size."""
+    c, h, w = model.latent_shape()
+    f = model.vae.config.downsample_factor
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+        raise ValueError(f"expected keyframe latents [frames, {c}, {h}, {w}] (from Global Diffusion, NUWA-XL Encode or "
+                         f"Local Diffusion), got {tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
+    if latents.shape[1] != c:
+        raise ValueError(f"the keyframes have {latents.shape[1]} latent channels but this model's T-KLVAE and MTD take "
+                         f"{c}; make them with this model (NUWA-XL Encode, Global Diffusion)")
+    kh, kw = latents.shape[2:]
+    if (kh, kw) != (h, w):
+        raise ValueError(f"the keyframes are latents of {kw * f}x{kh * f} frames ({kw}x{kh} latents) but this model makes "
+                         f"and takes {w * f}x{h * f} frames ({w}x{h} latents); encode frames of that size with NUWA-XL "
+                         f"Encode (its size option can scale and crop them)")
+
+
 def select_keyframes(frames: torch.Tensor, every: int = 1) -> torch.Tensor:
     """Frames 0, every, 2*every, ... of a video (every >= 1)."""
     if every < 1:
