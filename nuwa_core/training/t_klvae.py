@@ -116,6 +116,8 @@ def train_t_klvae(args) -> dict:
                                     postfix=lambda st, _: {"l1": f"{st['l1']:.4f}", "kl": f"{st['kl']:.3f}"},
                                     sample=lambda path: _vae_samples(vae, sample_in, path))
     if dist.main:
+        # the clip length it learnt on: the default temporal window when encoding / decoding long videos
+        vae.config = dataclasses.replace(vae.config, clip_frames=args.clip_frames)
         scale = args.latent_scale
         if scale == "auto" or (scale == "" and not args.init):
             vae.config = dataclasses.replace(vae.config, latent_scale=measure_latent_scale(vae, sample_in))

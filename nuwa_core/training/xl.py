@@ -187,13 +187,12 @@ def load_caption_text(args, videos: list[torch.Tensor], kept: list[int]):
 
 @torch.no_grad()
 def encode_videos(vae: TKLVAE, videos: list[torch.Tensor], chunk: int, device) -> list[torch.Tensor]:
-    """uint8 videos -> diffusion latents (posterior mean x latent_scale) [F, c, h, w], chunk frames at a time."""
+    """uint8 videos -> diffusion latents (posterior mean x latent_scale) [F, c, h, w], in overlapping,
+    cross-faded windows of `chunk` frames (0: the T-KLVAE's training clip length); each window goes to
+    the T-KLVAE's device (`device`), the latents come back to the CPU."""
     vae.eval()
-    out = []
-    for v in videos:
-        parts = [vae.encode(to_model(v[s:s + chunk])[None].to(device))[0].cpu() for s in range(0, v.shape[0], chunk)]
-        out.append(torch.cat(parts) * vae.config.latent_scale)
-    return out
+    chunk = chunk or vae.config.clip_frames
+    return [vae.encode(to_model(v)[None], chunk=chunk)[0].cpu() * vae.config.latent_scale for v in videos]
 
 
 def xl_batch(latents: list[torch.Tensor], n: int, L: int, depth: int, levels: list[int], gen: torch.Generator,
@@ -357,7 +356,9 @@ def add_arguments(p) -> None:
                    "prompt classifier-free guidance samples against)")
     p.add_argument("--context-dim", type=int, default=32, help="prompt width of an unconditional model")
     p.add_argument("--time-reverse", action="store_true", help="random time reversal of clips")
-    p.add_argument("--encode-chunk", type=int, default=16, help="frames per T-KLVAE encode call")
+    p.add_argument("--encode-chunk", type=int, default=0,
+                   help="frames per T-KLVAE encode window (a window starts at every frame; they are cross-faded); "
+                        "0: the clip length the T-KLVAE was trained on")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
 
 

@@ -118,18 +118,32 @@ class XLModel:
     def null_prompts(self, frames: int = 1) -> torch.Tensor:
         return torch.zeros(frames, 1, self.context_dim, device=self.device)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """Diffusion latents [N, c, h, w] -> frames [N, 3, H, W] in -1..1 (float32; chunk frames per decode call)."""
-        z = latents.to(**self._place(self.vae)) / self.vae.config.latent_scale
-        return torch.cat([self.vae.decode(z[s:s + chunk][None])[0].float() for s in range(0, z.shape[0], chunk)])
+    def _chunking(self, chunk: int | None, overlap: int | None, frames_apart: float) -> tuple[int, int | None]:
+        """The T-KLVAE's temporal windows: `chunk` frames (default: the clip length it was trained on)
+        overlapping by `overlap` (default chunk - 1); frames further apart than neighbours
+        (keyframes, frames_apart > 1) each go through alone, so no temporal layer mixes them."""
+        if frames_apart > 1:
+            return 1, 0
+        return (self.vae.config.clip_frames if chunk is None else chunk), overlap
 
     @torch.no_grad()
-    def encode(self, frames: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """Frames [N, 3, H, W] in -1..1 -> diffusion latents [N, c, h, w] (float32)."""
+    def decode(self, latents: torch.Tensor, chunk: int | None = None, overlap: int | None = None,
+               frames_apart: float = 1.0) -> torch.Tensor:
+        """Diffusion latents [N, c, h, w] -> frames [N, 3, H, W] in -1..1 (float32), in overlapping,
+        cross-faded windows of `chunk` frames (t_klvae.temporal_windows; default: the T-KLVAE's
+        training clip length, config.clip_frames); frames_apart > 1 (keyframes): each frame alone."""
+        chunk, overlap = self._chunking(chunk, overlap, frames_apart)
+        z = latents.to(**self._place(self.vae)) / self.vae.config.latent_scale
+        return self.vae.decode(z[None], chunk=chunk, overlap=overlap)[0].float()
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor, chunk: int | None = None, overlap: int | None = None,
+               frames_apart: float = 1.0) -> torch.Tensor:
+        """Frames [N, 3, H, W] in -1..1 -> diffusion latents [N, c, h, w] (float32), in the windows
+        decode uses; frames_apart > 1 (frames that are not neighbours in time): each frame alone."""
+        chunk, overlap = self._chunking(chunk, overlap, frames_apart)
         x = frames.to(**self._place(self.vae))
-        z = torch.cat([self.vae.encode(x[s:s + chunk][None])[0].float() for s in range(0, x.shape[0], chunk)])
-        return z * self.vae.config.latent_scale
+        return self.vae.encode(x[None], chunk=chunk, overlap=overlap)[0].float() * self.vae.config.latent_scale
 
     # Without prompts there is nothing to guide: guidance is then off (the null prompt twice is one pass).
 

@@ -9,12 +9,22 @@ fresh T-KLVAE equals the image VAE frame by frame.
 Videos are [B, F, 3, H, W] in -1..1, latents [B, F, z, H/8, W/8] (SD preset), unscaled: callers
 multiply by `config.latent_scale` (0.18215) before diffusion and divide after.
 
+Long videos: `encode` / `decode` take `chunk` (frames per temporal window) and `overlap` (frames
+consecutive windows share, default chunk - 1: a window starts at every frame). Each window goes
+through the network on its own and the windows are cross-faded over their shared frames with linear
+weights that sum to 1 at every frame (temporal_windows), so no frame sees a hard chunk boundary and
+memory is that of `chunk` frames. With the default every frame but the first and last chunk - 1 is
+the same mix of every window position (no period at all: a stride of chunk // 2 leaves a flicker
+with that period, measured in bench/xl_vae_chunks.py), at about `chunk` times a hard cut's work. `config.clip_frames` records the clip length the model was trained on (4 when a file does
+not say): the callers' default chunk.
+
 T-KLVAE files carry `nuwa_kind="t_klvae"` in their metadata and the tensor `MARKER_KEY`, so
 neither this loader nor ComfyUI's stock VAE loader takes one for a plain VAE (which would silently
 drop the temporal weights).
 """
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +57,7 @@ class TKLVAEConfig:
     temporal: bool = True  # False: the plain image KLVAE (same keys minus the temporal layers)
     temporal_kernel: int = 3
     latent_scale: float = 0.18215  # applied outside the VAE
+    clip_frames: int = 4  # frames per training clip (training records it): the default chunk for long videos
 
     def __post_init__(self):
         for m in self.ch_mult:
@@ -55,6 +66,8 @@ class TKLVAEConfig:
                                  f"num_groups {self.num_groups}; pick ch and num_groups so it is")
         if self.temporal_kernel % 2 == 0:
             raise ValueError(f"temporal_kernel must be odd to have a centre tap, got {self.temporal_kernel}")
+        if int(self.clip_frames) < 1:
+            raise ValueError(f"clip_frames must be >= 1, got {self.clip_frames}")
 
     @classmethod
     def sd(cls, **overrides) -> "TKLVAEConfig":
@@ -83,6 +96,48 @@ def to_frames(x: torch.Tensor, f: int) -> torch.Tensor:
 def from_frames(x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
     """The inverse of to_frames: back to a batch of frames."""
     return rearrange(x, "(b h w) c f -> (b f) c h w", f=f, h=h, w=w)
+
+
+def _whole(x, what: str) -> int:
+    if isinstance(x, bool):
+        raise TypeError(f"{what} must be a whole number, got {x!r}")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{what} must be a whole number, got {x!r}") from None
+
+
+def temporal_windows(n: int, chunk: int, overlap: int | None = None) -> list[tuple[int, int, torch.Tensor]]:
+    """The cross-fade plan of n frames: [(start, stop, weight [stop - start] float64)].
+
+    Windows of `chunk` frames start every chunk - overlap frames; the last one is shifted inwards to end
+    at frame n, so every window has the full `chunk` frames of context. A window's weight ramps up
+    linearly over the frames it shares with the previous window and down over those it shares with the
+    next ((i + 1) / (shared + 1) from its edge), and the weights are normalised so that they sum to
+    exactly 1 at every frame. overlap: default chunk - 1. One window (chunk >= n) has weight 1.
+    """
+    chunk = _whole(chunk, "chunk (frames per temporal window)")
+    if chunk < 1:
+        raise ValueError(f"chunk (frames per temporal window) must be >= 1, got {chunk}")
+    overlap = chunk - 1 if overlap is None else _whole(overlap, "overlap (frames consecutive windows share)")
+    if not 0 <= overlap < chunk:
+        raise ValueError(f"overlap (frames consecutive windows share) must be in 0..chunk - 1 = 0..{chunk - 1}, "
+                         f"got {overlap}")
+    if n <= chunk:
+        return [(0, n, torch.ones(n, dtype=torch.float64))]
+    starts = [*range(0, n - chunk, chunk - overlap), n - chunk]
+    total = torch.zeros(n, dtype=torch.float64)
+    plan = []
+    for k, a in enumerate(starts):
+        weight = torch.ones(chunk, dtype=torch.float64)
+        edge = torch.arange(1, chunk + 1, dtype=torch.float64)  # 1 at the window's first frame
+        if k > 0:  # frames shared with the previous window
+            weight = torch.minimum(weight, edge / (starts[k - 1] + chunk - a + 1))
+        if k + 1 < len(starts):  # frames shared with the next window
+            weight = torch.minimum(weight, edge.flip(0) / (a + chunk - starts[k + 1] + 1))
+        plan.append((a, a + chunk, weight))
+        total[a:a + chunk] += weight
+    return [(a, e, w / total[a:e]) for a, e, w in plan]
 
 
 class TemporalConv(nn.Conv1d):
@@ -282,29 +337,71 @@ class TKLVAE(nn.Module):
             raise ValueError(f"{what} height and width must be multiples of {multiple}, got "
                              f"{x.shape[3]}x{x.shape[4]}")
 
-    def encode(self, video: torch.Tensor, sample: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """[B, F, 3, H, W] in -1..1 -> unscaled latents [B, F, z, h, w]: the posterior mean, or a draw."""
+    def _windows(self, x: torch.Tensor, chunk: int | None, overlap: int | None):
+        """Yield (start, stop, weight) of x's frames [B, F, ...] (see temporal_windows); chunk None: one."""
+        f = x.shape[1]
+        if chunk is not None and not self.config.temporal:
+            overlap = 0  # frames are independent: windows side by side give the same result
+        return temporal_windows(f, f if chunk is None else chunk, overlap)
+
+    @staticmethod
+    def _blend(x: torch.Tensor, plan, run) -> torch.Tensor:
+        """run(x[:, a:e]) for every window, cross-faded into one [B, F, ...] tensor on x's device (a
+        single window: run(x) as it is)."""
+        if len(plan) == 1:
+            return run(x)
+        out = None
+        for a, e, w in plan:
+            y = run(x[:, a:e])
+            if out is None:
+                out = torch.zeros((x.shape[0], x.shape[1], *y.shape[2:]), dtype=torch.float32, device=x.device)
+            out[:, a:e] += (y.float() * w.to(y.device, torch.float32).view(1, -1, *[1] * (y.ndim - 2))).to(x.device)
+        return out.to(y.dtype)
+
+    def _device(self) -> torch.device:
+        return self.post_quant_conv.weight.device
+
+    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
+               chunk: int | None = None, overlap: int | None = None) -> torch.Tensor:
+        """[B, F, 3, H, W] in -1..1 -> unscaled latents [B, F, z, h, w]: the posterior mean, or a draw.
+
+        chunk: frames per temporal window (None: the whole clip at once), overlapping by `overlap`
+        frames (default chunk - 1) and cross-faded (mean and log-variance; a draw is made once, from
+        the blended posterior). With chunks each window moves to the model's device and the result
+        stays on the video's."""
         self._check(video, self.config.in_channels, "video", self.config.downsample_factor)
-        b, f = video.shape[:2]
-        moments = self.quant_conv(self.encoder(video.flatten(0, 1), f))
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            b, f = x.shape[:2]
+            m = self.quant_conv(self.encoder(x.to(self._device()).flatten(0, 1), f))
+            return m.view(b, f, *m.shape[1:])
+
+        moments = self._blend(video, self._windows(video, chunk, overlap), run)
         if self.config.double_z:
-            mean, logvar = moments.chunk(2, dim=1)
+            mean, logvar = moments.chunk(2, dim=2)
             if sample:
                 std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
                 # drawn on the CPU (generator: a CPU generator), then moved: the same draw on every device
-                noise = torch.randn(tuple(mean.shape), generator=generator, dtype=torch.float32)
-                mean = mean + std * noise.to(mean.device, mean.dtype)
+                noise = torch.randn(tuple(mean.flatten(0, 1).shape), generator=generator, dtype=torch.float32)
+                mean = mean + std * noise.view(mean.shape).to(mean.device, mean.dtype)
         else:
             mean = moments
-        return mean.view(b, f, *mean.shape[1:])
+        return mean
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents [B, F, z, h, w] -> video [B, F, 3, H, W] (about -1..1)."""
+    def decode(self, z: torch.Tensor, chunk: int | None = None, overlap: int | None = None) -> torch.Tensor:
+        """Unscaled latents [B, F, z, h, w] -> video [B, F, 3, H, W] (about -1..1).
+
+        chunk: frames per temporal window (None: the whole clip at once), overlapping by `overlap`
+        frames (default chunk - 1) and cross-faded; memory is that of `chunk` frames. With chunks
+        each window moves to the model's device and the video is assembled on z's device."""
         self._check(z, self.config.z_channels, "latents", 1)
-        b, f = z.shape[:2]
-        x = self.decoder(self.post_quant_conv(z.flatten(0, 1)), f)
-        return x.view(b, f, *x.shape[1:])
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            b, f = x.shape[:2]
+            y = self.decoder(self.post_quant_conv(x.to(self._device()).flatten(0, 1)), f)
+            return y.view(b, f, *y.shape[1:])
+
+        return self._blend(z, self._windows(z, chunk, overlap), run)
 
     def temporal_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights an image VAE file does not have."""
