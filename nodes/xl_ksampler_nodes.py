@@ -256,8 +256,10 @@ class NUWAXLDecodeLatent:
             raise ValueError(f"NUWA-XL Decode LATENT: this T-KLVAE decodes {c}-channel latents, got {lat.shape[1]}")
         model = _load(xl_model, ("vae",), vae_memory(xl_model))
         z = lat.movedim(2, 1).flatten(0, 1).float() * model.vae.config.latent_scale  # diffusion latents
-        frames = torch.cat([model.decode(z[b * lat.shape[2]:(b + 1) * lat.shape[2]]) for b in range(lat.shape[0])])
-        return decoded_output(model, frames, float(samples.get(FRAMES_APART_KEY, 1.0)))
+        apart = float(samples.get(FRAMES_APART_KEY, 1.0))  # keyframes far apart are decoded each alone
+        frames = torch.cat([model.decode(z[b * lat.shape[2]:(b + 1) * lat.shape[2]], frames_apart=apart)
+                            for b in range(lat.shape[0])])
+        return decoded_output(model, frames, apart)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -433,7 +433,8 @@ class NUWAXLDecode:
 
     def decode(self, xl_model, latents):
         model = _load(xl_model, ("vae",), vae_memory(xl_model))
-        return decoded_output(model, model.decode(latents["latents"]), latents.get("frames_apart", 1.0))
+        apart = latents.get("frames_apart", 1.0)  # keyframes far apart are decoded each alone
+        return decoded_output(model, model.decode(latents["latents"], frames_apart=apart), apart)
 
 
 class NUWAXLEncode:

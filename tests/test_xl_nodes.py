@@ -66,8 +66,10 @@ def test_global_local_decode_chain_equals_the_tree(pack, models_dir):
     assert filled["latents"].shape[0] == 5 and torch.equal(filled["latents"][::2], keys["latents"])
     images, fps = node(pack, "NUWAXLDecode")(model, filled)
     assert images.shape == (5, 16, 16, 3) and fps == 6.0
-    _, key_fps = node(pack, "NUWAXLDecode")(model, keys)
+    key_images, key_fps = node(pack, "NUWAXLDecode")(model, keys)
     assert key_fps == 3.0
+    alone = torch.cat([model.decode(keys["latents"][i:i + 1]) for i in range(3)])  # keyframes apart: each alone
+    assert torch.allclose(key_images, ((alone.permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1), atol=1e-5)
     one = node(pack, "NUWAXLCoarseToFine")(model, 3, 2, 2, 5, 0, xl_cond(1))[0]
     assert one.shape == (5, 16, 16, 3)
 
