@@ -4,5 +4,6 @@
     data             images (one-shot augmentation, appendix D) and videos
     vqgan, renderer, bundle, sample     NUWA-Infinity stages (renderer: Algorithm 1, render-and-optimize)
     t_klvae, xl                         NUWA-XL stages
-    captions, perceptual_loss           caption features for the renderer; LPIPS for the VQGAN
+    captions, perceptual_loss           caption features for the renderer; LPIPS for the VQGAN and T-KLVAE
+    vae_loss                            Latent Diffusion's KL-VAE objective (the t_klvae stage)
 """

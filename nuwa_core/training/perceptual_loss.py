@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..checkpoint import load_state_dict, load_strict
 
@@ -113,11 +113,16 @@ def load_lpips(path) -> LPIPS:
     return model.eval().requires_grad_(False)
 
 
-def lpips_for_run(args, device) -> LPIPS | None:
-    """The stage's --lpips loss on `device`, or None without --lpips (arguments.lpips_arguments)."""
+def lpips_for_run(args, device, side: int | None = None) -> LPIPS | None:
+    """The stage's --lpips loss on `device`, or None without --lpips (arguments.lpips_arguments);
+    side: the smaller side of the images it compares (default: --crop)."""
     if not args.lpips:
         return None
-    if args.crop < 16:
+    if side is None and args.crop < 16:
         from .loop import TrainingError
         raise TrainingError(f"--lpips needs --crop >= 16 (its VGG16 halves the image 4 times), got {args.crop}")
+    if side is not None and side < 16:
+        from .loop import TrainingError
+        raise TrainingError(f"--lpips needs frames of at least 16 px a side (its VGG16 halves the image 4 times), "
+                            f"got {side}")
     return load_lpips(args.lpips).to(device)
