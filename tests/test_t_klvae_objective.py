@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_cpu_noise import RANDOM_FUNCTIONS
 from test_perceptual_loss import _random_lpips_file
 from test_xl_training import _frames, _same, _vae_args
 
@@ -149,3 +150,20 @@ def test_a_short_run_stores_the_measured_scale_and_the_xl_model_uses_it(tmp_path
     del cfg["latent_scale"]
     save_file(tensors, str(tmp_path / "old.safetensors"), {**meta, "config": json.dumps(cfg)})
     assert load_t_klvae(tmp_path / "old.safetensors").config.latent_scale == pytest.approx(0.18215)
+
+
+def test_the_ldm_objective_draws_on_the_cpu_generator(tmp_path, frames, monkeypatch):
+    """Issue 15 item 1's rule (tests/test_cpu_noise.py) for this stage's new path: no draw passes both
+    generator= and device=."""
+    seeded = []
+    for name in RANDOM_FUNCTIONS:
+        original = getattr(torch, name)
+
+        def wrapper(*args, _name=name, _original=original, **kwargs):
+            gen = kwargs.get("generator")
+            assert gen is None or kwargs.get("device") is None, f"torch.{_name}: generator= and device="
+            seeded.append(gen is not None)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(torch, name, wrapper)
+    train.main(_vae_args(frames, tmp_path / "c.safetensors", "--steps", "2", "--disc-start", "1"))
+    assert any(seeded)  # the clips and the posterior noise come from the data generator
