@@ -38,7 +38,8 @@ Scores (lower is better, frames 0..1):
                     captioned with the scenes A shows in that window: the quality at the start vs the end
                     of the long video
   warp              mean DIS-flow warping error between consecutive frames, the flow computed on the row
-                    itself (nuwa_core.evaluation.video_scores.warp_error)
+                    itself (nuwa_core.evaluation.video_scores.warp_errors); warp first / last: over the
+                    pairs inside the first / last W frames
   colour first/last distance of the mean RGB mean/std of the row's first / last W frames from those of
                     the same frames of B (decoded, the window's scenes): drift away from the footage
 Every score is printed beside the controls; a line after the table names every control that scores at
@@ -70,7 +71,7 @@ from nuwa_core.evaluation.metrics import (
     efflite0_block_features,
     frechet_distance,
 )
-from nuwa_core.evaluation.video_scores import colour_distance, frechet_distance_pca, pca_basis, warp_error
+from nuwa_core.evaluation.video_scores import colour_distance, frechet_distance_pca, pca_basis, warp_errors
 from nuwa_core.text_encoder import load_text_encoder
 from nuwa_core.xl.diffusion import cpu_randn, guided, sample_ddim
 from nuwa_core.xl.diffusion_over_diffusion import frames_for, in_model_dtype, null_prompts
@@ -231,13 +232,15 @@ def main() -> None:
         rows[name] = {"fd_all": frechet_distance_pca(f, ref_f, basis), "fd_all_1280": frechet_distance(f, ref_f)}
         for key, sl in windows.items():
             rows[name][f"fd_{key}"] = frechet_distance_pca(f[sl], scene_ref[key][0], basis)
-        rows[name]["warp"] = warp_error(v)
+        errs = warp_errors(v)
+        rows[name]["warp"] = float(np.mean(errs))
+        rows[name]["warp_first"], rows[name]["warp_last"] = float(np.mean(errs[:w - 1])), float(np.mean(errs[-(w - 1):]))
         for key, sl in windows.items():
             rows[name][f"colour_{key}"] = colour_distance(v[sl], scene_ref[key][1])
 
-    cols = ("fd_all", "fd_first", "fd_last", "fd_all_1280", "warp", "colour_first", "colour_last")
-    fmt = {"fd_all": "8.2f", "fd_first": "8.2f", "fd_last": "8.2f", "fd_all_1280": "8.1f", "warp": "8.4f",
-           "colour_first": "8.4f", "colour_last": "8.4f"}
+    cols = ("fd_all", "fd_first", "fd_last", "fd_all_1280", "warp", "warp_first", "warp_last", "colour_first",
+            "colour_last")
+    fmt = {c: "8.4f" for c in cols} | {"fd_all": "8.2f", "fd_first": "8.2f", "fd_last": "8.2f", "fd_all_1280": "8.1f"}
     print(f"\n{'row':32s} " + " ".join(f"{c:>12s}" for c in cols) + f" {'s':>7s}")
     for name, r in rows.items():
         s = f"{seconds[name]:7.1f}" if name in seconds else f"{'':>7s}"
@@ -256,7 +259,9 @@ def main() -> None:
     print(f"\nfirst {w} -> last {w} frames, FD: tree {tree['fd_first']:.1f} -> {tree['fd_last']:.1f}, "
           f"AR {ar['fd_first']:.1f} -> {ar['fd_last']:.1f}, real decoded {real['fd_first']:.1f} -> {real['fd_last']:.1f}; "
           f"colour distance from the footage: tree {tree['colour_first']:.3f} -> {tree['colour_last']:.3f}, "
-          f"AR {ar['colour_first']:.3f} -> {ar['colour_last']:.3f}")
+          f"AR {ar['colour_first']:.3f} -> {ar['colour_last']:.3f}; warping error: tree {tree['warp_first']:.4f} -> "
+          f"{tree['warp_last']:.4f}, AR {ar['warp_first']:.4f} -> {ar['warp_last']:.4f}, real decoded "
+          f"{real['warp_first']:.4f} -> {real['warp_last']:.4f}")
     print(f"note: FD from {n} frames (first / last: {w}) of one clip each, in {args.pca or 1280} dimensions: few, "
           "correlated samples; only the rows' order means anything, and a frames-shuffled row equals the real one "
           "on fd_all by construction (FD cannot see order)")
