@@ -76,6 +76,11 @@ def both_halves(tokens: torch.Tensor, settings: SamplerSettings) -> torch.Tensor
     return tokens if settings.guidance == 1.0 else tokens.repeat(2, *(1,) * (tokens.ndim - 1))
 
 
+def sampled_rows(batch: int, settings: SamplerSettings) -> int:
+    """Rows a sampler draws tokens for: all of them, or a guided batch's first half (`guided`)."""
+    return batch if settings.guidance == 1.0 else batch // 2
+
+
 def filter_logits(logits: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
     """Scale by temperature, keep the tokens at least `epsilon` likely, then the top-k, then the
     top-p nucleus; others get -inf (the most likely token always stays). [.., V]
@@ -150,17 +155,14 @@ NOISE_CHUNK = 1 << 18  # floats per row the AR sampler draws at once (a fixed sh
 
 
 def ar_noise(generator, rows: int, m: int, vocab: int, device):
-    """The gumbel noise of a patch's M token draws, t -> [rows, V], drawn a chunk of tokens at a time
-    (one CPU draw and one copy to the device per chunk, not per token). The chunk depends only on
-    (M, V), so a patch consumes its stream the same way in any batch and any schedule."""
+    """The gumbel noise of a patch's M token draws, one [rows, V] per call of the function returned,
+    drawn a chunk of tokens at a time (one CPU draw and one copy to the device per chunk, not per
+    token). The chunk depends only on (M, V), so a patch consumes its stream the same way in any
+    batch and any schedule."""
     chunk = max(1, min(m, NOISE_CHUNK // vocab))
-    held = {}
-
-    def noise(t: int) -> torch.Tensor:
-        if t % chunk == 0:
-            held["chunk"] = gumbel_noise((rows, min(chunk, m - t), vocab), generator, device)
-        return held["chunk"][:, t % chunk]
-    return noise
+    draws = (token for start in range(0, m, chunk)  # rows first: PatchStreams splits rows by patch
+             for token in gumbel_noise((rows, min(chunk, m - start), vocab), generator, device).unbind(1))
+    return lambda: next(draws)
 
 
 def cosine_schedule(ratio: float) -> float:
@@ -178,12 +180,11 @@ def gumbel_temperature(ratio: float, settings: SamplerSettings) -> float:
 def sample_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch: int,
               settings: SamplerSettings, generator=None):
     cfg = renderer.config
-    rows = batch if settings.guidance == 1.0 else batch // 2  # a guided batch samples its first half
-    noise, step = ar_noise(generator, rows, cfg.tokens_per_patch, cfg.vocab_size, renderer.pos_f.device), [0]
+    noise = ar_noise(generator, sampled_rows(batch, settings), cfg.tokens_per_patch, cfg.vocab_size,
+                     renderer.pos_f.device)
 
     def choose(logits):
-        scores = filter_logits(guided(logits, settings), settings).float() + noise(step[0])
-        step[0] += 1
+        scores = filter_logits(guided(logits, settings), settings).float() + noise()
         return both_halves(scores.argmax(-1), settings)
     tokens, cache = decode_ar(renderer, context, order, text_kv, batch, choose)
     if not cfg.transfer:
@@ -234,7 +235,7 @@ def sample_pnar(renderer: Renderer, context: Context, order: Order, text_kv, bat
     cfg = renderer.config
     m, device = cfg.tokens_per_patch, renderer.pos_f.device
     ctx_kv = renderer.context_kv(context, room=m)  # every step and the cache pass write their keys after it
-    rows = batch if settings.guidance == 1.0 else batch // 2  # a guided batch samples its first half
+    rows = sampled_rows(batch, settings)
     tokens = torch.full((rows, m), cfg.mask_id, dtype=torch.long, device=device)
     unknown = torch.ones(rows, m, dtype=torch.bool, device=device)
     for step in range(settings.steps):

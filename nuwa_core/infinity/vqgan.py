@@ -433,12 +433,10 @@ def blend_windows(decode_window, shape: tuple[int, int, int], f: int, tile: int,
         for xs, wx in cols:
             weights[id(ys), id(xs)] = (wy, wx)
     windows = [(ys, xs) for ys, _ in rows for xs, _ in cols]
-    if take is None:
-        take, decode, max_windows = (lambda ys, xs: (ys, xs)), decode_window, 1
-    else:
-        decode = decode_window
+    if take is None:  # decode_window(rows, cols) itself: one window a call
+        take, max_windows = (lambda ys, xs: (ys, xs)), 1
     out = None
-    for group, pieces in _decode_groups(windows, take, decode, max_windows):
+    for group, pieces in _decode_groups(windows, take, decode_window, max_windows):
         for (ys, xs), piece in zip(group, pieces):
             if out is None:
                 out = piece.new_zeros(B, piece.shape[1], h * f, w * f)

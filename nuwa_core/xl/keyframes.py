@@ -100,4 +100,4 @@ def encode_keyframes(model, frames: torch.Tensor, fit: str = FIT_REFUSE, every: 
     check_keyframe_count(frames.shape[0])
     if neighbours:
         return model.encode(frames).float().cpu()
-    return torch.cat([model.encode(frames[k:k + 1]).float().cpu() for k in range(frames.shape[0])])
+    return model.encode(frames, chunk=1, overlap=0).float().cpu()  # a temporal window per frame
