@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from nuwa_core import train
+from nuwa_core.checkpoint import load_state_dict
 from nuwa_core.training import data as xt_data, loop, xl as xt
 from nuwa_core.xl import model as nuwa_xl
-from nuwa_core.checkpoint import load_state_dict
 from nuwa_core.xl.mask_temporal_diffusion import load_mtd
 from nuwa_core.xl.t_klvae import load_t_klvae
 
@@ -93,10 +93,29 @@ def test_xl_batch_samples_each_level_at_its_stride():
         xt.role_levels("local", 1)
 
 
+def test_role_levels_and_the_level_flag():
+    assert xt.role_levels("both", 3) == [0, 1, 2] and xt.role_levels("global", 3) == [0]
+    assert xt.role_levels("local", 3) == [1, 2] and xt.role_levels("local", 3, 2) == [2]
+    for role, level, depth in [("global", 1, 3), ("both", 1, 3), ("local", 0, 3), ("local", 3, 3), ("local", -1, 2)]:
+        with pytest.raises(loop.TrainingError, match=f"1..{depth - 1}"):
+            xt.role_levels(role, depth, level)
+
+
+def test_xl_batch_with_one_level_draws_only_that_level():
+    L, depth = 3, 3
+    lat = [torch.arange(30, dtype=torch.float32).view(30, 1, 1, 1).expand(30, 2, 2, 2).clone()]
+    for level in (1, 2):
+        x0, _, _, mask, lv = xt.xl_batch(lat, 16, L, depth, xt.role_levels("local", depth, level),
+                                            torch.Generator().manual_seed(0), context_dim=4)
+        assert lv.tolist() == [level] * 16 and (mask[:, [0, -1]] == 1).all()
+        stride = xt.level_stride(L, depth, level)
+        assert torch.equal(x0[:, 1:, 0, 0, 0] - x0[:, :-1, 0, 0, 0], torch.full((16, L - 1), float(stride)))
+
+
 def test_text_embeddings_follow_the_sampled_frames():
     lat = [torch.zeros(10, 2, 2, 2)]
     text = torch.arange(10, dtype=torch.float32).view(10, 1, 1).expand(10, 2, 4).clone()
-    x0, ctx, *_ = xt.xl_batch(lat, 8, 3, 2, [1], torch.Generator().manual_seed(1), text=text)
+    _, ctx, *_ = xt.xl_batch(lat, 8, 3, 2, [1], torch.Generator().manual_seed(1), text=text)
     assert ctx.shape == (8, 3, 2, 4)
     assert torch.equal(ctx[:, 2, 0, 0] - ctx[:, 0, 0, 0], torch.full((8,), 2.0))  # level 1 of depth 2: stride 1
 
@@ -126,7 +145,7 @@ def test_xl_resume_equals_one_run_and_the_file_loads(tmp_path, frames, vae_file)
     train.main(_xl_args(frames, vae_file, tmp_path / "two.safetensors", "--steps", "4", "--resume"))
     _same(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
     assert load_mtd(tmp_path / "one.safetensors").config.context_dim == 8  # plain MTD loader reads it
-    model, info = nuwa_xl.load_mtd_xl(tmp_path / "one.safetensors")
+    _, info = nuwa_xl.load_mtd_xl(tmp_path / "one.safetensors")
     assert info["prompts"] == "none" and info["L"] == 3 and info["depth"] == 3 and info["fps"] == 10.0
     bundle = nuwa_xl.XLModel.load(vae_file, tmp_path / "one.safetensors")
     video = bundle.generate(L=3, depth=2, steps=2, seed=0)
@@ -152,6 +171,42 @@ def test_xl_with_text_embeddings_and_global_role(tmp_path, frames, vae_file):
     save_file({"embeddings": torch.randn(5, 2, 12)}, str(emb))
     with pytest.raises(loop.TrainingError, match="frames=24"):
         train.main(_xl_args(frames, vae_file, tmp_path / "h.safetensors", "--steps", "1", "--text-embeddings", str(emb)))
+
+
+def test_xl_info_records_the_levels_of_each_role(tmp_path, frames, vae_file, monkeypatch):
+    drawn = []
+    batch = xt.xl_batch
+
+    def spy(*a, **k):
+        out = batch(*a, **k)
+        drawn.extend(out[-1].tolist())
+        return out
+
+    monkeypatch.setattr(xt, "xl_batch", spy)
+    for role, extra, levels in [("both", [], [0, 1, 2]), ("global", [], [0]), ("local", [], [1, 2]),
+                                ("local", ["--level", "1"], [1]), ("local", ["--level", "2"], [2])]:
+        drawn.clear()
+        out = tmp_path / f"{role}{''.join(extra)}.safetensors"
+        train.main(_xl_args(frames, vae_file, out, "--steps", "2", "--role", role, *extra))
+        assert nuwa_xl.load_mtd_xl(out)[1]["levels"] == levels
+        assert set(drawn) <= set(levels) and len(drawn) == 4
+    with pytest.raises(loop.TrainingError, match="1..2"):
+        train.main(_xl_args(frames, vae_file, tmp_path / "x.safetensors", "--steps", "1", "--level", "1"))
+    with pytest.raises(loop.TrainingError, match="1..2"):
+        train.main(_xl_args(frames, vae_file, tmp_path / "x.safetensors", "--steps", "1", "--role", "local",
+                            "--level", "3"))
+
+
+def test_xl_level_resume_equals_one_run_and_another_level_is_refused(tmp_path, frames, vae_file):
+    torch.set_num_threads(1)
+    lv = ["--role", "local", "--level", "2"]
+    train.main(_xl_args(frames, vae_file, tmp_path / "one.safetensors", "--steps", "4", *lv))
+    train.main(_xl_args(frames, vae_file, tmp_path / "two.safetensors", "--steps", "2", *lv))
+    train.main(_xl_args(frames, vae_file, tmp_path / "two.safetensors", "--steps", "4", "--resume", *lv))
+    _same(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
+    with pytest.raises(loop.TrainingError, match="level"):
+        train.main(_xl_args(frames, vae_file, tmp_path / "two.safetensors", "--steps", "5", "--resume", "--role",
+                            "local", "--level", "1"))
 
 
 def test_xl_nan_stops_without_overwriting(tmp_path, frames, vae_file):

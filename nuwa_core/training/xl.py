@@ -6,7 +6,9 @@ call and `depth` levels): level k of the tree has its frames (L-1)^(depth-1-k) v
   (cond zeros, mask all zeros: exactly what the model sees from generate_keyframes);
 - level k >= 1 (local): L frames at that level's stride, the first and last given (mask 1 there),
   as fill_between passes them.
-`--role global|local|both` picks the levels one model learns (both: one model serves the whole tree).
+`--role global|local|both` picks the levels one model learns (both: one model serves the whole tree);
+`--role local --level K` trains on level K only (one local model per depth, as the paper has them).
+The saved info records them as `levels` (0 = global).
 Prompts come from one of two sources, dropped to the null context (zeros, the null prompt of
 classifier-free guidance at sampling) with probability `--text-drop`:
 - `--text-encoder FILE`: captions beside the videos, encoded once, up front, through the pack's text
@@ -76,11 +78,20 @@ def mtd_from_unet_file(path: str, latent_channels: int) -> MaskTemporalDiffusion
     return model
 
 
-def role_levels(role: str, depth: int) -> list[int]:
+def role_levels(role: str, depth: int, level: int | None = None) -> list[int]:
+    """The tree levels (0 = global) a model of `role` learns; `level` (--level, role local only): that one."""
     levels = {"global": [0], "local": list(range(1, depth)), "both": list(range(depth))}[role]
     if not levels:
         raise TrainingError(f"--role local needs --depth >= 2 (depth {depth} has no local level)")
-    return levels
+    if level is None:
+        return levels
+    if role != "local":
+        raise TrainingError(f"--level {level} needs --role local (one local model per tree level, levels "
+                            f"1..{depth - 1} at depth {depth}); --role {role} trains the levels {levels}")
+    if level not in levels:
+        raise TrainingError(f"--level {level}: depth {depth} has the local levels 1..{depth - 1} (level 0 is the "
+                            f"global model's, --role global)")
+    return [level]
 
 
 def level_stride(L: int, depth: int, level: int) -> int:
@@ -235,7 +246,9 @@ def xl_batch(latents: list[torch.Tensor], n: int, L: int, depth: int, levels: li
 
 
 def xl_config_dict(args, mcfg: MTDConfig, vae_cfg: TKLVAEConfig) -> dict:
-    return {"stage": "xl", "preset": args.preset, "init": args.init or "", "vae": Path(args.vae).name,
+    level = getattr(args, "level", None)
+    extra = {} if level is None else {"level": level}  # absent without --level: older checkpoints still resume
+    return {**extra, "stage": "xl", "preset": args.preset, "init": args.init or "", "vae": Path(args.vae).name,
             "init_unet": Path(args.init_unet).name if args.init_unet else "",
             "vae_latent_scale": vae_cfg.latent_scale, "size": args.size, "frame_step": args.frame_step,
             "L": args.L, "depth": args.depth, "role": args.role, "batch": args.batch, "lr": args.lr,
@@ -249,7 +262,7 @@ def train_xl(args) -> dict:
     dist = Dist()
     torch.manual_seed(args.seed)
     _check_tree(args.L, args.depth)
-    levels = role_levels(args.role, args.depth)
+    levels = role_levels(args.role, args.depth, getattr(args, "level", None))
     vae = load_t_klvae(args.vae).float().to(dist.device)
     for p in vae.parameters():
         p.requires_grad_(False)
@@ -299,8 +312,8 @@ def train_xl(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
     run = Run("xl", args, dist, {"mtd": model}, {"mtd": opt}, xl_config_dict(args, mcfg, vae.config), data_gen)
-    info = {"role": args.role, "L": args.L, "depth": args.depth, "prompts": "text" if text is not None else "none",
-            "fps": fps, "width": size[0], "height": size[1], "latent_shape": [mcfg.latent_channels, lh, lw],
+    info = {"role": args.role, "L": args.L, "depth": args.depth, "levels": levels,
+            "prompts": "text" if text is not None else "none", "fps": fps, "width": size[0], "height": size[1], "latent_shape": [mcfg.latent_channels, lh, lw],
             "vae": Path(args.vae).name}
     if encoder_info is not None:
         info["text_encoder"] = encoder_info
@@ -347,6 +360,9 @@ def add_arguments(p) -> None:
     p.add_argument("--depth", type=int, default=3, help="tree depth the strides are sampled for")
     p.add_argument("--role", choices=("global", "local", "both"), default="both",
                    help="global: keyframes only; local: in-filling levels; both: one model for the whole tree")
+    p.add_argument("--level", type=int, default=None,
+                   help="with --role local: train on this tree level only (1..depth-1; its frames are "
+                        "(L-1)^(depth-1-level) video frames apart): one local model per level, as the paper's")
     p.add_argument("--text-embeddings", default=None, help="per-frame prompt embeddings [frames, n, d] "
                    "(.safetensors with 'embeddings' or .pt); without: unconditional (zero context)")
     p.add_argument("--text-encoder", default=None, help="read every video's captions (NAME.txt beside the video "
