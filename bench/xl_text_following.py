@@ -222,7 +222,7 @@ def main() -> None:
             seconds = time.time() - t0
         _, h, w = model.latent_shape()
         widest = (L - 1) ** 2 * (1 if g == 1.0 else 2)  # the last level's segments, twice with guidance
-        estimate = mtd_working_bytes(model.local_mtd.config, widest, L, h, w, torch.float32)
+        estimate = mtd_working_bytes(model.local_for(1, L).config, widest, L, h, w, torch.float32)
         memory[f"guidance {g:g}"] = {"seconds_depth3": round(seconds, 2), "peak_rss_above_model_mb":
                                      round((m.peak - m.base) / 2 ** 20, 1),
                                      "estimated_working_mb": round(estimate / 2 ** 20, 1)}

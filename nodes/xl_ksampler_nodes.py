@@ -64,12 +64,20 @@ class NUWAXLModelAsComfy:
         return {"required": {"xl_model": _model_input(),
                              "level": (list(LEVELS), {"default": "global", "tooltip":
                                        "Which MTD to wrap: 'global' (keyframes) or 'local' (in-filling); the same "
-                                       "model unless the loader picked a separate local MTD."})}}
+                                       "model unless the loader picked a separate local MTD."})},
+                "optional": {"frames_apart": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "tooltip":
+                                              "For 'local' with a local model per level (NUWA-XL Add Local Model): "
+                                              "the spacing, in video frames, of the frames the level makes ((L-1)^"
+                                              "(depth-1-k) at level k; 1 for the deepest), which picks the model "
+                                              "trained on it. 0: the only local model."})}}
 
-    def wrap(self, xl_model, level="global"):
+    def wrap(self, xl_model, level="global", frames_apart=0):
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-        return (level_patcher(xl_model, level),)  # a clone of the loader's one ModelPatcher per MTD
+        try:
+            return (level_patcher(xl_model, level, frames_apart),)  # a clone of the loader's one ModelPatcher per MTD
+        except ValueError as err:
+            raise ValueError(f"NUWA-XL Model (for KSampler): {err}") from None
 
 
 class NUWAXLEmptyLatentVideo:
@@ -254,7 +262,7 @@ class NUWAXLDecodeLatent:
         c = xl_model.vae.config.z_channels
         if lat.shape[1] != c:
             raise ValueError(f"NUWA-XL Decode LATENT: this T-KLVAE decodes {c}-channel latents, got {lat.shape[1]}")
-        model = _load(xl_model, ("vae",), vae_memory(xl_model))
+        model = _load(xl_model, (xl_model.vae,), vae_memory(xl_model))
         z = lat.movedim(2, 1).flatten(0, 1).float() * model.vae.config.latent_scale  # diffusion latents
         apart = float(samples.get(FRAMES_APART_KEY, 1.0))  # keyframes far apart are decoded each alone
         frames = torch.cat([model.decode(z[b * lat.shape[2]:(b + 1) * lat.shape[2]], frames_apart=apart)

@@ -199,49 +199,74 @@ def _runs(segments: int, max_batch: int) -> int:
 
 
 # ---- ComfyUI's memory manager ------------------------------------------------------------------
-# One ModelPatcher per network, made once by the loader: the T-KLVAE, the global MTD and the local MTD
-# (the same patcher when one MTD serves both). The MTDs' patchers are the stock MODEL of
-# _xl_comfy_model (a BaseModel), so the KSampler route clones them (NUWA-XL Model (for KSampler)) and
-# ComfyUI sees one model, whichever route or level runs it; "Unload Models" offloads them all.
+# One ModelPatcher per network, made once by the loader (or NUWA-XL Add Local Model for the model it
+# adds): the T-KLVAE, the global MTD and each distinct local MTD (one patcher when one MTD serves
+# several levels). The MTDs' patchers are the stock MODEL of _xl_comfy_model (a BaseModel), so the
+# KSampler route clones them (NUWA-XL Model (for KSampler)) and ComfyUI sees one model, whichever
+# route or level runs it; "Unload Models" offloads them all.
 
 PATCHERS_ATTR = "comfy_patchers"
 
 
-def attach_patchers(model) -> None:
-    """Give an XLModel its ModelPatchers (no-op without ComfyUI)."""
+def attach_patchers(model, reuse: dict | None = None) -> None:
+    """Give an XLModel its ModelPatchers, keyed by the network's id (no-op without ComfyUI); `reuse`:
+    patchers of a bundle sharing these networks, kept for the networks they wrap."""
     try:
         import comfy.model_management  # type: ignore  # noqa: F401
     except ImportError:
         return
     from ._xl_comfy_model import as_comfy_model
     scale = model.vae.config.latent_scale
-    patchers = {"vae": _comfy.wrap_for_memory_management(model.vae, "NUWA-XL T-KLVAE")}
-    patchers["global"] = as_comfy_model(model.global_mtd, scale)
-    patchers["local"] = (patchers["global"] if model.local_mtd is model.global_mtd
-                         else as_comfy_model(model.local_mtd, scale))
+    patchers = {}
+    for net in model.networks():
+        if reuse is not None and id(net) in reuse:
+            patchers[id(net)] = reuse[id(net)]
+        elif net is model.vae:
+            patchers[id(net)] = _comfy.wrap_for_memory_management(net, "NUWA-XL T-KLVAE")
+        else:
+            patchers[id(net)] = as_comfy_model(net, scale)
     setattr(model, PATCHERS_ATTR, patchers)
 
 
-def level_patcher(model, level: str):
+def only_local(model):
+    """The bundle's one local MTD; a ValueError naming them when there are several (pick by spacing)."""
+    distinct = {id(lm.mtd): lm for lm in model.local_models}
+    if len(distinct) == 1:
+        return next(iter(distinct.values())).mtd
+    if not distinct:
+        raise ValueError("this NUWA-XL model has no local MTD; add one with NUWA-XL Add Local Model")
+    have = "; ".join(lm.describe() for lm in distinct.values())
+    raise ValueError(f"this NUWA-XL model has {len(distinct)} local models ({have}); set frames_apart to the spacing "
+                     f"of the frames the level makes to pick one")
+
+
+def level_mtd(model, level: str, frames_apart: float = 0):
+    """The MTD of a level: the global one, or the local one for frames `frames_apart` apart (0: the only one)."""
+    if level == "global":
+        return model.global_mtd
+    return model.local_for(frames_apart) if frames_apart else only_local(model)
+
+
+def level_patcher(model, level: str, frames_apart: float = 0):
     """The MODEL for KSampler: a clone of the level's one ModelPatcher (ComfyUI's clones share the
     weights and their loaded state), or a fresh one for a model the loader did not wrap."""
+    mtd = level_mtd(model, level, frames_apart)
     patchers = getattr(model, PATCHERS_ATTR, None)
     if patchers is not None:
-        return patchers[level].clone()
+        return patchers[id(mtd)].clone()
     from ._xl_comfy_model import as_comfy_model
-    mtd = model.global_mtd if level == "global" else model.local_mtd
     return as_comfy_model(mtd, model.vae.config.latent_scale)
 
 
-def _load(model, parts, memory_required: int = 0):
-    """Ask ComfyUI to load the model's networks `parts` ("vae", "global", "local") with
-    `memory_required` bytes of working memory beside them; without ComfyUI (scripts, tests), move
-    the model to the torch device."""
+def _load(model, networks, memory_required: int = 0):
+    """Ask ComfyUI to load the model's `networks` (modules: the T-KLVAE, MTDs) with `memory_required`
+    bytes of working memory beside them; without ComfyUI (scripts, tests), move the model to the
+    torch device."""
     patchers = getattr(model, PATCHERS_ATTR, None)
     if patchers is None:
         model.to(_comfy.torch_device())
         return model
-    chosen = list({id(p): p for p in (patchers[part] for part in parts)}.values())
+    chosen = list({id(net): patchers[id(net)] for net in networks}.values())
     _comfy.load_for_run(chosen, memory_required)
     return model
 
@@ -258,12 +283,11 @@ def vae_memory(model, frames: int = 16) -> int:
     return video_vae_bytes(model.vae.config, frames, h * f, w * f, _dtype(model.vae))
 
 
-def sampling_memory(model, level: str, segments: int, L: int, preview: bool = True, guidance: float = 1.0) -> int:
-    """Working memory of sampling `segments` L-frame segments at once with the level's MTD (twice the
+def sampling_memory(model, mtd, segments: int, L: int, preview: bool = True, guidance: float = 1.0) -> int:
+    """Working memory of sampling `segments` L-frame segments at once with the MTD `mtd` (twice the
     batch with classifier-free guidance; plus one decoded preview frame)."""
     from nuwa_core.memory import mtd_working_bytes
     _, h, w = model.latent_shape()
-    mtd = model.global_mtd if level == "global" else model.local_mtd
     batch = max(int(segments), 1) * (1 if guidance == 1.0 else 2)
     need = mtd_working_bytes(mtd.config, batch, L, h, w, _dtype(mtd))
     return need + (vae_memory(model, 1) if preview else 0)
@@ -280,8 +304,9 @@ class NUWAXLModelLoader:
     DESCRIPTION = ("Loads a NUWA-XL model: a T-KLVAE (video autoencoder) and Mask Temporal Diffusion models, from "
                    "the 'nuwa' model folder or 'nuwa_xl' (ComfyUI/models/nuwa_xl, the pack's models/nuwa_xl, where "
                    "the default model ships). One MTD can serve the global (keyframes) and the local (in-filling) "
-                   "levels, or pick a separate local model. The default model follows prompts of the shipped text "
-                   "encoder nuwa_text_scenes ('a blue sky over the sea': a camera panning across that scene).")
+                   "levels, or pick a separate local model; for the paper's local model per depth, chain NUWA-XL Add "
+                   "Local Model. The default model follows prompts of the shipped text encoder nuwa_text_scenes ('a "
+                   "blue sky over the sea': a camera panning across that scene).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (MODEL_TYPE,)
@@ -297,8 +322,8 @@ class NUWAXLModelLoader:
             "mtd_name": (mtds, {"default": DEFAULT_MTD, "tooltip": "Mask Temporal Diffusion file for the global "
                                 "level (keyframes), and for every level unless a local model is picked."}),
             "local_mtd_name": ([SAME_AS_GLOBAL] + mtds, {"default": SAME_AS_GLOBAL, "tooltip":
-                                "Mask Temporal Diffusion file for the local (in-filling) levels; "
-                                f"'{SAME_AS_GLOBAL}' uses the global model."}),
+                                "Mask Temporal Diffusion file for the local (in-filling) levels (a file trained for "
+                                f"one level serves that level only); '{SAME_AS_GLOBAL}' uses the global model."}),
         }}
 
     def load(self, t_klvae_name, mtd_name, local_mtd_name=SAME_AS_GLOBAL):
@@ -310,11 +335,47 @@ class NUWAXLModelLoader:
             check_listed_file(path)
         # ComfyUI's dtypes for the device (fp32 on the CPU): the MTDs as its diffusion models, the
         # T-KLVAE as its VAEs (bf16 or fp32: fp16 VAEs overflow)
-        model = XLModel.load(paths[0], paths[1], local)
+        model = XLModel.load(paths[0], paths[1], [local] if local else [])
         params = sum(p.numel() for p in model.global_mtd.parameters())
         model.to_dtypes(_comfy.inference_dtype(params), _comfy.vae_dtype())
         attach_patchers(model)
         return (model,)
+
+
+class NUWAXLAddLocalModel:
+    DESCRIPTION = ("Adds a local (in-filling) Mask Temporal Diffusion model to a NUWA-XL model: the paper's local model "
+                   "per depth. The file records the tree levels it was trained on (python -m nuwa_core.train xl --role "
+                   "local --level K), so it fills the levels whose frames are that far apart, ahead of the loader's "
+                   "local model there. Chain one per level; Local Diffusion and Coarse-to-Fine pick by the spacing.")
+    CATEGORY = CATEGORY
+    FUNCTION = "add"
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("xl_model",)
+    OUTPUT_TOOLTIPS = ("The same NUWA-XL model with this local model added (the input is left as it was).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"xl_model": _model_input(),
+                             "mtd_name": (list_xl_models(MTD_KIND, DEFAULT_MTD), {"tooltip":
+                                          "Mask Temporal Diffusion file trained for one or more local levels "
+                                          "(--role local [--level K], or --role both)."})}}
+
+    def add(self, xl_model, mtd_name):
+        from nuwa_core.weights import check_listed_file
+        from nuwa_core.xl.model import LocalModel, load_mtd_xl
+        path = xl_model_path(mtd_name)
+        check_listed_file(path)
+        mtd, info = load_mtd_xl(path)
+        local = LocalModel.from_info(mtd.eval().to(dtype=_dtype(xl_model.global_mtd)), info, path.name)
+        if local.spacings == ():
+            raise ValueError(f"{path.name} was trained for the global level only (its levels: "
+                             f"{info.get('levels', info.get('role'))}); pick a file trained with --role local or both")
+        if local.L is not None and xl_model.info.get("L") not in (None, local.L):
+            raise ValueError(f"{path.name} was trained with L={local.L} but this model's global MTD with "
+                             f"L={xl_model.info['L']}; the tree needs one L for every level")
+        out = xl_model.with_local(local)
+        attach_patchers(out, getattr(xl_model, PATCHERS_ATTR, None))
+        return (out,)
 
 
 def _model_input(tip="From NUWA-XL Model Loader."):
@@ -358,10 +419,11 @@ class NUWAXLGlobalDiffusion:
                 "optional": {"conditioning": ("CONDITIONING", {"tooltip": _COND_TIP})}}
 
     def generate(self, xl_model, L, steps, seed, depth, conditioning=None, guidance=1.0):
-        _check_tree(L, depth)
+        xl_model.check_tree(L, depth)
         prompts = conditioning_prompts(conditioning, xl_model, "Global Diffusion conditioning")
         prompts = spread_prompts(prompts, L)
-        model = _load(xl_model, ("global", "vae"), sampling_memory(xl_model, "global", 1, L, guidance=guidance))
+        g = xl_model.global_mtd
+        model = _load(xl_model, (g, xl_model.vae), sampling_memory(xl_model, g, 1, L, guidance=guidance))
         cb = _Sampling(model, steps)
         keyframes = model.keyframes(prompts, L, steps, seed, callback=cb, guidance=guidance)
         apart = float((L - 1) ** (depth - 1))
@@ -408,12 +470,16 @@ class NUWAXLLocalDiffusion:
             if prompts is not None and prompts.shape[0] not in (1, k):
                 prompts = None
         prompts = spread_prompts(prompts, frames)
-        need = sampling_memory(xl_model, "local", segments_per_batch or k - 1, L, guidance=guidance)
-        model = _load(xl_model, ("local", "vae"), need)
+        apart = keyframes.get("frames_apart", 1.0) / (L - 1)  # the spacing of the frames this level makes
+        try:
+            mtd = xl_model.local_for(apart, L)
+        except ValueError as err:
+            raise ValueError(f"Local Diffusion: {err}") from None
+        need = sampling_memory(xl_model, mtd, segments_per_batch or k - 1, L, guidance=guidance)
+        model = _load(xl_model, (mtd, xl_model.vae), need)
         cb = _Sampling(model, steps * _runs(k - 1, segments_per_batch))
         out = model.fill(lat, prompts, L, steps, seed, callback=cb, max_batch=segments_per_batch or None,
-                         guidance=guidance)
-        apart = keyframes.get("frames_apart", 1.0) / (L - 1)
+                         guidance=guidance, spacing=apart)
         return ({"latents": out.cpu(), "L": L, "frames_apart": apart, "prompts": prompts},)
 
 
@@ -432,7 +498,7 @@ class NUWAXLDecode:
                              "latents": (LATENTS_TYPE, {"tooltip": "From Global, Local Diffusion or Coarse-to-Fine."})}}
 
     def decode(self, xl_model, latents):
-        model = _load(xl_model, ("vae",), vae_memory(xl_model))
+        model = _load(xl_model, (xl_model.vae,), vae_memory(xl_model))
         apart = latents.get("frames_apart", 1.0)  # keyframes far apart are decoded each alone
         return decoded_output(model, model.decode(latents["latents"], frames_apart=apart), apart)
 
@@ -476,7 +542,7 @@ class NUWAXLEncode:
         if not frames_apart:
             L, depth = int(xl_model.info.get("L", 5)), int(xl_model.info.get("depth", 3))
             frames_apart = (L - 1) ** max(depth - 1, 0)
-        model = _load(xl_model, ("vae",), vae_memory(xl_model))
+        model = _load(xl_model, (xl_model.vae,), vae_memory(xl_model))
         try:  # consecutive frames of a clip are encoded together, keyframes further apart one at a time
             latents = encode_keyframes(model, frames, size, every, neighbours=every == 1 and frames_apart == 1)
         except ValueError as err:
@@ -543,14 +609,17 @@ class NUWAXLCoarseToFine:
     def generate(self, xl_model, L, depth, steps, seed, segments_per_batch, conditioning=None, guidance=1.0,
                  **levels):
         from nuwa_core.xl.diffusion_over_diffusion import generate_long_video
-        _check_tree(L, depth)
+        xl_model.check_tree(L, depth)
+        try:
+            local = xl_model.tree_locals(L, depth)  # the local MTD of each level, by the spacing it was trained on
+        except ValueError as err:
+            raise ValueError(f"Coarse-to-Fine (L={L}, depth {depth}): {err}") from None
         levels = level_schedule(xl_model, L, depth, conditioning, levels, "Coarse-to-Fine")
-        widest = (L - 1) ** (depth - 1)  # segments of the last level, sampled together unless split
         g = guidance if levels is not None else 1.0
-        need = max(sampling_memory(xl_model, "global", 1, L, guidance=g), vae_memory(xl_model),
-                   sampling_memory(xl_model, "local", min(widest, segments_per_batch or widest), L, guidance=g)
-                   if depth > 1 else 0)
-        model = _load(xl_model, ("global", "local", "vae"), need)
+        segments = [min((L - 1) ** k, segments_per_batch or (L - 1) ** k) for k in range(1, depth)]
+        need = max([sampling_memory(xl_model, xl_model.global_mtd, 1, L, guidance=g), vae_memory(xl_model)]
+                   + [sampling_memory(xl_model, mtd, n, L, guidance=g) for mtd, n in zip(local, segments)])
+        model = _load(xl_model, [xl_model.global_mtd, *local, xl_model.vae], need)
         mb = segments_per_batch or None
         total = steps * (1 + sum(_runs((L - 1) ** k, segments_per_batch) for k in range(1, depth)))
         cb = _Sampling(model, total)
@@ -559,7 +628,7 @@ class NUWAXLCoarseToFine:
         gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
         levels = [p.to(model.device) for p in levels] if isinstance(levels, list) else levels.to(model.device)
         with torch.no_grad():
-            lat = generate_long_video(model.global_mtd, model.local_mtd, levels, L, depth,
+            lat = generate_long_video(model.global_mtd, local, levels, L, depth,
                                       model.latent_shape(), steps=steps, generator=gen, callback=cb, max_batch=mb,
                                       guidance=g)
             frames = model.decode(lat)
@@ -569,6 +638,7 @@ class NUWAXLCoarseToFine:
 
 NODE_CLASS_MAPPINGS = {
     "NUWAXLModelLoader": NUWAXLModelLoader,
+    "NUWAXLAddLocalModel": NUWAXLAddLocalModel,
     "NUWAXLGlobalDiffusion": NUWAXLGlobalDiffusion,
     "NUWAXLLocalDiffusion": NUWAXLLocalDiffusion,
     "NUWAXLCoarseToFine": NUWAXLCoarseToFine,
@@ -577,6 +647,7 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "NUWAXLModelLoader": "NUWA-XL Model Loader",
+    "NUWAXLAddLocalModel": "NUWA-XL Add Local Model",
     "NUWAXLGlobalDiffusion": "NUWA-XL Global Diffusion",
     "NUWAXLLocalDiffusion": "NUWA-XL Local Diffusion",
     "NUWAXLCoarseToFine": "NUWA-XL Coarse-to-Fine (long video)",

@@ -180,7 +180,8 @@ def loaded():
 
 out = {}
 model = tiny_xl()
-p = model.comfy_patchers
+p = {"vae": model.comfy_patchers[id(model.vae)], "global": model.comfy_patchers[id(model.global_mtd)],
+     "local": model.comfy_patchers[id(model.local_models[0].mtd)]}
 wrap = nodes["NUWAXLModelAsComfy"]().wrap
 g, l = wrap(model, "global")[0], wrap(model, "local")[0]
 out["one_patcher"] = {"same_for_both_levels": p["global"] is p["local"], "clones": g.is_clone(l) and g.is_clone(p["global"]),
@@ -195,8 +196,18 @@ out["decode_loads_vae_only"] = [m is p["vae"] for m in loaded()] == [True]
 out["decode"] = list(images.shape)
 two = tiny_xl(separate_local=True)
 wrap2 = wrap(two, "global")[0], wrap(two, "local")[0]
-out["separate_local"] = {"two_patchers": two.comfy_patchers["global"] is not two.comfy_patchers["local"],
-                         "not_clones": not wrap2[0].is_clone(wrap2[1])}
+out["separate_local"] = {"two_patchers": two.comfy_patchers[id(two.global_mtd)] is not
+                         two.comfy_patchers[id(two.local_models[0].mtd)], "not_clones": not wrap2[0].is_clone(wrap2[1])}
+# a local model per depth added to a loaded bundle: the bundle's patchers are kept, the new MTD gets its own
+from nuwa_core.xl.model import LocalModel
+extra = LocalModel(MaskTemporalDiffusion(MTDConfig.tiny(context_dim=8)).eval(), (1,), "extra")
+more = model.with_local(extra)
+xl.attach_patchers(more, model.comfy_patchers)
+mp = more.comfy_patchers
+out["add_local"] = {"kept": mp[id(model.global_mtd)] is p["global"] and mp[id(model.vae)] is p["vae"],
+                    "new": mp[id(extra.mtd)] is not p["global"],
+                    "picked": wrap(more, "local", 1)[0].is_clone(mp[id(extra.mtd)]),
+                    "other_spacing": wrap(more, "local", 4)[0].is_clone(p["global"])}
 
 # a partial load under --novram (meta stands for the GPU): the core route refuses cleanly
 real_free = mm.get_free_memory
@@ -289,6 +300,7 @@ def test_xl_one_patcher_per_model_cloned_per_level(xl_result):
     one = xl_result["one_patcher"]
     assert one == {"same_for_both_levels": True, "clones": True, "distinct_objects": True, "vae_separate": True}, one
     assert xl_result["separate_local"] == {"two_patchers": True, "not_clones": True}
+    assert xl_result["add_local"] == {"kept": True, "new": True, "picked": True, "other_spacing": True}
 
 
 def test_xl_nodes_load_through_comfyui(xl_result):

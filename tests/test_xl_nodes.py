@@ -25,9 +25,10 @@ def test_loader_lists_files_by_kind_default_first_and_names_folders(pack, models
     assert mtds[0] == "mtd_default.safetensors" and "mtd_text.safetensors" in mtds and "vae.safetensors" not in mtds
     assert locals_[0] == "(same as global)"
     model = load_xl(pack)
-    assert model.global_mtd is model.local_mtd and not model.takes_prompts and model.fps == 6.0
+    assert [lm.mtd for lm in model.local_models] == [model.global_mtd]
+    assert not model.takes_prompts and model.fps == 6.0
     two = load_xl(pack, mtd="mtd.safetensors", local="mtd_text.safetensors")
-    assert two.global_mtd is not two.local_mtd
+    assert len(two.local_models) == 1 and two.local_models[0].mtd is not two.global_mtd
     with pytest.raises(FileNotFoundError) as info:
         load_xl(pack, mtd="absent.safetensors")
     assert "absent.safetensors" in str(info.value) and str(models_dir / "nuwa_xl") in str(info.value)

@@ -191,16 +191,23 @@ def fill_between(local_model, keyframes: torch.Tensor, prompts: torch.Tensor, L:
     return torch.cat([x0[:, :-1].reshape(segments * (L - 1), *shape), keyframes[-1:]])
 
 
-def generate_long_video(global_model, local_model, prompts, L: int, depth: int, latent_shape: Sequence[int], *,
+def generate_long_video(global_model, local_models, prompts, L: int, depth: int, latent_shape: Sequence[int], *,
                         sampler: Callable = sample_ddim, steps: int = 50, generator: torch.Generator | None = None,
                         callback=None, max_batch: int | None = None, guidance: float = 1.0) -> torch.Tensor:
     """The whole tree: -> latents [(L-1)^depth + 1, c, h, w].
 
+    local_models: one model for every local level, or a list of depth-1 (level k uses entry k-1: the
+    paper's local model per depth; XLModel.tree_locals picks them by the spacing they were trained on).
     prompts: a list of `depth` tensors (level k: [(L-1)^(k+1) + 1, n, d] or one [n, d]; prompt_schedule
     makes them from fewer prompts), or one tensor for every level. callback(info) gets the sampler's
     info plus "level" and "levels"; True cancels. guidance: classifier-free guidance scale (1 = off).
     """
     _check_tree(L, depth)
+    if not isinstance(local_models, (list, tuple)):
+        local_models = [local_models] * (depth - 1)
+    if len(local_models) != depth - 1:
+        raise ValueError(f"expected a local model for each of the {depth - 1} local levels (depth {depth}), "
+                         f"got {len(local_models)}")
     if isinstance(prompts, torch.Tensor):
         prompts = [prompts] * depth
     if len(prompts) != depth:
@@ -211,7 +218,7 @@ def generate_long_video(global_model, local_model, prompts, L: int, depth: int, 
                                 generator=generator, callback=_level_callback(callback, 0, depth),
                                 guidance=guidance)
     for k in range(1, depth):
-        frames = fill_between(local_model, frames, per_level[k], L, sampler=sampler, steps=steps,
+        frames = fill_between(local_models[k - 1], frames, per_level[k], L, sampler=sampler, steps=steps,
                               generator=generator, callback=_level_callback(callback, k, depth),
                               max_batch=max_batch, guidance=guidance)
     return frames

@@ -1,16 +1,23 @@
 """NUWA-XL inference: the T-KLVAE + Mask Temporal Diffusion bundle the nodes and samples use.
 
 Model files: the T-KLVAE through t_klvae.save_t_klvae; the MTD as mask_temporal_diffusion files
-(loadable by load_mtd) plus the metadata key `nuwa_xl` (JSON: role, L, depth, prompts, fps, frame
-size, and for a prompted model `text_encoder`: the name, width and file sha256 of the text encoder it
-was trained with) that the nodes read for their defaults and checks. Training (`python -m
-nuwa_core.train t_klvae|xl`) lives in training/t_klvae.py and training/xl.py.
+(loadable by load_mtd) plus the metadata key `nuwa_xl` (JSON: role, L, depth, the tree levels it was
+trained on `levels`, prompts, fps, frame size, and for a prompted model `text_encoder`: the name, width
+and file sha256 of the text encoder it was trained with) that the nodes read for their defaults and
+checks. Training (`python -m nuwa_core.train t_klvae|xl`) lives in training/t_klvae.py and training/xl.py.
+
+The paper has a global model and a local model per depth: a bundle holds one global MTD and any
+number of local MTDs, each serving the frame spacings it was trained on (`LocalModel`). A local
+level fills L frames `spacing` video frames apart ((L-1)^(depth-1-k) at level k of a depth-`depth`
+tree); `XLModel.local_for` picks the local model trained on that spacing. One MTD trained with
+`--role both` serves every level, as before.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +25,7 @@ from einops import rearrange
 from PIL import Image
 
 from .. import checkpoint
-from .diffusion_over_diffusion import fill_between, generate_keyframes, generate_long_video
+from .diffusion_over_diffusion import _check_tree, fill_between, generate_keyframes, generate_long_video
 from .mask_temporal_diffusion import KIND as MTD_KIND, MaskTemporalDiffusion, load_mtd_with_metadata
 from .t_klvae import TKLVAE, load_t_klvae
 
@@ -36,39 +43,160 @@ def load_mtd_xl(path) -> tuple[MaskTemporalDiffusion, dict]:
     return model, json.loads(metadata.get(XL_META_KEY, "{}"))
 
 
+def trained_levels(info: dict) -> list[int] | None:
+    """The tree levels (0 = global) an MTD was trained on, from its `nuwa_xl` info: `levels`, else what
+    its `role` trains at its `depth`; None when the file does not say (saved without training info)."""
+    if "levels" in info:
+        return [int(k) for k in info["levels"]]
+    if "depth" not in info:
+        return None
+    depth = int(info["depth"])
+    return {"global": [0], "local": list(range(1, depth))}.get(info.get("role", "both"), list(range(depth)))
+
+
+def level_spacing(L: int, depth: int, level: int) -> int:
+    """Video frames between the L frames of tree level `level` (0 = global) of a depth-`depth` tree."""
+    return (L - 1) ** (depth - 1 - level)
+
+
 @dataclass
-class XLModel:
-    """T-KLVAE + global and local MTD (the same object when one model serves both), with the info
-    saved next to the MTD weights (L, depth, fps, frame size, whether it takes prompts)."""
-    vae: TKLVAE
-    global_mtd: MaskTemporalDiffusion
-    local_mtd: MaskTemporalDiffusion
-    info: dict = field(default_factory=dict)
+class LocalModel:
+    """A local MTD and the frame spacings it was trained to fill (video frames between its L frames,
+    deepest level 1); None: not recorded, it serves any spacing."""
+    mtd: MaskTemporalDiffusion
+    spacings: tuple[int, ...] | None
+    name: str = ""
+    L: int | None = None
 
     @classmethod
-    def load(cls, vae_path, mtd_path, local_mtd_path=None, dtype: torch.dtype = torch.float32,
-             vae_dtype: torch.dtype | None = None) -> "XLModel":
-        """dtype: the MTDs' weights and compute dtype (fp16 / bf16 where the device supports them);
-        vae_dtype: the T-KLVAE's (default: dtype)."""
+    def from_info(cls, mtd: MaskTemporalDiffusion, info: dict, name: str = "") -> LocalModel:
+        levels = trained_levels(info)
+        if levels is None or "L" not in info:
+            return cls(mtd, None, name or info.get("file", ""))
+        L, depth = int(info["L"]), int(info["depth"])
+        spacings = tuple(sorted({level_spacing(L, depth, k) for k in levels if k > 0}, reverse=True))
+        return cls(mtd, spacings, name or info.get("file", ""), L)
+
+    def describe(self) -> str:
+        name = self.name or "the local MTD"
+        if not self.spacings:
+            return f"{name} (trained for no local level)"
+        return f"{name} (frames {', '.join(map(str, self.spacings))} apart)"
+
+
+@dataclass
+class XLModel:
+    """T-KLVAE + a global MTD and the local MTDs (a local model per depth, or the global MTD itself
+    when one model serves the whole tree), with the info saved next to the global MTD's weights (L,
+    depth, fps, frame size, whether it takes prompts).
+
+    `local` may be given as one MTD (it serves every level; its spacings read from `info`) or as a
+    list of LocalModel; it is kept as the list `local_models`, the first match wins."""
+    vae: TKLVAE
+    global_mtd: MaskTemporalDiffusion
+    local: InitVar[MaskTemporalDiffusion | list[LocalModel] | None]
+    info: dict = field(default_factory=dict)
+    local_models: list[LocalModel] = field(init=False)
+
+    def __post_init__(self, local):
+        if isinstance(local, list):
+            self.local_models = list(local)
+        else:
+            self.local_models = [] if local is None else [LocalModel.from_info(local, self.info)]
+
+    @classmethod
+    def load(cls, vae_path, mtd_path, local_mtd_paths=(), dtype: torch.dtype = torch.float32,
+             vae_dtype: torch.dtype | None = None) -> XLModel:
+        """local_mtd_paths: a local MTD file or a list of them (a local model per depth), the first
+        listed first to serve a spacing; none: the global MTD serves every level. dtype: the MTDs'
+        weights and compute dtype (fp16 / bf16 where the device supports them); vae_dtype: the
+        T-KLVAE's (default: dtype)."""
         vae = load_t_klvae(vae_path).eval()
         g, info = load_mtd_xl(mtd_path)
-        l = g
-        if local_mtd_path is not None and Path(local_mtd_path) != Path(mtd_path):
-            l, linfo = load_mtd_xl(local_mtd_path)
-            info = {**linfo, **info}
         info = {**info, "file": Path(mtd_path).name}
-        for m in {id(g): g, id(l): l}.values():
+        if local_mtd_paths is None or isinstance(local_mtd_paths, (str, Path)):
+            local_mtd_paths = [] if local_mtd_paths is None else [local_mtd_paths]
+        locals_ = []
+        for path in local_mtd_paths:
+            if Path(path) == Path(mtd_path):
+                locals_.append(LocalModel.from_info(g, info))
+                continue
+            m, linfo = load_mtd_xl(path)
+            locals_.append(LocalModel.from_info(m, linfo, Path(path).name))
+        bundle = cls(vae, g, locals_ or g, info)
+        for m in bundle.networks()[1:]:
             m.eval()
             if m.config.latent_channels != vae.config.z_channels:
                 raise checkpoint.CheckpointError(
                     f"the MTD takes {m.config.latent_channels}-channel latents but the T-KLVAE makes "
                     f"{vae.config.z_channels}; pick a matching pair")
-        return cls(vae, g, l, info).to_dtypes(dtype, vae_dtype)
+            if m.config.context_dim != g.config.context_dim:
+                raise checkpoint.CheckpointError(
+                    f"a local MTD takes {m.config.context_dim}-wide prompts but the global MTD "
+                    f"{Path(mtd_path).name} takes {g.config.context_dim}; pick models trained with one text encoder")
+        return bundle.to_dtypes(dtype, vae_dtype)
+
+    def with_local(self, local: LocalModel) -> XLModel:
+        """A new bundle (sharing every network) in which `local` serves its spacings first."""
+        if local.mtd.config.context_dim != self.context_dim:
+            raise ValueError(f"{local.name or 'the local MTD'} takes {local.mtd.config.context_dim}-wide prompts but "
+                             f"this model's global MTD takes {self.context_dim}; pick models trained with one text "
+                             f"encoder")
+        if local.mtd.config.latent_channels != self.vae.config.z_channels:
+            raise ValueError(f"{local.name or 'the local MTD'} takes {local.mtd.config.latent_channels}-channel "
+                             f"latents but the T-KLVAE makes {self.vae.config.z_channels}")
+        return replace(self, local=[local, *self.local_models])
+
+    def networks(self) -> list[torch.nn.Module]:
+        """The T-KLVAE, the global MTD and every distinct local MTD, each once."""
+        nets = {id(m): m for m in (self.vae, self.global_mtd, *(lm.mtd for lm in self.local_models))}
+        return list(nets.values())
+
+    def local_for(self, spacing: float, L: int | None = None) -> MaskTemporalDiffusion:
+        """The local MTD for a level whose L frames are `spacing` video frames apart: the first local
+        model trained on that spacing (else one that does not record its spacings). With a single
+        local model trained on other spacings it is used with a warning naming what it learned;
+        among several, or when none was trained for a local level at all, a ValueError names them."""
+        want = round(spacing) if abs(spacing - round(spacing)) < 1e-6 else spacing
+        exact = [lm for lm in self.local_models if lm.spacings and want in lm.spacings]
+        unknown = [lm for lm in self.local_models if lm.spacings is None]
+        for lm in exact + unknown:
+            return lm.mtd
+        have = "; ".join(lm.describe() for lm in self.local_models) or "none"
+        what = f"a local level whose frames are {want:g} video frames apart"
+        if len(self.local_models) == 1 and self.local_models[0].spacings:
+            lm = self.local_models[0]
+            warnings.warn(f"{what}: {lm.describe()} was not trained on that spacing; the in-betweens may not "
+                          f"fit the motion (train a local model for it: python -m nuwa_core.train xl --role local "
+                          f"--level K, or use the depth it was trained for)", stacklevel=2)
+            return lm.mtd
+        raise ValueError(f"no local model for {what}; this model's local models: {have}. Add one trained for that "
+                         f"level (NUWA-XL Add Local Model; python -m nuwa_core.train xl --role local --level K), "
+                         f"or use a depth these cover")
+
+    def tree_locals(self, L: int, depth: int) -> list[MaskTemporalDiffusion]:
+        """The local MTD of each local level 1..depth-1 of a depth-`depth` tree (local_for)."""
+        return [self.local_for(level_spacing(L, depth, k), L) for k in range(1, depth)]
+
+    def check_tree(self, L: int, depth: int) -> None:
+        """Warn when L or the keyframes' spacing differ from what the global MTD was trained for (it
+        then makes frames at a spacing it never saw); the local levels are checked by local_for."""
+        _check_tree(L, depth)
+        trained_L, trained_depth = self.info.get("L"), self.info.get("depth")
+        name = f"the global MTD {self.info['file']}" if self.info.get("file") else "the global MTD"
+        if trained_L is not None and int(trained_L) != L:
+            warnings.warn(f"L={L}: {name} was trained with L={trained_L} frames "
+                          f"per diffusion call; use L={trained_L}", stacklevel=2)
+        elif trained_depth is not None and 0 in (trained_levels(self.info) or [0]) and int(trained_depth) != depth:
+            warnings.warn(f"depth {depth}: {name} was trained on keyframes "
+                          f"{level_spacing(L, int(trained_depth), 0)} frames apart (depth {trained_depth}); depth "
+                          f"{depth} asks for keyframes {level_spacing(L, depth, 0)} apart, a pace it never saw",
+                          stacklevel=2)
 
     def to_dtypes(self, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None) -> XLModel:
         """Weights (and compute) of the MTDs in `dtype`, of the T-KLVAE in `vae_dtype` (default: dtype).
         Samplers keep their latents in float32 (diffusion_over_diffusion.in_model_dtype)."""
-        for m in {id(self.global_mtd): self.global_mtd, id(self.local_mtd): self.local_mtd}.values():
+        for m in self.networks()[1:]:
             m.to(dtype=dtype)
         self.vae.to(dtype=vae_dtype or dtype)
         return self
@@ -99,14 +227,14 @@ class XLModel:
             raise ValueError(f"width and height must be multiples of {m} for this model, got {w}x{h}")
         return self.vae.config.z_channels, h // f, w // f
 
-    def to(self, device) -> "XLModel":
-        for m in (self.vae, self.global_mtd, self.local_mtd):
+    def to(self, device) -> XLModel:
+        for m in self.networks():
             m.to(device)
         return self
 
     @property
     def device(self) -> torch.device:
-        """The global MTD's device (ComfyUI may hold the T-KLVAE and a local MTD elsewhere: each
+        """The global MTD's device (ComfyUI may hold the T-KLVAE and the local MTDs elsewhere: each
         network's inputs go to its own device)."""
         return next(self.global_mtd.parameters()).device
 
@@ -156,12 +284,15 @@ class XLModel:
                                   generator=gen, callback=callback, guidance=guidance)
 
     @torch.no_grad()
-    def fill(self, keyframes, prompts, L, steps, seed, callback=None, max_batch=None, guidance=1.0):
+    def fill(self, keyframes, prompts, L, steps, seed, callback=None, max_batch=None, guidance=1.0, spacing=1.0):
+        """Local diffusion between keyframes [K, c, h, w]: the L frames of each segment are `spacing`
+        video frames apart (picks the local model, local_for)."""
         gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
-        device = self._place(self.local_mtd)["device"]
+        mtd = self.local_for(spacing, L)
+        device = self._place(mtd)["device"]
         guidance = 1.0 if prompts is None else guidance
         prompts = self.null_prompts().to(device) if prompts is None else prompts.to(device)
-        return fill_between(self.local_mtd, keyframes.to(device, torch.float32), prompts, L, steps=steps,
+        return fill_between(mtd, keyframes.to(device, torch.float32), prompts, L, steps=steps,
                             generator=gen, callback=callback, max_batch=max_batch, guidance=guidance)
 
     @torch.no_grad()
@@ -169,11 +300,13 @@ class XLModel:
                  width=0, height=0, guidance=1.0) -> torch.Tensor:
         """The whole tree -> frames [(L-1)^depth + 1, 3, H, W] in -1..1. prompts: one tensor for every
         level, or a list per level (prompt_schedule); guidance: classifier-free guidance (1 = off)."""
+        self.check_tree(L, depth)
+        local = self.tree_locals(L, depth)
         gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
         guidance = 1.0 if prompts is None else guidance
         prompts = self.null_prompts() if prompts is None else prompts
         prompts = [p.to(self.device) for p in prompts] if isinstance(prompts, list) else prompts.to(self.device)
-        lat = generate_long_video(self.global_mtd, self.local_mtd, prompts, L, depth,
+        lat = generate_long_video(self.global_mtd, local, prompts, L, depth,
                                   self.latent_shape(width, height), steps=steps, generator=gen,
                                   callback=callback, max_batch=max_batch, guidance=guidance)
         return self.decode(lat)
