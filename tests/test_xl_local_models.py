@@ -53,6 +53,8 @@ def per_level_bundle(calls=None):
 def test_each_level_of_the_tree_runs_the_local_model_trained_for_its_spacing():
     model, calls = per_level_bundle()
     assert model.local_for(2) is model.local_models[1].mtd and model.local_for(1) is model.local_models[0].mtd
+    with pytest.raises(ValueError, match="no local model for a local level whose frames are 1 video frames apart"):
+        model.local_for(1, L=5)  # trained with L=3: its spacing means other frames at L=5
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the tree the models were trained for: no warning
         frames = model.generate(L=3, depth=3, steps=2, seed=0)

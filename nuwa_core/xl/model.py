@@ -154,14 +154,16 @@ class XLModel:
 
     def local_for(self, spacing: float, L: int | None = None) -> MaskTemporalDiffusion:
         """The local MTD for a level whose L frames are `spacing` video frames apart: the first local
-        model trained on that spacing (else one that does not record its spacings). With a single
-        local model trained on other spacings it is used with a warning naming what it learned;
-        among several, or when none was trained for a local level at all, a ValueError names them."""
+        model trained on that spacing (with this L, when given), else one that does not record its
+        spacings. With a single local model trained on other spacings it is used with a warning
+        naming what it learned; among several, or when none was trained for a local level at all, a
+        ValueError names them."""
         want = round(spacing) if abs(spacing - round(spacing)) < 1e-6 else spacing
-        exact = [lm for lm in self.local_models if lm.spacings and want in lm.spacings]
-        unknown = [lm for lm in self.local_models if lm.spacings is None]
-        for lm in exact + unknown:
-            return lm.mtd
+        exact = [lm for lm in self.local_models
+                 if lm.spacings and want in lm.spacings and (L is None or lm.L in (None, L))]
+        match = exact or [lm for lm in self.local_models if lm.spacings is None]
+        if match:
+            return match[0].mtd
         have = "; ".join(lm.describe() for lm in self.local_models) or "none"
         what = f"a local level whose frames are {want:g} video frames apart"
         if len(self.local_models) == 1 and self.local_models[0].spacings:
