@@ -185,3 +185,21 @@ def test_ksampler_route_picks_the_local_model_by_spacing(pack, models_dir):
         xl_nodes.level_mtd(model, "local")
     shared = load_xl(pack)
     assert xl_nodes.level_mtd(shared, "local") is shared.global_mtd
+
+
+def test_an_mtd_paired_with_another_t_klvae_warns(models_dir):
+    folder = models_dir / "nuwa_xl"
+    vae = TKLVAE(TKLVAEConfig.tiny())
+    save_mtd_xl(tiny_mtd(0), folder / "mtd_scaled.safetensors",
+                {**INFO, "role": "both", "vae": "other.safetensors", "vae_latent_scale": 0.5})
+    save_mtd_xl(tiny_mtd(0), folder / "mtd_named.safetensors", {**INFO, "role": "both", "vae": "other.safetensors"})
+    save_mtd_xl(tiny_mtd(0), folder / "mtd_same.safetensors",
+                {**INFO, "role": "both", "vae": "x.safetensors", "vae_latent_scale": vae.config.latent_scale})
+    with pytest.warns(UserWarning, match=r"mtd_scaled.safetensors was trained on latents scaled by 0.5 .T-KLVAE "
+                                         r"other.safetensors. but vae.safetensors scales by"):
+        XLModel.load(folder / "vae.safetensors", folder / "mtd_scaled.safetensors")
+    with pytest.warns(UserWarning, match="trained on the latents of other.safetensors, not vae.safetensors"):
+        XLModel.load(folder / "vae.safetensors", folder / "mtd_named.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scale it was trained with, under another name: fine
+        XLModel.load(folder / "vae.safetensors", folder / "mtd_same.safetensors")

@@ -59,6 +59,22 @@ def level_spacing(L: int, depth: int, level: int) -> int:
     return (L - 1) ** (depth - 1 - level)
 
 
+def check_vae_pairing(info: dict, vae: TKLVAE, vae_name: str, mtd_name: str) -> None:
+    """Warn when an MTD is paired with a T-KLVAE other than the one whose latents it learned: its
+    recorded `vae_latent_scale` differs from this T-KLVAE's by more than 1% (the diffusion latents
+    would be scaled wrongly), or, in files that do not record it, the T-KLVAE's file name differs."""
+    scale = vae.config.latent_scale
+    trained_scale, trained_vae = info.get("vae_latent_scale"), info.get("vae")
+    if trained_scale is not None:
+        if abs(scale - float(trained_scale)) > 0.01 * abs(float(trained_scale)):
+            warnings.warn(f"{mtd_name} was trained on latents scaled by {float(trained_scale):.4g} (T-KLVAE "
+                          f"{trained_vae or '?'}) but {vae_name} scales by {scale:.4g}; pick the T-KLVAE it was "
+                          f"trained with", stacklevel=3)
+    elif trained_vae and trained_vae != vae_name:
+        warnings.warn(f"{mtd_name} was trained on the latents of {trained_vae}, not {vae_name}; unless that is the "
+                      f"same file renamed, pick the T-KLVAE it was trained with", stacklevel=3)
+
+
 @dataclass
 class LocalModel:
     """A local MTD and the frame spacings it was trained to fill (video frames between its L frames,
@@ -123,6 +139,7 @@ class XLModel:
                 continue
             m, linfo = load_mtd_xl(path)
             locals_.append(LocalModel.from_info(m, linfo, Path(path).name))
+        check_vae_pairing(info, vae, Path(vae_path).name, Path(mtd_path).name)
         bundle = cls(vae, g, locals_ or g, info)
         for m in bundle.networks()[1:]:
             m.eval()
