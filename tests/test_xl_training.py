@@ -188,7 +188,9 @@ def test_xl_info_records_the_levels_of_each_role(tmp_path, frames, vae_file, mon
         drawn.clear()
         out = tmp_path / f"{role}{''.join(extra)}.safetensors"
         train.main(_xl_args(frames, vae_file, out, "--steps", "2", "--role", role, *extra))
-        assert nuwa_xl.load_mtd_xl(out)[1]["levels"] == levels
+        info = nuwa_xl.load_mtd_xl(out)[1]
+        assert info["levels"] == levels
+        assert info["vae_latent_scale"] == pytest.approx(load_t_klvae(vae_file).config.latent_scale)
         assert set(drawn) <= set(levels) and len(drawn) == 4
     with pytest.raises(loop.TrainingError, match="1..2"):
         train.main(_xl_args(frames, vae_file, tmp_path / "x.safetensors", "--steps", "1", "--level", "1"))

@@ -313,8 +313,9 @@ def train_xl(args) -> dict:
     data_gen = torch.Generator().manual_seed(args.seed + 1000 * dist.rank)
     run = Run("xl", args, dist, {"mtd": model}, {"mtd": opt}, xl_config_dict(args, mcfg, vae.config), data_gen)
     info = {"role": args.role, "L": args.L, "depth": args.depth, "levels": levels,
-            "prompts": "text" if text is not None else "none", "fps": fps, "width": size[0], "height": size[1], "latent_shape": [mcfg.latent_channels, lh, lw],
-            "vae": Path(args.vae).name}
+            "prompts": "text" if text is not None else "none", "fps": fps, "width": size[0], "height": size[1],
+            "latent_shape": [mcfg.latent_channels, lh, lw], "vae": Path(args.vae).name,
+            "vae_latent_scale": vae.config.latent_scale}  # XLModel.load warns when paired with another scale
     if encoder_info is not None:
         info["text_encoder"] = encoder_info
     step = int(run.resume()["step"]) if args.resume else 0
