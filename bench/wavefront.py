@@ -12,28 +12,41 @@
    the same run (a 1024^3 float32 matmul). Goal: batch-1 latency cut >= 3x.
 3. Decoding the AR canvases (model.decode, windows batched) against generating them, and the Patch
    Renderer's final decode of one image, which its incremental previews have already made.
+4. The AR step through torch.compile (issue 16 item 3's option; inductor's C++ backend here),
+   whole patches as in part 2, against today's step, alternating: seconds per token, seconds
+   spent compiling (cold caches), graphs compiled (recompiles), tokens equal. `CompiledStep` is
+   the plain use (TokenStep's call compiled); with --tuned-compile also `TunedStep`, the most
+   favourable variant found (fixed-shape masked attention, frozen weights, max-autotune, C++
+   wrapper, weight guards dropped). Neither is faster on this CPU, so the package has no compile
+   option (README, Speed); if compiling fails here the row says why.
 
-Run from the repo root: `python bench/wavefront.py` (about 3-6 minutes on 2 CPU cores); the last
-line is one JSON object. Every time is the fastest of `--repeats` runs, alternating.
+Run from the repo root: `python bench/wavefront.py` (about 5-8 minutes on 2 CPU cores, compiling
+included); the last line is one JSON object. Every time is the fastest of `--repeats` runs
+(part 2 and 4: 5), alternating.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nuwa_core.infinity import patch_samplers
 from nuwa_core.infinity.arbitrary_direction_controller import Order
 from nuwa_core.infinity.generation import NuwaInfinity
 from nuwa_core.infinity.patch_samplers import SamplerSettings, decode_ar
 from nuwa_core.infinity.preview import PreviewDecoder
-from nuwa_core.infinity.renderer import Context, Renderer, RendererConfig
+from nuwa_core.infinity.renderer import Context, Renderer, RendererConfig, TokenStep
 
 MODEL = ROOT / "models" / "nuwa" / "nuwa_infinity_default.safetensors"
 SETTINGS = SamplerSettings(top_k=100, epsilon=0.01)  # the Patch Renderer's defaults for this model
@@ -113,18 +126,148 @@ def matmul_rate() -> float:
     return 5 * 2 * 1024 ** 3 / t
 
 
-def token_latency(model: NuwaInfinity, batch: int, decode, repeats: int) -> float:
-    """Seconds per token of one AR patch over 4 context patches, `batch` rows (patches x canvases)."""
-    r = model.renderer
+def patch_context(r: Renderer, batch: int) -> Context:
+    """One AR patch's context: 4 patches of random layer inputs, `batch` rows (patches x canvases)."""
     cache = torch.randn(r.config.n_layer, batch, r.config.tokens_per_patch, r.config.d_model,
                         generator=torch.Generator().manual_seed(0))
     selected = [((0, 0, 0), cache), ((0, 0, 1), cache), ((0, 0, 2), cache), ((0, 1, 0), cache)]
-    context = Context.from_pool(selected, (0, 1, 1), r.rel, "cpu")
-    text_kv = r.text_kv(None)
-    greedy = lambda logits: logits.argmax(-1)  # the network's step, not the sampler's
+    return Context.from_pool(selected, (0, 1, 1), r.rel, "cpu")
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:  # the network's step, not the sampler's
+    return logits.argmax(-1)
+
+
+def token_latency(model: NuwaInfinity, batch: int, decode, repeats: int) -> float:
+    """Seconds per token of one AR patch over 4 context patches, `batch` rows (patches x canvases)."""
+    r = model.renderer
+    context, text_kv = patch_context(r, batch), r.text_kv(None)
     decode(r, context, Order.DOWN_RIGHT, text_kv, batch, greedy)
     best = min(timed(lambda: decode(r, context, Order.DOWN_RIGHT, text_kv, batch, greedy))[1] for _ in range(repeats))
     return best / (r.config.tokens_per_patch + 1)
+
+
+def patch_decode(r: Renderer, batch: int, step: type):
+    """One AR patch through decode_ar, its step made by `step` (renderer.TokenStep or a subclass)."""
+    context, text_kv = patch_context(r, batch), r.text_kv(None)
+
+    def run():
+        with mock.patch.object(patch_samplers, "TokenStep", step):
+            return decode_ar(r, context, Order.DOWN_RIGHT, text_kv, batch, greedy)
+    return run
+
+
+class CompiledStep(TokenStep):
+    """renderer.TokenStep with its call through one torch.compile'd function (inductor, default
+    mode and shapes: t, the rows and the key count become symbolic after the first recompile, so
+    the patches of every later slot and batch share a graph). Swapped into decode_ar for part 4."""
+    call = None
+
+    @classmethod
+    def reset(cls):
+        cls.call = torch.compile(TokenStep.__call__)
+
+    def __call__(self, x, t, layers=None):
+        return CompiledStep.call(self, x, t, layers)
+
+
+def compiled_step(model: NuwaInfinity, batches, repeats: int, step=CompiledStep) -> dict:
+    """Part 4: whole AR patches (decode_ar) with `step` against today's step, alternating,
+    from a cold compile (inductor's on-disk caches in an empty folder). Per batch: the fastest
+    seconds per token of each, the first compiled patch's extra seconds (compiling), the graphs
+    compiled by then, tokens equal and the layer inputs' largest difference. Any exception (no
+    C++ compiler, no inductor) is reported instead."""
+    from torch._dynamo.utils import counters
+    r, m = model.renderer, model.renderer.config.tokens_per_patch
+    rows = {}
+    held = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            torch._dynamo.reset()
+            counters.clear()
+            step.reset()
+            for batch in batches:
+                eager, compiled = patch_decode(r, batch, TokenStep), patch_decode(r, batch, step)
+                (tokens, inputs), first = timed(compiled)
+                graphs = counters["stats"]["unique_graphs"]
+                ref = eager()
+                t_eager, t_comp = float("inf"), float("inf")
+                for _ in range(repeats):
+                    t_eager = min(t_eager, timed(eager)[1])
+                    t_comp = min(t_comp, timed(compiled)[1])
+                rows[batch] = {"eager_us": round(t_eager / (m + 1) * 1e6, 1),
+                               "compiled_us": round(t_comp / (m + 1) * 1e6, 1),
+                               "speedup": round(t_eager / t_comp, 2), "compile_s": round(max(0.0, first - t_comp), 1),
+                               "graphs": graphs, "same_tokens": bool(torch.equal(tokens, ref[0])),
+                               "max_diff": float((inputs - ref[1]).abs().max())}
+            rows["graphs_after_timing"] = counters["stats"]["unique_graphs"]
+        except Exception as e:  # noqa: BLE001 - the bench reports why compiling did not work here
+            rows["error"] = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            torch._dynamo.reset()
+            if held is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = held
+    return rows
+
+
+class TunedStep(TokenStep):
+    """The most favourable compiled step found (--tuned-compile): every slot attends to the whole
+    key buffer (zeros after the slot, masked), so one static shape serves every t; the slot is a
+    tensor; the weights are module parameters, frozen into the graph; max-autotune (inductor's C++
+    GEMM template against MKL) and the C++ wrapper; dynamo guards only the step's tensor arguments
+    (one graph per rows x context keys), not the 48 weights nor the module: unsafe in general,
+    right here because every step comes from one renderer's weights. Shipped model's layers only
+    (no text, no attention mask)."""
+    compiled = None
+
+    @classmethod
+    def reset(cls):
+        cls.compiled = None
+
+    class Layers(torch.nn.Module):
+        def __init__(self, step: TokenStep):
+            super().__init__()
+            self.h = step.h
+            self.w = torch.nn.ParameterList(torch.nn.Parameter(w.clone(), requires_grad=False) for layer in step.layers
+                                            for w in (*layer[0][:2], *layer[1], *layer[5], *layer[7][:2], *layer[8], *layer[9]))
+
+        def forward(self, x, at, keys: list, values: list):
+            rows, d = x.shape
+            dh, shape, inputs = d // self.h, (d,), [x]
+            for l in range(len(keys)):
+                ln1_w, ln1_b, qkv_b, qkv_w, proj_b, proj_w, ln2_w, ln2_b, fc_b, fc_w, out_b, out_w = (
+                    self.w[12 * l + i] for i in range(12))
+                qkv = torch.addmm(qkv_b, torch.layer_norm(x, shape, ln1_w, ln1_b), qkv_w).view(rows * self.h, 3, dh)
+                keys[l].index_copy_(2, at.view(1), qkv[:, 1:2].transpose(1, 2))
+                values[l].index_copy_(1, at.view(1), qkv[:, 2:3])
+                scores = torch.bmm(qkv[:, :1], keys[l]).masked_fill(torch.arange(keys[l].shape[2]) > at, float("-inf"))
+                x = torch.addmm(proj_b, torch.bmm(scores.softmax(-1), values[l]).view(rows, d), proj_w) + x
+                u = F.gelu(torch.addmm(fc_b, torch.layer_norm(x, shape, ln2_w, ln2_b), fc_w), approximate="tanh")
+                x = torch.addmm(out_b, u, out_w) + x
+                inputs.append(x)
+            return torch.stack(inputs[:-1]), x
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        for layer in self.layers:
+            assert layer[4] is None and layer[6] is None, "tuned step: the shipped model's layers only"
+            layer[2][:, :, self.n_ctx:] = 0  # keys / values not written yet: masked, but must not be NaN
+            layer[3][:, self.n_ctx:] = 0
+        self.at = [torch.tensor(self.n_ctx + t) for t in range(self.inputs.shape[1])]
+        if TunedStep.compiled is None:
+            TunedStep.compiled = torch.compile(TunedStep.Layers(self).eval(), dynamic=False, options={
+                "max_autotune": True, "freezing": True, "cpp_wrapper": True,
+                "guard_filter_fn": lambda entries: [e.guard_type != "TENSOR_MATCH" or not e.name.startswith("self")
+                                                    for e in entries]})
+
+    def __call__(self, x, t, layers=None):
+        # every call runs all layers (the last slot's partial run too: one layer more, same inputs)
+        self.inputs[:, t], x = TunedStep.compiled(x.contiguous(), self.at[t], [layer[2] for layer in self.layers],
+                                                  [layer[3] for layer in self.layers])
+        return x
 
 
 def flops_per_token(cfg: RendererConfig, rows: int, keys: int) -> float:
@@ -133,13 +276,36 @@ def flops_per_token(cfg: RendererConfig, rows: int, keys: int) -> float:
     return rows * (cfg.n_layer * per_layer + 2 * d * cfg.vocab_size)
 
 
+def part4(model: NuwaInfinity, tuned: bool) -> dict:
+    compiled = {"torch.compile": compiled_step(model, (1, 4, 8, 16), repeats=5)}
+    if tuned:
+        compiled["tuned"] = compiled_step(model, (1, 4, 8, 16), repeats=5, step=TunedStep)
+    for name, rows in compiled.items():
+        if "error" in rows:
+            print(f"AR step compiled ({name}): not compiled here: {rows['error']}", flush=True)
+        for batch, c in rows.items():
+            if isinstance(batch, int):
+                print(f"AR step compiled ({name}) batch {batch:2d}: {c['compiled_us']:7.1f} us/token against "
+                      f"{c['eager_us']:7.1f} eager ({c['speedup']:.2f}x), compiling {c['compile_s']:.1f} s, "
+                      f"graphs by then {c['graphs']}, same tokens {c['same_tokens']}, "
+                      f"largest difference {c['max_diff']:.1e}", flush=True)
+    return compiled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, this machine's cores)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each schedule; the fastest counts")
+    parser.add_argument("--tuned-compile", action="store_true",
+                        help="part 4 also with the most favourable compiled step found (TunedStep; about 1 minute more)")
+    parser.add_argument("--compiled-only", action="store_true", help="part 4 only (2-3 minutes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = NuwaInfinity.load(MODEL)
+    if args.compiled_only:
+        compiled = part4(model, args.tuned_compile)
+        print(json.dumps({"compiled_step": compiled, "compiled_token_speedup": compiled["torch.compile"].get(1, {}).get("speedup")}))
+        return
     pnar = pnar_twin(model)
     results = {}
     for name, m, settings in (("ar", model, SETTINGS), ("pnar", pnar, SamplerSettings(top_k=100, steps=8))):
@@ -165,6 +331,8 @@ def main() -> None:
               f"reference {old * 1e6:7.1f} us, cut {old / new:4.2f}x, {share:.2%} of the matmul rate "
               f"({rate / 1e9:.1f} GFLOP/s)", flush=True)
 
+    compiled = part4(model, args.tuned_compile)
+
     decode = {}
     for name in ("ar_2x64", "ar_16x16"):
         made = results[name]
@@ -183,7 +351,8 @@ def main() -> None:
     summary = {k: {f: v[f] for f in ("patches", "wavefront_steps", "sequential_s", "wavefront_s", "ratio", "identical")}
                for k, v in results.items()}
     print(json.dumps({"schedules": summary, "ar_step": latency, "matmul_gflops": round(rate / 1e9, 1),
-                      "decode": decode,
+                      "decode": decode, "compiled_step": compiled,
+                      "compiled_token_speedup": compiled["torch.compile"].get(1, {}).get("speedup"),
                       "speedup_16x16_ar": results["ar_16x16"]["ratio"], "goal_speedup": 4,
                       "batch1_cut": latency[1]["cut"], "goal_batch1_cut": 3,
                       "identical": all(v["identical"] for v in results.values())}))
