@@ -29,7 +29,7 @@ from nuwa_core.infinity.pixel_guided_vqgan import (
 from nuwa_core.infinity.vqgan import VQModel, get_config, save_vqgan
 from nuwa_core.training.cli import build_parser
 from nuwa_core.training.loop import TrainingError
-from nuwa_core.training.pgvqgan import train_pgvqgan
+from nuwa_core.training.pgvqgan import temporal_loss, train_pgvqgan
 
 REPO = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)  # the machine's cores are shared with training runs
@@ -194,6 +194,34 @@ def test_train_stage_learns_guidance_keeps_tokens_and_resumes(tmp_path):
     save_vqgan(tiny_vq(seed=7), other)
     with pytest.raises(TrainingError, match=r"--init .*pg\.safetensors.*other\.safetensors"):
         train.main(pg_args(frames, other, more, "--steps", "1", "--init", str(out)))
+
+
+def test_temporal_loss_compares_the_decoded_change_with_the_real_one(tmp_path):
+    prev, cur = rand_pixels((2, 3, 8, 8), seed=1), rand_pixels((2, 3, 8, 8), seed=2)
+    guide = rand_pixels((2, 3, 8, 8), seed=3)  # a decoded previous frame, not the real one
+    # moving from the guidance exactly as the real frames move: no loss, whatever the guidance is
+    assert temporal_loss(guide + (cur - prev), guide, cur, prev).item() == pytest.approx(0, abs=1e-6)
+    # guided by the real previous frame it is the L1 loss
+    out = rand_pixels((2, 3, 8, 8), seed=4)
+    assert torch.allclose(temporal_loss(out, prev, cur, prev), (out - cur).abs().mean(), atol=1e-6)
+    # a still scene: re-inventing detail the guidance had costs, repeating the guidance does not
+    assert temporal_loss(guide, guide, prev, prev).item() == 0
+    assert temporal_loss(out, guide, prev, prev).item() > 0.1
+    # in the stage: opt-in, logged, recorded in the config only when used, negative refused
+    vq = tiny_vq()
+    tok = tmp_path / "tok.safetensors"
+    save_vqgan(vq, tok)
+    frames = write_frames(tmp_path / "video")
+    out_file = tmp_path / "pg.safetensors"
+    res = train.main(pg_args(frames, tok, out_file, "--steps", "2", "--recon-guidance", "1", "--pg-guidance", "0.5",
+                             "--temporal-weight", "1"))
+    assert res["step"] == 2 and res["temporal"] > 0
+    assert res["loss"] == pytest.approx(res["l1"] + res["temporal"], rel=1e-5)
+    check_pair(load_pgvqgan(out_file), load_tokenizer(tok), out_file, tok)
+    res = train.main(pg_args(frames, tok, tmp_path / "off.safetensors", "--steps", "1"))
+    assert res["temporal"] == 0 and res["loss"] == pytest.approx(res["l1"], rel=1e-6)
+    with pytest.raises(TrainingError, match="--temporal-weight must be >= 0"):
+        train.main(pg_args(frames, tok, out_file, "--steps", "1", "--temporal-weight", "-1"))
 
 
 def test_train_pgvqgan_on_frames_a_caller_holds_and_a_bundle_tokenizer(tmp_path):

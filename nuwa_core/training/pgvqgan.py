@@ -21,6 +21,13 @@ teaches it to take from the previous frame only what helps. `--pg-guidance Q` go
 of those samples, a share Q is guided by the PG-VQGAN's own decode of frame n-1 (no gradient), which
 is what inference feeds it from the second frame on; without it, decoding a video feeds the PG-VQGAN
 its own outputs, a kind of guidance it never trained on, and its error grows frame after frame.
+
+Temporal loss (`--temporal-weight W`, default 0: off): W * mean |(out - guidance) - (frame n - frame n-1)|,
+the decoded change from the guidance frame against the real change between the two frames. At
+inference the guidance *is* the previous output, so this term is the frame-to-frame change itself
+measured against the real one: where the scene stands still the output should repeat the guidance
+rather than re-invent its detail (the L1 term alone rewards each frame's accuracy, not agreement
+between frames). With real-pixel guidance it equals the L1 term.
 """
 from __future__ import annotations
 
@@ -111,6 +118,13 @@ def sample_pairs(videos: list[torch.Tensor], n: int, crop: tuple[int, int], gen:
     return torch.stack(prev), torch.stack(cur)
 
 
+def temporal_loss(out: torch.Tensor, guidance: torch.Tensor, cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """mean |(out - guidance) - (cur - prev)|: the decoded change from the guidance frame against the real
+    change from frame n-1 (prev) to frame n (cur); 0 when the output moves from the guidance exactly as the
+    real frames move."""
+    return ((out - guidance) - (cur - prev)).abs().mean()
+
+
 def pgvqgan_config_dict(args, vq: VQModel) -> dict:
     return {"stage": "pgvqgan", "tokenizer": Path(args.tokenizer).name, "vqgan": token_fingerprint(vq),
             "size": args.size, "crop": args.crop, "batch": args.batch, "lr": args.lr, "seed": args.seed,
@@ -119,6 +133,7 @@ def pgvqgan_config_dict(args, vq: VQModel) -> dict:
             **({"lpips": Path(args.lpips).name, "lpips_weight": args.lpips_weight} if args.lpips else {}),
             # only when used, so checkpoints from before these options existed still resume
             **({"pg_guidance": args.pg_guidance} if args.pg_guidance else {}),
+            **({"temporal_weight": args.temporal_weight} if args.temporal_weight else {}),
             **({"init": Path(args.init).name} if args.init else {})}
 
 
@@ -129,6 +144,8 @@ def train_pgvqgan(args, videos: list[torch.Tensor] | None = None, monitor=None) 
         raise TrainingError(f"--recon-guidance is a probability in 0..1, got {args.recon_guidance}")
     if not 0.0 <= args.pg_guidance <= 1.0:
         raise TrainingError(f"--pg-guidance is a probability in 0..1, got {args.pg_guidance}")
+    if args.temporal_weight < 0:
+        raise TrainingError(f"--temporal-weight must be >= 0, got {args.temporal_weight}")
     if args.guide_blocks < 1:
         raise TrainingError(f"--guide-blocks must be >= 1, got {args.guide_blocks}")
     dist = Dist(getattr(args, "device", None))
@@ -184,6 +201,7 @@ def train_pgvqgan(args, videos: list[torch.Tensor] | None = None, monitor=None) 
     def one_step(step, check):
         prev, cur = (x.to(dist.device) for x in sample_pairs(videos, args.batch, crop, data_gen, flip=True))
         set_lr(opt, args.lr, step, args.warmup, run.lr_total())
+        real_prev = prev
         with torch.no_grad():
             both = vq.encode_tokens(torch.cat([prev, cur]))
             tokens_prev, tokens = both[:len(prev)], both[len(prev):]
@@ -202,18 +220,21 @@ def train_pgvqgan(args, videos: list[torch.Tensor] | None = None, monitor=None) 
         out = pg_ddp(tokens, prev)
         l1 = (out - cur).abs().mean()
         lpips = perceptual(out, cur).mean() if perceptual is not None else torch.zeros((), device=out.device)
-        loss = l1 + args.lpips_weight * lpips
+        temporal = (temporal_loss(out, prev, cur, real_prev) if args.temporal_weight > 0
+                    else torch.zeros((), device=out.device))
+        loss = l1 + args.lpips_weight * lpips + args.temporal_weight * temporal
         check(loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": loss.item(), "l1": l1.item(), "lpips": lpips.item(), "recon_guided": int(use_rec.sum()),
-                "pg_guided": own}
+        return {"loss": loss.item(), "l1": l1.item(), "lpips": lpips.item(), "temporal": temporal.item(),
+                "recon_guided": int(use_rec.sum()), "pg_guided": own}
 
     def postfix(st, steps_per_s):
         return {"l1": f"{st['l1']:.4f}", "pps": f"{args.batch * dist.world * steps_per_s:.1f}"}
 
-    fields = ["step", "time", "loss", "l1", "recon_guided", "pg_guided"] + (["lpips"] if perceptual is not None else [])
+    fields = ["step", "time", "loss", "l1", "recon_guided", "pg_guided"] + (["lpips"] if perceptual is not None else []) \
+        + (["temporal"] if args.temporal_weight > 0 else [])
     step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,
                                     sample=lambda path: save_image(run.preview(), path))
     if dist.main:
@@ -256,6 +277,9 @@ def add_arguments(p) -> None:
     p.add_argument("--pg-guidance", type=float, default=0.0, help="of the reconstruction-guided samples, the share "
                    "guided by the PG-VQGAN's own decode of frame n-1 (itself guided by the reconstruction, no gradient): "
                    "what inference feeds it after the first frame")
+    p.add_argument("--temporal-weight", type=float, default=0.0, help="weight of a temporal loss: mean |(output - "
+                   "guidance) - (frame n - frame n-1)|, the decoded change from the guidance frame against the real "
+                   "change (0: off)")
     p.add_argument("--init", default=None, help="continue from this trained PG-VQGAN file (of the same tokenizer)")
     p.add_argument("--guide-blocks", type=int, default=1, help="ResnetBlocks per level of the guidance encoder "
                    "(ignored with --init: the file's)")
