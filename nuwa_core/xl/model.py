@@ -141,27 +141,26 @@ class XLModel:
             locals_.append(LocalModel.from_info(m, linfo, Path(path).name))
         check_vae_pairing(info, vae, Path(vae_path).name, Path(mtd_path).name)
         bundle = cls(vae, g, locals_ or g, info)
-        for m in bundle.networks()[1:]:
-            m.eval()
-            if m.config.latent_channels != vae.config.z_channels:
-                raise checkpoint.CheckpointError(
-                    f"the MTD takes {m.config.latent_channels}-channel latents but the T-KLVAE makes "
-                    f"{vae.config.z_channels}; pick a matching pair")
-            if m.config.context_dim != g.config.context_dim:
-                raise checkpoint.CheckpointError(
-                    f"a local MTD takes {m.config.context_dim}-wide prompts but the global MTD "
-                    f"{Path(mtd_path).name} takes {g.config.context_dim}; pick models trained with one text encoder")
+        for name, m in [(Path(mtd_path).name, g), *((lm.name, lm.mtd) for lm in bundle.local_models)]:
+            bundle.check_fits(m.eval(), name)
         return bundle.to_dtypes(dtype, vae_dtype)
+
+    def check_fits(self, mtd: MaskTemporalDiffusion, name: str) -> None:
+        """CheckpointError unless `mtd` takes this bundle's latents (the T-KLVAE's channels) and prompts
+        (the global MTD's width)."""
+        name = name or "the MTD"
+        if mtd.config.latent_channels != self.vae.config.z_channels:
+            raise checkpoint.CheckpointError(
+                f"{name} takes {mtd.config.latent_channels}-channel latents but the T-KLVAE makes "
+                f"{self.vae.config.z_channels}; pick a matching pair")
+        if mtd.config.context_dim != self.context_dim:
+            raise checkpoint.CheckpointError(
+                f"{name} takes {mtd.config.context_dim}-wide prompts but this model's global MTD takes "
+                f"{self.context_dim}; pick models trained with one text encoder")
 
     def with_local(self, local: LocalModel) -> XLModel:
         """A new bundle (sharing every network) in which `local` serves its spacings first."""
-        if local.mtd.config.context_dim != self.context_dim:
-            raise ValueError(f"{local.name or 'the local MTD'} takes {local.mtd.config.context_dim}-wide prompts but "
-                             f"this model's global MTD takes {self.context_dim}; pick models trained with one text "
-                             f"encoder")
-        if local.mtd.config.latent_channels != self.vae.config.z_channels:
-            raise ValueError(f"{local.name or 'the local MTD'} takes {local.mtd.config.latent_channels}-channel "
-                             f"latents but the T-KLVAE makes {self.vae.config.z_channels}")
+        self.check_fits(local.mtd, local.name)
         return replace(self, local=[local, *self.local_models])
 
     def networks(self) -> list[torch.nn.Module]:
