@@ -5,12 +5,12 @@ import warnings
 
 import pytest
 import torch
-
 from _pack import node
 from _xl import load_xl
-from nuwa_core.xl.diffusion_over_diffusion import generate_long_video
+
+from nuwa_core.xl.diffusion_over_diffusion import generate_long_video, level_spacing
 from nuwa_core.xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
-from nuwa_core.xl.model import LocalModel, XLModel, level_spacing, save_mtd_xl, trained_levels
+from nuwa_core.xl.model import LocalModel, XLModel, save_mtd_xl, trained_levels
 from nuwa_core.xl.t_klvae import TKLVAE, TKLVAEConfig
 
 INFO = {"L": 3, "depth": 3, "prompts": "none", "fps": 6.0, "width": 16, "height": 16}

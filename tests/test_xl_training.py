@@ -108,7 +108,7 @@ def test_xl_batch_with_one_level_draws_only_that_level():
         x0, _, _, mask, lv = xt.xl_batch(lat, 16, L, depth, xt.role_levels("local", depth, level),
                                             torch.Generator().manual_seed(0), context_dim=4)
         assert lv.tolist() == [level] * 16 and (mask[:, [0, -1]] == 1).all()
-        stride = xt.level_stride(L, depth, level)
+        stride = xt.level_spacing(L, depth, level)
         assert torch.equal(x0[:, 1:, 0, 0, 0] - x0[:, :-1, 0, 0, 0], torch.full((16, L - 1), float(stride)))
 
 

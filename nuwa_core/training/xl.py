@@ -42,7 +42,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..xl import diffusion
-from ..xl.diffusion_over_diffusion import _check_tree
+from ..xl.diffusion_over_diffusion import _check_tree, level_spacing
 from ..xl.mask_temporal_diffusion import MaskTemporalDiffusion, MTDConfig
 from ..xl.model import XLModel, contact_sheet, load_mtd_xl, save_mtd_xl, save_png
 from ..xl.sd_unet import mtd_from_sd_unet
@@ -92,11 +92,6 @@ def role_levels(role: str, depth: int, level: int | None = None) -> list[int]:
         raise TrainingError(f"--level {level}: depth {depth} has the local levels 1..{depth - 1} (level 0 is the "
                             f"global model's, --role global)")
     return [level]
-
-
-def level_stride(L: int, depth: int, level: int) -> int:
-    """Video frames between consecutive frames of tree level `level` (0 = global)."""
-    return (L - 1) ** (depth - 1 - level)
 
 
 def load_text_embeddings(path: str | None, frames: int) -> torch.Tensor | None:
@@ -218,7 +213,7 @@ def xl_batch(latents: list[torch.Tensor], n: int, L: int, depth: int, levels: li
     xs, ctxs, conds, masks, lv = [], [], [], [], []
     for _ in range(n):
         level = levels[int(torch.randint(len(levels), (1,), generator=gen))]
-        stride = level_stride(L, depth, level)
+        stride = level_spacing(L, depth, level)
         span = (L - 1) * stride
         lengths = torch.tensor([max(z.shape[0] - span, 0) for z in latents], dtype=torch.float64)
         if float(lengths.sum()) == 0:

@@ -32,6 +32,11 @@ def frames_for(L: int, depth: int) -> int:
     return (L - 1) ** depth + 1
 
 
+def level_spacing(L: int, depth: int, level: int) -> int:
+    """Video frames between the L frames of tree level `level` (0 = global) of a depth-`depth` tree."""
+    return (L - 1) ** (depth - 1 - level)
+
+
 def depth_for(L: int, frames: int) -> int:
     """The depth whose tree makes exactly `frames` frames; ValueError naming the nearest reachable counts."""
     _check_tree(L, 1)

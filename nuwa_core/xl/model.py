@@ -25,7 +25,7 @@ from einops import rearrange
 from PIL import Image
 
 from .. import checkpoint
-from .diffusion_over_diffusion import _check_tree, fill_between, generate_keyframes, generate_long_video
+from .diffusion_over_diffusion import _check_tree, fill_between, generate_keyframes, generate_long_video, level_spacing
 from .mask_temporal_diffusion import KIND as MTD_KIND, MaskTemporalDiffusion, load_mtd_with_metadata
 from .t_klvae import TKLVAE, load_t_klvae
 
@@ -52,11 +52,6 @@ def trained_levels(info: dict) -> list[int] | None:
         return None
     depth = int(info["depth"])
     return {"global": [0], "local": list(range(1, depth))}.get(info.get("role", "both"), list(range(depth)))
-
-
-def level_spacing(L: int, depth: int, level: int) -> int:
-    """Video frames between the L frames of tree level `level` (0 = global) of a depth-`depth` tree."""
-    return (L - 1) ** (depth - 1 - level)
 
 
 def check_vae_pairing(info: dict, vae: TKLVAE, vae_name: str, mtd_name: str) -> None:
