@@ -60,7 +60,7 @@ from nuwa_core.text_encoder import load_text_encoder
 from nuwa_core.training import xl as xt
 from nuwa_core.training.data import load_videos
 from nuwa_core.xl.diffusion import q_sample
-from nuwa_core.xl.diffusion_over_diffusion import fill_between, generate_keyframes
+from nuwa_core.xl.diffusion_over_diffusion import generate_long_video, level_spacing
 from nuwa_core.xl.model import XLModel, load_mtd_xl
 
 L, DEPTH = 5, 3
@@ -133,13 +133,10 @@ def eps_mse(model, batch, ts: list[int], noise: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def tree(models: list, ctx: torch.Tensor, shape, steps: int, seed: int, guidance: float) -> torch.Tensor:
-    """Global model -> local level 1 -> local level 2 (generate_keyframes, fill_between) -> latents [65, c, h, w]."""
-    gen = torch.Generator().manual_seed(seed)
-    per_level = [ctx[::(L - 1) ** (DEPTH - 1 - k)] for k in range(DEPTH)]
-    frames = generate_keyframes(models[0], per_level[0], L, shape, steps=steps, generator=gen, guidance=guidance)
-    for k in range(1, DEPTH):
-        frames = fill_between(models[k], frames, per_level[k], L, steps=steps, generator=gen, guidance=guidance)
-    return frames
+    """Global model -> local level 1 -> local level 2 (generate_long_video, a model per level) -> latents [65, c, h, w]."""
+    per_level = [ctx[::level_spacing(L, DEPTH, k)] for k in range(DEPTH)]
+    return generate_long_video(models[0], models[1:], per_level, L, DEPTH, shape, steps=steps,
+                               generator=torch.Generator().manual_seed(seed), guidance=guidance)
 
 
 def load(path) -> torch.nn.Module:
