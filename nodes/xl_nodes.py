@@ -479,7 +479,7 @@ class NUWAXLLocalDiffusion:
         model = _load(xl_model, (mtd, xl_model.vae), need)
         cb = _Sampling(model, steps * _runs(k - 1, segments_per_batch))
         out = model.fill(lat, prompts, L, steps, seed, callback=cb, max_batch=segments_per_batch or None,
-                         guidance=guidance, spacing=apart)
+                         guidance=guidance, local=mtd)
         return ({"latents": out.cpu(), "L": L, "frames_apart": apart, "prompts": prompts},)
 
 

@@ -297,11 +297,11 @@ class XLModel:
                                   generator=gen, callback=callback, guidance=guidance)
 
     @torch.no_grad()
-    def fill(self, keyframes, prompts, L, steps, seed, callback=None, max_batch=None, guidance=1.0, spacing=1.0):
-        """Local diffusion between keyframes [K, c, h, w]: the L frames of each segment are `spacing`
-        video frames apart (picks the local model, local_for)."""
+    def fill(self, keyframes, prompts, L, steps, seed, callback=None, max_batch=None, guidance=1.0, local=None):
+        """Local diffusion between keyframes [K, c, h, w] with the local MTD `local` (default: the one
+        for adjacent frames, local_for(1, L); a level whose frames lie further apart picks its own)."""
         gen = torch.Generator().manual_seed(seed)  # CPU noise: the same video on every device
-        mtd = self.local_for(spacing, L)
+        mtd = self.local_for(1, L) if local is None else local
         device = self._place(mtd)["device"]
         guidance = 1.0 if prompts is None else guidance
         prompts = self.null_prompts().to(device) if prompts is None else prompts.to(device)
