@@ -104,7 +104,8 @@ def _to_image(pil) -> torch.Tensor:
 
 def accuracy(classifiers: dict, images: list[torch.Tensor], captions: list[str]) -> dict:
     """Accuracy of every classifier ("real", "decoded" centroids) on the ground, the sky and both, and of
-    the sky's colour (the same for both centroid sets' scenes up to the decoder)."""
+    the sky's colour against the colour centroids of that classifier's scenes (the table prints the
+    decoded scenes')."""
     sky = torch.tensor([SKY_NAMES.index(_split(c)[0]) for c in captions])
     ground = torch.tensor([GROUND_NAMES.index(_split(c)[1]) for c in captions])
     out = {}
