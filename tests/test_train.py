@@ -196,6 +196,34 @@ def test_renderer_init_fine_tunes_a_bundle_and_refuses_one_that_does_not_fit(tmp
         train.main(renderer_args(img, other, tmp_path / "y.safetensors", "--steps", "1", "--init", str(base)))
 
 
+def test_renderer_init_grows_an_image_model_into_a_video_model(tmp_path, tokenizer):
+    """--init with a larger frame extent e_f (an image model fine-tuned on video): every weight carries over,
+    and each new frame offset (dk, di, dj) of the relative-position table starts from the trained (0, di, dj)."""
+    img = write_image(tmp_path / "a.png")
+    torch.set_num_threads(1)
+    base = tmp_path / "image.safetensors"
+    train.main(renderer_args(img, tokenizer, base, "--steps", "2", "--save-dtype", "fp32"))
+    from nuwa_core.infinity.generation import NuwaInfinity
+    image_model = NuwaInfinity.load(base).renderer
+    grown = tmp_path / "video.safetensors"
+    train.main(renderer_args(img, tokenizer, grown, "--steps", "1", "--lr", "0", "--init", str(base),
+                             "--save-dtype", "fp32", "--extent", "2,1,1"))
+    video_model = NuwaInfinity.load(grown).renderer
+    assert video_model.config.extent == (2, 1, 1)
+    want, got = image_model.state_dict(), video_model.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want if k != "rel.table")
+    small, large = image_model.rel, video_model.rel
+    for dk in range(-2, 3):
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                assert torch.equal(large.table[:, large.index((dk, di, dj))], small.table[:, small.index((0, di, dj))])
+    with pytest.raises(loop.TrainingError, match="only a larger frame extent"):  # a wider spatial extent is not grown
+        train.main(renderer_args(img, tokenizer, tmp_path / "x.safetensors", "--steps", "1", "--init", str(base),
+                                 "--extent", "1,2,1"))
+    with pytest.raises(loop.TrainingError, match="extent"):  # nor a video model shrunk into an image model
+        train.main(renderer_args(img, tokenizer, tmp_path / "y.safetensors", "--steps", "1", "--init", str(grown)))
+
+
 def test_accumulate_counts_one_step_per_sample(tmp_path, tokenizer):
     img = write_image(tmp_path / "a.png")
     res = train.main(renderer_args(img, tokenizer, tmp_path / "acc.safetensors", "--steps", "3", "--accumulate"))

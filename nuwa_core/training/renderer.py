@@ -359,17 +359,38 @@ def init_renderer(renderer: Renderer, bundle_path, vq: VQModel, tokens_may_diffe
     `tokens_may_differ` (a tokenizer fine-tuned from the bundle's: its codes moved, the renderer adapts)."""
     bundle = NuwaInfinity.load(bundle_path)
     theirs = bundle.renderer.config
-    if theirs != renderer.config:
+    grows_frames = dataclasses.replace(theirs, extent=renderer.config.extent) == renderer.config and \
+        theirs.extent[1:] == renderer.config.extent[1:] and theirs.extent[0] < renderer.config.extent[0]
+    if theirs != renderer.config and not grows_frames:
         diff = {k: (v, getattr(renderer.config, k)) for k, v in dataclasses.asdict(theirs).items()
                 if v != getattr(renderer.config, k)}
         raise TrainingError(f"--init {bundle_path} holds a renderer of another configuration than the flags build "
-                            f"(field: bundle's vs flags'): {diff}; give the flags that match it")
+                            f"(field: bundle's vs flags'): {diff}; give the flags that match it (only a larger "
+                            f"frame extent e_f may differ: an image model becoming a video model)")
     changed = [] if tokens_may_differ else token_tensors_that_differ(bundle.vqgan, vq, stored_dtype(bundle_path))
     if changed:
         raise TrainingError(f"--init {bundle_path} was trained on other tokens than --tokenizer makes "
                             f"({len(changed)} encoder/codebook tensors differ, e.g. {changed[0]}); give the "
                             f"tokenizer it was trained with")
-    renderer.load_state_dict(bundle.renderer.float().state_dict())
+    state = bundle.renderer.float().state_dict()
+    if grows_frames:
+        state["rel.table"] = grown_frame_table(bundle.renderer.rel, renderer.rel)
+    renderer.load_state_dict(state)
+
+
+def grown_frame_table(small: adc.RelativePositionEmbedding, large: adc.RelativePositionEmbedding) -> torch.Tensor:
+    """The relative-position table of `large` (a larger frame extent e_f) started from `small`'s: every
+    offset (dk, di, dj) takes the trained entry of (0, di, dj), so a patch in an earlier frame starts out
+    read as the same-frame patch at that place; the trained frame offsets keep their own entries."""
+    ef_small, ef = small.extent[0], large.extent[0]
+    _, eh, ew = large.extent
+    table = torch.empty_like(large.table)
+    for dk in range(-ef, ef + 1):
+        source = dk if abs(dk) <= ef_small else 0
+        for di in range(-eh, eh + 1):
+            for dj in range(-ew, ew + 1):
+                table[:, large.index((dk, di, dj))] = small.table[:, small.index((source, di, dj))].float()
+    return table
 
 
 def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: list[torch.Tensor | None] | None = None,
