@@ -15,7 +15,7 @@ API_DIR = Path(__file__).resolve().parent / "workflows" / "shipped"
 DEFAULT_MODEL = "nuwa_infinity_default.safetensors"  # the panorama model
 PAINTING_MODEL = "nuwa_infinity_starry_night.safetensors"
 VIDEO_MODEL = "nuwa_infinity_plaza.safetensors"  # image animation; its PG-VQGAN is models/nuwa/pgvqgan/pgvqgan_plaza
-TEXT_MODEL = "nuwa_infinity_scenes.safetensors"  # text to image; its text encoder is models/nuwa/text_encoders/
+TEXT_MODEL = "nuwa_infinity_scenes.safetensors"  # text to image and video; its text encoder is models/nuwa/text_encoders/
 SHIPPED_MODELS = (DEFAULT_MODEL, PAINTING_MODEL, VIDEO_MODEL, TEXT_MODEL)
 # templates that run on first open in a fresh ComfyUI on a shipped model: (model, image or None). The images ship in
 # models/nuwa/; the pack copies them into ComfyUI's input folder when ComfyUI loads it (nodes/_comfy.py
@@ -29,11 +29,12 @@ SHIPPED_RUNS = {"outpaint_spiral": (PAINTING_MODEL, "nuwa_infinity_starry_night.
                 "outpaint_your_own_painting": (TRAINED, "nuwa_infinity_starry_night.jpg"),
                 "seamless_texture": (TRAINED, "nuwa_infinity_starry_night.jpg"),
                 "image_animation": (VIDEO_MODEL, "nuwa_infinity_plaza.jpg"),
-                "text_to_image_wide": (TEXT_MODEL, None)}
+                "text_to_image_wide": (TEXT_MODEL, None),
+                "text_to_video": (TEXT_MODEL, None)}
 SHIPPED_IMAGES = tuple(image for _, image in SHIPPED_RUNS.values() if image)
 EXPECTED = ("outpaint_spiral", "infinite_panorama", "grow_canvas_across_runs", "text_to_image_wide",
             "nuwa_xl_long_video", "nuwa_xl_ksampler", "outpaint_your_own_painting", "seamless_texture",
-            "image_animation", "nuwa_xl_fill_between_frames")
+            "image_animation", "nuwa_xl_fill_between_frames", "text_to_video")
 # NUWA-XL: its own loader and model files; run on the shipped default XL model (models/nuwa_xl) by the real-server
 # test, and their thumbnails come from such a run (python tests/make_thumbnails.py --comfyui)
 XL_WORKFLOWS = ("nuwa_xl_long_video", "nuwa_xl_ksampler", "nuwa_xl_fill_between_frames")

@@ -338,7 +338,7 @@ def test_shipped_workflow_runs(shipped_server, frontend_runs, name):
     """The shipped NUWA-Infinity templates run on the shipped models (outpaint_spiral and grow_canvas_across_runs
     on the painting model and its image) and make what they say: checked on the frontend's run of the template,
     or a run of its API copy without a browser.
-    text_to_image_wide runs on the shipped text model and its text encoder."""
+    text_to_image_wide and text_to_video run on the shipped text model and its text encoder."""
     from PIL import Image
     server = shipped_server
     prompt, types, outputs = _template_run(server, frontend_runs, name)
@@ -366,6 +366,12 @@ def test_shipped_workflow_runs(shipped_server, frontend_runs, name):
         from _comfyui import animated_frames
         frames = animated_frames(pictures[0])
         assert len(frames) == 21 and frames[0].size == src, (len(frames), frames[0].size, src)
+    elif name == "text_to_video":  # every frame of the empty canvas, at its size
+        from _comfyui import animated_frames
+        empty = next(n for n in prompt.values() if n["class_type"] == "NUWAEmptyCanvas")["inputs"]
+        frames = animated_frames(pictures[0])
+        assert len(frames) == empty["frames"] > 1 and frames[0].size == (empty["width"], empty["height"]), \
+            (len(frames), frames[0].size, empty)
     if any(prompt[nid]["class_type"] == "NUWACanvasSave" for nid in saving):
         assert any(f.name.endswith(".nuwacanvas.safetensors") for f in files), f"{name}: no canvas saved: {files}"
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,3 +254,32 @@ def test_text_to_video_reads_captions_through_a_text_encoder(tmp_path, tokenizer
     (videos / "right.txt").unlink()
     with pytest.raises(TrainingError, match=r"--text-encoder: no caption .*right"):
         train.main(video_args(videos, tokenizer, out, "--text-encoder", str(tmp_path / "words.safetensors")))
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_TEXT_MODEL = REPO / "models" / "nuwa" / "nuwa_infinity_scenes.safetensors"
+
+
+@pytest.mark.skipif(not SHIPPED_TEXT_MODEL.is_file(), reason="models/nuwa/nuwa_infinity_scenes.safetensors is absent")
+def test_the_shipped_text_model_makes_videos_whose_frames_continue_the_one_before():
+    """text_to_video's model: a prompt -> frames; frame 0 is the picture text to image draws with that seed, and
+    the later frames repeat much more of the frame before than the same model without frame context does."""
+    from nuwa_core.text_encoder import load_text_encoder
+    torch.set_num_threads(1)
+    m = NuwaInfinity.load(SHIPPED_TEXT_MODEL)
+    assert m.renderer.config.extent[0] == 2
+    text = load_text_encoder(REPO / "models" / "nuwa" / "text_encoders" / "nuwa_text_scenes.safetensors").encode(
+        ["a blue sky over a green meadow"])
+    settings = SamplerSettings(temperature=0.7, epsilon=0.01)
+    video = m.blank_canvas(2, 2, frames=3)
+    still = m.blank_canvas(2, 2)
+
+    def carried(extent=None):  # share of tokens equal to the previous frame's at the same place
+        out = m.generate(video, m.plan_fill(video), settings, text=text, generator=0, extent=extent).tokens[0]
+        return out, float((out[1:] == out[:-1]).float().mean())
+
+    tokens, with_frames = carried()
+    _, without = carried((0, 1, 1))
+    picture = m.generate(still, m.plan_fill(still), settings, text=text, generator=0).tokens[0, 0]
+    assert torch.equal(tokens[0], picture)
+    assert with_frames > without + 0.2, (with_frames, without)

@@ -302,6 +302,17 @@ def test_specific_contents():
     assert c[encode["inputs"]["text_encoder"][0]]["inputs"]["text_encoder_name"] == "nuwa_text_scenes.safetensors"
     empty = next(n for n in c.values() if n["class_type"] == "NUWAEmptyCanvas")["inputs"]
     assert empty["width"] == 4 * empty["height"], empty
+    # (c') text to video: the same text path into a canvas of several frames, decoded frame by frame, saved animated
+    v = api["text_to_video"]
+    renderer = next(n for n in v.values() if n["class_type"] == "NUWAPatchRenderer")["inputs"]
+    encode = v[renderer["conditioning"][0]]
+    assert encode["class_type"] == "NUWATextEncode" and encode["inputs"]["text"].strip()
+    assert v[encode["inputs"]["text_encoder"][0]]["inputs"]["text_encoder_name"] == "nuwa_text_scenes.safetensors"
+    empty = next(n for n in v.values() if n["class_type"] == "NUWAEmptyCanvas")["inputs"]
+    assert empty["frames"] > 1, empty
+    decode = next(k for k, n in v.items() if n["class_type"] == "NUWAPGVQGANDecode")
+    save = next(n for n in v.values() if n["class_type"] == "SaveAnimatedWEBP")["inputs"]
+    assert save["images"] == [decode, 0] and save["fps"] == [decode, 1]
     # (d) NUWA-XL: the shipped default XL model, the whole tree, saved as an animation at the model's fps
     d = api["nuwa_xl_long_video"]
     xl_loader = next(n for n in d.values() if n["class_type"] == "NUWAXLModelLoader")["inputs"]
