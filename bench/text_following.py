@@ -170,6 +170,8 @@ def main() -> None:
     p.add_argument("--model", default=str(MODEL))
     p.add_argument("--text-encoder", default=str(TEXT_ENCODER))
     p.add_argument("--seeds", type=int, default=1, help="seeds per caption and size")
+    p.add_argument("--first-seed", type=int, default=1000, help="the seeds are FIRST .. FIRST + --seeds - 1: "
+                   "another set checks a setting chosen on the first")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of every row (the "
                    "template's)")
@@ -209,14 +211,15 @@ def main() -> None:
         images, start, peak = [], time.time(), 0
         for n, (_, size, seed) in enumerate(jobs):
             text = None if prompts is None else features[prompts[n]]
-            image, pool = generate(model, text, size, 1000 + seed, guidance, args.temperature)
+            image, pool = generate(model, text, size, args.first_seed + seed, guidance, args.temperature)
             images.append(image)
             peak = max(peak, pool)
         rows[name] = accuracy(classifiers, images, captions)
         cost[name] = {"s_per_image": round((time.time() - start) / len(jobs), 3), "pool_peak_kb": round(peak / 1024, 1)}
         print(f"{name:26s} {rows[name]}  {cost[name]}", file=sys.stderr)
 
-    print(f"\n{len(jobs)} images per row ({len(set(captions))} captions x sizes {SIZES} x {args.seeds} seed(s)); "
+    print(f"\n{len(jobs)} images per row ({len(set(captions))} captions x sizes {SIZES} x {args.seeds} seed(s) from "
+          f"{args.first_seed}); "
           f"chance: ground 0.333, sky 0.333, both 0.111; {time.time() - t0:.0f} s\n", file=sys.stderr)
     print(f"{'row':26s} | {'real centroids':^27s} | {'decoded centroids':^27s} | sky colour")
     print(f"{'':26s} | {'ground':>7s} {'sky':>6s} {'both':>6s} {'':5s} | {'ground':>7s} {'sky':>6s} {'both':>6s} {'':5s} |")
