@@ -267,6 +267,14 @@ def test_api_copy_is_the_conversion_of_the_ui_workflow(path):
         f"{api} differs from the conversion of {path}; run: python tests/test_workflows.py --write")
 
 
+def _assert_prompted_by_the_shipped_text_encoder(prompt: dict) -> None:
+    """The Patch Renderer's conditioning is a NUWA Text Encode of a prompt with the shipped text encoder."""
+    renderer = next(n for n in prompt.values() if n["class_type"] == "NUWAPatchRenderer")["inputs"]
+    encode = prompt[renderer["conditioning"][0]]
+    assert encode["class_type"] == "NUWATextEncode" and encode["inputs"]["text"].strip()
+    assert prompt[encode["inputs"]["text_encoder"][0]]["inputs"]["text_encoder_name"] == "nuwa_text_scenes.safetensors"
+
+
 def test_specific_contents():
     wf = {p.stem: json.loads(p.read_text()) for p in WORKFLOWS}
     api = {name: ui_to_api(w) for name, w in wf.items()}
@@ -296,18 +304,12 @@ def test_specific_contents():
     assert {"SaveImage", "NUWACanvasSave"} <= {n["class_type"] for n in b.values()}
     # (c) text: NUWA Text Encode with the shipped text encoder feeds the renderer's conditioning, at 4:1
     c = api["text_to_image_wide"]
-    renderer = next(n for n in c.values() if n["class_type"] == "NUWAPatchRenderer")["inputs"]
-    encode = c[renderer["conditioning"][0]]
-    assert encode["class_type"] == "NUWATextEncode" and encode["inputs"]["text"].strip()
-    assert c[encode["inputs"]["text_encoder"][0]]["inputs"]["text_encoder_name"] == "nuwa_text_scenes.safetensors"
+    _assert_prompted_by_the_shipped_text_encoder(c)
     empty = next(n for n in c.values() if n["class_type"] == "NUWAEmptyCanvas")["inputs"]
     assert empty["width"] == 4 * empty["height"], empty
     # (c') text to video: the same text path into a canvas of several frames, decoded frame by frame, saved animated
     v = api["text_to_video"]
-    renderer = next(n for n in v.values() if n["class_type"] == "NUWAPatchRenderer")["inputs"]
-    encode = v[renderer["conditioning"][0]]
-    assert encode["class_type"] == "NUWATextEncode" and encode["inputs"]["text"].strip()
-    assert v[encode["inputs"]["text_encoder"][0]]["inputs"]["text_encoder_name"] == "nuwa_text_scenes.safetensors"
+    _assert_prompted_by_the_shipped_text_encoder(v)
     empty = next(n for n in v.values() if n["class_type"] == "NUWAEmptyCanvas")["inputs"]
     assert empty["frames"] > 1, empty
     decode = next(k for k, n in v.items() if n["class_type"] == "NUWAPGVQGANDecode")

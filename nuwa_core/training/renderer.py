@@ -379,9 +379,9 @@ def init_renderer(renderer: Renderer, bundle_path, vq: VQModel, tokens_may_diffe
 
 
 def grown_frame_table(small: adc.RelativePositionEmbedding, large: adc.RelativePositionEmbedding) -> torch.Tensor:
-    """The relative-position table of `large` (a larger frame extent e_f) started from `small`'s: every
-    offset (dk, di, dj) takes the trained entry of (0, di, dj), so a patch in an earlier frame starts out
-    read as the same-frame patch at that place; the trained frame offsets keep their own entries."""
+    """The relative-position table of `large` (a larger frame extent e_f) started from `small`'s: offsets
+    `small` has keep their trained entries; each new frame offset (dk, di, dj) takes the entry of
+    (0, di, dj), so a patch in an earlier frame starts out read as the same-frame patch at that place."""
     ef_small, ef = small.extent[0], large.extent[0]
     _, eh, ew = large.extent
     table = torch.empty_like(large.table)
