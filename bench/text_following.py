@@ -116,8 +116,16 @@ def accuracy(classifiers: dict, images: list[torch.Tensor], captions: list[str])
         out[name] = {"ground": round(float((pg == ground).float().mean()), 3),
                      "sky": round(float((ps == sky).float().mean()), 3),
                      "both": round(float(((pg == ground) & (ps == sky)).float().mean()), 3),
-                     "sky_colour": round(float((pc == sky).float().mean()), 3)}
+                     "sky_colour": round(float((pc == sky).float().mean()), 3),
+                     "sky_confusion": confusion(sky, ps, len(SKY_NAMES))}
     return out
+
+
+def confusion(truth: torch.Tensor, predicted: torch.Tensor, classes: int) -> list[list[int]]:
+    """[true class][predicted class] -> count."""
+    counts = torch.zeros(classes, classes, dtype=torch.long)
+    counts.index_put_((truth, predicted), torch.ones_like(truth), accumulate=True)
+    return counts.tolist()
 
 
 def round_trip(model: NuwaInfinity, image: torch.Tensor) -> torch.Tensor:
@@ -227,6 +235,9 @@ def main() -> None:
         r, d = acc["real"], acc["decoded"]
         print(f"{name:26s} | {r['ground']:7.3f} {r['sky']:6.3f} {r['both']:6.3f} {'':5s} | {d['ground']:7.3f} "
               f"{d['sky']:6.3f} {d['both']:6.3f} {'':5s} | {d['sky_colour']:6.3f}")
+    print(f"\nsky by decoded centroids, rows the prompt's sky, columns the class found ({', '.join(SKY_NAMES)}):")
+    for name in ("real held-out, decoded", g):
+        print(f"{name:26s} | " + " | ".join(" ".join(f"{n:3d}" for n in line) for line in rows[name]["decoded"]["sky_confusion"]))
     plain, guided = rows["prompt, guidance 1"]["decoded"], rows[g]["decoded"]
     shuffled = rows["shuffled prompt"]["decoded"]
     ratio_time = cost[g]["s_per_image"] / max(cost["prompt, guidance 1"]["s_per_image"], 1e-9)
@@ -234,7 +245,7 @@ def main() -> None:
     print(json.dumps({
         "ground_accuracy": plain["ground"], "ground_accuracy_guided": guided["ground"],
         "sky_accuracy": plain["sky"], "sky_accuracy_guided": guided["sky"],
-        "sky_colour_accuracy_guided": guided["sky_colour"], "both_accuracy_guided": guided["both"],
+        "sky_colour_accuracy_guided": guided["sky_colour"], "both_accuracy_guided": guided["both"], "sky_confusion_guided": guided["sky_confusion"],
         "real_centroids_ground_guided": rows[g]["real"]["ground"], "real_centroids_sky_guided": rows[g]["real"]["sky"],
         "real_ground": rows["real held-out scenes"]["real"]["ground"],
         "real_sky": rows["real held-out scenes"]["real"]["sky"],
