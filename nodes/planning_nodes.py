@@ -142,11 +142,12 @@ class NUWADirectionPlanner:
                 "feather": ("INT", {"default": -1, "min": -1, "max": 1024, "tooltip":
                     "Pixels over which the image's own pixels fade into generated ones at their edge; beyond it the "
                     "output equals the input exactly. 0 = hard edge, -1 = two tokens."}),
-                "wrap": (list(WRAPS), {"default": "none", "tooltip":
+                "wrap": (list(PLANNER_WRAPS), {"default": "keep", "tooltip":
                     "Make the canvas tileable: horizontal = its right edge meets its left (a 360-degree panorama: the "
                     "last column is generated and decoded with the first beside it), both = every edge meets the "
-                    "opposite one (a seamless texture). A wrapped side cannot be extended; the saved image tiles "
-                    "with no seam."}),
+                    "opposite one (a seamless texture), none = not tileable. keep = as the incoming canvas is (a "
+                    "blank canvas is not tileable; a loaded tileable one stays so). A wrapped side cannot be "
+                    "extended; the saved image tiles with no seam."}),
                 "frames_to_add": ("INT", {"default": 0, "min": 0, "max": MAX_FRAMES, "tooltip":
                     "Video: append this many frames after the canvas' last frame and plan them, frames forward "
                     "(image animation from an encoded image; a longer video from a generated one). Needs a video "
@@ -155,17 +156,18 @@ class NUWADirectionPlanner:
         }
 
     def plan(self, model, canvas, left, right, up, down, target_width, target_height, anchor, mask=None,
-             units="patches", feather=-1, wrap="none", frames_to_add=0):
+             units="patches", feather=-1, wrap="keep", frames_to_add=0):
         f, rows, cols = canvas.grid
-        if wrap not in WRAPS:
-            raise ValueError(f"wrap must be one of {tuple(WRAPS)}, got {wrap!r}")
+        if wrap not in PLANNER_WRAPS:
+            raise ValueError(f"wrap must be one of {tuple(PLANNER_WRAPS)}, got {wrap!r}")
+        wrap = PLANNER_WRAPS[wrap] or canvas.wrap  # CanvasState.wrap from here on
         if frames_to_add:
             return self._plan_frames(model, canvas, int(frames_to_add), mask, left + right + up + down,
                                      target_width + target_height, wrap)
         ph, pw = model.patch_pixels
         if units not in UNITS:
             raise ValueError(f"units must be one of {UNITS}, got {units!r}")
-        canvas = dataclasses.replace(canvas, wrap=WRAPS[wrap])  # plans (and refuses growth) as the renderer will
+        canvas = dataclasses.replace(canvas, wrap=wrap)  # plans (and refuses growth) as the renderer will
         if units == "pixels":
             left, right = _engine.patches_for_pixels(left, pw), _engine.patches_for_pixels(right, pw)
             up, down = _engine.patches_for_pixels(up, ph), _engine.patches_for_pixels(down, ph)
@@ -197,9 +199,9 @@ class NUWADirectionPlanner:
         known = torch.zeros(grid, dtype=torch.bool)
         known[:f, offset[0]:offset[0] + rows, offset[1]:offset[1] + cols] = kept
         spec = PlanSpec(plans, regenerate, None if pixel_mask is None else pixel_mask[0],
-                        None if feather < 0 else int(feather), WRAPS[wrap])
+                        None if feather < 0 else int(feather), wrap)
         caption = (f"{grid[2]} x {grid[1]} patches of {pw} x {ph} px = {grid[2] * pw} x {grid[1] * ph} px, "
-                   f"{len(spec)} to generate" + ("" if wrap == "none" else f", wrap: {wrap}"))
+                   f"{len(spec)} to generate" + ("" if wrap == "none" else f", wrap: {WRAP_NAMES[wrap]}"))
         preview = draw_plan(plans, grid, known, caption=caption)
         ui = {"nuwa_plan": [{"grid": list(grid), "old_grid": [f, rows, cols], "offset": list(offset),
                              "patch_px": [ph, pw], "order": [list(c) for c, _ in plan_cells(plans, grid)],
@@ -224,12 +226,12 @@ class NUWADirectionPlanner:
             raise ValueError(f"{f + frames} frames of {rows} x {cols} patches is more than this planner draws "
                              f"({MAX_FRAMES * MAX_PATCHES_PER_FRAME} patches); add frames in several runs (Canvas "
                              f"Save / Load keep the video's context)")
-        canvas = dataclasses.replace(canvas, wrap=WRAPS[wrap])
+        canvas = dataclasses.replace(canvas, wrap=wrap)
         plan = model.plan_frames(canvas, frames)
         grid = tuple(plan.grid)
         known = torch.zeros(grid, dtype=torch.bool)
         known[:f] = True
-        spec = PlanSpec([plan], None, None, None, WRAPS[wrap])
+        spec = PlanSpec([plan], None, None, None, wrap)
         ph, pw = model.patch_pixels
         shown = min(grid[0], f + PREVIEW_NEW_FRAMES)
         caption = (f"{frames} new frames of {cols} x {rows} patches of {pw} x {ph} px; frames {f}..{shown - 1} shown")
@@ -246,6 +248,8 @@ MAX_FRAMES = 4096             # frames a plan may add
 MAX_PATCHES_PER_FRAME = 64    # with as many frames: the video plan's bound
 PREVIEW_NEW_FRAMES = 3        # a video plan's picture shows its first new frames
 WRAPS = {"none": "none", "horizontal": "x", "both": "xy"}  # the planner's choice -> CanvasState.wrap
+PLANNER_WRAPS = {"keep": None, **WRAPS}  # keep: the incoming canvas' own setting
+WRAP_NAMES = {v: k for k, v in WRAPS.items()}
 
 
 def _known(canvas) -> torch.Tensor:

@@ -207,8 +207,14 @@ def test_the_planner_declares_the_wrap_the_renderer_generates_and_decodes_with(p
     assert plan.wrap == "x" and canvas.wrap == "none"  # the input canvas is not changed
     image, grown = node(pack, "NUWAPatchRenderer")(m, canvas, plan, 0, "auto", 4, 1.0, 16, 1.0)
     assert grown.wrap == "x" and torch.equal(image, m.decode(grown))
-    plain, _ = node(pack, "NUWADirectionPlanner")(m, grown, 0, 0, 0, 1, 0, 0, "center")
-    assert plain.wrap == "none"  # the planner declares it every time
+    kept, _ = node(pack, "NUWADirectionPlanner")(m, grown, 0, 0, 0, 1, 0, 0, "center")  # wrap: keep (the default)
+    assert kept.wrap == "x"  # a loaded tileable canvas stays tileable
+    _, grown_down = node(pack, "NUWAPatchRenderer")(m, grown, kept, 0, "auto", 4, 1.0, 16, 1.0)
+    assert grown_down.wrap == "x" and grown_down.grid == (1, grown.grid[1] + 1, grown.grid[2])
+    blank, _ = node(pack, "NUWADirectionPlanner")(m, canvas, 0, 0, 0, 0, 0, 0, "center")
+    assert blank.wrap == "none"  # a blank canvas is not tileable
+    plain, _ = node(pack, "NUWADirectionPlanner")(m, grown, 0, 0, 0, 1, 0, 0, "center", wrap="none")
+    assert plain.wrap == "none"  # asked: the plan unwraps it
     with pytest.raises(ValueError, match="wraps horizontally"):
         node(pack, "NUWADirectionPlanner")(m, grown, 0, 1, 0, 0, 0, 0, "center", wrap="horizontal")
     with pytest.raises(ValueError, match="wraps vertically"):
