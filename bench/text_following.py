@@ -245,7 +245,8 @@ def main() -> None:
     print(json.dumps({
         "ground_accuracy": plain["ground"], "ground_accuracy_guided": guided["ground"],
         "sky_accuracy": plain["sky"], "sky_accuracy_guided": guided["sky"],
-        "sky_colour_accuracy_guided": guided["sky_colour"], "both_accuracy_guided": guided["both"], "sky_confusion_guided": guided["sky_confusion"],
+        "sky_colour_accuracy_guided": guided["sky_colour"], "both_accuracy_guided": guided["both"],
+        "sky_confusion_guided": guided["sky_confusion"],
         "real_centroids_ground_guided": rows[g]["real"]["ground"], "real_centroids_sky_guided": rows[g]["real"]["sky"],
         "real_ground": rows["real held-out scenes"]["real"]["ground"],
         "real_sky": rows["real held-out scenes"]["real"]["sky"],
