@@ -15,7 +15,7 @@ from nuwa_core.infinity import arbitrary_direction_controller as adc
 from nuwa_core import train
 from nuwa_core.training import data, loop, renderer as renderer_stage
 from nuwa_core.checkpoint import atomic_write
-from nuwa_core.infinity.renderer import Renderer, RendererConfig
+from nuwa_core.infinity.renderer import Context, Renderer, RendererConfig
 from nuwa_core.infinity.vqgan import VQModel, get_config, load_vqgan, save_vqgan
 
 from _training import renderer_args, trained_weights, vqgan_args, write_image
@@ -41,6 +41,40 @@ def test_render_and_optimize_decreases_loss_on_a_repeated_grid(decoder):
     for _ in range(15):
         last = renderer_stage.render_and_optimize(r, renderer_stage._TeacherForced(r), tokens, adc.Order.DOWN_RIGHT, opt, gen)["loss"]
     assert last < first - 0.5
+
+
+def test_edge_tokens_are_the_first_tokens_row_and_column_in_every_order():
+    r = Renderer(RendererConfig(vocab_size=64, patch_size=(1, 3, 4), n_layer=1, n_head=2, d_model=32,
+                                extent=(0, 1, 1)))  # 3 x 4 tells rows from columns
+    for order in adc.Order:
+        first = int(r.permutation(order)[0][0])
+        edge = r.edge_tokens(order).view(3, 4)
+        want = torch.zeros(3, 4, dtype=torch.bool)
+        want[first // 4] = True
+        want[:, first % 4] = True
+        assert torch.equal(edge, want), order
+        assert int(edge.sum()) == 3 + 4 - 1
+
+
+def test_edge_weight_weights_the_loss_of_the_edge_tokens():
+    """edge_weight 1 is the plain loss; another weight is the weighted mean of the per-token losses."""
+    tokens = torch.randint(64, (2, 1, 2, 2), generator=torch.Generator().manual_seed(1))  # one patch
+    losses = {}
+    for w in (1.0, 3.0):
+        r = _tiny_renderer()
+        opt = torch.optim.SGD(r.parameters(), lr=0.0)
+        losses[w] = renderer_stage.render_and_optimize(r, renderer_stage._TeacherForced(r), tokens, adc.Order.DOWN_RIGHT,
+                                                       opt, torch.Generator(), label_smoothing=0.1, edge_weight=w)["loss"]
+    r = _tiny_renderer()
+    with torch.no_grad():
+        logits, _ = renderer_stage._TeacherForced(r)(tokens.reshape(2, 4), adc.Order.DOWN_RIGHT,
+                                                     Context(None, None, 0), None, None)
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens.reshape(2, 4), reduction="none",
+                                                  label_smoothing=0.1)  # [B, M]
+    weight = torch.tensor([3.0, 3.0, 3.0, 1.0])  # a 2 x 2 patch down-right: all but the last token are edge
+    assert losses[1.0] == pytest.approx(per_token.mean().item(), rel=1e-5)
+    assert losses[3.0] == pytest.approx(((per_token * weight).sum() / (weight.sum() * 2)).item(), rel=1e-5)
+    assert losses[3.0] != pytest.approx(losses[1.0], rel=1e-3)
 
 
 def test_one_optimizer_step_per_patch_or_per_sample_with_accumulate():

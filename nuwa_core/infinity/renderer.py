@@ -388,6 +388,15 @@ class Renderer(nn.Module):
         perm, inv = self._perms[order]
         return perm.to(self.pos_f.device), inv.to(self.pos_f.device)
 
+    def edge_tokens(self, order: Order) -> torch.Tensor:
+        """The tokens on the patch's edge that its context lies against in `order`: those in the row
+        or the column of the first token generated (bool, raster). [M]"""
+        _, ph, pw = self.config.patch_size
+        first = int(self.permutation(order)[0][0])
+        raster = torch.arange(self.config.tokens_per_patch, device=self.pos_f.device)
+        row, col = raster // pw % ph, raster % pw
+        return (row == first // pw % ph) | (col == first % pw)
+
     def ar_inputs(self, tokens_ordered: torch.Tensor, order: Order) -> torch.Tensor:
         """Teacher-forced AR inputs of the first T <= M tokens. tokens_ordered [B, T] in
         generation order -> slots [B, T + 1, d] (module docstring): slot 0 the order's start,

@@ -115,7 +115,7 @@ def training_steps(grid: adc.Grid, gen: torch.Generator, outpaint_share: float) 
 def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tensor, walk, opt,
                         gen: torch.Generator, label_smoothing: float = 0.0, accumulate: bool = False,
                         no_context: bool = False, lr_fn=None, check=None,
-                        text: torch.Tensor | None = None, reencode: bool = True) -> dict:
+                        text: torch.Tensor | None = None, reencode: bool = True, edge_weight: float = 1.0) -> dict:
     """Algorithm 1 on one batch of token grids [B, F*pf, H*ph, W*pw]: returns losses and step counts.
     walk: one basic Order for the whole grid, or every patch as (order, coord) in turn (training_steps).
     text [B, T, D]: caption features for every patch's cross-attention (None: unconditioned).
@@ -126,6 +126,8 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
     reencode: where the walk changes order (a new strip of an outpainting plan), the pooled caches
     the strip can select are first re-encoded in its order, as `NuwaInfinity.generate(reencode=True)`
     does, so a strip trains on the contexts it will read at inference.
+    edge_weight: an AR patch's loss weights the tokens on its edge against the context
+    (Renderer.edge_tokens: the first token's row and column) this many times the others.
     """
     cfg = renderer.config
     pf, ph, pw = cfg.patch_size
@@ -154,6 +156,11 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
         logits, cache = model(patch, order, ctx, masked, text)
         if cfg.decoder == "pnar":
             loss = F.cross_entropy(logits[masked], patch[masked], label_smoothing=label_smoothing)
+        elif edge_weight != 1.0:
+            per_token = F.cross_entropy(logits.transpose(1, 2), patch, reduction="none",
+                                        label_smoothing=label_smoothing)  # [B, M]
+            weight = 1.0 + (edge_weight - 1.0) * renderer.edge_tokens(order).to(per_token.dtype)  # [M]
+            loss = (per_token * weight).sum() / (weight.sum() * b)
         else:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), patch.reshape(-1),
                                    label_smoothing=label_smoothing)
@@ -305,6 +312,7 @@ def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
             "no_context": args.no_context, "label_smoothing": args.label_smoothing,
             "token_bank": args.token_bank, "wrap": {"none": False, "x": True}.get(args.wrap, args.wrap), "outpaint_share": args.outpaint_share,
             "reencode": not args.no_reencode,
+            **({"edge_weight": args.edge_weight} if args.edge_weight != 1.0 else {}),
             # only for videos, so image runs from before videos existed still resume
             **({"video": {"frames": args.frames, "max_stride": args.max_stride, "size": args.video_size,
                           "frame_range": args.frame_range}} if getattr(args, "videos", None) else {}),
@@ -483,7 +491,7 @@ def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: lis
             captions = text[sources].to(dist.device)
         res = render_and_optimize(renderer, model, tokens, walk, opt, data_gen, args.label_smoothing,
                                   args.accumulate, args.no_context, lr_fn, check, text=captions,
-                                  reencode=not args.no_reencode)
+                                  reencode=not args.no_reencode, edge_weight=args.edge_weight)
         return {"optimizer_steps": opt_steps, "loss": res["loss"], "first_patch": res["first_patch"],
                 "orders": "+".join(dict.fromkeys(o.value for o, _ in walk)), "peak_pool": res["peak_pool"]}
 
@@ -554,6 +562,8 @@ def add_arguments(p) -> None:
     p.add_argument("--text-dim", type=int, default=0, help="caption feature width D (0: taken from the captions)")
     p.add_argument("--sample-patches", default="2x4", help="patches per training sample, ROWSxCOLS")
     p.add_argument("--label-smoothing", type=float, default=None, help="default 0.15 with --one-shot, else 0")
+    p.add_argument("--edge-weight", type=float, default=1.0, help="AR: weight of a patch's tokens on its edge "
+                   "against the context (the first token's row and column) in the loss, against 1 for the others")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--token-bank", type=int, default=0, help="encode each image N times up front (0: encode "
                    "every augmented sample; N>0: variant 0 plain, 1 flipped, the rest augmented) then crop tokens")

@@ -1,0 +1,115 @@
+"""Held-out continuation at other sampling temperatures (issue 11; models/nuwa/TRAINING.md 5c).
+
+    python bench/sampling_temperature.py [MODEL --image REF --heldout X Y W H] [--seeds 0 .. 9]
+                                         [--settings 1 edge:0.5 ...]
+
+Runs the held-out continuation protocol (python -m nuwa_core.eval continuation: the model beside
+random real pixels, patch-NN copying and the other controls, against the truth) once per sampling
+setting, same windows and seeds: `T` samples every token at temperature T, `edge:T` only a patch's
+edge tokens (Renderer.edge_tokens: the row and the column of its first token, which lie against
+its context) and the others at 1. Top-k 100 and epsilon 0.01, as the README's tables. Default: the
+shipped panorama model on its test box (x 768-1024) with temperature 1 and edge tokens at 0.5,
+seeds 0-9 (about 5 minutes on 2 CPU cores). The README's validation rows ran a model trained on
+x < 512 on the box x 512-768 of the strip cut to 768 px (TRAINING.md 5b).
+
+Per setting: low-res PSNR per direction and its mean, the margin over the better of random real and
+patch-NN, hard-cut seam and texture. Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from nuwa_core.evaluation.continuation import evaluate_continuation
+from nuwa_core.images import load_image
+from nuwa_core.infinity import generation, patch_samplers as ps
+from nuwa_core.infinity.generation import NuwaInfinity
+
+MODEL = REPO / "models" / "nuwa" / "nuwa_infinity_default.safetensors"
+IMAGE = REPO / "models" / "nuwa" / "nuwa_infinity_default.png"
+DIRECTIONS = ("right", "left", "up", "down")
+
+
+def edge_cooled_ar(edge_temperature: float):
+    """sample_ar with the edge tokens of every patch at `edge_temperature`, the others at the
+    settings' temperature (the same noise stream as sample_ar: only the logits' scale differs)."""
+    @torch.no_grad()
+    def sample(renderer, context, order, text_kv, batch, settings, generator=None):
+        cfg = renderer.config
+        noise = ps.ar_noise(generator, ps.sampled_rows(batch, settings), cfg.tokens_per_patch, cfg.vocab_size,
+                            renderer.pos_f.device)
+        perm, _ = renderer.permutation(order)
+        edge = renderer.edge_tokens(order)[perm].tolist()  # generation order
+        cooled = dataclasses.replace(settings, temperature=edge_temperature)
+        slot = iter(edge)
+
+        def choose(logits):
+            s = cooled if next(slot) else settings
+            return ps.both_halves((ps.filter_logits(ps.guided(logits, s), s).float() + noise()).argmax(-1), s)
+        return ps.decode_ar(renderer, context, order, text_kv, batch, choose)
+    return sample
+
+
+def run(model, reference, heldout, setting: str, seeds) -> dict:
+    edge = setting.startswith("edge:")
+    t = float(setting.split(":")[-1])
+    settings = ps.SamplerSettings(top_k=100, epsilon=0.01, temperature=1.0 if edge else t)
+    samplers = {**generation.SAMPLERS, "ar": edge_cooled_ar(t)} if edge else generation.SAMPLERS
+    with mock.patch.dict(generation.SAMPLERS, samplers), torch.no_grad():
+        res = evaluate_continuation(reference, heldout, model, directions=DIRECTIONS, seeds=seeds,
+                                    settings=settings, log=False)
+    mean = {d: res["directions"][d]["mean"] for d in DIRECTIONS}
+    lowres = [mean[d]["model"]["lowres_psnr"] for d in DIRECTIONS]
+    return {"lowres_psnr": lowres, "mean": sum(lowres) / 4,
+            "margin_db": [res["directions"][d]["margin_db"] for d in DIRECTIONS],
+            "hardcut_seam": sum(mean[d]["model"]["hardcut_seam"] for d in DIRECTIONS) / 4,
+            "texture": sum(mean[d]["model"]["texture"] for d in DIRECTIONS) / 4,
+            "controls": {row: [mean[d][row]["lowres_psnr"] for d in DIRECTIONS] for row in ("random real", "patch-NN")}}
+
+
+def f2(values) -> str:
+    return " / ".join(f"{x:.2f}" for x in values)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model", nargs="?", default=str(MODEL))
+    p.add_argument("--image", default=str(IMAGE), help="the reference the model was trained on (without the box)")
+    p.add_argument("--heldout", type=int, nargs=4, default=[768, 0, 256, 128], metavar=("X", "Y", "W", "H"))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    p.add_argument("--settings", nargs="+", default=["1", "edge:0.5"],
+                   help="T (every token at temperature T) or edge:T (edge tokens at T, the others at 1)")
+    args = p.parse_args(argv)
+    for s in args.settings:
+        try:
+            if float(s.removeprefix("edge:")) <= 0:
+                raise ValueError
+        except ValueError:
+            p.error(f"a setting is T or edge:T with T > 0, e.g. 0.7 or edge:0.5; got {s!r}")
+    model = NuwaInfinity.load(args.model)
+    reference = load_image(args.image)
+    rows = {}
+    for s in args.settings:
+        r = rows[s] = run(model, reference, args.heldout, s, args.seeds)
+        print(f"{s:>10}: low-res {f2(r['lowres_psnr'])} (mean {r['mean']:.2f}), margins {f2(r['margin_db'])}, "
+              f"hard-cut {r['hardcut_seam']:.2f}, texture {r['texture']:.2f}", flush=True)
+    controls = next(iter(rows.values()))["controls"]
+    print(f"{'controls':>10}: random real {f2(controls['random real'])}, patch-NN {f2(controls['patch-NN'])} "
+          f"(right / left / up / down)")
+    print(json.dumps({"model": Path(args.model).name, "heldout": args.heldout, "seeds": args.seeds,
+                      "rows": {s: {k: v for k, v in r.items() if k != "controls"} for s, r in rows.items()},
+                      "controls": controls}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
