@@ -18,7 +18,6 @@ patch-NN, hard-cut seam and texture. Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from nuwa_core.evaluation.continuation import evaluate_continuation
 from nuwa_core.images import load_image
-from nuwa_core.infinity import generation, patch_samplers as ps
+from nuwa_core.infinity import patch_samplers as ps
 from nuwa_core.infinity.generation import NuwaInfinity
 
 MODEL = REPO / "models" / "nuwa" / "nuwa_infinity_default.safetensors"
@@ -39,32 +38,24 @@ IMAGE = REPO / "models" / "nuwa" / "nuwa_infinity_default.png"
 DIRECTIONS = ("right", "left", "up", "down")
 
 
-def edge_cooled_ar(edge_temperature: float):
-    """sample_ar with the edge tokens of every patch at `edge_temperature`, the others at the
-    settings' temperature (the same noise stream as sample_ar: only the logits' scale differs)."""
-    @torch.no_grad()
-    def sample(renderer, context, order, text_kv, batch, settings, generator=None):
-        cfg = renderer.config
-        noise = ps.ar_noise(generator, ps.sampled_rows(batch, settings), cfg.tokens_per_patch, cfg.vocab_size,
-                            renderer.pos_f.device)
+def edge_cooled(decode_ar, edge_temperature: float):
+    """patch_samplers.decode_ar with the logits of every patch's edge tokens divided by
+    `edge_temperature` before sample_ar's own sampling (at temperature 1 there), the others as
+    they are: sample_ar unchanged, its noise stream included, only the edge logits' scale differs."""
+    def decode(renderer, context, order, text_kv, batch, choose):
         perm, _ = renderer.permutation(order)
-        edge = renderer.edge_tokens(order)[perm].tolist()  # generation order
-        cooled = dataclasses.replace(settings, temperature=edge_temperature)
-        slot = iter(edge)
-
-        def choose(logits):
-            s = cooled if next(slot) else settings
-            return ps.both_halves((ps.filter_logits(ps.guided(logits, s), s).float() + noise()).argmax(-1), s)
-        return ps.decode_ar(renderer, context, order, text_kv, batch, choose)
-    return sample
+        edge = iter(renderer.edge_tokens(order)[perm].tolist())  # generation order
+        return decode_ar(renderer, context, order, text_kv, batch,
+                         lambda logits: choose(logits / edge_temperature if next(edge) else logits))
+    return decode
 
 
 def run(model, reference, heldout, setting: str, seeds) -> dict:
     edge = setting.startswith("edge:")
     t = float(setting.split(":")[-1])
     settings = ps.SamplerSettings(top_k=100, epsilon=0.01, temperature=1.0 if edge else t)
-    samplers = {**generation.SAMPLERS, "ar": edge_cooled_ar(t)} if edge else generation.SAMPLERS
-    with mock.patch.dict(generation.SAMPLERS, samplers), torch.no_grad():
+    decode = edge_cooled(ps.decode_ar, t) if edge else ps.decode_ar
+    with mock.patch.object(ps, "decode_ar", decode), torch.no_grad():
         res = evaluate_continuation(reference, heldout, model, directions=DIRECTIONS, seeds=seeds,
                                     settings=settings, log=False)
     mean = {d: res["directions"][d]["mean"] for d in DIRECTIONS}
