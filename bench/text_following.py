@@ -21,7 +21,7 @@ Rows, all computed in this run with the same classifiers:
 
 Goal: accuracy >= 0.8 from the prompt ("decoded" centroids; the sky by colour too), chance <= 0.34. Also time per image and the context pool's
 peak bytes (the memory that grows with the canvas) with and without guidance (the guided batch is twice
-as large). Every row samples at the same temperature (default 0.7, the template's).
+as large). Every row samples at the same temperature (default 1.0, the template's).
 
     python bench/text_following.py [--model FILE --text-encoder FILE] [--seeds 2] [--guidance 3]
     python bench/text_following.py --prompt-sheet docs/text_to_image_prompts.png   # the README's picture only
@@ -181,7 +181,7 @@ def main() -> None:
     p.add_argument("--first-seed", type=int, default=1000, help="the seeds are FIRST .. FIRST + --seeds - 1: "
                    "another set checks a setting chosen on the first")
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of every row (the "
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every row (the "
                    "template's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-sheet", type=Path, help="only draw the nine prompts (seed 0) into this PNG")
