@@ -230,6 +230,35 @@ def test_renderer_init_fine_tunes_a_bundle_and_refuses_one_that_does_not_fit(tmp
         train.main(renderer_args(img, other, tmp_path / "y.safetensors", "--steps", "1", "--init", str(base)))
 
 
+def test_renderer_dropout_changes_training_only(tmp_path, tokenizer):
+    """--dropout regularises training (other weights than the same run without it), is saved in the config,
+    never drops during generation (same seed, same canvas twice), and a bundle trained without it can be
+    fine-tuned with it."""
+    from nuwa_core.infinity.generation import NuwaInfinity
+    from nuwa_core.infinity.patch_samplers import SamplerSettings
+    img = write_image(tmp_path / "a.png")
+    torch.set_num_threads(1)
+    plain, dropped = tmp_path / "plain.safetensors", tmp_path / "dropped.safetensors"
+    train.main(renderer_args(img, tokenizer, plain, "--steps", "2", "--save-dtype", "fp32"))
+    train.main(renderer_args(img, tokenizer, dropped, "--steps", "2", "--save-dtype", "fp32", "--dropout", "0.5"))
+    a, b = trained_weights(plain), trained_weights(dropped)
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    m = NuwaInfinity.load(dropped)
+    assert m.renderer.config.dropout == 0.5
+
+    def canvas():
+        st = m.blank_canvas(1, 2)
+        return m.generate(st, m.plan_fill(st), SamplerSettings(top_k=8), generator=torch.Generator().manual_seed(0)).tokens
+    torch.manual_seed(1)
+    first = canvas()
+    torch.manual_seed(2)  # dropout would draw from the global generator
+    assert torch.equal(first, canvas())
+    train.main(renderer_args(img, tokenizer, tmp_path / "ft.safetensors", "--steps", "1", "--lr", "0", "--init", str(plain),
+                             "--dropout", "0.2", "--save-dtype", "fp32"))
+    got = trained_weights(tmp_path / "ft.safetensors")
+    assert all(torch.equal(a[k], got[k]) for k in a)
+
+
 def test_renderer_init_grows_an_image_model_into_a_video_model(tmp_path, tokenizer):
     """--init with a larger frame extent e_f (an image model fine-tuned on video): every weight carries over,
     and each new frame offset (dk, di, dj) of the relative-position table starts from the trained (0, di, dj)."""

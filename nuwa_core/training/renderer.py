@@ -65,7 +65,8 @@ def parse_triple(text: str, name: str) -> tuple[int, int, int]:
 def renderer_config_from_args(args, vocab: int) -> RendererConfig:
     return RendererConfig(vocab_size=vocab, patch_size=parse_triple(args.patch, "--patch"), n_layer=args.layers,
                           n_head=args.heads, d_model=args.dim, extent=parse_triple(args.extent, "--extent"),
-                          text_dim=args.text_dim, decoder=args.decoder, rpe=args.rpe, transfer=not args.no_transfer)
+                          text_dim=args.text_dim, decoder=args.decoder, rpe=args.rpe, transfer=not args.no_transfer,
+                          dropout=args.dropout)
 
 
 class _TeacherForced(nn.Module):
@@ -366,7 +367,7 @@ def init_renderer(renderer: Renderer, bundle_path, vq: VQModel, tokens_may_diffe
     the bundle's tokenizer must make the same tokens as the one this run trains on, unless
     `tokens_may_differ` (a tokenizer fine-tuned from the bundle's: its codes moved, the renderer adapts)."""
     bundle = NuwaInfinity.load(bundle_path)
-    theirs = bundle.renderer.config
+    theirs = dataclasses.replace(bundle.renderer.config, dropout=renderer.config.dropout)  # training-only
     grows_frames = dataclasses.replace(theirs, extent=renderer.config.extent) == renderer.config and \
         theirs.extent[1:] == renderer.config.extent[1:] and theirs.extent[0] < renderer.config.extent[0]
     if theirs != renderer.config and not grows_frames:
@@ -565,6 +566,8 @@ def add_arguments(p) -> None:
     p.add_argument("--edge-weight", type=float, default=1.0, help="AR: weight of a patch's tokens on its edge "
                    "against the context (the first token's row and column) in the loss, against 1 for the others")
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on attention weights and MLP outputs in "
+                   "training (0..1; generation never drops): against memorising a one-shot image")
     p.add_argument("--token-bank", type=int, default=0, help="encode each image N times up front (0: encode "
                    "every augmented sample; N>0: variant 0 plain, 1 flipped, the rest augmented) then crop tokens")
     p.add_argument("--wrap", nargs="?", const="x", default="none", choices=("none", "x", "xy"),
