@@ -257,6 +257,8 @@ def test_renderer_dropout_changes_training_only(tmp_path, tokenizer):
                              "--dropout", "0.2", "--save-dtype", "fp32"))
     got = trained_weights(tmp_path / "ft.safetensors")
     assert all(torch.equal(a[k], got[k]) for k in a)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\).*got 1\.0"):
+        train.main(renderer_args(img, tokenizer, tmp_path / "bad.safetensors", "--steps", "1", "--dropout", "1"))
 
 
 def test_renderer_init_grows_an_image_model_into_a_video_model(tmp_path, tokenizer):

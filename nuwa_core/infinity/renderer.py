@@ -71,6 +71,8 @@ class RendererConfig:
             raise ValueError(f"patch_size must be (frames, rows, cols) >= 1, got {self.patch_size}")
         if len(self.extent) != 3 or min(self.extent) < 0:
             raise ValueError(f"extent must be (e_f, e_h, e_w) >= 0, got {self.extent}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1) (a share of activations dropped in training), got {self.dropout}")
 
     @property
     def tokens_per_patch(self) -> int:
