@@ -567,7 +567,7 @@ def add_arguments(p) -> None:
                    "against the context (the first token's row and column) in the loss, against 1 for the others")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on attention weights and MLP outputs in "
-                   "training (0..1; generation never drops): against memorising a one-shot image")
+                   "training (0 <= P < 1; generation never drops): against memorising a one-shot image")
     p.add_argument("--token-bank", type=int, default=0, help="encode each image N times up front (0: encode "
                    "every augmented sample; N>0: variant 0 plain, 1 flipped, the rest augmented) then crop tokens")
     p.add_argument("--wrap", nargs="?", const="x", default="none", choices=("none", "x", "xy"),
