@@ -344,10 +344,12 @@ def vqgan_memory(model, batch: int = 1, decode: bool = False) -> int:
     return max(one, window_batch(cfg, tile, 1, torch_device(), dtype) * vqgan_window_bytes(cfg, tile, 1, dtype))
 
 
-def render_memory(model, canvas, plans, extent=None, guided: bool = False, max_wave: int | None = None) -> int:
+def render_memory(model, canvas, plans, extent=None, guided: bool = False, max_wave: int | None = None,
+                  candidates: int = 1) -> int:
     """Working memory of the Patch Renderer: the renderer with its context pool on the largest grid
     the plans grow the canvas to (twice the batch with classifier-free guidance), the widest wave of
-    patches rendered together, plus a VQGAN window for the previews and the final decode."""
+    patches rendered together (each patch's `candidates` draws side by side), plus a VQGAN window for
+    the previews and the final decode."""
     from nuwa_core.infinity import wavefront
     from nuwa_core.memory import renderer_working_bytes
     grids = [tuple(canvas.grid)] + [tuple(p.grid) for p in plans]
@@ -357,7 +359,7 @@ def render_memory(model, canvas, plans, extent=None, guided: bool = False, max_w
     wave = max((wavefront.widest(wavefront.plan_waves(p, canvas.wrap, extent, max_size=max_wave or wavefront.MAX_WAVE)) for p in plans),
                default=1)  # the patches the wavefront schedule renders together
     return (renderer_working_bytes(cfg, grid, canvas.batch * (2 if guided else 1), extent, _model_dtype(model),
-                                   wave=wave)
+                                   wave=wave * candidates)
             + vqgan_memory(model, 1, decode=True))
 
 

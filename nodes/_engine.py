@@ -25,10 +25,11 @@ def load_model(path, device="cpu"):
 
 
 def sampler_settings(decoder: str, temperature: float, top_k: int, top_p: float, steps: int, epsilon: float,
-                     guidance: float = 1.0):
+                     guidance: float = 1.0, candidates: int = 1):
     from nuwa_core.infinity.patch_samplers import SamplerSettings
     return SamplerSettings(decoder=_DECODER_IDS[decoder], temperature=float(temperature), top_k=int(top_k),
-                           top_p=float(top_p), steps=int(steps), epsilon=float(epsilon), guidance=float(guidance))
+                           top_p=float(top_p), steps=int(steps), epsilon=float(epsilon), guidance=float(guidance),
+                           candidates=int(candidates))
 
 
 def text_from_conditioning(conditioning, model=None) -> torch.Tensor | None:

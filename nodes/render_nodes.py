@@ -106,19 +106,24 @@ class NUWAPatchRenderer:
                 "guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip":
                     "Classifier-free guidance of the prompt: 1 = off; above 1 follows the prompt more (each patch is "
                     "rendered with and without it: about twice the time). Ignored without a prompt."}),
+                "candidates": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip":
+                    "Draws per patch: each patch is sampled this many times and the draw that best predicts the "
+                    "patches around it is kept (continues its context better; about this many times the time "
+                    "and memory of a patch). 1 = a single draw, as the paper samples."}),
             },
         }
 
     def render(self, model, canvas, plan, seed, decoder, steps, temperature, top_k, top_p,
-               conditioning=None, context=None, epsilon=_engine.EPSILON_DEFAULT, guidance=1.0):
+               conditioning=None, context=None, epsilon=_engine.EPSILON_DEFAULT, guidance=1.0, candidates=1):
         spec: PlanSpec = as_plan_spec(plan)
-        settings = _engine.sampler_settings(decoder, temperature, top_k, top_p, steps, epsilon, guidance)
+        settings = _engine.sampler_settings(decoder, temperature, top_k, top_p, steps, epsilon, guidance, candidates)
         text = _engine.text_from_conditioning(conditioning, model)
         extent = None  # the engine refuses an extent beyond the trained one, naming both
         if context is not None:
             trained = tuple(model.renderer.config.extent)
             extent = tuple(t if e < 0 else e for e, t in zip(context["extent"], trained))
-        memory = _comfy.render_memory(model, canvas, spec.plans, extent, guided=text is not None and guidance != 1)
+        memory = _comfy.render_memory(model, canvas, spec.plans, extent, guided=text is not None and guidance != 1,
+                                      candidates=settings.candidates)
         _comfy.load_for_run(getattr(model, "comfy_patcher", None), memory)
         state = spec.prepare(canvas)  # a copy: the input canvas is never modified
         seed = int(seed) % (2 ** 63)  # every patch draws CPU noise from its own stream of it: one image per seed on every device

@@ -85,10 +85,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--epsilon", type=float, default=EPSILON_DEFAULT, help="skip tokens less likely than this")
+    parser.add_argument("--candidates", type=int, default=1,
+                        help="draws per patch, the one that best predicts its neighbours kept (default 1)")
     args = parser.parse_args(argv)
     if (args.model is None) != (args.image is None):
         parser.error("give --model and --image together (or neither, for the shipped models)")
-    settings = SamplerSettings(top_k=args.top_k, temperature=args.temperature, epsilon=args.epsilon)
+    settings = SamplerSettings(top_k=args.top_k, temperature=args.temperature, epsilon=args.epsilon,
+                               candidates=args.candidates)
     demos = {"custom": (args.model, args.image, (2, 2), True)} if args.model else \
         {name: (SHIPPED / model, SHIPPED / image, crop, pano) for name, (model, image, crop, pano) in DEMOS.items()}
     report = {}

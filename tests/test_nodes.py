@@ -53,6 +53,19 @@ def test_render_epsilon_reaches_the_sampler(pack, model):
     assert not torch.equal(render(model, canvas, plan, 7, "auto", 4, 1.0, 0, 1.0)[1].tokens, greedy)
 
 
+def test_render_candidates_reach_the_generator(pack, model):
+    """candidates 3 gives the engine's canvas for SamplerSettings(candidates=3), not the single draw."""
+    from nuwa_core.infinity.patch_samplers import SamplerSettings
+    (canvas,) = node(pack, "NUWAVQGANEncode")(model, torch.rand(1, 32, 40, 3), "crop")
+    plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 1, 1, 0, 1, 0, 0, "center")
+    render = node(pack, "NUWAPatchRenderer")
+    best = render(model, canvas, plan, 3, "auto", 4, 1.0, 16, 1.0, epsilon=0.0, candidates=3)[1].tokens
+    state = plan.prepare(canvas)
+    engine = model.generate(state, plan.plans[0], SamplerSettings(top_k=16, candidates=3), generator=3)
+    assert torch.equal(best, engine.tokens)
+    assert not torch.equal(render(model, canvas, plan, 3, "auto", 4, 1.0, 16, 1.0, epsilon=0.0)[1].tokens, best)
+
+
 def test_target_size_and_mask_plans(pack, model):
     (canvas,) = node(pack, "NUWAVQGANEncode")(model, torch.rand(1, 32, 32, 3), "refuse")
     plan, _ = node(pack, "NUWADirectionPlanner")(model, canvas, 0, 0, 0, 0, 64, 48, "top_left")

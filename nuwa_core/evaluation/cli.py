@@ -131,6 +131,8 @@ def continuation_main(argv: Sequence[str]) -> int:
     p.add_argument("--top-k", type=int, default=100, help="sampler top-k (default 100, as the README's tables)")
     p.add_argument("--epsilon", type=float, default=0.01, help="sampler epsilon (default 0.01)")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--candidates", type=int, default=1,
+                   help="draws per patch, the one that best predicts its neighbours kept (default 1)")
     p.add_argument("--extent", type=int, nargs=3, metavar=("F", "H", "W"),
                    help="context extent for generation (default the trained one; 0 0 0 = no context)")
     p.add_argument("--window", type=int, nargs=2, metavar=("ROWS", "COLS"),
@@ -152,7 +154,8 @@ def continuation_main(argv: Sequence[str]) -> int:
         from ..infinity.patch_samplers import SamplerSettings
         reference = load_image(args.image)
         model = NuwaInfinity.load(args.model, device=args.device)
-        settings = SamplerSettings(top_k=args.top_k, epsilon=args.epsilon, temperature=args.temperature)
+        settings = SamplerSettings(top_k=args.top_k, epsilon=args.epsilon, temperature=args.temperature,
+                                   candidates=args.candidates)
         with torch.no_grad():
             result = evaluate_continuation(
                 reference, args.heldout, model, directions=args.directions, seeds=args.seeds, settings=settings,

@@ -37,6 +37,7 @@ from ..images import check_finite, image_to_model, model_to_image, to_rgb
 from ..memory import check_memory
 from . import arbitrary_direction_controller as adc, wavefront
 from .arbitrary_direction_controller import Coord, Grid, Order, Plan
+from .candidate_patches import candidate_streams, keep_best, neighbour_loglik
 from .canvas import UNKNOWN, CanvasState
 from .nearby_context_pool import NearbyContextPool, last_needed_steps
 from .patch_samplers import SAMPLERS, PatchStreams, SamplerSettings, both_halves
@@ -260,7 +261,9 @@ class NuwaInfinity(nn.Module):
             settings = dataclasses.replace(settings, guidance=1.0)  # nothing to guide without a prompt
         grid, periods = state.grid, state.periods
         batch = state.batch * (2 if guided else 1)
-        check_memory(self.estimate_bytes(grid, batch, wave=wavefront.widest(waves)), "this generation", self.device)
+        n_draws = settings.candidates
+        check_memory(self.estimate_bytes(grid, batch, wave=wavefront.widest(waves) * n_draws), "this generation",
+                     self.device)
         rows = PatchBatch(self.renderer, self._text(text, state.batch), guided)
         pool = state.pool if _pool_fits(state.pool, cfg, batch, extent) else NearbyContextPool(extent)
         # a canvas from a file or a node's output keeps its caches on the CPU: onto the model's device and dtype
@@ -287,14 +290,21 @@ class NuwaInfinity(nn.Module):
                 reencode_pooled(rows, pool, near, order, grid, patch_tokens,
                                 lambda coords: run_schedule(coords, extent, grid, periods, max_wave))
             for wave in segment_waves:
-                streams = PatchStreams([torch.Generator().manual_seed(wavefront.patch_seed(seed, state.stream_coord(c)))
-                                        for c in wave])
-                context = rows.context([(c, pool.select(c)) for c in wave])
-                tokens, cache = sample(self.renderer, context, order, rows.text_kv(len(wave)), batch * len(wave),
+                drawn = [c for c in wave for _ in range(n_draws)]  # each patch's candidates side by side
+                streams = PatchStreams([g for c in wave for g in candidate_streams(seed, state.stream_coord(c), n_draws)])
+                context = rows.context([(c, pool.select(c)) for c in drawn])
+                tokens, cache = sample(self.renderer, context, order, rows.text_kv(len(drawn)), batch * len(drawn),
                                        settings, streams)
-                tokens = tokens[:state.batch * len(wave)].view(len(wave), state.batch, -1).cpu()  # the sampled half
-                for coord, patch, patch_cache in zip(wave, tokens, rows.split(cache, len(wave), dim=1)):
-                    state.set_patch(coord, patch)
+                token_parts = patch_row_split(tokens, len(drawn), rows.halves, 0) if len(drawn) > 1 else [tokens]
+                cache_parts = rows.split(cache, len(drawn), dim=1)
+                if n_draws > 1:
+                    score = neighbour_loglik(rows, drawn, tokens, order, pool.select,
+                                             lambda c: patch_tokens(adc.wrapped(c, periods)))
+                    best = [slice(i * n_draws, (i + 1) * n_draws) for i in range(len(wave))]
+                    token_parts = [keep_best(token_parts[s], score[s], rows.halves, 0) for s in best]
+                    cache_parts = [keep_best(cache_parts[s], score[s], rows.halves, 1) for s in best]
+                for coord, patch, patch_cache in zip(wave, token_parts, cache_parts):
+                    state.set_patch(coord, patch[:state.batch].cpu())  # the sampled half
                     pool.add(coord, patch_cache, order)
                 done += len(wave)
                 pool.remove(done - 1, last)

@@ -46,6 +46,7 @@ class SamplerSettings:
     gumbel_start: float = 4.5    # pnar gumbel temperature, annealed linearly...
     gumbel_end: float = 1.0      # ...to this at the last step
     guidance: float = 1.0        # classifier-free guidance scale (1 = off); see `guided`
+    candidates: int = 1          # draws per patch, the one that best predicts its neighbours kept (candidate_patches.py)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -58,6 +59,9 @@ class SamplerSettings:
             raise ValueError(f"epsilon is a probability in [0, 1), got {self.epsilon}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not isinstance(self.candidates, int) or self.candidates < 1:
+            raise ValueError(f"candidates (draws per patch, the best kept) must be a whole number >= 1, "
+                             f"got {self.candidates!r}")
         if self.guidance < 0:
             raise ValueError(f"guidance must be >= 0 (1 = off, 0 = ignore the prompt), got {self.guidance}")
 

@@ -1,0 +1,115 @@
+"""Held-out continuation with best-of-N candidate patches (issue 11; nuwa_core/infinity/candidate_patches.py).
+
+    python bench/candidate_patches.py [MODEL --image REF --heldout X Y W H] [--seeds 0 .. 9]
+                                      [--candidates 1 4 8]
+
+Runs the held-out continuation protocol (python -m nuwa_core.eval continuation: the model beside
+random real pixels, patch-NN copying and the other controls, against the truth) once per candidate
+count N, same windows and seeds: every patch drawn N times, the draw whose known neighbours the
+renderer finds most likely in the reverse order kept (N = 1: one draw, as the paper samples). Top-k
+100 and epsilon 0.01, as the README's tables. Default: the shipped panorama model on its test box
+(x 768-1024), seeds 0-9, N = 1, 4, 8 (about 8 minutes on 2 CPU cores).
+
+Per N: low-res PSNR per direction and its mean, the margin over the better of random real and
+patch-NN, boundary and hard-cut seams, texture, and the seconds spent generating (model.generate,
+all directions and seeds) as a ratio to N = 1 in the same run. Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from nuwa_core.evaluation.continuation import evaluate_continuation
+from nuwa_core.images import load_image
+from nuwa_core.infinity.generation import NuwaInfinity
+from nuwa_core.infinity.patch_samplers import SamplerSettings
+
+MODEL = REPO / "models" / "nuwa" / "nuwa_infinity_default.safetensors"
+IMAGE = REPO / "models" / "nuwa" / "nuwa_infinity_default.png"
+DIRECTIONS = ("right", "left", "up", "down")
+
+
+class Timed:
+    """model.generate with the seconds it takes added up."""
+
+    def __init__(self, model: NuwaInfinity):
+        self.model, self.seconds = model, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.model.generate(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def run(model, reference, heldout, candidates: int, seeds) -> dict:
+    timed = Timed(model)
+    settings = SamplerSettings(top_k=100, epsilon=0.01, candidates=candidates)
+    with torch.no_grad():
+        res = evaluate_continuation(reference, heldout, timed, directions=DIRECTIONS, seeds=seeds,
+                                    settings=settings, log=False)
+    mean = {d: res["directions"][d]["mean"] for d in DIRECTIONS}
+    lowres = [mean[d]["model"]["lowres_psnr"] for d in DIRECTIONS]
+    return {"lowres_psnr": lowres, "mean": sum(lowres) / 4,
+            "margin_db": [res["directions"][d]["margin_db"] for d in DIRECTIONS],
+            "boundary_seam": sum(mean[d]["model"]["boundary_seam"] for d in DIRECTIONS) / 4,
+            "hardcut_seam": sum(mean[d]["model"]["hardcut_seam"] for d in DIRECTIONS) / 4,
+            "texture": sum(mean[d]["model"]["texture"] for d in DIRECTIONS) / 4,
+            "generate_s": timed.seconds,
+            "controls": {row: {"lowres_psnr": [mean[d][row]["lowres_psnr"] for d in DIRECTIONS],
+                               "hardcut_seam": sum(mean[d][row]["hardcut_seam"] for d in DIRECTIONS) / 4,
+                               "texture": sum(mean[d][row]["texture"] for d in DIRECTIONS) / 4}
+                         for row in ("real tokens", "random real", "patch-NN", "patchwork")}}
+
+
+def f2(values) -> str:
+    return " / ".join(f"{x:.2f}" for x in values)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model", nargs="?", default=str(MODEL))
+    p.add_argument("--image", default=str(IMAGE), help="the reference the model was trained on (without the box)")
+    p.add_argument("--heldout", type=int, nargs=4, default=[768, 0, 256, 128], metavar=("X", "Y", "W", "H"))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    p.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 8], help="draws per patch, one row each")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, this machine's cores)")
+    args = p.parse_args(argv)
+    if any(n < 1 for n in args.candidates):
+        p.error(f"--candidates are whole numbers >= 1, got {args.candidates}")
+    torch.set_num_threads(args.threads)
+    model = NuwaInfinity.load(args.model)
+    reference = load_image(args.image)
+    rows = {}
+    for n in args.candidates:
+        r = rows[n] = run(model, reference, args.heldout, n, args.seeds)
+        print(f"{n:2d} candidates: low-res {f2(r['lowres_psnr'])} (mean {r['mean']:.2f}), margins "
+              f"{f2(r['margin_db'])}, boundary {r['boundary_seam']:.2f}, hard-cut {r['hardcut_seam']:.2f}, "
+              f"texture {r['texture']:.2f}, generating {r['generate_s']:.1f} s", flush=True)
+    controls = next(iter(rows.values()))["controls"]
+    for name, c in controls.items():
+        print(f"control {name}: low-res {f2(c['lowres_psnr'])}, hard-cut {c['hardcut_seam']:.2f}, "
+              f"texture {c['texture']:.2f}")
+    base = rows[args.candidates[0]]
+    print(json.dumps({"model": Path(args.model).name, "heldout": args.heldout, "seeds": args.seeds,
+                      "rows": {n: {**{k: v for k, v in r.items() if k != "controls"},
+                                   "time_ratio": r["generate_s"] / base["generate_s"],
+                                   "mean_gain_db": r["mean"] - base["mean"]} for n, r in rows.items()},
+                      "controls": controls, "goal_margin_db": 1.0}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Best of N candidate patches: keep the draw that best explains the patches around it.
+
+Not in the papers (issue 11: generated patches must continue their context). A renderer samples
+each patch given its context, one token at a time; nothing checks the finished patch against that
+context as a whole, and the tokens drawn late in a patch can drift from it. With
+`SamplerSettings.candidates` N > 1, every patch is drawn N times (each from its own random stream)
+and the candidate kept is the one under which the same renderer finds the known neighbours most
+likely when it renders them the other way round:
+
+    score(c) = sum over q in context(p) that come after p in reverse(order) of
+               log p_renderer(tokens of q | c at p; reverse(order))
+
+i.e. the candidate that best predicts its context, not the one the model finds most likely itself
+(that draw is always the most ordinary one, as a low temperature gives). The reverse order
+(DOWN_RIGHT <-> DOWN_LEFT, RIGHT_DOWN <-> RIGHT_UP) is one the renderer was trained in, and in it
+the context patches come after the candidate at offsets that order trains. One teacher-forced
+pass encodes the N candidates (no context: as a first patch is), one more scores every
+(candidate, neighbour) pair: two renderer forwards next to the N token-by-token draws. NAR and
+P-NAR renderers score each neighbour token from an all-masked patch (their one-pass likelihood).
+Measured on the held-out boxes in README (Evaluation).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import arbitrary_direction_controller as adc
+from .arbitrary_direction_controller import Coord, Order
+from .renderer import Context, patch_row_split
+from .wavefront import patch_seed
+
+REVERSE = {Order.DOWN_RIGHT: Order.DOWN_LEFT, Order.DOWN_LEFT: Order.DOWN_RIGHT,
+           Order.RIGHT_DOWN: Order.RIGHT_UP, Order.RIGHT_UP: Order.RIGHT_DOWN}
+_UNBOUNDED = (1, 1 << 24, 1 << 24)  # time_index over a grid this large orders any two offsets lexicographically
+
+
+def comes_after(a: Coord, b: Coord, order: Order) -> bool:
+    """Whether the patch at `a` comes after the one at `b` in `order` (coordinates as seen from each
+    other: a wrapped canvas's patch across the joint may lie outside the grid)."""
+    return adc.time_index(a, order, _UNBOUNDED) > adc.time_index(b, order, _UNBOUNDED)
+
+
+def candidate_streams(seed: int, stream_coord: Coord, n: int) -> list[torch.Generator]:
+    """The random streams of a patch's n candidates; the first is the patch's own stream, so one
+    candidate draws exactly what sampling without candidates draws."""
+    return [torch.Generator().manual_seed(patch_seed(seed, stream_coord if k == 0 else (*stream_coord, k)))
+            for k in range(n)]
+
+
+@torch.no_grad()
+def neighbour_loglik(rows, coords: list[Coord], tokens: torch.Tensor, order: Order, select,
+                     patch_tokens: Callable[[Coord], torch.Tensor]) -> torch.Tensor:
+    """The score above for each candidate. rows: generation.PatchBatch; coords [n] the candidates'
+    places (a patch's N candidates in a row); tokens [halves*n*B, M] raster, their tokens
+    (renderer.patch_rows layout); select(coord) -> the (place, cache) pairs of its context;
+    patch_tokens(coord) -> [halves*B, M] known tokens. Returns [n, B] (0 for a patch with no
+    neighbour after it in the reverse order)."""
+    renderer, n, halves = rows.renderer, len(coords), rows.halves
+    b = tokens.shape[0] // (halves * n)
+    reverse = REVERSE[order]
+    caches = rows.split(renderer.encode(tokens, reverse, Context(None, None, 0), rows.text_kv(n)), n, dim=1)
+    pairs, targets, owners = [], [], []
+    for i, coord in enumerate(coords):
+        for near, _ in select(coord):
+            if comes_after(near, coord, reverse):
+                pairs.append((near, [(coord, caches[i])]))
+                targets.append(patch_tokens(near))
+                owners.append(i)
+    score = tokens.new_zeros(n, b, dtype=torch.float32)
+    if not pairs:
+        return score
+    target = rows.rows(targets)  # [halves*R*B, M]
+    # AR: log p of each token given the ones before it; NAR / P-NAR: of each token from an all-masked patch
+    everything = torch.ones_like(target, dtype=torch.bool)
+    logits, _ = renderer.teacher_forced(target, reverse, rows.context(pairs), rows.text_kv(len(pairs)), everything)
+    loglik = -F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none").sum(1)
+    per_pair = torch.stack([part[:b] for part in patch_row_split(loglik, len(pairs), halves, 0)])  # [R, B] (with text)
+    return score.index_add_(0, torch.tensor(owners, device=score.device), per_pair)
+
+
+def keep_best(parts: list[torch.Tensor], score: torch.Tensor, halves: int, dim: int) -> torch.Tensor:
+    """parts: one patch's N candidates, each with halves*B rows along `dim` (tokens [halves*B, M]:
+    dim 0; caches [L, halves*B, M, d]: dim 1); score [N, B] -> for each canvas the best candidate's
+    rows, in the parts' shape."""
+    best = score.argmax(0).repeat(halves).to(parts[0].device)  # both halves of a canvas keep one candidate
+    stacked = torch.stack(parts).movedim(dim + 1, 1)  # [N, halves*B, ..]
+    return stacked[best, torch.arange(best.numel(), device=best.device)].movedim(0, dim)

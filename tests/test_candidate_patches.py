@@ -1,0 +1,155 @@
+"""Best of N candidate patches (issue 11): each patch drawn N times from its own streams, the draw
+whose known neighbours the renderer finds most likely in the reverse order kept."""
+import pytest
+import torch
+import torch.nn.functional as F
+from _tiny import tiny_model
+
+from nuwa_core.infinity import candidate_patches as cp, generation as g
+from nuwa_core.infinity.arbitrary_direction_controller import Order
+from nuwa_core.infinity.patch_samplers import SamplerSettings
+from nuwa_core.infinity.renderer import Context
+
+FAST = SamplerSettings(top_k=16)
+
+
+def image(h=32, w=48, seed=0):
+    return torch.rand(1, h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def with_candidates(n, **kw):
+    return SamplerSettings(top_k=16, candidates=n, **kw)
+
+
+def recording(monkeypatch, prefer):
+    """Replace the score by prefer(candidate tokens [n, B, M]) -> [n, B], recording every call."""
+    calls = []
+
+    def score(rows, coords, tokens, order, select, patch_tokens):
+        b = tokens.shape[0] // (rows.halves * len(coords))
+        per_candidate = tokens[:len(coords) * b].view(len(coords), b, -1)  # the sampled half
+        calls.append((list(coords), per_candidate.clone()))
+        return prefer(per_candidate).float()
+    monkeypatch.setattr(g, "neighbour_loglik", score)
+    return calls
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_each_canvas_keeps_its_best_candidate_tokens_and_cache(monkeypatch, guidance):
+    """With a score that prefers the candidate with the largest token sum, every generated patch of
+    every batch row is that candidate, and its pooled cache is the one its tokens make."""
+    text = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1)) if guidance != 1 else None
+    m = tiny_model(text_dim=8 if text is not None else 0)
+    calls = recording(monkeypatch, lambda t: t.sum(-1))
+    st = m.canvas_from_image(image().repeat(2, 1, 1, 1))  # 2 x 3 patches, all given, 2 canvases
+    seen = {}  # every cache pooled on the way (the pool frees those no later patch selects)
+    out = m.generate(st, m.plan_extension(st, right=2), with_candidates(3, guidance=guidance), text=text, generator=4,
+                     callback=lambda n, total, state: seen.update(state.pool.caches))
+    assert sum(len(coords) for coords, _ in calls) == 4 * 3
+    kept = []
+    for coords, tokens in calls:
+        for i in range(0, len(coords), 3):
+            best = tokens[i:i + 3].sum(-1).argmax(0)  # [B]
+            kept += best.tolist()
+            for b, k in enumerate(best):
+                assert torch.equal(out.patch_tokens(coords[i])[b], tokens[i + int(k), b])
+            assert not torch.equal(tokens[i], tokens[i + 1])  # the candidates differ
+    assert len(set(kept)) > 1  # not always the same candidate
+    last, earlier = (0, 1, 4), [(0, 0, 3), (0, 1, 3), (0, 0, 4)]  # its context in the right strip's order
+    rows = g.PatchBatch(m.renderer, m._text(text, 2), guided=text is not None)
+    context = rows.context([(last, [(c, seen[c]) for c in earlier])])
+    kept = out.patch_tokens(last).repeat(rows.halves, 1)
+    want = m.renderer.encode(kept, Order.DOWN_RIGHT, context, rows.text_kv(1))
+    torch.testing.assert_close(out.pool.caches[last], want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_first_candidate_is_the_patch_own_draw(monkeypatch):
+    """Candidate 0 draws from the stream a single draw uses: preferring it gives today's canvas."""
+    m = tiny_model()
+    st = m.canvas_from_image(image())
+    plan = m.plan_extension(st, left=1, right=1, up=1)
+    single = m.generate(st, plan, FAST, generator=9)
+    recording(monkeypatch, lambda t: (torch.arange(t.shape[0]) % 3 == 0)[:, None].expand(t.shape[:2]))
+    assert torch.equal(m.generate(st, plan, with_candidates(3), generator=9).tokens, single.tokens)
+
+
+@pytest.mark.parametrize("decoder", ["ar", "pnar"])
+def test_same_canvas_with_either_schedule_and_in_batch_or_alone(decoder):
+    m = tiny_model(decoder=decoder)
+    st = m.canvas_from_image(image())
+    plan = m.plan_extension(st, left=1, right=2, up=1, down=1)
+    one = m.generate(st, plan, with_candidates(3), generator=2, schedule="sequential")
+    many = m.generate(st, plan, with_candidates(3), generator=2, schedule="wavefront", max_wave=2)
+    assert torch.equal(one.tokens, many.tokens)
+    assert not torch.equal(one.tokens, m.generate(st, plan, FAST, generator=2).tokens)
+    for wrap in ("x", "xy"):  # neighbours across the joint are scored where they lie as seen from the patch
+        blank = m.blank_canvas(3, 4, wrap=wrap)
+        a = m.generate(blank, m.plan_fill(blank), with_candidates(2), generator=1, schedule="sequential")
+        b = m.generate(blank, m.plan_fill(blank), with_candidates(2), generator=1, max_wave=3)
+        assert torch.equal(a.tokens, b.tokens)
+    if decoder != "ar":
+        return  # a P-NAR canvas's rows draw their noise step after step: row 0 of 2 is not a canvas alone
+    two = m.blank_canvas(2, 3, batch=2)
+    assert torch.equal(m.generate(two, m.plan_fill(two), with_candidates(2), generator=6).tokens[:1],
+                       m.generate(m.blank_canvas(2, 3), m.plan_fill(two), with_candidates(2), generator=6).tokens)
+
+
+def test_the_score_is_the_neighbours_reverse_likelihood():
+    """neighbour_loglik against the formula computed one pair at a time: candidate encoded in the
+    reverse order without context, each later neighbour teacher-forced with it as its context."""
+    m = tiny_model()
+    r = m.renderer
+    st = m.canvas_from_image(image())  # 2 x 3 patches, all given
+    coord = (0, 0, 3)  # right of the given patches
+    near = [(0, 0, 2), (0, 1, 2), (0, 0, 4)]  # its neighbours as select gives them (the caches are not used)
+    rows = g.PatchBatch(r)
+    candidates = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    tokens_of = {c: st.patch_tokens(c) for c in [(0, i, j) for i in range(2) for j in range(3)]}
+    score = cp.neighbour_loglik(rows, [coord, coord], candidates, Order.DOWN_RIGHT, lambda c: [(n, None) for n in near],
+                                tokens_of.__getitem__)
+    assert score.shape == (2, 1)
+    later = [n for n in near if cp.comes_after(n, coord, Order.DOWN_LEFT)]
+    assert later == [(0, 0, 2), (0, 1, 2)]  # further right comes earlier when growing left: not scored
+    for k in range(2):
+        cache = r.encode(candidates[k:k + 1], Order.DOWN_LEFT, Context(None, None, 0), r.text_kv(None))
+        want = 0.0
+        for near in later:
+            ctx = Context.from_pool([(coord, cache)], near, r.rel, "cpu")
+            logits, _ = r.teacher_forced(tokens_of[near], Order.DOWN_LEFT, ctx, r.text_kv(None))
+            want -= F.cross_entropy(logits[0], tokens_of[near][0], reduction="sum").item()
+        assert score[k, 0].item() == pytest.approx(want, rel=1e-4)
+
+
+def test_comes_after_follows_each_order_across_a_wrapped_joint():
+    assert cp.comes_after((0, 0, -1), (0, 0, 0), Order.DOWN_LEFT)  # further left: later when growing left
+    assert not cp.comes_after((0, 0, -1), (0, 0, 0), Order.DOWN_RIGHT)
+    assert cp.comes_after((0, 1, 5), (0, 0, 0), Order.RIGHT_DOWN) and not cp.comes_after((0, 1, 5), (0, 0, 0), Order.RIGHT_UP)
+    assert cp.comes_after((0, 0, 4), (0, 0, 3), Order.DOWN_RIGHT)  # column W seen from W - 1
+    assert {cp.REVERSE[cp.REVERSE[o]] for o in Order} == set(Order)
+
+
+def test_memory_estimate_counts_the_candidates(monkeypatch):
+    m = tiny_model()
+    st = m.blank_canvas(2, 2)
+    asked = []
+    monkeypatch.setattr(g, "check_memory", lambda need, what, device: asked.append(need))
+    m.generate(st, m.plan_fill(st), FAST, generator=0)
+    m.generate(st, m.plan_fill(st), with_candidates(4), generator=0)
+    assert asked[1] > asked[0]
+
+
+def test_bad_candidate_counts_are_named():
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="candidates .* whole number >= 1"):
+            SamplerSettings(candidates=bad)
+
+
+def test_scoring_keeps_every_tensor_on_the_models_device():
+    """Device mixing without a GPU: the renderer, candidates and neighbours on `meta`."""
+    r = tiny_model().renderer.to("meta")
+    cache = torch.zeros(2, 1, 16, 32, device="meta")
+    near = [((0, 0, 0), cache), ((0, 1, 0), cache)]
+    tokens = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    score = cp.neighbour_loglik(g.PatchBatch(r), [(0, 0, 1), (0, 0, 1)], tokens, Order.DOWN_RIGHT, lambda c: near,
+                                lambda c: torch.zeros(1, 16, dtype=torch.long, device="meta"))
+    assert score.device.type == "meta" and score.shape == (2, 1)
