@@ -11,9 +11,11 @@ likely when it renders them the other way round:
                log p_renderer(tokens of q | c at p; reverse(order))
 
 i.e. the candidate that best predicts its context, not the one the model finds most likely itself
-(that draw is always the most ordinary one, as a low temperature gives). The reverse order
+(that draw tends to be the most ordinary one, as a low temperature gives; measured worse). The reverse order
 (DOWN_RIGHT <-> DOWN_LEFT, RIGHT_DOWN <-> RIGHT_UP) is one the renderer was trained in, and in it
-the context patches come after the candidate at offsets that order trains. One teacher-forced
+the context patches come after the candidate at offsets that order trains (frames stay forward, so
+the patches of earlier frames are not scored: in a video, a candidate answers to its own frame's
+neighbours). A patch with no such neighbour keeps its first candidate. One teacher-forced
 pass encodes the N candidates (no context: as a first patch is), one more scores every
 (candidate, neighbour) pair: two renderer forwards next to the N token-by-token draws. NAR and
 P-NAR renderers score each neighbour token from an all-masked patch (their one-pass likelihood).
