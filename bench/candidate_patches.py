@@ -8,7 +8,7 @@ random real pixels, patch-NN copying and the other controls, against the truth) 
 count N, same windows and seeds: every patch drawn N times, the draw whose known neighbours the
 renderer finds most likely in the reverse order kept (N = 1: one draw, as the paper samples). Top-k
 100 and epsilon 0.01, as the README's tables. Default: the shipped panorama model on its test box
-(x 768-1024), seeds 0-9, N = 1, 4, 8 (about 8 minutes on 2 CPU cores).
+(x 768-1024), seeds 0-9, N = 1, 4, 8 (7.5 minutes on 2 CPU cores).
 
 Per N: low-res PSNR per direction and its mean, the margin over the better of random real and
 patch-NN, boundary and hard-cut seams, texture, and the seconds spent generating (model.generate,
