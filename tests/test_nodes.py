@@ -64,6 +64,8 @@ def test_render_candidates_reach_the_generator(pack, model):
     engine = model.generate(state, plan.plans[0], SamplerSettings(top_k=16, candidates=3), generator=3)
     assert torch.equal(best, engine.tokens)
     assert not torch.equal(render(model, canvas, plan, 3, "auto", 4, 1.0, 16, 1.0, epsilon=0.0)[1].tokens, best)
+    comfy = sys.modules[import_pack().__name__ + ".nodes._comfy"]  # the memory asked of ComfyUI grows with the draws
+    assert comfy.render_memory(model, canvas, plan.plans, candidates=4) > comfy.render_memory(model, canvas, plan.plans)
 
 
 def test_target_size_and_mask_plans(pack, model):
