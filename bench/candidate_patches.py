@@ -13,6 +13,10 @@ renderer finds most likely in the reverse order kept (N = 1: one draw, as the pa
 Per N: low-res PSNR per direction and its mean, the margin over the better of random real and
 patch-NN, boundary and hard-cut seams, texture, and the seconds spent generating (model.generate,
 all directions and seeds) as a ratio to N = 1 in the same run. Last line: one JSON object.
+
+`--sheet PNG --sheet-seeds 0 1` (and nothing else run) draws the windows themselves: per direction
+(columns right, left, up, down), the truth, then each N's continuation for each sheet seed (rows),
+the given part real and the generated part decoded, a white line between them.
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nuwa_core.evaluation.continuation import evaluate_continuation
-from nuwa_core.images import load_image
+from nuwa_core.evaluation.continuation import evaluate_continuation, model_generator, plan_window
+from nuwa_core.images import load_image, save_image
 from nuwa_core.infinity.generation import NuwaInfinity
 from nuwa_core.infinity.patch_samplers import SamplerSettings
 
@@ -74,6 +78,35 @@ def run(model, reference, heldout, candidates: int, seeds) -> dict:
                          for row in ("real tokens", "random real", "patch-NN", "patchwork")}}
 
 
+def sheet(model, reference, heldout, counts, seeds, path) -> None:
+    """The PNG described in the module docstring."""
+    columns = []
+    for direction in DIRECTIONS:
+        plan = plan_window(heldout, direction, model.patch_pixels, reference.shape[1:3])
+        x, y, w, h = plan.window
+        gx, gy, gw, gh = plan.given
+        rows = [reference[:, y:y + h, x:x + w].clone()]
+        for n in counts:
+            generate = model_generator(model, SamplerSettings(top_k=100, epsilon=0.01, candidates=n))
+            for seed in seeds:
+                with torch.no_grad():
+                    window = generate(reference[:, gy:gy + gh, gx:gx + gw], direction, plan.generated_patches, seed)[0]
+                rows.append(window[:, :h, :w])
+        for row in rows:  # the generated side's first pixels against the given part, white
+            if direction in ("right", "left"):
+                row[:, :, gw if direction == "right" else gx - x - 1] = 1.0
+            else:
+                row[:, gh if direction == "down" else gy - y - 1] = 1.0
+        gap = torch.ones(1, 4, w, 3)
+        columns.append(torch.cat([part for row in rows for part in (row, gap)][:-1], dim=1))
+    tallest = max(c.shape[1] for c in columns)
+    columns = [torch.cat([c, torch.ones(1, tallest - c.shape[1], c.shape[2], 3)], dim=1) for c in columns]
+    gap = torch.ones(1, tallest, 8, 3)
+    save_image(torch.cat([part for c in columns for part in (c, gap)][:-1], dim=2), path)
+    print(f"sheet: truth, then {', '.join(f'{n} candidates' for n in counts)} x seeds {list(seeds)} "
+          f"(rows); {', '.join(DIRECTIONS)} (columns) -> {path}")
+
+
 def f2(values) -> str:
     return " / ".join(f"{x:.2f}" for x in values)
 
@@ -86,12 +119,17 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 8], help="draws per patch, one row each")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, this machine's cores)")
+    p.add_argument("--sheet", help="draw the continuations into this PNG instead of scoring them")
+    p.add_argument("--sheet-seeds", type=int, nargs="+", default=[0, 1], help="seeds drawn on the sheet")
     args = p.parse_args(argv)
     if any(n < 1 for n in args.candidates):
         p.error(f"--candidates are whole numbers >= 1, got {args.candidates}")
     torch.set_num_threads(args.threads)
     model = NuwaInfinity.load(args.model)
     reference = load_image(args.image)
+    if args.sheet:
+        sheet(model, reference, args.heldout, args.candidates, args.sheet_seeds, args.sheet)
+        return 0
     rows = {}
     for n in args.candidates:
         r = rows[n] = run(model, reference, args.heldout, n, args.seeds)
