@@ -515,3 +515,15 @@ def test_decode_without_blend_is_every_tile_decoded_on_its_own():
                 got = hard[:, y * f:(y + tile) * f, x * f:(x + tile) * f]
                 assert torch.allclose(got, want, atol=1e-5), (tile, y, x)
     assert not torch.allclose(m.decode(st, tile=4), m.decode(st, tile=4, blend=False), atol=1e-3)
+
+
+def test_a_generated_canvas_holds_ordinary_tensors_the_caller_can_edit():
+    """The AR loop runs under inference mode; what generate returns must not be inference tensors
+    (an in-place edit of one outside inference mode raises)."""
+    m = tiny_model()
+    st = m.blank_canvas(2, 2)
+    out = m.generate(st, m.plan_fill(st), FAST, generator=0)
+    tensors = [out.tokens, *out.pool.caches.values()]
+    assert tensors[1:] and not any(t.is_inference() for t in tensors)
+    for t in tensors:
+        t.add_(0)
