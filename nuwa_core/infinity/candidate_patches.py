@@ -62,17 +62,15 @@ def neighbour_loglik(rows, coords: list[Coord], tokens: torch.Tensor, order: Ord
     renderer, n, halves = rows.renderer, len(coords), rows.halves
     b = tokens.shape[0] // (halves * n)
     reverse = REVERSE[order]
-    caches = rows.split(renderer.encode(tokens, reverse, Context(None, None, 0), rows.text_kv(n)), n, dim=1)
-    pairs, targets, owners = [], [], []
-    for i, coord in enumerate(coords):
-        for near, _ in select(coord):
-            if comes_after(near, coord, reverse):
-                pairs.append((near, [(coord, caches[i])]))
-                targets.append(patch_tokens(near))
-                owners.append(i)
+    owned = [(i, near) for i, coord in enumerate(coords) for near, _ in select(coord)
+             if comes_after(near, coord, reverse)]  # (candidate, a neighbour it is scored on)
     score = tokens.new_zeros(n, b, dtype=torch.float32)
-    if not pairs:
+    if not owned:
         return score
+    caches = rows.split(renderer.encode(tokens, reverse, Context(None, None, 0), rows.text_kv(n)), n, dim=1)
+    pairs = [(near, [(coords[i], caches[i])]) for i, near in owned]
+    targets = [patch_tokens(near) for _, near in owned]
+    owners = [i for i, _ in owned]
     target = rows.rows(targets)  # [halves*R*B, M]
     # AR: log p of each token given the ones before it; NAR / P-NAR: of each token from an all-masked patch
     everything = torch.ones_like(target, dtype=torch.bool)

@@ -295,14 +295,13 @@ class NuwaInfinity(nn.Module):
                 context = rows.context([(c, pool.select(c)) for c in drawn])
                 tokens, cache = sample(self.renderer, context, order, rows.text_kv(len(drawn)), batch * len(drawn),
                                        settings, streams)
-                token_parts = patch_row_split(tokens, len(drawn), rows.halves, 0) if len(drawn) > 1 else [tokens]
-                cache_parts = rows.split(cache, len(drawn), dim=1)
+                token_parts, cache_parts = rows.split(tokens, len(drawn), dim=0), rows.split(cache, len(drawn), dim=1)
                 if n_draws > 1:
                     score = neighbour_loglik(rows, drawn, tokens, order, pool.select,
                                              lambda c: patch_tokens(adc.wrapped(c, periods)))
-                    best = [slice(i * n_draws, (i + 1) * n_draws) for i in range(len(wave))]
-                    token_parts = [keep_best(token_parts[s], score[s], rows.halves, 0) for s in best]
-                    cache_parts = [keep_best(cache_parts[s], score[s], rows.halves, 1) for s in best]
+                    patches = [slice(i * n_draws, (i + 1) * n_draws) for i in range(len(wave))]  # candidate rows
+                    token_parts = [keep_best(token_parts[s], score[s], rows.halves, 0) for s in patches]
+                    cache_parts = [keep_best(cache_parts[s], score[s], rows.halves, 1) for s in patches]
                 for coord, patch, patch_cache in zip(wave, token_parts, cache_parts):
                     state.set_patch(coord, patch[:state.batch].cpu())  # the sampled half
                     pool.add(coord, patch_cache, order)
