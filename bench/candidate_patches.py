@@ -29,16 +29,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from _continuation import DIRECTIONS, add_reference_arguments, f2, summary
 
 from nuwa_core.evaluation.continuation import evaluate_continuation, model_generator, plan_window
 from nuwa_core.images import load_image, save_image
 from nuwa_core.infinity.generation import NuwaInfinity
 from nuwa_core.infinity.patch_samplers import SamplerSettings
-
-MODEL = REPO / "models" / "nuwa" / "nuwa_infinity_default.safetensors"
-IMAGE = REPO / "models" / "nuwa" / "nuwa_infinity_default.png"
-DIRECTIONS = ("right", "left", "up", "down")
 
 
 class Timed:
@@ -65,12 +63,8 @@ def run(model, reference, heldout, candidates: int, seeds) -> dict:
         res = evaluate_continuation(reference, heldout, timed, directions=DIRECTIONS, seeds=seeds,
                                     settings=settings, log=False)
     mean = {d: res["directions"][d]["mean"] for d in DIRECTIONS}
-    lowres = [mean[d]["model"]["lowres_psnr"] for d in DIRECTIONS]
-    return {"lowres_psnr": lowres, "mean": sum(lowres) / 4,
-            "margin_db": [res["directions"][d]["margin_db"] for d in DIRECTIONS],
+    return {**summary(res),
             "boundary_seam": sum(mean[d]["model"]["boundary_seam"] for d in DIRECTIONS) / 4,
-            "hardcut_seam": sum(mean[d]["model"]["hardcut_seam"] for d in DIRECTIONS) / 4,
-            "texture": sum(mean[d]["model"]["texture"] for d in DIRECTIONS) / 4,
             "generate_s": timed.seconds,
             "controls": {row: {"lowres_psnr": [mean[d][row]["lowres_psnr"] for d in DIRECTIONS],
                                "hardcut_seam": sum(mean[d][row]["hardcut_seam"] for d in DIRECTIONS) / 4,
@@ -107,16 +101,9 @@ def sheet(model, reference, heldout, counts, seeds, path) -> None:
           f"(rows); {', '.join(DIRECTIONS)} (columns) -> {path}")
 
 
-def f2(values) -> str:
-    return " / ".join(f"{x:.2f}" for x in values)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("model", nargs="?", default=str(MODEL))
-    p.add_argument("--image", default=str(IMAGE), help="the reference the model was trained on (without the box)")
-    p.add_argument("--heldout", type=int, nargs=4, default=[768, 0, 256, 128], metavar=("X", "Y", "W", "H"))
-    p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    add_reference_arguments(p)
     p.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 8], help="draws per patch, one row each")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, this machine's cores)")
     p.add_argument("--sheet", help="draw the continuations into this PNG instead of scoring them")

@@ -26,16 +26,14 @@ from unittest import mock
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from _continuation import DIRECTIONS, add_reference_arguments, f2, summary
 
 from nuwa_core.evaluation.continuation import evaluate_continuation
 from nuwa_core.images import load_image
 from nuwa_core.infinity import patch_samplers as ps
 from nuwa_core.infinity.generation import NuwaInfinity
-
-MODEL = REPO / "models" / "nuwa" / "nuwa_infinity_default.safetensors"
-IMAGE = REPO / "models" / "nuwa" / "nuwa_infinity_default.png"
-DIRECTIONS = ("right", "left", "up", "down")
 
 
 def edge_cooled(decode_ar, edge_temperature: float):
@@ -59,24 +57,13 @@ def run(model, reference, heldout, setting: str, seeds) -> dict:
         res = evaluate_continuation(reference, heldout, model, directions=DIRECTIONS, seeds=seeds,
                                     settings=settings, log=False)
     mean = {d: res["directions"][d]["mean"] for d in DIRECTIONS}
-    lowres = [mean[d]["model"]["lowres_psnr"] for d in DIRECTIONS]
-    return {"lowres_psnr": lowres, "mean": sum(lowres) / 4,
-            "margin_db": [res["directions"][d]["margin_db"] for d in DIRECTIONS],
-            "hardcut_seam": sum(mean[d]["model"]["hardcut_seam"] for d in DIRECTIONS) / 4,
-            "texture": sum(mean[d]["model"]["texture"] for d in DIRECTIONS) / 4,
+    return {**summary(res),
             "controls": {row: [mean[d][row]["lowres_psnr"] for d in DIRECTIONS] for row in ("random real", "patch-NN")}}
-
-
-def f2(values) -> str:
-    return " / ".join(f"{x:.2f}" for x in values)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("model", nargs="?", default=str(MODEL))
-    p.add_argument("--image", default=str(IMAGE), help="the reference the model was trained on (without the box)")
-    p.add_argument("--heldout", type=int, nargs=4, default=[768, 0, 256, 128], metavar=("X", "Y", "W", "H"))
-    p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    add_reference_arguments(p)
     p.add_argument("--settings", nargs="+", default=["1", "edge:0.5"],
                    help="T (every token at temperature T) or edge:T (edge tokens at T, the others at 1)")
     args = p.parse_args(argv)
