@@ -23,7 +23,7 @@ Goal: accuracy >= 0.8 from the prompt ("decoded" centroids; the sky by colour to
 peak bytes (the memory that grows with the canvas) with and without guidance (the guided batch is twice
 as large). Every row samples at the same temperature (default 1.0, the template's).
 
-    python bench/text_following.py [--model FILE --text-encoder FILE] [--seeds 2] [--guidance 3]
+    python bench/text_following.py [--model FILE --text-encoder FILE] [--seeds 2] [--guidance 5] [--candidates 4]
     python bench/text_following.py --prompt-sheet docs/text_to_image_prompts.png   # the README's picture only
 """
 from __future__ import annotations
@@ -135,10 +135,11 @@ def round_trip(model: NuwaInfinity, image: torch.Tensor) -> torch.Tensor:
     return model.decode(state)[0]
 
 
-def generate(model: NuwaInfinity, text, size, seed: int, guidance: float, temperature: float):
+def generate(model: NuwaInfinity, text, size, seed: int, guidance: float, temperature: float, candidates: int = 1):
     """-> (image [H, W, 3], the context pool's peak bytes: the memory that grows with the batch)."""
     state = model.blank_canvas(*size)
-    settings = SamplerSettings(epsilon=EPSILON_DEFAULT, guidance=guidance, temperature=temperature)
+    settings = SamplerSettings(epsilon=EPSILON_DEFAULT, guidance=guidance, temperature=temperature,
+                               candidates=candidates)
     peak = [0]
 
     def pool_bytes(done, total, current):
@@ -180,9 +181,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per caption and size")
     p.add_argument("--first-seed", type=int, default=1000, help="the seeds are FIRST .. FIRST + --seeds - 1: "
                    "another set checks a setting chosen on the first")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=5.0, help="the guided rows' scale (default 5, the template's)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every row (the "
                    "template's)")
+    p.add_argument("--candidates", type=int, default=1, help="draws per patch in every row, the one that best "
+                   "predicts its neighbours kept (the Patch Renderer's candidates; default 1, the template's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-sheet", type=Path, help="only draw the nine prompts (seed 0) into this PNG")
     args = p.parse_args()
@@ -219,7 +222,8 @@ def main() -> None:
         images, start, peak = [], time.time(), 0
         for n, (_, size, seed) in enumerate(jobs):
             text = None if prompts is None else features[prompts[n]]
-            image, pool = generate(model, text, size, args.first_seed + seed, guidance, args.temperature)
+            image, pool = generate(model, text, size, args.first_seed + seed, guidance, args.temperature,
+                                   args.candidates)
             images.append(image)
             peak = max(peak, pool)
         rows[name] = accuracy(classifiers, images, captions)
@@ -254,7 +258,7 @@ def main() -> None:
         "decoded_real_sky": rows["real held-out, decoded"]["decoded"]["sky"],
         "shuffled_ground": shuffled["ground"], "shuffled_sky": shuffled["sky"],
         "shuffled_sky_colour": shuffled["sky_colour"], "no_prompt_ground": rows["no prompt"]["decoded"]["ground"],
-        "chance": 0.333, "guidance": args.guidance, "temperature": args.temperature,
+        "chance": 0.333, "guidance": args.guidance, "temperature": args.temperature, "candidates": args.candidates,
         "guided_time_ratio": round(ratio_time, 2), "guided_pool_memory_ratio": round(ratio_mem, 2), "goal": 0.8,
         "ground_met": max(plain["ground"], guided["ground"]) >= 0.8 and shuffled["ground"] <= 0.5,
         "sky_met": max(plain["sky"], guided["sky"]) >= 0.8 and shuffled["sky"] <= 0.5}))

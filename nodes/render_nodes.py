@@ -109,7 +109,8 @@ class NUWAPatchRenderer:
                 "candidates": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip":
                     "Draws per patch: each patch is sampled this many times and the draw that best predicts the "
                     "patches around it is kept (continues its context better; about this many times the time "
-                    "and memory of a patch). 1 = a single draw, as the paper samples."}),
+                    "and memory of a patch). 1 = a single draw, as the paper samples. With a prompt keep 1: the "
+                    "kept draws are the smoothest, and follow the prompt less."}),
             },
         }
 
