@@ -356,7 +356,8 @@ def render_memory(model, canvas, plans, extent=None, guided: bool = False, max_w
     grid = tuple(max(g[i] for g in grids) for i in range(3))
     cfg = model.renderer.config
     extent = tuple(extent or cfg.extent)
-    wave = max((wavefront.widest(wavefront.plan_waves(p, canvas.wrap, extent, max_size=max_wave or wavefront.MAX_WAVE)) for p in plans),
+    per_wave = wavefront.patches_per_wave(max_wave or wavefront.MAX_WAVE, candidates)
+    wave = max((wavefront.widest(wavefront.plan_waves(p, canvas.wrap, extent, max_size=per_wave)) for p in plans),
                default=1)  # the patches the wavefront schedule renders together
     return (renderer_working_bytes(cfg, grid, canvas.batch * (2 if guided else 1), extent, _model_dtype(model),
                                    wave=wave * candidates)

@@ -153,3 +153,20 @@ def test_scoring_keeps_every_tensor_on_the_models_device():
     score = cp.neighbour_loglik(g.PatchBatch(r), [(0, 0, 1), (0, 0, 1)], tokens, Order.DOWN_RIGHT, lambda c: near,
                                 lambda c: torch.zeros(1, 16, dtype=torch.long, device="meta"))
     assert score.device.type == "meta" and score.shape == (2, 1)
+
+
+def test_a_batch_holds_at_most_max_wave_draws(monkeypatch):
+    """With N candidates a wave renders max_wave // N patches (N draws each): the same canvas as
+    wider waves, in batches of at most max_wave rows."""
+    m = tiny_model()
+    st = m.blank_canvas(6, 10)  # waves of up to 3 patches
+    plan = m.plan_fill(st)
+    rows = []
+    real = g.SAMPLERS["ar"]
+    monkeypatch.setitem(g.SAMPLERS, "ar", lambda r, ctx, order, text_kv, batch, *a: rows.append(batch) or real(
+        r, ctx, order, text_kv, batch, *a))
+    narrow = m.generate(st, plan, with_candidates(3), generator=3, max_wave=5)
+    assert max(rows) == 3  # one patch of three draws
+    rows.clear()
+    wide = m.generate(st, plan, with_candidates(3), generator=3)
+    assert max(rows) == 9 and torch.equal(narrow.tokens, wide.tokens)

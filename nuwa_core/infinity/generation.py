@@ -234,7 +234,8 @@ class NuwaInfinity(nn.Module):
 
         schedule: 'wavefront' renders together, in one batch of at most `max_wave` patches, the
         patches whose selected context is complete (wavefront.py); 'sequential' one patch at a
-        time. Same plan, same context for every patch, same canvas.
+        time. Same plan, same context for every patch, same canvas. With candidates, a batch holds
+        at most `max_wave` draws (max_wave // candidates patches).
 
         callback(done, total, state) runs after every wave (every patch when sequential);
         returning False stops cleanly and returns the canvas with the patches made so far.
@@ -251,7 +252,8 @@ class NuwaInfinity(nn.Module):
             raise ValueError(f"max_wave (patches rendered in one batch) must be a whole number >= 1, got {max_wave!r}")
         run_schedule = wavefront.schedule(schedule)
         extent = self._extent(extent)
-        waves = wavefront.plan_waves(plan, state.wrap, extent, schedule, max_wave)
+        waves = wavefront.plan_waves(plan, state.wrap, extent, schedule,
+                                     wavefront.patches_per_wave(max_wave, settings.candidates))
         seed = run_seed(generator)
         state = state.grown(plan)
         self._check_plan(state, plan.steps())

@@ -64,6 +64,12 @@ def plan_waves(plan: adc.Plan, wrap: str, extent: Grid, name: str = "wavefront",
     return [(segment.order, run(segment.patches, extent, plan.grid, periods, max_size)) for segment in plan.segments]
 
 
+def patches_per_wave(max_wave: int, candidates: int = 1) -> int:
+    """Patches one step renders together so that its rows (each patch's `candidates` draws side by
+    side) stay within `max_wave`; at least one."""
+    return max(1, max_wave // candidates)
+
+
 def widest(waves: list[tuple[adc.Order, list[list[Coord]]]]) -> int:
     """The most patches one step renders together (1 for an empty plan)."""
     return max((len(wave) for _, segment in waves for wave in segment), default=1)
