@@ -527,3 +527,22 @@ def test_a_generated_canvas_holds_ordinary_tensors_the_caller_can_edit():
     assert tensors[1:] and not any(t.is_inference() for t in tensors)
     for t in tensors:
         t.add_(0)
+
+
+@pytest.mark.parametrize("dtype, given, fix", [
+    (torch.float32, False, "its weights hold non-finite"),
+    (torch.float32, True, "its weights hold non-finite"),  # refused while pre-caching the given patches
+    (torch.float16, False, "run the model in float32 or bfloat16"),
+])
+def test_overflowing_activations_are_refused_naming_the_dtype(dtype, given, fix):
+    """A renderer whose activations overflow (an infinite bias stands in for float16 overflow)
+    stops with an error naming the dtype and what to do, for generated and for pre-cached
+    patches; the same model with finite weights runs."""
+    m = tiny_model().to(dtype)
+    st = m.canvas_from_image(torch.rand(1, 32, 48, 3)) if given else m.blank_canvas(2, 2)
+    plan = m.plan_extension(st, right=1) if given else m.plan_fill(st)
+    m.generate(st, plan, SamplerSettings(top_k=16), generator=0)
+    with torch.no_grad():
+        m.renderer.blocks[0].mlp[2].bias[0] = float("inf")  # layer 1's inputs: the cache
+    with pytest.raises(FloatingPointError, match=f"overflowed .* {dtype}: {fix}"):
+        m.generate(st, plan, SamplerSettings(top_k=16), generator=0)

@@ -297,6 +297,7 @@ class NuwaInfinity(nn.Module):
                 context = rows.context([(c, pool.select(c)) for c in drawn])
                 tokens, cache = sample(self.renderer, context, order, rows.text_kv(len(drawn)), batch * len(drawn),
                                        settings, streams)
+                check_overflow(cache)
                 token_parts, cache_parts = rows.split(tokens, len(drawn), dim=0), rows.split(cache, len(drawn), dim=1)
                 if n_draws > 1:
                     score = neighbour_loglik(rows, drawn, tokens, order, pool.select,
@@ -507,9 +508,22 @@ class PatchBatch:
         add their caches to the pool. select(coord) -> the (position, cache) pairs it sees."""
         context = self.context([(c, select(c)) for c in coords])
         tokens = self.rows([patch_tokens(c) for c in coords])
-        cache = self.renderer.encode(tokens, order, context, self.text_kv(len(coords)))
+        cache = check_overflow(self.renderer.encode(tokens, order, context, self.text_kv(len(coords))))
         for coord, patch_cache in zip(coords, self.split(cache, len(coords), dim=1)):
             pool.add(coord, patch_cache, order)
+
+
+def check_overflow(cache: torch.Tensor) -> torch.Tensor:
+    """Refuse caches [L, B, M, d] holding NaN or infinite values (one check per wave): activations
+    that overflowed, as a model fine-tuned to large activations can in float16, would otherwise
+    go on as garbage tokens and poison every later patch's context."""
+    if not torch.isfinite(cache).all():
+        fix = ("run the model in float32 or bfloat16 (ComfyUI: start it with --fp32-unet or --bf16-unet; "
+               "nuwa_core: model.to(torch.float32))" if cache.dtype == torch.float16 else
+               "its weights hold non-finite or huge values: reload the model file, or retrain it")
+        raise FloatingPointError(f"the renderer's activations overflowed (NaN or infinite values in its layers) "
+                                 f"running in {cache.dtype}: {fix}")
+    return cache
 
 
 @torch.no_grad()
