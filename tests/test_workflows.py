@@ -307,14 +307,16 @@ def test_specific_contents():
     _assert_prompted_by_the_shipped_text_encoder(c)
     empty = next(n for n in c.values() if n["class_type"] == "NUWAEmptyCanvas")["inputs"]
     assert empty["width"] == 4 * empty["height"], empty
-    # (c') text to video: the same text path into a canvas of several frames, decoded frame by frame, saved animated
+    # (c') text to video: the same text path into a canvas of several frames, saved animated from the renderer's own
+    # decode (frame by frame, as PG-VQGAN Decode's 'none' gives them: test_pgvqgan), not decoded a second time
     v = api["text_to_video"]
     _assert_prompted_by_the_shipped_text_encoder(v)
     empty = next(n for n in v.values() if n["class_type"] == "NUWAEmptyCanvas")["inputs"]
     assert empty["frames"] > 1, empty
-    decode = next(k for k, n in v.items() if n["class_type"] == "NUWAPGVQGANDecode")
+    renderer = next(k for k, n in v.items() if n["class_type"] == "NUWAPatchRenderer")
     save = next(n for n in v.values() if n["class_type"] == "SaveAnimatedWEBP")["inputs"]
-    assert save["images"] == [decode, 0] and save["fps"] == [decode, 1]
+    assert save["images"] == [renderer, 0] and save["fps"] == 8.0
+    assert not any(n["class_type"] == "NUWAPGVQGANDecode" for n in v.values())
     # (d) NUWA-XL: the shipped default XL model, the whole tree, saved as an animation at the model's fps
     d = api["nuwa_xl_long_video"]
     xl_loader = next(n for n in d.values() if n["class_type"] == "NUWAXLModelLoader")["inputs"]
