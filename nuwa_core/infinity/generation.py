@@ -514,9 +514,9 @@ class PatchBatch:
 
 
 def check_overflow(cache: torch.Tensor) -> torch.Tensor:
-    """Refuse caches [L, B, M, d] holding NaN or infinite values (one check per wave): activations
-    that overflowed, as a model fine-tuned to large activations can in float16, would otherwise
-    go on as garbage tokens and poison every later patch's context."""
+    """Refuse caches [L, B, M, d] holding NaN or infinite values (one check per batch of patches):
+    activations that overflowed, as a model fine-tuned to large activations can in float16, would
+    otherwise go on as garbage tokens and poison every later patch's context."""
     if not torch.isfinite(cache).all():
         fix = ("run the model in float32 or bfloat16 (ComfyUI: start it with --fp32-unet or --bf16-unet; "
                "nuwa_core: model.to(torch.float32))" if cache.dtype == torch.float16 else
