@@ -252,8 +252,8 @@ class NuwaInfinity(nn.Module):
             raise ValueError(f"max_wave (patches rendered in one batch) must be a whole number >= 1, got {max_wave!r}")
         run_schedule = wavefront.schedule(schedule)
         extent = self._extent(extent)
-        waves = wavefront.plan_waves(plan, state.wrap, extent, schedule,
-                                     wavefront.patches_per_wave(max_wave, settings.candidates))
+        n_draws = settings.candidates
+        waves = wavefront.plan_waves(plan, state.wrap, extent, schedule, wavefront.patches_per_wave(max_wave, n_draws))
         seed = run_seed(generator)
         state = state.grown(plan)
         self._check_plan(state, plan.steps())
@@ -263,7 +263,6 @@ class NuwaInfinity(nn.Module):
             settings = dataclasses.replace(settings, guidance=1.0)  # nothing to guide without a prompt
         grid, periods = state.grid, state.periods
         batch = state.batch * (2 if guided else 1)
-        n_draws = settings.candidates
         check_memory(self.estimate_bytes(grid, batch, wave=wavefront.widest(waves) * n_draws), "this generation",
                      self.device)
         rows = PatchBatch(self.renderer, self._text(text, state.batch), guided)
