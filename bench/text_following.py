@@ -184,8 +184,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=5.0, help="the guided rows' scale (default 5, the template's)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every row (the "
                    "template's)")
-    p.add_argument("--candidates", type=int, default=1, help="draws per patch in every row, the one that best "
-                   "predicts its neighbours kept (the Patch Renderer's candidates; default 1, the template's)")
+    p.add_argument("--candidates", type=int, default=1, help="draws per patch in every row, the best kept "
+                   "(the Patch Renderer's candidates; default 1, the template's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-sheet", type=Path, help="only draw the nine prompts (seed 0) into this PNG")
     args = p.parse_args()

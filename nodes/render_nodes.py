@@ -107,10 +107,10 @@ class NUWAPatchRenderer:
                     "Classifier-free guidance of the prompt: 1 = off; above 1 follows the prompt more (each patch is "
                     "rendered with and without it: about twice the time). Ignored without a prompt."}),
                 "candidates": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip":
-                    "Draws per patch: each patch is sampled this many times and the draw that best predicts the "
-                    "patches around it is kept (continues its context better; about this many times the time "
-                    "and memory of a patch). 1 = a single draw, as the paper samples. With a prompt keep 1: the "
-                    "kept draws are the smoothest, and follow the prompt less."}),
+                    "Draws per patch: each patch is sampled this many times and the draw kept that best predicts "
+                    "the patches around it and lies nearest the other draws (continues its context better; about "
+                    "this many times the time and memory of a patch). 1 = a single draw, as the paper samples. "
+                    "With a prompt keep 1: the kept draws are the smoothest, and follow the prompt less."}),
             },
         }
 

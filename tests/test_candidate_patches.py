@@ -1,5 +1,5 @@
 """Best of N candidate patches (issue 11): each patch drawn N times from its own streams, the draw
-whose known neighbours the renderer finds most likely in the reverse order kept."""
+kept that best predicts its known neighbours in the reverse order and lies nearest the other draws."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,12 +25,12 @@ def recording(monkeypatch, prefer):
     """Replace the score by prefer(candidate tokens [n, B, M]) -> [n, B], recording every call."""
     calls = []
 
-    def score(rows, coords, tokens, order, select, patch_tokens):
+    def score(rows, coords, tokens, n, order, select, patch_tokens, codebook):
         b = tokens.shape[0] // (rows.halves * len(coords))
         per_candidate = tokens[:len(coords) * b].view(len(coords), b, -1)  # the sampled half
         calls.append((list(coords), per_candidate.clone()))
         return prefer(per_candidate).float()
-    monkeypatch.setattr(g, "neighbour_loglik", score)
+    monkeypatch.setattr(g, "candidate_scores", score)
     return calls
 
 
@@ -170,3 +170,53 @@ def test_a_batch_holds_at_most_max_wave_draws(monkeypatch):
     rows.clear()
     wide = m.generate(st, plan, with_candidates(3), generator=3)
     assert max(rows) == 9 and torch.equal(narrow.tokens, wide.tokens)
+
+
+def test_agreement_is_minus_the_summed_squared_distance_to_the_other_candidates():
+    codebook = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 10, (4, 2, 5), generator=torch.Generator().manual_seed(1))  # [n, B, M]
+    e = codebook[tokens]  # [n, B, M, d]
+    want = torch.stack([-sum(((e[i] - e[j]) ** 2).sum((-1, -2)) for j in range(4)) for i in range(4)])
+    torch.testing.assert_close(cp.agreement(tokens, codebook), want, rtol=1e-4, atol=1e-4)
+    spread = torch.tensor([0, 1, 2, 9])[:, None, None].expand(4, 1, 3)  # [n, B, M]: one code per candidate
+    # squared distances: the candidate nearest the candidates' mean (code 3) wins, not the first or the outlier
+    assert cp.agreement(spread, torch.arange(10.0)[:, None])[:, 0].argmax() == 2
+
+
+def test_ranks_count_the_candidates_beaten_and_ties_beat_none():
+    assert cp.ranks(torch.tensor([[0.5], [2.0], [-1.0], [2.0]]))[:, 0].tolist() == [1, 2, 0, 2]
+    assert cp.ranks(torch.zeros(3, 2)).eq(0).all()
+
+
+def test_candidate_scores_add_the_two_ranks_per_patch(monkeypatch):
+    """Two patches of 3 candidates: each patch's score is its neighbours' rank plus its agreement's
+    rank among its own 3, and with no neighbour to score (likelihood all 0) agreement decides."""
+    likelihood = torch.tensor([[3.0], [1.0], [2.0], [0.0], [0.0], [0.0]])
+    monkeypatch.setattr(cp, "neighbour_loglik", lambda *a: likelihood.clone())
+    codebook = torch.arange(8.0)[:, None]
+    tokens = torch.tensor([[0, 0], [7, 7], [1, 1], [5, 5], [2, 2], [6, 6]])  # [P*n*B, M], B = 1
+    rows = g.PatchBatch(tiny_model().renderer)
+    score = cp.candidate_scores(rows, [(0, 0, 0)] * 3 + [(0, 0, 1)] * 3, tokens, 3, Order.DOWN_RIGHT, None, None,
+                                codebook)
+    agree = [cp.agreement(tokens[i:i + 3, None], codebook)[:, 0] for i in (0, 3)]
+    assert agree[0].argmax() == 2 and agree[1].argmax() == 0  # codes 1 (between 0 and 7), 5 (between 2 and 6)
+    assert score[:, 0].tolist() == [2 + 1, 0 + 0, 1 + 2, 0 + 2, 0 + 0, 0 + 1]
+    assert score[3:].argmax() == 0
+
+
+def test_a_first_patch_keeps_the_candidate_nearest_the_others(monkeypatch):
+    """A blank canvas's first patch has no neighbour to score: it keeps the draw nearest the other
+    draws, not simply the first."""
+    m = tiny_model()
+    blank = m.blank_canvas(1, 1)
+    seen = []
+
+    def recorded(rows, coords, tokens, *args):
+        seen.append(tokens.clone())
+        return cp.candidate_scores(rows, coords, tokens, *args)
+    monkeypatch.setattr(g, "candidate_scores", recorded)
+    kept = m.generate(blank, m.plan_fill(blank), with_candidates(4), generator=2).patch_tokens((0, 0, 0))
+    (tokens,) = seen  # [4, M]: the 4 draws, batch 1
+    agree = cp.agreement(tokens[:, None], m.vqgan.quantize.embedding.weight.detach())[:, 0]
+    assert agree.argmax() != 0 and len({tuple(t.tolist()) for t in tokens}) == 4
+    assert torch.equal(kept[0], tokens[agree.argmax()])

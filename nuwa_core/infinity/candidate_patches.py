@@ -1,25 +1,34 @@
-"""Best of N candidate patches: keep the draw that best explains the patches around it.
+"""Best of N candidate patches: keep the draw that best explains the patches around it and agrees
+with the other draws.
 
 Not in the papers (issue 11: generated patches must continue their context). A renderer samples
 each patch given its context, one token at a time; nothing checks the finished patch against that
 context as a whole, and the tokens drawn late in a patch can drift from it. With
 `SamplerSettings.candidates` N > 1, every patch is drawn N times (each from its own random stream)
-and the candidate kept is the one under which the same renderer finds the known neighbours most
-likely when it renders them the other way round:
+and each candidate gets two scores:
 
-    score(c) = sum over q in context(p) that come after p in reverse(order) of
-               log p_renderer(tokens of q | c at p; reverse(order))
+- neighbours: how likely the same renderer finds the known neighbours when it renders them the
+  other way round, with the candidate as their context,
 
-i.e. the candidate that best predicts its context, not the one the model finds most likely itself
-(that draw tends to be the most ordinary one, as a low temperature gives; measured worse). The reverse order
-(DOWN_RIGHT <-> DOWN_LEFT, RIGHT_DOWN <-> RIGHT_UP) is one the renderer was trained in, and in it
-the context patches come after the candidate at offsets that order trains (frames stay forward, so
-the patches of earlier frames are not scored: in a video, a candidate answers to its own frame's
-neighbours). A patch with no such neighbour keeps its first candidate. One teacher-forced
+      neighbours(c) = sum over q in context(p) that come after p in reverse(order) of
+                      log p_renderer(tokens of q | c at p; reverse(order))
+
+  i.e. the candidate that best predicts its context, not the one the model finds most likely itself
+  (that draw tends to be the most ordinary one, as a low temperature gives; measured worse);
+- agreement: minus its squared distance, token by token in the tokenizer's codebook space, to the
+  other candidates. The draw nearest the others is the minimum-Bayes-risk pick under that distance:
+  the model's own sample that lies closest to what the model expects there on average.
+
+The candidate kept is the one that beats the most others on the two scores together (ranks
+added; ties keep the earlier candidate, so candidate 0, the patch's own draw, wins a full tie). The
+reverse order (DOWN_RIGHT <-> DOWN_LEFT, RIGHT_DOWN <-> RIGHT_UP) is one the renderer was trained
+in, and in it the context patches come after the candidate at offsets that order trains (frames stay
+forward, so the patches of earlier frames are not scored: in a video, a candidate answers to its own
+frame's neighbours). A patch with no such neighbour is chosen by agreement alone. One teacher-forced
 pass encodes the N candidates (no context: as a first patch is), one more scores every
-(candidate, neighbour) pair: two renderer forwards next to the N token-by-token draws. NAR and
-P-NAR renderers score each neighbour token from an all-masked patch (their one-pass likelihood).
-Measured on the held-out boxes in README (Evaluation).
+(candidate, neighbour) pair: two renderer forwards next to the N token-by-token draws; agreement is
+a lookup and an N x N distance. NAR and P-NAR renderers score each neighbour token from an
+all-masked patch (their one-pass likelihood). Measured on the held-out boxes in README (Evaluation).
 """
 from __future__ import annotations
 
@@ -87,3 +96,28 @@ def keep_best(parts: list[torch.Tensor], score: torch.Tensor, halves: int, dim: 
     best = score.argmax(0).repeat(halves).to(parts[0].device)  # both halves of a canvas keep one candidate
     stacked = torch.stack(parts).movedim(dim + 1, 1)  # [N, halves*B, ..]
     return stacked[best, torch.arange(best.numel(), device=best.device)].movedim(0, dim)
+
+
+def agreement(tokens: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """tokens [n, B, M] one patch's candidates; codebook [V, d] the tokenizer's code vectors ->
+    [n, B]: minus each candidate's squared distance to the others, summed over the others and the
+    patch's tokens."""
+    x = codebook[tokens].flatten(2).float().transpose(0, 1)  # [B, n, M*d]
+    return -torch.cdist(x, x).square().sum(-1).T
+
+
+def ranks(score: torch.Tensor) -> torch.Tensor:
+    """score [n, B] -> [n, B]: how many of the n candidates each one beats (equal scores beat none)."""
+    return (score[:, None] > score[None]).sum(1)
+
+
+def candidate_scores(rows, coords: list[Coord], tokens: torch.Tensor, n: int, order: Order, select,
+                     patch_tokens: Callable[[Coord], torch.Tensor], codebook: torch.Tensor) -> torch.Tensor:
+    """The score above for a wave's candidates: coords [P*n] each patch's n
+    candidates in a row, tokens [halves*P*n*B, M] theirs (renderer.patch_rows layout) -> [P*n, B]:
+    per patch, neighbours' rank plus agreement's rank among its n candidates."""
+    likelihood = neighbour_loglik(rows, coords, tokens, order, select, patch_tokens)  # [P*n, B]
+    b = likelihood.shape[1]
+    sampled = tokens[:len(coords) * b].view(len(coords), b, -1)  # the sampled half: [P*n, B, M]
+    return torch.cat([ranks(likelihood[i:i + n]) + ranks(agreement(sampled[i:i + n], codebook).to(likelihood.device))
+                      for i in range(0, len(coords), n)])

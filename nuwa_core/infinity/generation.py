@@ -37,7 +37,7 @@ from ..images import check_finite, image_to_model, model_to_image, to_rgb
 from ..memory import check_memory
 from . import arbitrary_direction_controller as adc, wavefront
 from .arbitrary_direction_controller import Coord, Grid, Order, Plan
-from .candidate_patches import candidate_streams, keep_best, neighbour_loglik
+from .candidate_patches import candidate_scores, candidate_streams, keep_best
 from .canvas import UNKNOWN, CanvasState
 from .nearby_context_pool import NearbyContextPool, last_needed_steps
 from .patch_samplers import SAMPLERS, PatchStreams, SamplerSettings, both_halves
@@ -282,6 +282,7 @@ class NuwaInfinity(nn.Module):
         pool.remove(-1, last)
 
         sample = SAMPLERS[decoder]
+        codebook = self.vqgan.quantize.embedding.weight.detach().to(self.device)  # [V, d]: where candidates agree
         state.pool = pool
         done = 0
         for order, segment_waves in waves:
@@ -299,8 +300,8 @@ class NuwaInfinity(nn.Module):
                 check_overflow(cache)
                 token_parts, cache_parts = rows.split(tokens, len(drawn), dim=0), rows.split(cache, len(drawn), dim=1)
                 if n_draws > 1:
-                    score = neighbour_loglik(rows, drawn, tokens, order, pool.select,
-                                             lambda c: patch_tokens(adc.wrapped(c, periods)))
+                    score = candidate_scores(rows, drawn, tokens, n_draws, order, pool.select,
+                                             lambda c: patch_tokens(adc.wrapped(c, periods)), codebook)
                     patches = [slice(i * n_draws, (i + 1) * n_draws) for i in range(len(wave))]  # candidate rows
                     token_parts = [keep_best(token_parts[s], score[s], rows.halves, 0) for s in patches]
                     cache_parts = [keep_best(cache_parts[s], score[s], rows.halves, 1) for s in patches]
