@@ -546,3 +546,16 @@ def test_overflowing_activations_are_refused_naming_the_dtype(dtype, given, fix)
         m.renderer.blocks[0].mlp[2].bias[0] = float("inf")  # layer 1's inputs: the cache
     with pytest.raises(FloatingPointError, match=f"overflowed .* {dtype}: {fix}"):
         m.generate(st, plan, SamplerSettings(top_k=16), generator=0)
+
+
+@pytest.mark.parametrize("decoder", ["ar", "nar", "pnar"])
+def test_an_overflow_in_the_last_layer_is_refused(decoder):
+    """The last layer's output reaches the logits only, no cache: an infinite value there (in the
+    final layer norm's bias) is refused by every decoder, not drawn as garbage tokens."""
+    m = tiny_model(decoder=decoder)
+    st = m.blank_canvas(1, 2)
+    m.generate(st, m.plan_fill(st), SamplerSettings(top_k=16), generator=0)
+    with torch.no_grad():
+        m.renderer.ln_f.bias[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="overflowed .* torch.float32: its weights hold non-finite"):
+        m.generate(st, m.plan_fill(st), SamplerSettings(top_k=16), generator=0)

@@ -40,7 +40,7 @@ from .arbitrary_direction_controller import Coord, Grid, Order, Plan
 from .candidate_patches import candidate_scores, candidate_streams, keep_best
 from .canvas import UNKNOWN, CanvasState
 from .nearby_context_pool import NearbyContextPool, last_needed_steps
-from .patch_samplers import SAMPLERS, PatchStreams, SamplerSettings, both_halves
+from .patch_samplers import SAMPLERS, PatchStreams, SamplerSettings, both_halves, check_overflow
 from .renderer import Context, Renderer, RendererConfig, patch_row_split, patch_rows
 from .vqgan import VQGANConfig, VQModel
 
@@ -511,19 +511,6 @@ class PatchBatch:
         cache = check_overflow(self.renderer.encode(tokens, order, context, self.text_kv(len(coords))))
         for coord, patch_cache in zip(coords, self.split(cache, len(coords), dim=1)):
             pool.add(coord, patch_cache, order)
-
-
-def check_overflow(cache: torch.Tensor) -> torch.Tensor:
-    """Refuse caches [L, B, M, d] holding NaN or infinite values (one check per batch of patches):
-    activations that overflowed, as a model fine-tuned to large activations can in float16, would
-    otherwise go on as garbage tokens and poison every later patch's context."""
-    if not torch.isfinite(cache).all():
-        fix = ("run the model in float32 or bfloat16 (ComfyUI: start it with --fp32-unet or --bf16-unet; "
-               "nuwa_core: model.to(torch.float32))" if cache.dtype == torch.float16 else
-               "its weights hold non-finite or huge values: reload the model file, or retrain it")
-        raise FloatingPointError(f"the renderer's activations overflowed (NaN or infinite values in its layers) "
-                                 f"running in {cache.dtype}: {fix}")
-    return cache
 
 
 @torch.no_grad()

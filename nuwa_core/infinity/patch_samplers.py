@@ -196,6 +196,20 @@ def sample_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch
     return tokens, cache
 
 
+def check_overflow(x: torch.Tensor) -> torch.Tensor:
+    """Refuse activations holding NaN or infinite values: the caches [L, B, M, d] of a batch of
+    patches, and the logits the samplers draw from (the last layer's output reaches no cache), one
+    check per batch. Activations that overflowed, as a model fine-tuned to large activations can in
+    float16, would otherwise go on as garbage tokens and poison every later patch's context."""
+    if x.device.type != "meta" and not torch.isfinite(x).all():  # a meta tensor holds no values to check
+        fix = ("run the model in float32 or bfloat16 (ComfyUI: start it with --fp32-unet or --bf16-unet; "
+               "nuwa_core: model.to(torch.float32))" if x.dtype == torch.float16 else
+               "its weights hold non-finite or huge values: reload the model file, or retrain it")
+        raise FloatingPointError(f"the renderer's activations overflowed (NaN or infinite values in its layers) "
+                                 f"running in {x.dtype}: {fix}")
+    return x
+
+
 @torch.no_grad()
 def decode_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch: int, choose):
     """Token-by-token decoding; choose(logits [B, V]) -> tokens [B].
@@ -217,9 +231,11 @@ def decode_ar(renderer: Renderer, context: Context, order: Order, text_kv, batch
         tokens = torch.zeros(batch, m, dtype=torch.long, device=nxt.device)
         x = (renderer.order_emb.weight[order.id] + nxt[0]).expand(batch, -1)
         for t in range(m):
-            token = choose(step.logits(step(x, t)))
+            logits = step.logits(step(x, t))
+            token = choose(logits)
             tokens[:, t] = token
             x = torch.add(F.embedding(token, renderer.tok_emb.weight), after[t])
+        check_overflow(logits)  # the last token's: an overflow in the last layer reaches no cache
         step(x, m, layers=n_layer - 1)  # slot M: the last token's cache
     cache = step.inputs[:, 1:].transpose(1, 2)  # [L, B, M, d], generation order (slot t+1 holds token t)
     return tokens[:, inv], cache[:, :, inv]
@@ -232,7 +248,8 @@ def sample_nar(renderer: Renderer, context: Context, order: Order, text_kv, batc
     ctx_kv = renderer.context_kv(context, room=cfg.tokens_per_patch)  # shared by the pass and the cache pass
     masked = torch.full((batch, cfg.tokens_per_patch), cfg.mask_id, dtype=torch.long, device=renderer.pos_f.device)
     logits, _ = renderer(renderer.parallel_inputs(masked, order), context, text_kv, ctx_kv)
-    tokens = both_halves(sample_categorical(filter_logits(guided(logits, settings), settings), generator), settings)
+    logits = filter_logits(guided(check_overflow(logits), settings), settings)
+    tokens = both_halves(sample_categorical(logits, generator), settings)
     return tokens, renderer.encode(tokens, order, context, text_kv, ctx_kv)
 
 
@@ -247,7 +264,7 @@ def sample_pnar(renderer: Renderer, context: Context, order: Order, text_kv, bat
     unknown = torch.ones(rows, m, dtype=torch.bool, device=device)
     for step in range(settings.steps):
         logits, _ = renderer(renderer.parallel_inputs(both_halves(tokens, settings), order), context, text_kv, ctx_kv)
-        logits = filter_logits(guided(logits, settings), settings)
+        logits = filter_logits(guided(check_overflow(logits), settings), settings)
         sampled = torch.where(unknown, sample_categorical(logits, generator), tokens)
         ratio = (step + 1) / settings.steps
         n_unknown = int(unknown[0].sum())
