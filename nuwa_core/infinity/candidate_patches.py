@@ -119,5 +119,5 @@ def candidate_scores(rows, coords: list[Coord], tokens: torch.Tensor, n: int, or
     likelihood = neighbour_loglik(rows, coords, tokens, order, select, patch_tokens)  # [P*n, B]
     b = likelihood.shape[1]
     sampled = tokens[:len(coords) * b].view(len(coords), b, -1)  # the sampled half: [P*n, B, M]
-    return torch.cat([ranks(likelihood[i:i + n]) + ranks(agreement(sampled[i:i + n], codebook).to(likelihood.device))
+    return torch.cat([ranks(likelihood[i:i + n]) + ranks(agreement(sampled[i:i + n], codebook))
                       for i in range(0, len(coords), n)])
