@@ -6,8 +6,9 @@
 Runs the held-out continuation protocol (python -m nuwa_core.eval continuation: the model beside
 random real pixels, patch-NN copying and the other controls, against the truth) once per candidate
 count N, same windows and seeds: every patch drawn N times, the draw kept that ranks best on how
-likely the renderer finds its known neighbours in the reverse order plus how near it lies to the
-other draws (N = 1: one draw, as the paper samples). Top-k
+likely the renderer finds its known neighbours in the reverse order, how near it lies to the
+other draws and how near its edges lie to the known neighbours' facing edges (N = 1: one draw, as
+the paper samples). Top-k
 100 and epsilon 0.01, as the README's tables. Default: the shipped panorama model on its test box
 (x 768-1024), seeds 0-9, N = 1, 4, 8 (7.5 minutes on 2 CPU cores).
 

@@ -108,7 +108,8 @@ class NUWAPatchRenderer:
                     "rendered with and without it: about twice the time). Ignored without a prompt."}),
                 "candidates": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip":
                     "Draws per patch: each patch is sampled this many times and the draw kept that best predicts "
-                    "the patches around it and lies nearest the other draws (continues its context better; about "
+                    "the patches around it, lies nearest the other draws and meets their edges (continues its "
+                    "context better, with smoother patch borders; about "
                     "this many times the time and memory of a patch). 1 = a single draw, as the paper samples. "
                     "With a prompt keep 1: the kept draws are the smoothest, and follow the prompt less."}),
             },

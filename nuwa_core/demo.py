@@ -86,8 +86,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--epsilon", type=float, default=EPSILON_DEFAULT, help="skip tokens less likely than this")
     parser.add_argument("--candidates", type=int, default=1,
-                        help="draws per patch, the one kept that best predicts its neighbours and agrees "
-                        "with the other draws (default 1)")
+                        help="draws per patch, the one kept that best predicts its neighbours, agrees "
+                        "with the other draws and meets its neighbours' edges (default 1)")
     args = parser.parse_args(argv)
     if (args.model is None) != (args.image is None):
         parser.error("give --model and --image together (or neither, for the shipped models)")

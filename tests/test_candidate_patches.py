@@ -196,12 +196,41 @@ def test_candidate_scores_add_the_two_ranks_per_patch(monkeypatch):
     codebook = torch.arange(8.0)[:, None]
     tokens = torch.tensor([[0, 0], [7, 7], [1, 1], [5, 5], [2, 2], [6, 6]])  # [P*n*B, M], B = 1
     rows = g.PatchBatch(tiny_model().renderer)
-    score = cp.candidate_scores(rows, [(0, 0, 0)] * 3 + [(0, 0, 1)] * 3, tokens, 3, Order.DOWN_RIGHT, None, None,
-                                codebook)
+    score = cp.candidate_scores(rows, [(0, 0, 0)] * 3 + [(0, 0, 1)] * 3, tokens, 3, Order.DOWN_RIGHT,
+                                lambda c: [], None, codebook)  # no known patch: border ranks all 0
     agree = [cp.agreement(tokens[i:i + 3, None], codebook)[:, 0] for i in (0, 3)]
     assert agree[0].argmax() == 2 and agree[1].argmax() == 0  # codes 1 (between 0 and 7), 5 (between 2 and 6)
     assert score[:, 0].tolist() == [2 + 1, 0 + 0, 1 + 2, 0 + 2, 0 + 0, 0 + 1]
     assert score[3:].argmax() == 0
+
+
+def test_border_agreement_sums_the_squared_distance_across_each_shared_edge():
+    """Candidates [[1, 2], [3, 4]] and all 5s at (0, 1, 1), patches of 1 x 2 x 2 tokens, a 1-d codebook
+    (code k at k): known patches right, above, left and below count by their facing edge; a diagonal
+    one and one in another frame do not."""
+    known = {(0, 1, 2): [[2, 9], [4, 9]],   # facing column [2, 4]
+             (0, 0, 1): [[0, 0], [1, 2]],   # facing row [1, 2]
+             (0, 1, 0): [[7, 1], [7, 3]],   # facing column [1, 3]
+             (0, 2, 1): [[3, 5], [0, 0]],   # facing row [3, 5]
+             (0, 0, 0): [[9, 9], [9, 9]], (-1, 1, 1): [[9, 9], [9, 9]]}
+    tokens = torch.tensor([[1, 2, 3, 4], [5, 5, 5, 5]])[:, None]  # [n, B, M]
+    score = cp.border_agreement(tokens, (0, 1, 1), (1, 2, 2), lambda c: [(near, None) for near in known],
+                                lambda c: torch.tensor(known[c]).view(1, 4), torch.arange(10.0)[:, None])
+    # candidate 0 matches every edge but the lower one ([3, 4] against [3, 5]); candidate 1: 10 + 25 + 20 + 4
+    assert score[:, 0].tolist() == [-1.0, -59.0]
+    assert cp.border_agreement(tokens, (0, 1, 1), (1, 2, 2), lambda c: [], None, None).eq(0).all()
+
+
+def test_candidate_scores_add_the_border_rank(monkeypatch):
+    """Two candidates tie on the neighbours' score and on agreement (two draws are equally near each
+    other): the one whose edge matches its known left neighbour wins."""
+    monkeypatch.setattr(cp, "neighbour_loglik", lambda *a: torch.zeros(2, 1))
+    rows = g.PatchBatch(tiny_model().renderer)  # patches of 1 x 4 x 4 tokens
+    left = torch.arange(16).view(1, 16)  # its last column: 3, 7, 11, 15
+    tokens = torch.stack([torch.zeros(16, dtype=torch.long), torch.arange(16).view(4, 4).flip(1).flatten()])
+    score = cp.candidate_scores(rows, [(0, 0, 1)] * 2, tokens, 2, Order.DOWN_RIGHT,
+                                lambda c: [((0, 0, 0), None)], lambda c: left, torch.arange(16.0)[:, None])
+    assert score[:, 0].tolist() == [0, 1]
 
 
 def test_a_first_patch_keeps_the_candidate_nearest_the_others(monkeypatch):

@@ -132,8 +132,8 @@ def continuation_main(argv: Sequence[str]) -> int:
     p.add_argument("--epsilon", type=float, default=0.01, help="sampler epsilon (default 0.01)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--candidates", type=int, default=1,
-                   help="draws per patch, the one kept that best predicts its neighbours and agrees "
-                   "with the other draws (default 1)")
+                   help="draws per patch, the one kept that best predicts its neighbours, agrees "
+                   "with the other draws and meets its neighbours' edges (default 1)")
     p.add_argument("--extent", type=int, nargs=3, metavar=("F", "H", "W"),
                    help="context extent for generation (default the trained one; 0 0 0 = no context)")
     p.add_argument("--window", type=int, nargs=2, metavar=("ROWS", "COLS"),

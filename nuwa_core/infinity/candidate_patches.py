@@ -1,11 +1,11 @@
-"""Best of N candidate patches: keep the draw that best explains the patches around it and agrees
-with the other draws.
+"""Best of N candidate patches: keep the draw that best explains the patches around it, agrees
+with the other draws and meets its known neighbours' edges.
 
 Not in the papers (issue 11: generated patches must continue their context). A renderer samples
 each patch given its context, one token at a time; nothing checks the finished patch against that
 context as a whole, and the tokens drawn late in a patch can drift from it. With
 `SamplerSettings.candidates` N > 1, every patch is drawn N times (each from its own random stream)
-and each candidate gets two scores:
+and each candidate gets three scores:
 
 - neighbours: how likely the same renderer finds the known neighbours when it renders them the
   other way round, with the candidate as their context,
@@ -17,18 +17,22 @@ and each candidate gets two scores:
   (that draw tends to be the most ordinary one, as a low temperature gives; measured worse);
 - agreement: minus its squared distance, token by token in the tokenizer's codebook space, to the
   other candidates. The draw nearest the others is the minimum-Bayes-risk pick under that distance:
-  the model's own sample that lies closest to what the model expects there on average.
+  the model's own sample that lies closest to what the model expects there on average;
+- border: minus the squared codebook distance between its edge tokens and the facing edge tokens of
+  each known patch that shares an edge with it (same frame): the hard-cut seam, in the codebook's
+  space (neither score above looks at the edge itself).
 
-The candidate kept is the one that beats the most others on the two scores together (ranks
+The candidate kept is the one that beats the most others on the three scores together (ranks
 added; ties keep the earlier candidate, so candidate 0, the patch's own draw, wins a full tie). The
 reverse order (DOWN_RIGHT <-> DOWN_LEFT, RIGHT_DOWN <-> RIGHT_UP) is one the renderer was trained
 in, and in it the context patches come after the candidate at offsets that order trains (frames stay
 forward, so the patches of earlier frames are not scored: in a video, a candidate answers to its own
-frame's neighbours). A patch with no such neighbour is chosen by agreement alone. One teacher-forced
-pass encodes the N candidates (no context: as a first patch is), one more scores every
-(candidate, neighbour) pair: two renderer forwards next to the N token-by-token draws; agreement is
-a lookup and an N x N distance. NAR and P-NAR renderers score each neighbour token from an
-all-masked patch (their one-pass likelihood). Measured on the held-out boxes in README (Evaluation).
+frame's neighbours). A patch with no known neighbour (a blank canvas's first) is chosen by agreement
+alone. One teacher-forced pass encodes the N candidates (no context: as a first patch is), one more
+scores every (candidate, neighbour) pair: two renderer forwards next to the N token-by-token draws;
+agreement and border are codebook lookups, an N x N distance and a sum over the shared edges. NAR
+and P-NAR renderers score each neighbour token from an all-masked patch (their one-pass
+likelihood). Measured on the held-out boxes in README (Evaluation).
 """
 from __future__ import annotations
 
@@ -44,6 +48,9 @@ from .wavefront import patch_seed
 
 REVERSE = {Order.DOWN_RIGHT: Order.DOWN_LEFT, Order.DOWN_LEFT: Order.DOWN_RIGHT,
            Order.RIGHT_DOWN: Order.RIGHT_UP, Order.RIGHT_UP: Order.RIGHT_DOWN}
+# a known patch one step away in the same frame -> (the candidate's edge, the known patch's facing edge,
+# the token axis they run across in [B, frames, rows, columns, d]: 2 rows, 3 columns)
+EDGES = {(0, 0, 1): (-1, 0, 3), (0, 0, -1): (0, -1, 3), (0, 1, 0): (-1, 0, 2), (0, -1, 0): (0, -1, 2)}
 _UNBOUNDED = (1, 1 << 24, 1 << 24)  # time_index over a grid this large orders any two offsets lexicographically
 
 
@@ -106,6 +113,24 @@ def agreement(tokens: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return -torch.cdist(x, x).square().sum(-1).T
 
 
+def border_agreement(tokens: torch.Tensor, coord: Coord, patch_size: tuple, select,
+                     patch_tokens: Callable[[Coord], torch.Tensor], codebook: torch.Tensor) -> torch.Tensor:
+    """tokens [n, B, M] one patch's candidates at `coord` -> [n, B]: minus the squared codebook
+    distance between each candidate's edge tokens and the facing edge of every known patch that
+    shares that edge (same frame), summed."""
+    n, b = tokens.shape[:2]
+    sides = [(near, EDGES[step]) for near, _ in select(coord)
+             if (step := tuple(x - y for x, y in zip(near, coord))) in EDGES]
+    score = tokens.new_zeros(n, b, dtype=torch.float32)
+    if not sides:
+        return score
+    cand = codebook[tokens.view(n, b, *patch_size)].float()  # [n, B, pf, ph, pw, d]
+    for near, (mine, theirs, axis) in sides:
+        known = codebook[patch_tokens(near)[:b].view(b, *patch_size)].float()  # [B, pf, ph, pw, d]
+        score -= (cand.select(axis + 1, mine) - known.select(axis, theirs)).square().sum((-1, -2, -3))
+    return score
+
+
 def ranks(score: torch.Tensor) -> torch.Tensor:
     """score [n, B] -> [n, B]: how many of the n candidates each one beats (equal scores beat none)."""
     return (score[:, None] > score[None]).sum(1)
@@ -115,9 +140,11 @@ def candidate_scores(rows, coords: list[Coord], tokens: torch.Tensor, n: int, or
                      patch_tokens: Callable[[Coord], torch.Tensor], codebook: torch.Tensor) -> torch.Tensor:
     """The score above for a wave's candidates: coords [P*n] each patch's n
     candidates in a row, tokens [halves*P*n*B, M] theirs (renderer.patch_rows layout) -> [P*n, B]:
-    per patch, neighbours' rank plus agreement's rank among its n candidates."""
+    per patch, the neighbours', agreement's and border's ranks among its n candidates, added."""
     likelihood = neighbour_loglik(rows, coords, tokens, order, select, patch_tokens)  # [P*n, B]
     b = likelihood.shape[1]
     sampled = tokens[:len(coords) * b].view(len(coords), b, -1)  # the sampled half: [P*n, B, M]
+    shape = tuple(rows.renderer.config.patch_size)
     return torch.cat([ranks(likelihood[i:i + n]) + ranks(agreement(sampled[i:i + n], codebook))
+                      + ranks(border_agreement(sampled[i:i + n], coords[i], shape, select, patch_tokens, codebook))
                       for i in range(0, len(coords), n)])

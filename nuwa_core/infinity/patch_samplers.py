@@ -46,7 +46,7 @@ class SamplerSettings:
     gumbel_start: float = 4.5    # pnar gumbel temperature, annealed linearly...
     gumbel_end: float = 1.0      # ...to this at the last step
     guidance: float = 1.0        # classifier-free guidance scale (1 = off); see `guided`
-    candidates: int = 1          # draws per patch, the best kept (neighbours + agreement: candidate_patches.py)
+    candidates: int = 1          # draws per patch, the best kept (neighbours + agreement + border: candidate_patches.py)
 
     def __post_init__(self):
         if self.temperature <= 0:
