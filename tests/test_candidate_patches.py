@@ -1,5 +1,6 @@
 """Best of N candidate patches (issue 11): each patch drawn N times from its own streams, the draw
-kept that best predicts its known neighbours in the reverse order and lies nearest the other draws."""
+kept that best predicts its known neighbours in the reverse order, lies nearest the other draws and
+meets its known neighbours' edges."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,7 +191,8 @@ def test_ranks_count_the_candidates_beaten_and_ties_beat_none():
 
 def test_candidate_scores_add_the_two_ranks_per_patch(monkeypatch):
     """Two patches of 3 candidates: each patch's score is its neighbours' rank plus its agreement's
-    rank among its own 3, and with no neighbour to score (likelihood all 0) agreement decides."""
+    rank among its own 3 (no known patch beside them: the border's rank is 0), and with no neighbour
+    to score (likelihood all 0) agreement decides."""
     likelihood = torch.tensor([[3.0], [1.0], [2.0], [0.0], [0.0], [0.0]])
     monkeypatch.setattr(cp, "neighbour_loglik", lambda *a: likelihood.clone())
     codebook = torch.arange(8.0)[:, None]

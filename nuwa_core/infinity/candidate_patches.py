@@ -120,7 +120,7 @@ def border_agreement(tokens: torch.Tensor, coord: Coord, patch_size: tuple, sele
     shares that edge (same frame), summed."""
     n, b = tokens.shape[:2]
     sides = [(near, EDGES[step]) for near, _ in select(coord)
-             if (step := tuple(x - y for x, y in zip(near, coord))) in EDGES]
+             if (step := adc.offset(near, coord)) in EDGES]
     score = tokens.new_zeros(n, b, dtype=torch.float32)
     if not sides:
         return score
