@@ -189,7 +189,7 @@ def test_ranks_count_the_candidates_beaten_and_ties_beat_none():
     assert cp.ranks(torch.zeros(3, 2)).eq(0).all()
 
 
-def test_candidate_scores_add_the_two_ranks_per_patch(monkeypatch):
+def test_candidate_scores_add_the_ranks_per_patch(monkeypatch):
     """Two patches of 3 candidates: each patch's score is its neighbours' rank plus its agreement's
     rank among its own 3 (no known patch beside them: the border's rank is 0), and with no neighbour
     to score (likelihood all 0) agreement decides."""
