@@ -19,6 +19,11 @@
    favourable variant found (fixed-shape masked attention, frozen weights, max-autotune, C++
    wrapper, weight guards dropped). Neither is faster on this CPU, so the package has no compile
    option (README, Speed); if compiling fails here the row says why.
+5. The floor of an eager step at batch 1: each of today's step's operations for one token (slot M/2
+   of a patch over 4 context patches; the layers, the head, the greedy choice and the next slot's
+   input) timed alone, over and over on the same tensors (so warm in cache, no other work between),
+   and summed; the matmuls (16 linear, 8 attention bmm, the head) also summed apart. No eager step
+   with these operations can take less than their sum. `--floor-only` runs this part alone.
 
 Run from the repo root: `python bench/wavefront.py` (about 5-8 minutes on 2 CPU cores, compiling
 included); the last line is one JSON object. Every time is the fastest of `--repeats` runs
@@ -292,6 +297,94 @@ def part4(model: NuwaInfinity, tuned: bool) -> dict:
     return compiled
 
 
+def step_operations(model: NuwaInfinity) -> list:
+    """(kind, thunk) for each operation of one batch-1 token through renderer.TokenStep, as its
+    __call__, logits and decode_ar run them, on a patch over 4 context patches halfway through it."""
+    r = model.renderer
+    m = r.config.tokens_per_patch
+    t = m // 2  # a slot halfway through the patch
+    step = TokenStep(r, patch_context(r, 1), r.text_kv(None), 1, m + 1)
+    x = (r.order_emb.weight[0] + r.next_positions(Order.DOWN_RIGHT)[0]).expand(1, -1)
+    for s in range(t + 1):  # slot t too: every key and value the operations read is written
+        step(x, s)
+    d, h, rows = step.d, step.h, 1
+    dh, at, end, shape = d // h, step.n_ctx + t, step.n_ctx + t + 1, (d,)
+    first, tokens = step.inputs[0, t].clone(), torch.zeros(1, m, dtype=torch.long)
+    ops = [("other", lambda: step.inputs[0, t].copy_(first))]
+    for l, (ln_1, qkv_w, keys_t, values, bias, proj, _text, ln_2, fc, out) in enumerate(step.layers):
+        x = step.inputs[l, t]
+        normed = torch.layer_norm(x, shape, *ln_1)
+        qkv = torch.addmm(qkv_w[0], normed, qkv_w[1]).view(rows * h, 3, dh)
+        scores = torch.bmm(qkv.narrow(1, 0, 1), keys_t.narrow(2, 0, end))
+        probs = scores.softmax(-1)
+        y = torch.bmm(probs, values.narrow(1, 0, end)).view(rows, d)
+        x2 = torch.addmm(proj[0], y, proj[1]).add_(x)
+        normed2 = torch.layer_norm(x2, shape, *ln_2)
+        u = F.gelu(torch.addmm(fc[0], normed2, fc[1]), approximate="tanh")
+        scratch_scores, scratch_x, scratch_u, mlp_out, scratch_out = (v.clone() for v in (scores, x2, u, x2, x2))
+        if l < len(step.layers) - 1:  # the output written into the next layer's input buffer (here a scratch one)
+            residual = ("other", lambda a=x2, b=mlp_out, o=scratch_out: torch.add(a, b, out=o))
+        else:
+            residual = ("other", lambda a=scratch_out, b=mlp_out: a.add_(b))
+        ops += [("other", lambda x=x, ln_1=ln_1: torch.layer_norm(x, shape, *ln_1)),
+                ("linear", lambda n=normed, w=qkv_w: torch.addmm(w[0], n, w[1]).view(rows * h, 3, dh)),
+                ("other", lambda k=keys_t, q=qkv: k.select(2, at).copy_(q.select(1, 1))),
+                ("other", lambda v=values, q=qkv: v.select(1, at).copy_(q.select(1, 2))),
+                ("attention", lambda k=keys_t, q=qkv: torch.bmm(q.narrow(1, 0, 1), k.narrow(2, 0, end)))]
+        if bias is not None:
+            ops.append(("other", lambda s=scratch_scores, b=bias: s.add_(b.narrow(2, 0, end))))
+        ops += [("other", lambda s=scores: s.softmax(-1)),
+                ("attention", lambda p=probs, v=values: torch.bmm(p, v.narrow(1, 0, end)).view(rows, d)),
+                ("linear", lambda y=y, w=proj: torch.addmm(w[0], y, w[1])),
+                ("other", lambda a=scratch_x, x=x: a.add_(x)),
+                ("other", lambda x=x2, w=ln_2: torch.layer_norm(x, shape, *w)),
+                ("linear", lambda n=normed2, w=fc: torch.addmm(w[0], n, w[1])),
+                ("other", lambda a=scratch_u: F.gelu(a, approximate="tanh")),
+                ("linear", lambda u=u, w=out: torch.addmm(w[0], u, w[1])),
+                residual]
+    ln_f, head = step.head
+    last = step.inputs[-1, t]
+    normed = torch.layer_norm(last, (d,), *ln_f)
+    logits = torch.mm(normed, head)
+    token, after = greedy(logits), r.positions()[0]
+    ops += [("other", lambda: torch.layer_norm(last, (d,), *ln_f)),
+            ("linear", lambda: torch.mm(normed, head)),
+            ("other", lambda: greedy(logits)),
+            ("other", lambda: tokens[:, t].copy_(token)),
+            ("other", lambda: torch.add(F.embedding(token, r.tok_emb.weight), after))]
+    return ops
+
+
+def step_floor(model: NuwaInfinity, repeats: int = 2000) -> dict:
+    """Part 5: today's step per token, and the sum of its operations each timed alone (fastest of 3)."""
+    with torch.inference_mode():
+        ops = step_operations(model)
+        alone = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+        for kind, op in ops:
+            for _ in range(50):
+                op()
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    op()
+                best = min(best, (time.perf_counter() - start) / repeats)
+            alone[kind] += best
+    step_us = token_latency(model, 1, decode_ar, repeats=5) * 1e6
+    floor = sum(alone.values()) * 1e6
+    return {"operations": len(ops), "step_us": round(step_us, 1), "floor_us": round(floor, 1),
+            "matmuls_us": round((alone["linear"] + alone["attention"]) * 1e6, 1),
+            **{f"{k}_us": round(v * 1e6, 1) for k, v in alone.items()}}
+
+
+def print_floor(floor: dict, reference_us: float | None) -> None:
+    goal = f"; the goal's 3x cut of the replaced step's {reference_us:.0f} us needs <= {reference_us / 3:.0f} us" \
+        if reference_us else ""
+    print(f"AR step floor, batch 1: today's step {floor['step_us']:.0f} us/token; its {floor['operations']} "
+          f"operations each alone sum to {floor['floor_us']:.0f} us (linear {floor['linear_us']:.0f}, attention "
+          f"{floor['attention_us']:.0f}, the rest {floor['other_us']:.0f}){goal}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, this machine's cores)")
@@ -299,12 +392,20 @@ def main() -> None:
     parser.add_argument("--tuned-compile", action="store_true",
                         help="part 4 also with the most favourable compiled step found (TunedStep; about 1 minute more)")
     parser.add_argument("--compiled-only", action="store_true", help="part 4 only (2-3 minutes)")
+    parser.add_argument("--floor-only", action="store_true", help="part 5 only, with the replaced step's batch-1 time (1 minute)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = NuwaInfinity.load(MODEL)
     if args.compiled_only:
         compiled = part4(model, args.tuned_compile)
         print(json.dumps({"compiled_step": compiled, "compiled_token_speedup": compiled["torch.compile"].get(1, {}).get("speedup")}))
+        return
+    if args.floor_only:
+        reference_us = token_latency(model, 1, reference_decode_ar, repeats=5) * 1e6
+        floor = step_floor(model)
+        print_floor(floor, reference_us)
+        print(json.dumps({"step_floor": floor, "reference_us": round(reference_us, 1),
+                          "goal_token_us": round(reference_us / 3, 1)}))
         return
     pnar = pnar_twin(model)
     results = {}
@@ -332,6 +433,8 @@ def main() -> None:
               f"({rate / 1e9:.1f} GFLOP/s)", flush=True)
 
     compiled = part4(model, args.tuned_compile)
+    floor = step_floor(model)
+    print_floor(floor, latency[1]["reference_us"])
 
     decode = {}
     for name in ("ar_2x64", "ar_16x16"):
@@ -351,7 +454,7 @@ def main() -> None:
     summary = {k: {f: v[f] for f in ("patches", "wavefront_steps", "sequential_s", "wavefront_s", "ratio", "identical")}
                for k, v in results.items()}
     print(json.dumps({"schedules": summary, "ar_step": latency, "matmul_gflops": round(rate / 1e9, 1),
-                      "decode": decode, "compiled_step": compiled,
+                      "decode": decode, "compiled_step": compiled, "step_floor": floor,
                       "compiled_token_speedup": compiled["torch.compile"].get(1, {}).get("speedup"),
                       "speedup_16x16_ar": results["ar_16x16"]["ratio"], "goal_speedup": 4,
                       "batch1_cut": latency[1]["cut"], "goal_batch1_cut": 3,

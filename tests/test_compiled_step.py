@@ -78,3 +78,37 @@ def test_compiled_step_matches_eager_within_float_tolerance(bench):
         pytest.skip(f"torch.compile unavailable here: {rows['error']}")
     assert rows[1]["same_tokens"] and rows[1]["max_diff"] < 1e-5
     assert rows[1]["graphs"] <= 3  # t static then symbolic, and the last slot's partial run
+
+
+def test_floor_times_the_operations_of_one_token(bench):
+    """Part 5's floor sums the step's operations timed alone: they must be the operations one token
+    really dispatches in decode_ar (from one slot's call to the next), no more and no fewer."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    log = []
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                log.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Marking(TokenStep):
+        def __call__(self, x, t, layers=None):
+            log.append(f"slot {t}")
+            return super().__call__(x, t, layers)
+
+    model = tiny_model()
+    with Recording():
+        bench.patch_decode(model.renderer, 1, Marking)()
+    one_token = Counter(log[log.index("slot 3") + 1:log.index("slot 4")])
+    log.clear()
+    with torch.inference_mode(), Recording():  # as step_floor runs them
+        ops = bench.step_operations(model)
+        log.clear()
+        for _, op in ops:
+            op()
+    assert Counter(log) == one_token
+    assert {kind for kind, _ in ops} == {"linear", "attention", "other"}
