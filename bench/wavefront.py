@@ -24,9 +24,11 @@
    input) timed alone, over and over on the same tensors (so warm in cache, no other work between),
    and summed; the matmuls (16 linear, 8 attention bmm, the head) also summed apart. An eager step
    running these operations one after another takes about their sum at best (each as fast as when
-   repeated alone). `--floor-only` runs this part alone.
+   repeated alone). The same at each wave size of the 16 x 16 canvas, summed over its waves: the
+   floor of the waves beside their time and the goal's (the sequential time / 4). `--floor-only`
+   runs this part alone, with one run of the 16 x 16 canvas in each schedule (2 minutes).
 
-Run from the repo root: `python bench/wavefront.py` (about 5-8 minutes on 2 CPU cores, compiling
+Run from the repo root: `python bench/wavefront.py` (about 3-5 minutes on 2 CPU cores, compiling
 included); the last line is one JSON object. Every time is the fastest of `--repeats` runs
 (part 2 and 4: 5), alternating.
 """
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nuwa_core.infinity import patch_samplers
+from nuwa_core.infinity import patch_samplers, wavefront
 from nuwa_core.infinity.arbitrary_direction_controller import Order
 from nuwa_core.infinity.generation import NuwaInfinity
 from nuwa_core.infinity.patch_samplers import SamplerSettings, decode_ar
@@ -298,19 +300,20 @@ def part4(model: NuwaInfinity, tuned: bool) -> dict:
     return compiled
 
 
-def step_operations(model: NuwaInfinity) -> list:
-    """(kind, thunk) for each operation of one batch-1 token through renderer.TokenStep, as its
-    __call__, logits and decode_ar run them, on a patch over 4 context patches halfway through it."""
+def step_operations(model: NuwaInfinity, rows: int = 1) -> list:
+    """(kind, thunk) for each operation of one token through renderer.TokenStep at `rows` rows (patches
+    x canvases), as its __call__, logits and decode_ar run them, on a patch over 4 context patches
+    halfway through it."""
     r = model.renderer
     m = r.config.tokens_per_patch
     t = m // 2  # a slot halfway through the patch
-    step = TokenStep(r, patch_context(r, 1), r.text_kv(None), 1, m + 1)
-    x = (r.order_emb.weight[Order.DOWN_RIGHT.id] + r.next_positions(Order.DOWN_RIGHT)[0]).expand(1, -1)  # decode_ar's slot 0
+    step = TokenStep(r, patch_context(r, rows), r.text_kv(None), rows, m + 1)
+    x = (r.order_emb.weight[Order.DOWN_RIGHT.id] + r.next_positions(Order.DOWN_RIGHT)[0]).expand(rows, -1)  # decode_ar's slot 0
     for s in range(t + 1):  # slot t too: every key and value the operations read is written
         step(x, s)
-    d, h, rows = step.d, step.h, 1
+    d, h = step.d, step.h
     dh, at, end, shape = d // h, step.n_ctx + t, step.n_ctx + t + 1, (d,)
-    first, tokens = step.inputs[0, t].clone(), torch.zeros(1, m, dtype=torch.long)
+    first, tokens = step.inputs[0, t].clone(), torch.zeros(rows, m, dtype=torch.long)
     ops = [("other", lambda: step.inputs[0, t].copy_(first))]
     for l, (ln_1, qkv_w, keys_t, values, bias, proj, _text, ln_2, fc, out) in enumerate(step.layers):
         x = step.inputs[l, t]
@@ -356,11 +359,11 @@ def step_operations(model: NuwaInfinity) -> list:
     return ops
 
 
-def step_floor(model: NuwaInfinity, step_us: float, repeats: int = 2000) -> dict:
-    """Part 5: the sum of today's step's operations each timed alone (fastest of 3), beside the
-    step's own time per token (step_us, measured by the caller)."""
+def step_floor(model: NuwaInfinity, step_us: float | None, repeats: int = 2000, rows: int = 1) -> dict:
+    """Part 5: the sum of today's step's operations at `rows` rows each timed alone (fastest of 3),
+    beside the step's own time per token (step_us, measured by the caller)."""
     with torch.inference_mode():
-        ops = step_operations(model)
+        ops = step_operations(model, rows)
         alone = {"linear": 0.0, "attention": 0.0, "other": 0.0}
         for kind, op in ops:
             for _ in range(50):
@@ -373,7 +376,7 @@ def step_floor(model: NuwaInfinity, step_us: float, repeats: int = 2000) -> dict
                 best = min(best, (time.perf_counter() - start) / repeats)
             alone[kind] += best
     floor = sum(alone.values()) * 1e6
-    return {"operations": len(ops), "step_us": round(step_us, 1), "floor_us": round(floor, 1),
+    return {"operations": len(ops), "step_us": step_us and round(step_us, 1), "floor_us": round(floor, 1),
             "matmuls_us": round((alone["linear"] + alone["attention"]) * 1e6, 1),
             **{f"{k}_us": round(v * 1e6, 1) for k, v in alone.items()}}
 
@@ -385,6 +388,34 @@ def print_floor(floor: dict, reference_us: float) -> None:
           f"step's {reference_us:.0f} us needs <= {reference_us / 3:.0f} us", flush=True)
 
 
+def wave_floor(model: NuwaInfinity, sequential_s: float, wavefront_s: float, repeats: int = 500) -> dict:
+    """Part 5 for the 16 x 16 canvas in waves: per wave, the floor of its step at the wave's rows (every
+    operation alone, as step_floor) times the patch's tokens, summed over the waves; beside the canvas's
+    sequential and wavefront times (measured by the caller) and the goal's (sequential / 4). It leaves
+    out everything but the token steps (contexts, pool, sampler, the cache's last slot), so an eager run
+    of these waves takes about this at best."""
+    state = model.blank_canvas(16, 16)
+    waves = [w for _, segment in wavefront.plan_waves(model.plan_fill(state), state.wrap,
+                                                      model._extent(None), max_size=wavefront.MAX_WAVE) for w in segment]
+    sizes = sorted({len(w) for w in waves})
+    per_rows = {n: step_floor(model, None, repeats, rows=n) for n in sizes}
+    floor_s = sum(per_rows[len(w)]["floor_us"] for w in waves) * model.renderer.config.tokens_per_patch * 1e-6
+    kinds = ("floor_us", "linear_us", "attention_us", "other_us")
+    return {"waves": len(waves), "floor_by_rows": {n: {k: f[k] for k in kinds} for n, f in per_rows.items()},
+            "floor_s": round(floor_s, 2),
+            "sequential_s": sequential_s, "wavefront_s": wavefront_s, "goal_s": round(sequential_s / 4, 2),
+            "ratio_at_floor": round(sequential_s / floor_s, 2)}
+
+
+def print_wave_floor(w: dict) -> None:
+    rows = "; ".join(f"{n} rows {f['floor_us']:.0f} us ({f['linear_us']:.0f} + {f['attention_us']:.0f} + {f['other_us']:.0f})"
+                     for n, f in w["floor_by_rows"].items())
+    print(f"16 x 16 AR in {w['waves']} waves: the steps' operations alone sum to {w['floor_s']:.2f} s (per token, "
+          f"linear + attention + the rest: {rows}); the waves took {w['wavefront_s']:.2f} s, sequential "
+          f"{w['sequential_s']:.2f} s, the goal's 4x needs <= {w['goal_s']:.2f} s (at the floor the ratio would be "
+          f"{w['ratio_at_floor']:.2f})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, this machine's cores)")
@@ -392,7 +423,7 @@ def main() -> None:
     parser.add_argument("--tuned-compile", action="store_true",
                         help="part 4 also with the most favourable compiled step found (TunedStep; about 1 minute more)")
     parser.add_argument("--compiled-only", action="store_true", help="part 4 only (2-3 minutes)")
-    parser.add_argument("--floor-only", action="store_true", help="part 5 only, with the replaced step's batch-1 time (1 minute)")
+    parser.add_argument("--floor-only", action="store_true", help="part 5 only, with the replaced step's batch-1 time and the 16 x 16 canvas (2 minutes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = NuwaInfinity.load(MODEL)
@@ -404,8 +435,11 @@ def main() -> None:
         reference_us = token_latency(model, 1, reference_decode_ar, repeats=5) * 1e6
         floor = step_floor(model, token_latency(model, 1, decode_ar, repeats=5) * 1e6)
         print_floor(floor, reference_us)
+        canvas = schedules(model, 16, 16, SETTINGS, repeats=1)
+        waves = wave_floor(model, canvas["sequential_s"], canvas["wavefront_s"])
+        print_wave_floor(waves)
         print(json.dumps({"step_floor": floor, "reference_us": round(reference_us, 1),
-                          "goal_token_us": round(reference_us / 3, 1)}))
+                          "goal_token_us": round(reference_us / 3, 1), "wave_floor": waves}))
         return
     pnar = pnar_twin(model)
     results = {}
@@ -435,6 +469,8 @@ def main() -> None:
     compiled = part4(model, args.tuned_compile)
     floor = step_floor(model, latency[1]["token_us"])  # part 2's batch-1 time of today's step
     print_floor(floor, latency[1]["reference_us"])
+    waves = wave_floor(model, results["ar_16x16"]["sequential_s"], results["ar_16x16"]["wavefront_s"])
+    print_wave_floor(waves)
 
     decode = {}
     for name in ("ar_2x64", "ar_16x16"):
@@ -454,7 +490,7 @@ def main() -> None:
     summary = {k: {f: v[f] for f in ("patches", "wavefront_steps", "sequential_s", "wavefront_s", "ratio", "identical")}
                for k, v in results.items()}
     print(json.dumps({"schedules": summary, "ar_step": latency, "matmul_gflops": round(rate / 1e9, 1),
-                      "decode": decode, "compiled_step": compiled, "step_floor": floor,
+                      "decode": decode, "compiled_step": compiled, "step_floor": floor, "wave_floor": waves,
                       "compiled_token_speedup": compiled["torch.compile"].get(1, {}).get("speedup"),
                       "speedup_16x16_ar": results["ar_16x16"]["ratio"], "goal_speedup": 4,
                       "batch1_cut": latency[1]["cut"], "goal_batch1_cut": 3,

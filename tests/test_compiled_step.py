@@ -80,9 +80,11 @@ def test_compiled_step_matches_eager_within_float_tolerance(bench):
     assert rows[1]["graphs"] <= 3  # t static then symbolic, and the last slot's partial run
 
 
-def test_floor_times_the_operations_of_one_token(bench):
+@pytest.mark.parametrize("rows", [1, 3])
+def test_floor_times_the_operations_of_one_token(bench, rows):
     """Part 5's floor sums the step's operations timed alone: they must be the operations one token
-    really dispatches in decode_ar (from one slot's call to the next), no more and no fewer."""
+    really dispatches in decode_ar (from one slot's call to the next), no more and no fewer, at one
+    row and at a wave's several."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -91,8 +93,8 @@ def test_floor_times_the_operations_of_one_token(bench):
 
     class Recording(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                log.append(str(func))
+            if not func.is_view:  # the operation and its tensors' shapes (rows among them)
+                log.append((str(func), tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
             return func(*args, **(kwargs or {}))
 
     class Marking(TokenStep):
@@ -102,11 +104,12 @@ def test_floor_times_the_operations_of_one_token(bench):
 
     model = tiny_model()
     with Recording():
-        bench.patch_decode(model.renderer, 1, Marking)()
-    one_token = Counter(log[log.index("slot 3") + 1:log.index("slot 4")])
+        bench.patch_decode(model.renderer, rows, Marking)()
+    t = model.renderer.config.tokens_per_patch // 2  # the slot step_operations times
+    one_token = Counter(log[log.index(f"slot {t}") + 1:log.index(f"slot {t + 1}")])
     log.clear()
     with torch.inference_mode(), Recording():  # as step_floor runs them
-        ops = bench.step_operations(model)
+        ops = bench.step_operations(model, rows)
         log.clear()
         for _, op in ops:
             op()
