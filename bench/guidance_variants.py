@@ -1,0 +1,86 @@
+"""Two variants of classifier-free guidance, measured by bench/text_following.py (issue 14: the sky).
+
+The template's guidance 5 draws the ground the prompt names but smooths the blue sky's clouds away,
+and EfficientNet then reads the sky as the fog (README, Prompts). Each variant replaces
+patch_samplers.guided for one run of the text-following bench (same rows, controls and seeds):
+
+  entropy   u + g (c - u), then per token the temperature that gives it the entropy of the
+            conditional distribution c (bisection on the log temperature, kept within e^-1..e^2):
+            guidance moves the distribution without sharpening it
+  ramp      guidance ramped over the plan, as Muse and MAR schedule it: patch i of N is guided at
+            1 + (g - 1) i / (N - 1), so the first patches (the sky row) are drawn nearly unguided
+
+Neither is in the package (neither lifted the sky without losing the ground).
+
+    python bench/guidance_variants.py entropy|ramp [text_following.py's options, e.g. --seeds 2 --guidance 5]
+"""
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nuwa_core.infinity import generation, patch_samplers
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+
+
+def entropy_matched(logits: torch.Tensor, settings) -> torch.Tensor:
+    if settings.guidance == 1.0:
+        return logits
+    cond, uncond = logits.float().chunk(2)
+    guided = uncond + settings.guidance * (cond - uncond)
+    target = entropy(cond)[..., None]
+    low, high = torch.full_like(target, -1.0), torch.full_like(target, 2.0)  # log temperature in [e^-1, e^2]
+    for _ in range(16):
+        mid = (low + high) / 2
+        too_sharp = entropy(guided / mid.exp())[..., None] < target
+        low, high = torch.where(too_sharp, mid, low), torch.where(too_sharp, high, mid)
+    return guided / ((low + high) / 2).exp()
+
+
+class Ramp:
+    """Where each patch of the running plan stands in it, read from generate() and the wave's contexts."""
+
+    def __init__(self):
+        self.index, self.count, self.drawn = {}, 1, []
+        generate, context = generation.NuwaInfinity.generate, generation.PatchBatch.context
+
+        def planned(model, state, plan, *args, **kwargs):
+            coords = [c for segment in plan.segments for c in segment.patches]
+            self.index, self.count = {c: i for i, c in enumerate(coords)}, len(coords)
+            return generate(model, state, plan, *args, **kwargs)
+
+        def wave(rows, selections):
+            self.drawn = [c for c, _ in selections]  # this wave's patches, in the batch's row order
+            return context(rows, selections)
+
+        generation.NuwaInfinity.generate, generation.PatchBatch.context = planned, wave
+
+    def __call__(self, logits: torch.Tensor, settings) -> torch.Tensor:
+        if settings.guidance == 1.0:
+            return logits
+        cond, uncond = logits.float().chunk(2)  # rows: patch-major, then canvas (renderer.patch_rows)
+        share = torch.tensor([self.index[c] / max(self.count - 1, 1) for c in self.drawn], device=cond.device)
+        scale = 1 + (settings.guidance - 1) * share.repeat_interleave(cond.shape[0] // len(share))
+        return uncond + scale.view(-1, *(1,) * (cond.ndim - 1)) * (cond - uncond)
+
+
+def main() -> None:
+    variants = {"entropy": lambda: entropy_matched, "ramp": Ramp}
+    if len(sys.argv) < 2 or sys.argv[1] not in variants:
+        raise SystemExit(f"usage: python bench/guidance_variants.py {{{'|'.join(variants)}}} [text_following options]")
+    patch_samplers.guided = variants[sys.argv[1]]()
+    sys.argv = [str(ROOT / "bench" / "text_following.py")] + sys.argv[2:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
