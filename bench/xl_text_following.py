@@ -4,7 +4,8 @@ For every ground of the captioned pans the model was trained on (bench/_xl_pans.
 <ground>"), videos are generated from a constant prompt with each sky and several seeds (the tree of
 L=5, depth --depth), and every decoded frame is classified by a classifier the generator never
 trained: the nearest class centroid of EfficientNet-Lite0 features (the `eval` extra) of real frames
-of each class (bench/_xl_pans.scene_frames). The ground is read from the frame's lower half, the sky
+of each class (bench/_xl_pans.scene_frames), and for the sky also the nearest centroid of the sky band's
+colour (mean and std of RGB, as bench/text_following.py has it). The ground is read from the frame's lower half, the sky
 from its top third; 3 classes each, so chance is 1/3. Two sets of centroids, both from the same real
 frames: "real" (the frames as they are) and "decoded" (the frames encoded and decoded by the model's
 T-KLVAE). The 64x48 T-KLVAE blurs the flower field's blossoms and the meadow's blades away, and the
@@ -76,19 +77,29 @@ def _real(ground_per_class: int, seed: int) -> tuple[torch.Tensor, list[int], li
     return torch.stack(frames), grounds, skies
 
 
+def _sky_colour(frames: torch.Tensor) -> torch.Tensor:
+    """Frames [N, H, W, 3] 0..1 -> [N, 6]: mean and std of the top third's RGB (as bench/text_following.py)."""
+    band = frames[:, : frames.shape[1] // 3].flatten(1, 2)  # [N, pixels, 3]
+    return torch.cat([band.mean(1), band.std(1)], dim=1)
+
+
 class Classifier:
-    """Nearest class centroid (cosine) of EfficientNet-Lite0 features, per band (ground, sky), with one set
-    of centroids per reference: "real" (the real frames) and "decoded" (the same real frames encoded and
+    """Nearest class centroid (cosine) of EfficientNet-Lite0 features, per band (ground, sky), and for the
+    sky also the nearest centroid (euclidean) of the band's colour ("sky colour"), with one set of
+    centroids per reference: "real" (the real frames) and "decoded" (the same real frames encoded and
     decoded by the model's T-KLVAE: real content at the detail the decoder can give)."""
 
     def __init__(self, references: dict[str, torch.Tensor], labels: dict[str, list[int]]):
         self.c = {}
         for ref, frames in references.items():
             for part, lab in labels.items():
-                f = self.features(frames, part)
                 lab_t = torch.tensor(lab)
+                f = self.features(frames, part)
                 self.c[ref, part] = torch.nn.functional.normalize(
                     torch.stack([f[lab_t == k].mean(0) for k in range(3)]), dim=1)
+                if part == "sky":
+                    colour = _sky_colour(frames)
+                    self.c[ref, "sky colour"] = torch.stack([colour[lab_t == k].mean(0) for k in range(3)])
 
     @staticmethod
     def features(frames: torch.Tensor, part: str) -> torch.Tensor:
@@ -102,6 +113,9 @@ class Classifier:
             target = torch.tensor(lab) if isinstance(lab, list) else torch.full((frames.shape[0],), lab)
             for ref in ("real", "decoded"):
                 out[f"{part}_{ref}"] = int(((f @ self.c[ref, part].T).argmax(1) == target).sum())
+                if part == "sky":
+                    found = torch.cdist(_sky_colour(frames), self.c[ref, "sky colour"]).argmin(1)
+                    out[f"sky_colour_{ref}"] = int((found == target).sum())
         return out
 
 
@@ -227,10 +241,10 @@ def main() -> None:
                                      round((m.peak - m.base) / 2 ** 20, 1),
                                      "estimated_working_mb": round(estimate / 2 ** 20, 1)}
 
-    cols = ("ground_decoded", "ground_real", "sky_decoded", "sky_real")
-    print(f"{'row':34s} " + " ".join(f"{c:>14s}" for c in cols) + f" {'s/video':>8s}", file=sys.stderr)
+    cols = ("ground_decoded", "ground_real", "sky_decoded", "sky_real", "sky_colour_decoded")
+    print(f"{'row':34s} " + " ".join(f"{c:>18s}" for c in cols) + f" {'s/video':>8s}", file=sys.stderr)
     for name, r in rows.items():
-        print(f"{name:34s} " + " ".join(f"{r[c]:14.3f}" if c in r else f"{'-':>14s}" for c in cols)
+        print(f"{name:34s} " + " ".join(f"{r[c]:18.3f}" if c in r else f"{'-':>18s}" for c in cols)
               + f" {timing.get(name, 0):8.2f}", file=sys.stderr)
     guided = rows[f"prompt, guidance {args.guidance:g}"]["ground_decoded"]
     chance = rows[f"shuffled prompt, guidance {args.guidance:g}"]["ground_decoded"]
