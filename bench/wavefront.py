@@ -26,7 +26,7 @@
    running these operations one after another takes about their sum at best (each as fast as when
    repeated alone). The same at each wave size of the 16 x 16 canvas, summed over its waves: the
    floor of the waves beside their time and the goal's (the sequential time / 4). `--floor-only`
-   runs this part alone, with one run of the 16 x 16 canvas in each schedule (2 minutes).
+   runs this part alone, with one run of the 16 x 16 canvas in each schedule (under a minute).
 
 Run from the repo root: `python bench/wavefront.py` (about 3-5 minutes on 2 CPU cores, compiling
 included); the last line is one JSON object. Every time is the fastest of `--repeats` runs
@@ -376,7 +376,7 @@ def step_floor(model: NuwaInfinity, step_us: float | None, repeats: int = 2000, 
                 best = min(best, (time.perf_counter() - start) / repeats)
             alone[kind] += best
     floor = sum(alone.values()) * 1e6
-    return {"operations": len(ops), "step_us": step_us and round(step_us, 1), "floor_us": round(floor, 1),
+    return {"operations": len(ops), "step_us": None if step_us is None else round(step_us, 1), "floor_us": round(floor, 1),
             "matmuls_us": round((alone["linear"] + alone["attention"]) * 1e6, 1),
             **{f"{k}_us": round(v * 1e6, 1) for k, v in alone.items()}}
 
@@ -392,8 +392,9 @@ def wave_floor(model: NuwaInfinity, sequential_s: float, wavefront_s: float, rep
     """Part 5 for the 16 x 16 canvas in waves: per wave, the floor of its step at the wave's rows (every
     operation alone, as step_floor) times the patch's tokens, summed over the waves; beside the canvas's
     sequential and wavefront times (measured by the caller) and the goal's (sequential / 4). It leaves
-    out everything but the token steps (contexts, pool, sampler, the cache's last slot), so an eager run
-    of these waves takes about this at best."""
+    out everything but the token steps (contexts, pool, sampler, the cache's last slot), and its rows
+    share one context as part 2's do (a wave's rows each have their own), so an eager run of these
+    waves takes about this at best."""
     state = model.blank_canvas(16, 16)
     waves = [w for _, segment in wavefront.plan_waves(model.plan_fill(state), state.wrap,
                                                       model._extent(None), max_size=wavefront.MAX_WAVE) for w in segment]
@@ -423,7 +424,7 @@ def main() -> None:
     parser.add_argument("--tuned-compile", action="store_true",
                         help="part 4 also with the most favourable compiled step found (TunedStep; about 1 minute more)")
     parser.add_argument("--compiled-only", action="store_true", help="part 4 only (2-3 minutes)")
-    parser.add_argument("--floor-only", action="store_true", help="part 5 only, with the replaced step's batch-1 time and the 16 x 16 canvas (2 minutes)")
+    parser.add_argument("--floor-only", action="store_true", help="part 5 only, with the replaced step's batch-1 time and the 16 x 16 canvas (under a minute)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = NuwaInfinity.load(MODEL)
