@@ -397,7 +397,7 @@ def wave_floor(model: NuwaInfinity, sequential_s: float, wavefront_s: float, rep
     waves takes about this at best."""
     state = model.blank_canvas(16, 16)
     waves = [w for _, segment in wavefront.plan_waves(model.plan_fill(state), state.wrap,
-                                                      model._extent(None), max_size=wavefront.MAX_WAVE) for w in segment]
+                                                      tuple(model.renderer.config.extent), max_size=wavefront.MAX_WAVE) for w in segment]
     sizes = sorted({len(w) for w in waves})
     per_rows = {n: step_floor(model, None, repeats, rows=n) for n in sizes}
     floor_s = sum(per_rows[len(w)]["floor_us"] for w in waves) * model.renderer.config.tokens_per_patch * 1e-6
