@@ -165,13 +165,16 @@ def sky_caption_likelihood(model: NuwaInfinity, encoder, scenes_: list[tuple[str
     margin: the scene's caption's log-likelihood minus the best other's, in nats per token."""
     r = model.renderer
     ph, pw = r.config.patch_size[-2:]
-    hits_row, hits_first, margins = [], [], []
+    hits_row, hits_first, margins, text_kvs = [], [], [], {}
     for caption, image in scenes_:
         tokens = model.canvas_from_image(image[None], fit="crop").tokens[0, 0, :ph]  # [ph, w] the top patch row
         sky, ground = _split(caption)
         lls = []  # [(first patch, top row)] per sky caption
         for name in SKY_NAMES:
-            text_kv, pool, first, row = r.text_kv(encoder.encode([f"{name} over {ground}"])), [], 0.0, 0.0
+            prompt = f"{name} over {ground}"
+            if prompt not in text_kvs:
+                text_kvs[prompt] = r.text_kv(encoder.encode([prompt]))
+            text_kv, pool, first, row = text_kvs[prompt], [], 0.0, 0.0
             for j in range(tokens.shape[-1] // pw):
                 patch = tokens[:, j * pw:(j + 1) * pw].reshape(1, -1).to(model.device)
                 context = Context.from_pool(pool[-1:], (0, 0, j), r.rel, model.device) if pool else Context(None, None, 0)
