@@ -141,10 +141,16 @@ def candidate_scores(rows, coords: list[Coord], tokens: torch.Tensor, n: int, or
     """The score above for a wave's candidates: coords [P*n] each patch's n
     candidates in a row, tokens [halves*P*n*B, M] theirs (renderer.patch_rows layout) -> [P*n, B]:
     per patch, the neighbours', agreement's and border's ranks among its n candidates, added."""
-    likelihood = neighbour_loglik(rows, coords, tokens, order, select, patch_tokens)  # [P*n, B]
+    known: dict[Coord, torch.Tensor] = {}
+
+    def fetch(coord: Coord) -> torch.Tensor:  # both scores read the same neighbours: fetch each once
+        if coord not in known:
+            known[coord] = patch_tokens(coord)
+        return known[coord]
+    likelihood = neighbour_loglik(rows, coords, tokens, order, select, fetch)  # [P*n, B]
     b = likelihood.shape[1]
     sampled = tokens[:len(coords) * b].view(len(coords), b, -1)  # the sampled half: [P*n, B, M]
     shape = tuple(rows.renderer.config.patch_size)
     return torch.cat([ranks(likelihood[i:i + n]) + ranks(agreement(sampled[i:i + n], codebook))
-                      + ranks(border_agreement(sampled[i:i + n], coords[i], shape, select, patch_tokens, codebook))
+                      + ranks(border_agreement(sampled[i:i + n], coords[i], shape, select, fetch, codebook))
                       for i in range(0, len(coords), n)])
