@@ -168,6 +168,7 @@ def sky_caption_likelihood(model: NuwaInfinity, encoder, scenes_: list[tuple[str
     hits_row, hits_first, margins, text_kvs = [], [], [], {}
     for caption, image in scenes_:
         tokens = model.canvas_from_image(image[None], fit="crop").tokens[0, 0, :ph]  # [ph, w] the top patch row
+        patches = [tokens[:, j * pw:(j + 1) * pw].reshape(1, -1).to(model.device) for j in range(tokens.shape[-1] // pw)]
         sky, ground = _split(caption)
         lls = []  # [(first patch, top row)] per sky caption
         for name in SKY_NAMES:
@@ -175,8 +176,7 @@ def sky_caption_likelihood(model: NuwaInfinity, encoder, scenes_: list[tuple[str
             if prompt not in text_kvs:
                 text_kvs[prompt] = r.text_kv(encoder.encode([prompt]))
             text_kv, pool, first, row = text_kvs[prompt], [], 0.0, 0.0
-            for j in range(tokens.shape[-1] // pw):
-                patch = tokens[:, j * pw:(j + 1) * pw].reshape(1, -1).to(model.device)
+            for j, patch in enumerate(patches):
                 context = Context.from_pool(pool[-1:], (0, 0, j), r.rel, model.device) if pool else Context(None, None, 0)
                 logits, cache = r.teacher_forced(patch, Order.DOWN_RIGHT, context, text_kv)
                 ll = float(logits.float().log_softmax(-1).gather(-1, patch[..., None]).sum())

@@ -189,6 +189,10 @@ def test_ranks_count_the_candidates_beaten_and_ties_beat_none():
     assert cp.ranks(torch.zeros(3, 2)).eq(0).all()
 
 
+def unfetched(coord):
+    raise AssertionError(f"no known patch is selected, yet {coord} was fetched")
+
+
 def test_candidate_scores_add_the_ranks_per_patch(monkeypatch):
     """Two patches of 3 candidates: each patch's score is its neighbours' rank plus its agreement's
     rank among its own 3 (no known patch beside them: the border's rank is 0), and with no neighbour
@@ -199,7 +203,7 @@ def test_candidate_scores_add_the_ranks_per_patch(monkeypatch):
     tokens = torch.tensor([[0, 0], [7, 7], [1, 1], [5, 5], [2, 2], [6, 6]])  # [P*n*B, M], B = 1
     rows = g.PatchBatch(tiny_model().renderer)
     score = cp.candidate_scores(rows, [(0, 0, 0)] * 3 + [(0, 0, 1)] * 3, tokens, 3, Order.DOWN_RIGHT,
-                                lambda c: [], None, codebook)  # no known patch: border ranks all 0
+                                lambda c: [], unfetched, codebook)  # no known patch: border ranks all 0
     agree = [cp.agreement(tokens[i:i + 3, None], codebook)[:, 0] for i in (0, 3)]
     assert agree[0].argmax() == 2 and agree[1].argmax() == 0  # codes 1 (between 0 and 7), 5 (between 2 and 6)
     assert score[:, 0].tolist() == [2 + 1, 0 + 0, 1 + 2, 0 + 2, 0 + 0, 0 + 1]

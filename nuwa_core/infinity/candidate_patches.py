@@ -36,6 +36,7 @@ likelihood). Measured on the held-out boxes in README (Evaluation).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -141,12 +142,7 @@ def candidate_scores(rows, coords: list[Coord], tokens: torch.Tensor, n: int, or
     """The score above for a wave's candidates: coords [P*n] each patch's n
     candidates in a row, tokens [halves*P*n*B, M] theirs (renderer.patch_rows layout) -> [P*n, B]:
     per patch, the neighbours', agreement's and border's ranks among its n candidates, added."""
-    known: dict[Coord, torch.Tensor] = {}
-
-    def fetch(coord: Coord) -> torch.Tensor:  # both scores read the same neighbours: fetch each once
-        if coord not in known:
-            known[coord] = patch_tokens(coord)
-        return known[coord]
+    fetch = functools.cache(patch_tokens)  # both scores read the same neighbours: fetch each once per wave
     likelihood = neighbour_loglik(rows, coords, tokens, order, select, fetch)  # [P*n, B]
     b = likelihood.shape[1]
     sampled = tokens[:len(coords) * b].view(len(coords), b, -1)  # the sampled half: [P*n, B, M]
