@@ -127,6 +127,24 @@ def test_rotation_keeps_a_wide_strips_horizon_level():
     assert tilt[-1] - tilt[0] != 0  # a square crop still rotates
 
 
+def test_native_crop_scale_keeps_a_large_images_resolution():
+    """A tokenizer encodes a canvas at the image's own resolution; appendix D's random resized crop
+    shows it a 600 px painting shrunk 6-9 times into each 64 px crop. scale_of "crop" keeps crops
+    within 0.8-1.25 of native: measured on a ramp, px step per crop px against the image's own."""
+    ramp = torch.linspace(-1, 1, 600).expand(3, 600, 600).contiguous()  # x -> value, 2/599 a px
+    native_step = 2 / 599
+
+    def steps(aug):
+        x = data.random_crops([ramp], 16, (64, 64), torch.Generator().manual_seed(0), aug)[:, 0]
+        return x.diff(dim=2).abs().mean((1, 2)) / native_step  # [16]: source px per crop px
+
+    native = steps(data.Augment(scale=(0.8, 1.25), scale_of="crop", brightness=0.0, contrast=0.0, saturation=0.0,
+                                noise=0.0))
+    shrunk = steps(dataclasses.replace(data.Augment.off(), scale=(0.6, 1.0)))
+    assert native.min() > 0.75 and native.max() < 1.35, native
+    assert shrunk.min() > 5, shrunk
+
+
 # ---- whole runs, resume, checkpoints -----------------------------------------------------------
 
 def test_vqgan_resume_equals_one_run(tmp_path):
@@ -140,6 +158,16 @@ def test_vqgan_resume_equals_one_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_vqgan_lowres_weight_adds_the_token_colour_error(tmp_path):
+    img = write_image(tmp_path / "a.png")
+    torch.set_num_threads(1)
+    plain = train.main(vqgan_args(img, tmp_path / "a.safetensors", "--steps", "1", "--one-shot"))
+    res = train.main(vqgan_args(img, tmp_path / "b.safetensors", "--steps", "1", "--one-shot", "--lowres-weight", "5"))
+    assert "lowres" in res and res["lowres"] > 0
+    assert res["loss"] == pytest.approx(res["l1"] + 5 * res["lowres"] + res["codebook"], rel=1e-5)
+    assert plain["loss"] == pytest.approx(plain["l1"] + plain["codebook"], rel=1e-5)
 
 
 def test_decoder_finetune_keeps_the_tokens_and_swaps_into_a_bundle(tmp_path, tokenizer):

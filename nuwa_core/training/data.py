@@ -93,6 +93,7 @@ def _uniform(gen, lo, hi, n=None):
 class Augment:
     """Appendix D's augmentations (probabilities / magnitudes). Zero disables one."""
     scale: tuple = (0.6, 1.0)      # RandomResizedCrop: side of the source window / the largest that fits
+    scale_of: str = "image"        # ... that fits the image; "crop": / the crop's own size (native resolution)
     ratio_jitter: float = 0.15     # log aspect-ratio jitter of the source window
     hflip: float = 0.5
     vflip: float = 0.0             # off by default: skies do not belong under seas
@@ -150,7 +151,9 @@ def augmented_window(source_size: tuple[int, int], size: tuple[int, int], gen: t
     `source_size`: a random resized window, a small rotation and shear, flips (appendix D)."""
     out_h, out_w = size
     H, W = source_size
-    fit = min(H / out_h, W / out_w)  # largest window of the output aspect that fits
+    # scale_of "image": a share of the largest window of the output aspect that fits (RandomResizedCrop);
+    # "crop": of the crop's own size, so crops keep about the image's own resolution
+    fit = min(H / out_h, W / out_w) if aug.scale_of == "image" else 1.0
     s = _uniform(gen, *aug.scale) * fit
     r = math.exp(_uniform(gen, -aug.ratio_jitter, aug.ratio_jitter)) if aug.ratio_jitter else 1.0
     win_h, win_w = min(H, out_h * s / math.sqrt(r)), min(W, out_w * s * math.sqrt(r))

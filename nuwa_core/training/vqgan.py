@@ -65,8 +65,10 @@ def vqgan_config_dict(args) -> dict:
             "disc_start": args.disc_start, "disc_weight": args.disc_weight, "one_shot": args.one_shot,
             "downscale": args.downscale, "seed": args.seed, "restart_every": args.restart_every,
             "world": int(os.environ.get("WORLD_SIZE", "1")), "init": args.init or "", "train": args.train,
-            # only when used, so checkpoints from before --lpips existed still resume
-            **({"lpips": Path(args.lpips).name, "lpips_weight": args.lpips_weight} if args.lpips else {})}
+            # each only where it changes what ran before it existed, so older checkpoints still resume
+            **({"crop_scale": args.crop_scale} if args.one_shot and args.crop_scale != "image" else {}),
+            **({"lpips": Path(args.lpips).name, "lpips_weight": args.lpips_weight} if args.lpips else {}),
+            **({"lowres_weight": args.lowres_weight} if args.lowres_weight else {})}
 
 
 def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[torch.Tensor | None] | None = None,
@@ -94,6 +96,7 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
             part.requires_grad_(False)
         args.restart_every = 0
     perceptual = lpips_for_run(args, dist.device)
+    token_px = cfg.downsample_factor
     disc = PatchDiscriminator(n_layers=3 if args.crop >= 32 else 2)  # its 4x4 convs need >= 2 px at the end
     vq.to(dist.device).train()
     disc.to(dist.device).train()
@@ -107,7 +110,10 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
         st = run.resume()
         step, usage = int(st["step"]), st["usage"]
     vq_ddp, disc_ddp = dist.wrap(vq), dist.wrap(disc)
-    aug = Augment() if args.one_shot else Augment(scale=(0.8, 1.0), rotate_deg=0.0, shear=0.0, noise=0.0)
+    if args.one_shot:
+        aug = Augment() if args.crop_scale == "image" else Augment(scale=(0.8, 1.25), scale_of="crop")
+    else:
+        aug = Augment(scale=(0.8, 1.0), rotate_deg=0.0, shear=0.0, noise=0.0)
     sample_in = fixed_crops(images, 4, (args.crop, args.crop))
     run.preview = lambda: _vq_sample_image(vq, sample_in)
 
@@ -118,7 +124,10 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
         rec, q_loss, ids = vq_ddp(x)
         l1 = (rec - x).abs().mean()
         lpips = perceptual(rec, x).mean() if perceptual is not None else torch.zeros(())
-        loss = l1 + args.lpips_weight * lpips + q_loss
+        # each token's mean colour: the layout a renderer composes from tokens (L1 alone lets it drift)
+        lowres = (F.mse_loss(F.avg_pool2d(rec, token_px), F.avg_pool2d(x, token_px)) if args.lowres_weight
+                  else torch.zeros(()))
+        loss = l1 + args.lpips_weight * lpips + args.lowres_weight * lowres + q_loss
         use_disc = step >= args.disc_start
         g_adv = torch.zeros(())
         if use_disc:
@@ -152,8 +161,8 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
             restarted = _restart_dead_codes(vq, usage, z, data_gen if not dist.enabled else
                                             torch.Generator().manual_seed(args.seed + done))
             usage.zero_()
-        return {"loss": loss.item(), "l1": l1.item(), "lpips": lpips.item(), "codebook": q_loss.item(),
-                "g_adv": g_adv.item(), "d_loss": d_loss.item(), "codes_used": int((usage > 0).sum()),
+        return {"loss": loss.item(), "l1": l1.item(), "lpips": lpips.item(), "lowres": lowres.item(),
+                "codebook": q_loss.item(),                "g_adv": g_adv.item(), "d_loss": d_loss.item(), "codes_used": int((usage > 0).sum()),
                 "restarted": restarted}
 
     def postfix(st, steps_per_s):
@@ -162,6 +171,7 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
 
     fields = ["step", "time", "loss", "l1", "codebook", "g_adv", "d_loss", "codes_used", "restarted"]
     fields += ["lpips"] if perceptual is not None else []
+    fields += ["lowres"] if args.lowres_weight else []
     step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,
                                     sample=lambda path: save_image(run.preview(), path),
                                     extra=lambda: {"usage": usage.clone()})
@@ -197,6 +207,14 @@ def add_arguments(p) -> None:
     p.add_argument("--disc-start", type=int, default=2000)
     p.add_argument("--disc-weight", type=float, default=0.1)
     p.add_argument("--restart-every", type=int, default=100, help="re-seed unused codes every N steps (0: off)")
+    p.add_argument("--crop-scale", choices=("native", "image"), default="native",
+                   help="with --one-shot, the size of a crop's source window: native (default): 0.8-1.25 of the "
+                   "crop itself, the image at about its own resolution, as a canvas encodes it; image: 0.6-1 of "
+                   "the largest window that fits the image (appendix D's random resized crop: a large image is "
+                   "seen shrunk several times, and its tokens at full size come out blurred and off colour)")
+    p.add_argument("--lowres-weight", type=float, default=0.0,
+                   help="add this times the squared error of each token's mean colour (f x f px block means of "
+                   "the reconstruction against the input): keeps the layout a renderer composes from tokens")
     lpips_arguments(p)
 
 
