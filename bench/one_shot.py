@@ -57,7 +57,8 @@ def main() -> dict:
                    help="default: the image's right 192 px (3 patches)")
     p.add_argument("--minutes", type=float, default=4.0)
     p.add_argument("--start-from", default="shipped", choices=one_shot.START_FROM)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the continuation's seeds")
+    p.add_argument("--training-seed", type=int, default=0)
     p.add_argument("--directions", nargs="+", default=["right"])
     p.add_argument("--window", type=int, nargs=2, default=[3, 3], metavar=("ROWS", "COLS"),
                    help="patches of the scored window inside the strip (the README's rows: 7 3, the whole strip)")
@@ -76,7 +77,8 @@ def main() -> dict:
         keep_out[y:y + h, x:x + w] = True
         start = time.monotonic()
         res = one_shot.train_one_shot(image, out, one_shot.OneShotSettings(minutes=args.minutes,
-                                      start_from=args.start_from), keep_out, preview_every=30.0)
+                                      start_from=args.start_from, seed=args.training_seed), keep_out,
+                                      preview_every=30.0)
         timing = {"seconds": round(time.monotonic() - start, 1), "first_renderer_preview_s": res["first_renderer_preview_s"],
                   "tokenizer_steps": res["tokenizer_steps"], "renderer_steps": res["renderer_steps"]}
         args.model = out
