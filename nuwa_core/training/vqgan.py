@@ -162,8 +162,8 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
                                             torch.Generator().manual_seed(args.seed + done))
             usage.zero_()
         return {"loss": loss.item(), "l1": l1.item(), "lpips": lpips.item(), "lowres": lowres.item(),
-                "codebook": q_loss.item(),                "g_adv": g_adv.item(), "d_loss": d_loss.item(), "codes_used": int((usage > 0).sum()),
-                "restarted": restarted}
+                "codebook": q_loss.item(), "g_adv": g_adv.item(), "d_loss": d_loss.item(),
+                "codes_used": int((usage > 0).sum()), "restarted": restarted}
 
     def postfix(st, steps_per_s):
         return {"l1": f"{st['l1']:.4f}", "cb": f"{st['codebook']:.4f}", "d": f"{st['d_loss']:.3f}",
