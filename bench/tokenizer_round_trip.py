@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from nuwa_core.checkpoint import read_metadata
 from nuwa_core.evaluation.metrics import psnr
-from nuwa_core.evaluation.region_scores import lowres_psnr
+from nuwa_core.evaluation.region_scores import block_means, lowres_psnr
 from nuwa_core.images import load_image, save_image
 from nuwa_core.infinity.generation import NuwaInfinity
 from nuwa_core.infinity.vqgan import KIND as VQGAN_KIND, load_vqgan
@@ -39,10 +39,18 @@ PAINTING = REPO / "models" / "nuwa" / "nuwa_infinity_starry_night.jpg"
 PATCH_PX = 64
 
 
-def decoded(host: NuwaInfinity, path: str, image: torch.Tensor) -> torch.Tensor:
-    """image [1, H, W, 3] through the tokenizer in `path` (a bundle's or a VQGAN file) -> [1, H, W, 3]."""
-    is_vqgan = read_metadata(path).get("nuwa_kind") == VQGAN_KIND
-    host.vqgan = load_vqgan(path).float().eval() if is_vqgan else NuwaInfinity.load(path).vqgan
+def with_tokenizer(path: str, host: NuwaInfinity | None) -> NuwaInfinity:
+    """The bundle in `path`, or for a VQGAN file `host` (else the shipped painting model: its canvas
+    windows) holding that tokenizer."""
+    if read_metadata(path).get("nuwa_kind") != VQGAN_KIND:
+        return NuwaInfinity.load(path)
+    host = host or NuwaInfinity.load(PAINTING_MODEL)
+    host.vqgan = load_vqgan(path).float().eval()
+    return host
+
+
+def decoded(host: NuwaInfinity, image: torch.Tensor) -> torch.Tensor:
+    """image [1, H, W, 3] through host's tokenizer, encoded and decoded as a canvas -> [1, H, W, 3]."""
     state = host.canvas_from_image(image, fit="refuse")
     state.given = None  # the tokens' own pixels everywhere
     return host.decode(state)[:1]
@@ -79,16 +87,15 @@ def main(argv=None) -> int:
     truth = truth[:, :h, :w]
     if not 0 < args.split < w:
         p.error(f"--split {args.split} must lie inside the picture cut to whole patches (0 < x < {w})")
-    rows, pictures = {}, [truth]
-    host = NuwaInfinity.load(args.files[0])
+    rows, pictures, host = {}, [truth], None
     with torch.no_grad():
         for path in args.files:
-            pictures.append(decoded(host, path, truth))
+            host = with_tokenizer(path, host)
+            pictures.append(decoded(host, truth))
             rows[path] = scores(pictures[-1], truth, args.split)
     if args.sheet:
         save_image(sheet(pictures, args.split), args.sheet)
-    bchw = truth.permute(0, 3, 1, 2)
-    token_means = F.interpolate(F.avg_pool2d(bchw, 8), scale_factor=8, mode="nearest").permute(0, 2, 3, 1)
+    token_means = F.interpolate(block_means(truth, 8).float(), scale_factor=8, mode="nearest").permute(0, 2, 3, 1)
     rows["control: each token's true mean colour"] = scores(token_means, truth, args.split)
     rows["control: the truth moved by one token"] = scores(truth.roll(8, dims=2), truth, args.split)
     print(f"{'row':48s} {'trained: low-res / full':>26s} {'held out: low-res / full':>26s}")
