@@ -22,14 +22,17 @@ def add_reference_arguments(p: argparse.ArgumentParser) -> None:
 
 def summary(result: dict) -> dict:
     """The model's row of an evaluate_continuation result over DIRECTIONS: low-res PSNR per direction
-    and its mean, the margins, hard-cut seam and texture (mean of the directions)."""
+    and its mean, the margins, the energy score and its margin per direction (None with one seed),
+    hard-cut seam and texture (mean of the directions)."""
     mean = {d: result["directions"][d]["mean"]["model"] for d in DIRECTIONS}
     lowres = [mean[d]["lowres_psnr"] for d in DIRECTIONS]
     return {"lowres_psnr": lowres, "mean": sum(lowres) / len(DIRECTIONS),
             "margin_db": [result["directions"][d]["margin_db"] for d in DIRECTIONS],
+            "energy_db": [mean[d]["energy_db"] for d in DIRECTIONS],
+            "energy_margin_db": [result["directions"][d]["energy_margin_db"] for d in DIRECTIONS],
             "hardcut_seam": sum(mean[d]["hardcut_seam"] for d in DIRECTIONS) / len(DIRECTIONS),
             "texture": sum(mean[d]["texture"] for d in DIRECTIONS) / len(DIRECTIONS)}
 
 
 def f2(values) -> str:
-    return " / ".join(f"{x:.2f}" for x in values)
+    return " / ".join("-" if x is None else f"{x:.2f}" for x in values)

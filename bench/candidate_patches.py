@@ -13,8 +13,10 @@ the paper samples). Top-k
 (x 768-1024), seeds 0-9, N = 1, 4, 8 (7.5 minutes on 2 CPU cores).
 
 Per N: low-res PSNR per direction and its mean, the margin over the better of random real and
-patch-NN, boundary and hard-cut seams, texture, and the seconds spent generating (model.generate,
-all directions and seeds) as a ratio to N = 1 in the same run. Last line: one JSON object.
+patch-NN, the energy score of the seeds' draws (proper: it does not reward blur) and its margin over
+the best training-free control, boundary and hard-cut seams, texture, and the seconds spent
+generating (model.generate, all directions and seeds) as a ratio to N = 1 in the same run. Last
+line: one JSON object.
 
 `--sheet PNG --sheet-seeds 0 1` (and nothing else run) draws the windows themselves: per direction
 (columns right, left, up, down), the truth, then each N's continuation for each sheet seed (rows),
@@ -69,9 +71,11 @@ def run(model, reference, heldout, candidates: int, seeds) -> dict:
             "boundary_seam": sum(mean[d]["model"]["boundary_seam"] for d in DIRECTIONS) / 4,
             "generate_s": timed.seconds,
             "controls": {row: {"lowres_psnr": [mean[d][row]["lowres_psnr"] for d in DIRECTIONS],
+                               "energy_db": [mean[d][row]["energy_db"] for d in DIRECTIONS],
                                "hardcut_seam": sum(mean[d][row]["hardcut_seam"] for d in DIRECTIONS) / 4,
                                "texture": sum(mean[d][row]["texture"] for d in DIRECTIONS) / 4}
-                         for row in ("real tokens", "random real", "patch-NN", "patchwork")}}
+                         for row in ("real tokens", "random real", "patch-NN", "patch-NN drawn", "patchwork",
+                                     "line mean")}}
 
 
 def sheet(model, reference, heldout, counts, seeds, path) -> None:
@@ -123,12 +127,13 @@ def main(argv=None) -> int:
     for n in args.candidates:
         r = rows[n] = run(model, reference, args.heldout, n, args.seeds)
         print(f"{n:2d} candidates: low-res {f2(r['lowres_psnr'])} (mean {r['mean']:.2f}), margins "
-              f"{f2(r['margin_db'])}, boundary {r['boundary_seam']:.2f}, hard-cut {r['hardcut_seam']:.2f}, "
+              f"{f2(r['margin_db'])}, energy {f2(r['energy_db'])} (margins {f2(r['energy_margin_db'])}), "
+              f"boundary {r['boundary_seam']:.2f}, hard-cut {r['hardcut_seam']:.2f}, "
               f"texture {r['texture']:.2f}, generating {r['generate_s']:.1f} s", flush=True)
     controls = next(iter(rows.values()))["controls"]
     for name, c in controls.items():
-        print(f"control {name}: low-res {f2(c['lowres_psnr'])}, hard-cut {c['hardcut_seam']:.2f}, "
-              f"texture {c['texture']:.2f}")
+        print(f"control {name}: low-res {f2(c['lowres_psnr'])}, energy {f2(c['energy_db'])}, "
+              f"hard-cut {c['hardcut_seam']:.2f}, texture {c['texture']:.2f}")
     base = rows[args.candidates[0]]
     print(json.dumps({"model": Path(args.model).name, "heldout": args.heldout, "seeds": args.seeds,
                       "rows": {n: {**{k: v for k, v in r.items() if k != "controls"},

@@ -13,7 +13,8 @@ seeds 0-9 (about 5 minutes on 2 CPU cores). The README's validation rows ran a m
 x < 512 on the box x 512-768 of the strip cut to 768 px (TRAINING.md 5b).
 
 Per setting: low-res PSNR per direction and its mean, the margin over the better of random real and
-patch-NN, hard-cut seam and texture. Last line: one JSON object.
+patch-NN, the energy score of the seeds' draws and its margin over the best training-free control
+(evaluation/continuation.py), hard-cut seam and texture. Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     for s in args.settings:
         r = rows[s] = run(model, reference, args.heldout, s, args.seeds)
         print(f"{s:>10}: low-res {f2(r['lowres_psnr'])} (mean {r['mean']:.2f}), margins {f2(r['margin_db'])}, "
+              f"energy {f2(r['energy_db'])} (margins {f2(r['energy_margin_db'])}), "
               f"hard-cut {r['hardcut_seam']:.2f}, texture {r['texture']:.2f}", flush=True)
     controls = next(iter(rows.values()))["controls"]
     print(f"{'controls':>10}: random real {f2(controls['random real'])}, patch-NN {f2(controls['patch-NN'])} "

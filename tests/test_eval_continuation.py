@@ -74,6 +74,7 @@ def test_protocol_on_a_tiny_random_model(tiny, reference, directions):
         best = max(mean["random real"]["lowres_psnr"], mean["patch-NN"]["lowres_psnr"])
         assert res["margin_db"] == pytest.approx(mean["model"]["lowres_psnr"] - best)
         assert r["summary"][d] == res["margin_db"] == pytest.approx(res["margin_db_per_seed"][0])
+        assert mean["model"]["energy_db"] is None and r["energy_summary"][d] is None  # one seed: no spread
     if "up" in directions:
         assert r["directions"]["up"]["plan"]["given"] == [80, 16, 32, 16]  # the bottom row given
         again = K.evaluate_continuation(reference, HELDOUT, tiny, directions=["down"], seeds=(0,), **FAST)
@@ -81,6 +82,25 @@ def test_protocol_on_a_tiny_random_model(tiny, reference, directions):
     table = K.format_table(r)
     for row in K.ROWS:
         assert f"  {row} " in table
+
+
+def test_energy_score_over_the_seeds(tiny, reference):
+    """Each seed is one draw of a row: rows that draw the same every seed (a point forecast) score
+    their low-res PSNR, the truth the cap; the energy margin is the model's against the best
+    training-free control's."""
+    r = K.evaluate_continuation(reference, HELDOUT, tiny, directions=["right"], seeds=(0, 1, 2), **FAST)
+    res = r["directions"]["right"]
+    mean = res["mean"]
+    assert "energy dB" in K.format_table(r) and "energy margin" in K.format_table(r)
+    assert mean["real"]["energy_db"] == 100.0
+    for row in ("real tokens", "patch-NN", "flat", "line mean"):
+        assert mean[row]["energy_db"] == pytest.approx(mean[row]["lowres_psnr"], abs=1e-9), row
+    for row in ("model", "random real", "patchwork", "patch-NN drawn", "i.i.d. tokens"):  # seeded draws
+        assert len(set(res["per_seed"][row]["lowres_psnr"])) > 1, row
+        assert mean[row]["energy_db"] is not None
+    best = max(mean[row]["energy_db"] for row in K.TRAINING_FREE)
+    assert res["energy_margin_db"] == pytest.approx(mean["model"]["energy_db"] - best)
+    assert r["energy_summary"]["right"] == res["energy_margin_db"]
 
 
 def test_generate_fn_hook(tiny, reference):

@@ -84,6 +84,39 @@ def test_block_means_and_lowres_psnr():
         R.block_means(checker, 9)
 
 
+def test_energy_score_hand_computed():
+    truth = torch.full((1, 16, 16, 3), 0.5)  # 2 x 2 blocks of 8 px, 12 values
+    point = [torch.full_like(truth, 0.4)] * 3
+    assert R.energy_score_db(point, truth) == pytest.approx(R.lowres_psnr(point[0], truth)) == pytest.approx(20.0)
+    # draws 0.2 and 0.3: mean distance (0.3 + 0.2) / 2 = 0.25, half the mean distance between them 0.05
+    two = [torch.full_like(truth, 0.2), torch.full_like(truth, 0.3)]
+    assert R.energy_score_db(two, truth) == pytest.approx(-20 * math.log10(0.2))
+    # draws on both sides of the truth: ES = 0.1 - 0.1 = 0, capped
+    assert R.energy_score_db([torch.full_like(truth, 0.4), torch.full_like(truth, 0.6)], truth) == 100.0
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        R.energy_score_db(point[:1], truth)
+    with pytest.raises(ValueError, match="same size"):
+        R.energy_score_db([truth[:, :8], truth[:, :8]], truth)
+
+
+def test_energy_score_prefers_the_truths_own_distribution_where_lowres_psnr_prefers_blur():
+    """Truths and draws from one distribution (a ramp plus an independent +-0.2 on every 8 px block):
+    their mean (a blur) has the better low-res PSNR (MSE a^2 against 2 a^2: +3 dB), draws from the
+    truth's distribution the better energy score (about a against sqrt(2) a / 2: +3 dB)."""
+    ramp = torch.linspace(0.3, 0.7, 16).repeat_interleave(8)[None, :, None].expand(128, 128, 3)[None]
+
+    def draw(gen):
+        signs = torch.randint(0, 2, (1, 16, 16, 3), generator=gen).float() * 0.4 - 0.2
+        return ramp + signs.repeat_interleave(8, 1).repeat_interleave(8, 2)
+    gen = torch.Generator().manual_seed(0)
+    psnr_gap, energy_gap = [], []
+    for _ in range(8):
+        truth, draws = draw(gen), [draw(gen) for _ in range(4)]
+        psnr_gap.append(R.lowres_psnr(ramp, truth) - sum(R.lowres_psnr(d, truth) for d in draws) / len(draws))
+        energy_gap.append(R.energy_score_db(draws, truth) - R.energy_score_db([ramp, ramp], truth))
+    assert min(psnr_gap) > 2.0 and min(energy_gap) > 1.5, (psnr_gap, energy_gap)
+
+
 def test_layout_correlation():
     rows = lambda v: gray(torch.tensor(v, dtype=torch.float32)[:, None].expand(len(v), 5))  # noqa: E731
     a = rows([0, 1, 0, 1])
@@ -212,6 +245,15 @@ def test_flat_fill_and_random_tokens():
     assert torch.equal(t, C.random_tokens(7, (2, 3, 4), seed=3))
 
 
+def test_line_mean_fill_carries_each_rows_mean_on():
+    given = gray(torch.tensor([[0.0, 1.0], [0.2, 0.4]]))
+    fill = C.line_mean_fill(given, 3)
+    assert fill.shape == (1, 2, 3, 3)
+    assert torch.allclose(fill[0, :, :, 0], torch.tensor([[0.5] * 3, [0.3] * 3]))
+    with pytest.raises(ValueError, match="length must be"):
+        C.line_mean_fill(given, 0)
+
+
 def test_iid_token_fill_and_token_patchwork(tiny_vq):
     f = C.iid_token_fill(tiny_vq, (8, 12), seed=0)
     assert f.shape == (1, 8, 12, 3) and torch.equal(f, C.iid_token_fill(tiny_vq, (8, 12), seed=0))
@@ -240,6 +282,15 @@ def test_patch_nn_continues_a_periodic_pattern_exactly():
     # a shorter step continues from what was copied in more, smaller pieces
     again = C.patch_nn_fill(ref, box, given, 8, band=4, block=2, step=2)
     assert torch.equal(again, ref[:, :, 20:28])
+    # drawn among the 2 best matches (x = 0 and x = 8, both exact): each seed copies from one of them
+    sources = {C.patch_nn_fill(ref, box, given, 4, band=4, block=2, choices=2, seed=s, details=True)["sources"][0]
+               for s in range(8)}
+    assert sources == {(4, 0), (12, 0)}
+    drawn = C.patch_nn_fill(ref, box, given, 8, band=4, block=2, choices=2, seed=3)
+    assert torch.equal(drawn, ref[:, :, 20:28])
+    assert torch.equal(drawn, C.patch_nn_fill(ref, box, given, 8, band=4, block=2, choices=2, seed=3))
+    with pytest.raises(ValueError, match="choices must be >= 1"):
+        C.patch_nn_fill(ref, box, given, 8, band=4, block=2, choices=0)
     with pytest.raises(ValueError, match="no place in the reference fits"):
         C.patch_nn_fill(ref, (4, 0, 28, 4), given, 8, band=4, block=2)
     with pytest.raises(ValueError, match="at least one 8 px block"):

@@ -20,7 +20,11 @@ region and is scored exactly like the model's output (controls.py):
     patchwork    patch-sized real crops from outside the box, rows mixed (seeded)
     patch-NN     training-free continuation: copy what follows the best low-res match of the given
                  band (one patch thick) from outside the box, iteratively
+    patch-NN drawn  the same, each step copying one of the 8 best matches, drawn by the seed: a
+                 training-free sampler that uses its context
     flat         the given part's mean colour
+    line mean    each pixel line of the given part carried on as its mean colour: a smear with the
+                 layout and no texture (what low-res PSNR rewards most; see energy)
     i.i.d. tokens random codebook tokens over the region, decoded like the model's output (only
                  with a model)
 
@@ -39,11 +43,19 @@ Scores (region_scores.py; columns of the table)
                   compare with ``real`` (real tokens hard-cut) and ``patchwork`` (re-encoded)
     psnr_fullres  dB at full resolution (rewards blur: ``flat`` often wins; JSON and table, for
                   comparison only)
+    energy_db     over all seeds at once (each seed one draw of the row): the energy score of the
+                  draws' block means against the truth, in dB (region_scores.energy_score_db; with
+                  2 or more seeds). Strictly proper: draws from the distribution the truth comes
+                  from score best in expectation, so a blur is not rewarded over plausible draws as
+                  one draw's low-res PSNR rewards it. Deterministic rows score their low-res PSNR.
 
 Summary: per direction, ``margin_db`` = mean over seeds of the model's low-res PSNR minus the
 better of the *random real* and *patch-NN* means. Above 0: the model uses its context better than
 copying real pixels from elsewhere; below 0 it does not (yet). ``margin_vs_flat_db`` likewise
-against the flat fill. Evaluate only on regions the model never trained on.
+against the flat fill. ``energy_margin_db``: the model's energy score minus the best of every
+training-free control's (random real, patchwork, patch-NN, patch-NN drawn, flat, line mean), the
+margin a sampler can be held to (``energy_summary``). Evaluate only on regions the model never
+trained on.
 """
 from __future__ import annotations
 
@@ -54,7 +66,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .controls import flat_fill, patch_nn_fill, patchwork_fill, random_real_fill, random_tokens
+from .controls import flat_fill, line_mean_fill, patch_nn_fill, patchwork_fill, random_real_fill, random_tokens
 from .metrics import EvalInputError, _as_bchw, psnr
 from .region_scores import (
     DIRECTIONS,
@@ -65,6 +77,7 @@ from .region_scores import (
     check_box,
     crop,
     decode_hard_cut,
+    energy_score_db,
     from_canonical,
     hard_cut_seam_ratio,
     layout_correlation,
@@ -72,10 +85,15 @@ from .region_scores import (
     texture_ratio,
 )
 
-__all__ = ["ROWS", "SCORES", "WindowPlan", "plan_window", "model_generator", "evaluate_continuation", "format_table"]
+__all__ = ["ROWS", "SCORES", "ACROSS_SEEDS", "TRAINING_FREE", "WindowPlan", "plan_window", "model_generator", "evaluate_continuation", "format_table"]
 
-ROWS = ("model", "real", "real tokens", "random real", "patchwork", "patch-NN", "flat", "i.i.d. tokens")
-SCORES = ("lowres_psnr", "layout", "boundary_seam", "texture", "hardcut_seam", "psnr_fullres")
+ROWS = ("model", "real", "real tokens", "random real", "patchwork", "patch-NN", "patch-NN drawn", "flat", "line mean",
+        "i.i.d. tokens")
+SCORES = ("lowres_psnr", "layout", "boundary_seam", "texture", "hardcut_seam", "psnr_fullres")  # one value per seed
+ACROSS_SEEDS = ("energy_db",)  # one value from all seeds' draws
+# the controls that need no learning and do not see the truth: the energy margin's reference
+TRAINING_FREE = ("random real", "patchwork", "patch-NN", "patch-NN drawn", "flat", "line mean")
+PATCH_NN_CHOICES = 8  # patch-NN drawn: one of this many best matches per step
 # A generator: (given IMAGE [1,gh,gw,3], direction, patches to add, seed) -> the whole window IMAGE
 # [1,wh,ww,3] in the reference's orientation (given part included), or (IMAGE, tokens [1,h,w]).
 GenerateFn = Callable[[torch.Tensor, str, int, int], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
@@ -168,8 +186,10 @@ def evaluate_continuation(reference: torch.Tensor, heldout: Sequence[int], model
     ``log``: a file for progress notes (default stderr; False for none).
 
     Returns ``{"directions": {d: {"plan", "mean": {row: {score: v}}, "per_seed": {row: {score:
-    [v per seed]}}, "margin_db", "margin_db_per_seed", "margin_vs_flat_db"}}, "summary": {d:
-    margin_db}, "rows", "scores", "settings"...}``; non-finite values become None.
+    [v per seed]}}, "margin_db", "margin_db_per_seed", "margin_vs_flat_db", "energy_margin_db"}},
+    "summary": {d: margin_db}, "energy_summary": {d: energy_margin_db}, "rows", "scores",
+    "settings"...}``; ``mean`` also holds ``energy_db`` (None with one seed); non-finite values
+    become None.
     """
     ref = _as_bchw(reference, "reference")[:1].permute(0, 2, 3, 1).contiguous()  # [1, H, W, 3]
     H, W = ref.shape[1:3]
@@ -186,24 +206,30 @@ def evaluate_continuation(reference: torch.Tensor, heldout: Sequence[int], model
     log = sys.stderr if log is None else log
     rows = [r for r in ROWS if model is not None or r not in ("real tokens", "i.i.d. tokens")]
     out: dict = {"protocol": "continuation", "reference_size": [H, W], "heldout": list(heldout),
-                 "patch_px": list(patch), "seeds": [int(s) for s in seeds], "rows": rows, "scores": list(SCORES),
+                 "patch_px": list(patch), "seeds": [int(s) for s in seeds], "rows": rows,
+                 "scores": list(SCORES + ACROSS_SEEDS),
                  "settings": {"block": block, "band": band, "nn_band": nn_band, "hardcut_gap": hardcut_gap,
                               "swd_descriptors": swd_descriptors, "swd_directions": swd_directions,
                               "extent": None if extent is None else list(extent),
                               "sampler": None if settings is None else asdict(settings)},
-                 "directions": {}, "summary": {}}
+                 "directions": {}, "summary": {}, "energy_summary": {}}
     for direction in directions:
         plan = plan_window(heldout, direction, patch, (H, W), window_patches, given_patches)
         per_seed = {r: {s: [] for s in SCORES} for r in rows}
+        draws = {r: [] for r in rows}  # the filled region of each seed, canonical frame
         for seed in seeds:
             if log:
                 print(f"note: continuation {direction}, seed {seed}", file=log, flush=True)
-            scores = _score_seed(ref, heldout, plan, int(seed), model, gen_fn, rows, block=block, band=band,
-                                 nn_band=nn_band, gap=hardcut_gap, swd=(swd_descriptors, swd_directions))
+            scores, regions, truth = _score_seed(ref, heldout, plan, int(seed), model, gen_fn, rows, block=block,
+                                                 band=band, nn_band=nn_band, gap=hardcut_gap,
+                                                 swd=(swd_descriptors, swd_directions))
             for r in rows:
+                draws[r].append(regions[r])
                 for s in SCORES:
                     per_seed[r][s].append(scores[r][s])
         mean = {r: {s: _mean(v) for s, v in d.items()} for r, d in per_seed.items()}
+        for r in rows:
+            mean[r]["energy_db"] = energy_score_db(draws[r], truth, block) if len(draws[r]) > 1 else None
         lr = per_seed
         margins = [m - max(a, b) for m, a, b in zip(lr["model"]["lowres_psnr"], lr["random real"]["lowres_psnr"],
                                                     lr["patch-NN"]["lowres_psnr"])]
@@ -213,12 +239,21 @@ def evaluate_continuation(reference: torch.Tensor, heldout: Sequence[int], model
             "mean": mean, "per_seed": per_seed,
             "margin_db": mean["model"]["lowres_psnr"] - best,
             "margin_db_per_seed": margins,
-            "margin_vs_flat_db": mean["model"]["lowres_psnr"] - mean["flat"]["lowres_psnr"]}
+            "margin_vs_flat_db": mean["model"]["lowres_psnr"] - mean["flat"]["lowres_psnr"],
+            "energy_margin_db": _energy_margin(mean)}
         out["summary"][direction] = out["directions"][direction]["margin_db"]
+        out["energy_summary"][direction] = out["directions"][direction]["energy_margin_db"]
     return _json_ready(out)
 
 
+def _energy_margin(mean: dict) -> float | None:
+    if mean["model"]["energy_db"] is None:
+        return None
+    return mean["model"]["energy_db"] - max(mean[r]["energy_db"] for r in TRAINING_FREE)
+
+
 def _score_seed(ref, heldout, plan: WindowPlan, seed: int, model, gen_fn, rows, *, block, band, nn_band, gap, swd):
+    """Scores of every row for one seed, each row's filled region and the truth's (canonical frame)."""
     d = plan.direction
     H, W = ref.shape[1:3]
     wx, wy = plan.window[:2]
@@ -241,12 +276,15 @@ def _score_seed(ref, heldout, plan: WindowPlan, seed: int, model, gen_fn, rows, 
         raise EvalInputError(f"the generator returned a {win.shape[2]}x{win.shape[1]} px image; the window is "
                              f"{truth_win.shape[2]}x{truth_win.shape[1]} px (given part included)")
     windows["model"], tokens["model"] = win, tok
+    nn_band = min(split, nn_band or plan.patch_along)
     fills = {"real": ctruth,
              "random real": random_real_fill(cref, cheld, size, seed),
              "patchwork": patchwork_fill(cref, cheld, size, cpatch, seed),
-             "patch-NN": patch_nn_fill(cref, cheld, cgiven, size[1], band=min(split, nn_band or plan.patch_along),
-                                       block=block),
-             "flat": flat_fill(cgiven, size)}
+             "patch-NN": patch_nn_fill(cref, cheld, cgiven, size[1], band=nn_band, block=block),
+             "patch-NN drawn": patch_nn_fill(cref, cheld, cgiven, size[1], band=nn_band, block=block,
+                                             choices=PATCH_NN_CHOICES, seed=seed),
+             "flat": flat_fill(cgiven, size),
+             "line mean": line_mean_fill(cgiven, size[1])}
     for name, fill in fills.items():
         windows[name] = from_canonical(torch.cat([cgiven, fill.to(cgiven.dtype)], dim=2), d)
     if model is not None:
@@ -260,10 +298,10 @@ def _score_seed(ref, heldout, plan: WindowPlan, seed: int, model, gen_fn, rows, 
         t[:, (gy - wy) // f:(gy - wy + gh) // f, (gx - wx) // f:(gx - wx + gw) // f] = \
             random_tokens(model.vqgan.config.n_embed, (1, gh // f, gw // f), seed)
         windows["i.i.d. tokens"], tokens["i.i.d. tokens"] = model.decode(iid)[:1], t.clone()
-    scores, halves, hard_cache = {}, None, {}
+    scores, regions, halves, hard_cache = {}, {}, None, {}
     for name in rows:
         cw = canonical(windows[name], d)
-        region = cw[:, :, split:]
+        region = regions[name] = cw[:, :, split:]
         s = {"lowres_psnr": lowres_psnr(region, ctruth, block),
              "layout": layout_correlation(region, ctruth, "rows"),
              "boundary_seam": boundary_seam_ratio(cw, split, "right", band),
@@ -283,7 +321,7 @@ def _score_seed(ref, heldout, plan: WindowPlan, seed: int, model, gen_fn, rows, 
                 hard_cache[key] = hard_cut_seam_ratio(hard[:, :, split - plan.patch_along:], cpatch, gap)
             s["hardcut_seam"] = hard_cache[key]
         scores[name] = s
-    return scores
+    return scores, regions, ctruth
 
 
 def _mean(values):
@@ -304,7 +342,7 @@ def _json_ready(v):
 
 
 _HEADERS = {"lowres_psnr": "lowres dB", "layout": "layout r", "boundary_seam": "boundary", "texture": "texture",
-            "hardcut_seam": "hard-cut", "psnr_fullres": "full dB"}
+            "hardcut_seam": "hard-cut", "psnr_fullres": "full dB", "energy_db": "energy dB"}
 
 
 def format_table(result: dict) -> str:
@@ -317,17 +355,20 @@ def format_table(result: dict) -> str:
         lines.append(f"continuation {d}: window {_box(p['window'])}, given {_box(p['given'])} "
                      f"({p['given_patches']} patches), generated {_box(p['generated'])} "
                      f"({p['generated_patches']} patches); mean of seeds {seeds}")
-        lines.append(f"  {'':14s}" + "".join(f"{_HEADERS[s]:>11s}" for s in result["scores"]))
+        lines.append(f"  {'':16s}" + "".join(f"{_HEADERS[s]:>11s}" for s in result["scores"]))
         for row in result["rows"]:
             vals = r["mean"][row]
-            lines.append(f"  {row:14s}" + "".join(f"{_fmt(vals[s]):>11s}" for s in result["scores"]))
+            lines.append(f"  {row:16s}" + "".join(f"{_fmt(vals[s]):>11s}" for s in result["scores"]))
         lines.append(f"  margin: model - best of (random real, patch-NN) = {_fmt(r['margin_db'], '+.2f')} dB "
                      f"(per seed {', '.join(_fmt(m, '+.2f') for m in r['margin_db_per_seed'])}); "
                      f"model - flat = {_fmt(r['margin_vs_flat_db'], '+.2f')} dB")
+        lines.append(f"  energy margin: model - best training-free control = "
+                     f"{_fmt(r['energy_margin_db'], '+.2f')} dB")
         lines.append("")
     lines.append("good: lowres dB and layout r high (real = 100 dB / 1.00); boundary near the real tokens row "
                  "(real pixels meet decoded ones) and below patchwork; hard-cut near real, below patchwork; "
-                 "texture near the real row (texture only: a patchwork scores like real)")
+                 "texture near the real row (texture only: a patchwork scores like real); energy dB high "
+                 "(proper over the seeds' draws; line mean shows what blur earns in lowres dB)")
     return "\n".join(lines)
 
 

@@ -18,9 +18,17 @@ What each control shows
 - :func:`patch_nn_fill` (*patch-NN*): a classical, training-free use of context (GPNN-style):
   match the band of given pixels next to the region against every position of the allowed
   reference (block means, L2) and copy what follows the best match; longer regions continue
-  from what was copied. A learned model should beat it on agreement with the truth.
+  from what was copied. A learned model should beat it on agreement with the truth. With
+  ``choices=8`` and a seed (*patch-NN drawn*) each step copies one of the 8 best matches, drawn:
+  a training-free *sampler* that uses context, the control for scores over several draws
+  (region_scores.energy_score_db), where a single deterministic copy is a point forecast.
 - :func:`flat_fill` (*flat*): the given part's mean colour. A dumb control for PSNR-like scores:
   full-resolution PSNR rewards blur, so a flat fill often beats every real texture there.
+- :func:`line_mean_fill` (*line mean*): each pixel line of the given part, across the direction
+  of continuation, carried on as its mean colour: a smear with the layout (the horizon at its
+  height) and no texture at all. On a strip that goes on much as it began this is close to the
+  best *point forecast* of the block means, so low-res PSNR rates it above any real continuation;
+  a score that ranks it above a plausible continuation rewards blur, not continuing.
 - :func:`iid_token_fill` / :func:`random_tokens` (*i.i.d. tokens*): random codebook entries
   through the tokenizer's decoder: the decoder's own look without any model.
 - :func:`token_patchwork`, :func:`hard_cut_seam_controls`: patch-sized blocks of a real token grid,
@@ -41,7 +49,8 @@ from .metrics import EvalInputError, _as_bchw, _shape_hw, seam_ratio, split_halv
 from .region_scores import decode_hard_cut, hard_cut_seam_ratio, valid_positions
 
 __all__ = [
-    "random_real_fill", "patchwork_fill", "patch_nn_fill", "flat_fill", "random_tokens", "iid_token_fill",
+    "random_real_fill", "patchwork_fill", "patch_nn_fill", "flat_fill", "line_mean_fill", "random_tokens",
+    "iid_token_fill",
     "token_patchwork", "hard_cut_seam_controls", "single_image_controls",
 ]
 
@@ -102,8 +111,18 @@ def flat_fill(given: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
     return g.mean(dim=(2, 3)).view(1, 1, 1, 3).expand(1, h, w, 3).contiguous()
 
 
+def line_mean_fill(given: torch.Tensor, length: int) -> torch.Tensor:
+    """Continue ``given`` [1, gh, gw, 3] to the right (canonical frame) by ``length`` px, each pixel
+    row as its mean colour in the given part: IMAGE [1, gh, length, 3]."""
+    g = _as_bchw(given, "given")[:1]  # [1, 3, gh, gw]
+    if int(length) < 1:
+        raise EvalInputError(f"length must be >= 1 px, got {length}")
+    return g.mean(dim=3, keepdim=True).expand(-1, -1, -1, int(length)).permute(0, 2, 3, 1).contiguous()
+
+
 def patch_nn_fill(reference: torch.Tensor, excluded: Sequence[int] | None, given: torch.Tensor, length: int,
-                  band: int | None = None, block: int = 8, step: int | None = None, details: bool = False):
+                  band: int | None = None, block: int = 8, step: int | None = None, details: bool = False,
+                  choices: int = 1, seed: int = 0):
     """Continue ``given`` to the right by ``length`` px with real pixels (canonical frame; see
     region_scores.canonical for the other directions).
 
@@ -112,7 +131,9 @@ def patch_nn_fill(reference: torch.Tensor, excluded: Sequence[int] | None, given
     (given height) x (band + step) px rectangle lies outside ``excluded`` is a candidate; the one
     whose band has the smallest L2 distance to the query (first in raster order on ties) lends the
     ``step`` px that follow its band. Repeats until ``length`` px are filled. ``band`` defaults to
-    the given part's width, ``step`` to ``band``. Returns IMAGE [1, gh, length, 3], or with
+    the given part's width, ``step`` to ``band``. ``choices`` > 1: each step lends what follows one
+    of the ``choices`` best matches, drawn uniformly (``seed``) instead of the best. Returns IMAGE
+    [1, gh, length, 3], or with
     ``details`` a dict with ``fill``, ``sources`` [(x, y) of each copied piece in the reference]
     and ``distances`` (mean squared block difference of each match).
     """
@@ -123,8 +144,9 @@ def patch_nn_fill(reference: torch.Tensor, excluded: Sequence[int] | None, given
     length, block = int(length), int(block)
     band = min(gw, int(band or gw))
     step = int(step or band)
-    if length < 1 or step < 1 or band < 1:
-        raise EvalInputError(f"length, band and step must be >= 1 px, got {length}, {band}, {step}")
+    if length < 1 or step < 1 or band < 1 or int(choices) < 1:
+        raise EvalInputError(f"length, band, step and choices must be >= 1, got {length}, {band}, {step}, {choices}")
+    gen = _generator(seed) if int(choices) > 1 else None
     if gh < block or band < block:
         raise EvalInputError(f"the query band {band}x{gh} px (W x H) must hold at least one {block} px block")
     nbh, nbw = gh // block, band // block
@@ -145,6 +167,10 @@ def patch_nn_fill(reference: torch.Tensor, excluded: Sequence[int] | None, given
         best = int(torch.argmin(d))
         if not math.isfinite(d.flatten()[best].item()):
             raise EvalInputError(f"no place in the reference fits a {band + s}x{gh} px match outside the held-out box")
+        if gen is not None:
+            near = torch.topk(d.flatten(), min(int(choices), d.numel()), largest=False).indices
+            near = near[torch.isfinite(d.flatten()[near])]
+            best = int(near[torch.randint(len(near), (1,), generator=gen)])
         y, x = divmod(best, d.shape[1])
         piece = ref[..., y:y + gh, x + band:x + band + s]
         pieces.append(piece)

@@ -19,6 +19,12 @@ Scores (what a good value is)
 - :func:`lowres_psnr`: PSNR in dB between the ``block`` x ``block`` px block means (token
   resolution, ``block`` = 8 by default) of the region and of the truth. Texture detail does not
   count, layout does. Higher is better; the truth itself scores ``inf`` (capped at 100 dB).
+- :func:`energy_score_db`: the energy score of several draws (one per seed) against the truth
+  at the same token resolution, ``mean ||x_i - y|| - mean_{i != j} ||x_i - x_j|| / 2`` over the
+  block means (norms as RMS), in dB as PSNR is. A strictly proper scoring rule: in expectation the
+  truth's own distribution scores best. One sample's low-res PSNR is not proper: it is maximised
+  by the conditional mean, so a blur (controls.line_mean_fill) outscores every real continuation.
+  For a point forecast (all draws equal) it equals the low-res PSNR.
 - :func:`layout_correlation`: Pearson correlation (per-channel centred, pooled over R, G, B)
   between the per-row mean colour profiles of region and truth (``axis="rows"``, for left/right
   continuation: where the horizon, the sky and the field lie) or per-column profiles (``"cols"``,
@@ -66,9 +72,9 @@ from .metrics import (
 
 __all__ = [
     "DIRECTIONS", "Box", "check_box", "canonical", "from_canonical", "canonical_box", "boxes_overlap",
-    "valid_positions", "allowed_rect", "crop", "block_means", "lowres_psnr", "line_profile", "layout_correlation",
-    "boundary_seam_stats", "boundary_seam_ratio", "texture_ratio", "decode_hard_cut", "gap_seam_stats",
-    "hard_cut_seam_ratio",
+    "valid_positions", "allowed_rect", "crop", "block_means", "lowres_psnr", "energy_score_db", "line_profile",
+    "layout_correlation", "boundary_seam_stats", "boundary_seam_ratio", "texture_ratio", "decode_hard_cut",
+    "gap_seam_stats", "hard_cut_seam_ratio",
 ]
 
 DIRECTIONS = ("right", "left", "up", "down")
@@ -209,6 +215,32 @@ def lowres_psnr(region: torch.Tensor, truth: torch.Tensor, block: int = 8, cap: 
     mse = (a - b).pow(2).mean(dim=(1, 2, 3))
     vals = torch.where(mse > 0, -10.0 * torch.log10(mse.clamp_min(1e-300)), torch.full_like(mse, math.inf))
     return vals.clamp(max=cap).mean().item()
+
+
+def energy_score_db(draws: Sequence[torch.Tensor], truth: torch.Tensor, block: int = 8, cap: float = 100.0) -> float:
+    """Energy score of ``draws`` (IMAGEs of the truth's size, one per seed: samples of what a
+    generator makes here) against ``truth``, on ``block`` px block means, in dB (-20 log10; higher is
+    better, ``cap`` when it is 0). With x_i the draws' block means and y the truth's, norms divided
+    by the square root of the number of values (so one draw's ``|x - y|`` is its RMS error)::
+
+        ES = mean_i |x_i - y| - sum_{i != j} |x_i - x_j| / (2 n (n - 1))
+
+    Strictly proper (Gneiting & Raftery 2007): no set of draws scores better, in expectation,
+    than draws from the distribution the truth comes from; spreading draws where the truth could
+    be is credited, and blurring them together is not rewarded. Needs at least 2 draws. Draws that
+    are all equal (a point forecast) score their low-res PSNR. ES >= 0 by the triangle inequality.
+    """
+    if len(draws) < 2:
+        raise EvalInputError(f"the energy score needs at least 2 draws (seeds), got {len(draws)}")
+    for d in draws:
+        _same_size(d, truth, "energy_score_db")
+    x = torch.cat([block_means(d, block)[:1] for d in draws]).flatten(1)  # [n, values]
+    y = block_means(truth, block)[:1].flatten(1)                           # [1, values]
+    n, scale = x.shape[0], math.sqrt(x.shape[1])
+    to_truth = (x - y).norm(dim=1).mean() / scale
+    spread = torch.cdist(x, x).sum() / (n * (n - 1)) / scale
+    es = (to_truth - spread / 2).item()
+    return cap if es <= 10 ** (-cap / 20) else min(cap, -20.0 * math.log10(es))
 
 
 def line_profile(image: torch.Tensor, axis: str = "rows") -> torch.Tensor:
