@@ -85,7 +85,8 @@ from .region_scores import (
     texture_ratio,
 )
 
-__all__ = ["ROWS", "SCORES", "ACROSS_SEEDS", "TRAINING_FREE", "WindowPlan", "plan_window", "model_generator", "evaluate_continuation", "format_table"]
+__all__ = ["ROWS", "SCORES", "ACROSS_SEEDS", "TRAINING_FREE", "WindowPlan", "plan_window", "model_generator",
+           "evaluate_continuation", "format_table"]
 
 ROWS = ("model", "real", "real tokens", "random real", "patchwork", "patch-NN", "patch-NN drawn", "flat", "line mean",
         "i.i.d. tokens")

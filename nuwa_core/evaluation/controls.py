@@ -50,8 +50,7 @@ from .region_scores import decode_hard_cut, hard_cut_seam_ratio, valid_positions
 
 __all__ = [
     "random_real_fill", "patchwork_fill", "patch_nn_fill", "flat_fill", "line_mean_fill", "random_tokens",
-    "iid_token_fill",
-    "token_patchwork", "hard_cut_seam_controls", "single_image_controls",
+    "iid_token_fill", "token_patchwork", "hard_cut_seam_controls", "single_image_controls",
 ]
 
 
@@ -133,9 +132,8 @@ def patch_nn_fill(reference: torch.Tensor, excluded: Sequence[int] | None, given
     ``step`` px that follow its band. Repeats until ``length`` px are filled. ``band`` defaults to
     the given part's width, ``step`` to ``band``. ``choices`` > 1: each step lends what follows one
     of the ``choices`` best matches, drawn uniformly (``seed``) instead of the best. Returns IMAGE
-    [1, gh, length, 3], or with
-    ``details`` a dict with ``fill``, ``sources`` [(x, y) of each copied piece in the reference]
-    and ``distances`` (mean squared block difference of each match).
+    [1, gh, length, 3], or with ``details`` a dict with ``fill``, ``sources`` [(x, y) of each
+    copied piece in the reference] and ``distances`` (mean squared block difference of each match).
     """
     ref = _as_bchw(reference, "reference")[:1].double()  # [1, 3, H, W]
     ctx = _as_bchw(given, "given")[:1].double()  # [1, 3, gh, gw]
