@@ -113,13 +113,14 @@ def _image_table(result: dict) -> str:
 # ---------------------------------------------------------------------------------- continuation
 
 def continuation_main(argv: Sequence[str]) -> int:
-    from .continuation import ROWS, SCORES, evaluate_continuation, format_table
+    from .continuation import ACROSS_SEEDS, ROWS, SCORES, evaluate_continuation, format_table
     from .region_scores import DIRECTIONS
     p = argparse.ArgumentParser(
         prog="python -m nuwa_core.eval continuation",
         description="Held-out continuation: cut a window of whole patches inside the held-out box, give the "
                     "model the part on the far side of each direction, generate the rest, and score it and "
-                    f"every control ({', '.join(ROWS[1:])}) against the truth: {', '.join(SCORES)}. Prints a "
+                    f"every control ({', '.join(ROWS[1:])}) against the truth: {', '.join(SCORES)} per seed, "
+                    f"{', '.join(ACROSS_SEEDS)} over all seeds' draws (a proper score; 2 or more seeds). Prints a "
                     "table per direction and, as the last stdout line, one JSON object. The model must not "
                     "have trained on the held-out box. Details: nuwa_core/evaluation/continuation.py.")
     p.add_argument("model", help="NUWA-Infinity bundle (.safetensors)")
@@ -127,7 +128,8 @@ def continuation_main(argv: Sequence[str]) -> int:
     p.add_argument("--heldout", type=int, nargs=4, required=True, metavar=("X", "Y", "W", "H"),
                    help="held-out box in pixels of the reference")
     p.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=DIRECTIONS)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="one draw each (default 0 1 2); the energy score needs 2 or more")
     p.add_argument("--top-k", type=int, default=100, help="sampler top-k (default 100, as the README's tables)")
     p.add_argument("--epsilon", type=float, default=0.01, help="sampler epsilon (default 0.01)")
     p.add_argument("--temperature", type=float, default=1.0)
