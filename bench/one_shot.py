@@ -6,7 +6,8 @@ Trains `train one-shot` (nuwa_core/training/one_shot.py) on the painting with th
 for --minutes, then runs the held-out continuation protocol (python -m nuwa_core.eval continuation) on
 that strip for the trained model and, in the same run on the same windows, for the shipped default
 model; the protocol's controls (random real pixels from elsewhere, patch-NN copying, flat, real tokens)
-come from the same run. Also: the tokenizer's round trip on the held-out strip against the shipped
+come from the same run, and the energy score of the seeds' draws (a proper score; evaluation/
+continuation.py) beside low-res PSNR, with each model's margin over the best training-free control. Also: the tokenizer's round trip on the held-out strip against the shipped
 tokenizer's (is training the tokenizer worth its share of the budget?), and the time to the first
 renderer preview and to the end of the budget.
 
@@ -95,12 +96,21 @@ def main() -> dict:
         rows["default model"] = scored["default model"]["directions"][d]["mean"]["model"]["lowres_psnr"]
         layout = {r: mean[r]["layout"] for r in ("model", "random real", "patch-NN", "flat")}
         layout["default model"] = scored["default model"]["directions"][d]["mean"]["model"]["layout"]
+        energy = {r: mean[r]["energy_db"] for r in ("model", "random real", "patch-NN drawn", "line mean")}
+        energy["default model"] = scored["default model"]["directions"][d]["mean"]["model"]["energy_db"]
         print(f"\n{d}: held-out {heldout}, seeds {args.seeds}, low-res PSNR dB (8 px blocks) / layout correlation")
         for r in ROWS:
             print(f"  {r:14s} {rows[r]:6.2f}  {layout.get(r, float('nan')):6.3f}" if r in layout
                   else f"  {r:14s} {rows[r]:6.2f}")
+        if energy["model"] is not None:  # two or more seeds
+            print("  energy score of the seeds' draws, dB (proper; a blur cannot win it): "
+                  + ", ".join(f"{r} {v:.2f}" for r, v in energy.items()))
         figures[d] = {"lowres_psnr": {r: round(v, 2) for r, v in rows.items()},
                       "layout": {r: round(v, 3) for r, v in layout.items()},
+                      "energy_db": {r: None if v is None else round(v, 2) for r, v in energy.items()},
+                      "energy_margin_db": {
+                          name: None if res["directions"][d]["energy_margin_db"] is None
+                          else round(res["directions"][d]["energy_margin_db"], 2) for name, res in scored.items()},
                       "beats_random_real": rows["model"] > rows["random real"],
                       "beats_default_model": rows["model"] > rows["default model"],
                       "gap_to_patch_nn_db": round(rows["model"] - rows["patch-NN"], 2)}
