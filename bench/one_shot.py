@@ -7,9 +7,10 @@ for --minutes, then runs the held-out continuation protocol (python -m nuwa_core
 that strip for the trained model and, in the same run on the same windows, for the shipped default
 model; the protocol's controls (random real pixels from elsewhere, patch-NN copying, flat, real tokens)
 come from the same run, and the energy score of the seeds' draws (a proper score; evaluation/
-continuation.py) beside low-res PSNR, with each model's margin over the best training-free control. Also: the tokenizer's round trip on the held-out strip against the shipped
-tokenizer's (is training the tokenizer worth its share of the budget?), and the time to the first
-renderer preview and to the end of the budget.
+continuation.py) beside low-res PSNR, with each model's margin over the best training-free control.
+Also: the tokenizer's round trip on the held-out strip against the shipped tokenizer's (is training
+the tokenizer worth its share of the budget?), and the time to the first renderer preview and to the
+end of the budget.
 
 Goals (issue 17): the model's low-res PSNR above random real's and the default model's; the gap to
 patch-NN reported. The README's rows ran with --minutes 10 --window 7 3 (longer than a bench may take:
@@ -108,9 +109,8 @@ def main() -> dict:
         figures[d] = {"lowres_psnr": {r: round(v, 2) for r, v in rows.items()},
                       "layout": {r: round(v, 3) for r, v in layout.items()},
                       "energy_db": {r: None if v is None else round(v, 2) for r, v in energy.items()},
-                      "energy_margin_db": {
-                          name: None if res["directions"][d]["energy_margin_db"] is None
-                          else round(res["directions"][d]["energy_margin_db"], 2) for name, res in scored.items()},
+                      "energy_margin_db": {name: None if margin is None else round(margin, 2) for name, margin in
+                                           ((n, r["directions"][d]["energy_margin_db"]) for n, r in scored.items())},
                       "beats_random_real": rows["model"] > rows["random real"],
                       "beats_default_model": rows["model"] > rows["default model"],
                       "gap_to_patch_nn_db": round(rows["model"] - rows["patch-NN"], 2)}
