@@ -103,6 +103,31 @@ def test_energy_score_over_the_seeds(tiny, reference):
     assert r["energy_summary"]["right"] == res["energy_margin_db"]
 
 
+def test_truth_token_nll_against_its_controls(reference):
+    """The truth's tokens, teacher-forced: a renderer with no opinion (head zeroed) scores exactly
+    the uniform ln V; the same renderer made confidently arbitrary (head scaled up) scores far above
+    it, as a memorised one does on a place it has not seen; the unigram control is the seen
+    part's code counts, add-1/2."""
+    import copy
+    import math
+
+    model = tiny_model()
+    r = K.evaluate_continuation(reference, HELDOUT, model, directions=["right"], seeds=(0,), **FAST)
+    t = r["directions"]["right"]["token_nll"]
+    assert t["uniform"] == pytest.approx(math.log(64)) and "teacher-forced" in K.format_table(r)
+    plan = K.plan_window(HELDOUT, "right", model.patch_pixels, reference.shape[1:3])
+    seen = model.canvas_from_image(reference[:, :, :80], fit="crop").tokens.flatten()
+    truth = model.canvas_from_image(crop(reference, plan.window), fit="refuse").tokens[..., 4:].flatten()
+    p = (torch.bincount(seen, minlength=64).double() + 0.5) / (len(seen) + 32)
+    assert t["unigram"] == pytest.approx(-p.log()[truth].mean().item())
+    flat, sharp = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        flat.renderer.head.weight.zero_()  # no bias: every logit 0
+        sharp.renderer.head.weight.mul_(50)
+    assert K.truth_token_nll(flat, reference, HELDOUT, plan)["model"] == pytest.approx(math.log(64), abs=1e-5)
+    assert K.truth_token_nll(sharp, reference, HELDOUT, plan)["model"] > math.log(64) + 5
+
+
 def test_generate_fn_hook(tiny, reference):
     kw = dict(directions=["right", "down"], seeds=(0,), **FAST)
     no_context = K.evaluate_continuation(reference, HELDOUT, tiny,

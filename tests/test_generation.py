@@ -559,3 +559,53 @@ def test_an_overflow_in_the_last_layer_is_refused(decoder):
         m.renderer.ln_f.bias[0] = float("inf")
     with pytest.raises(FloatingPointError, match="overflowed .* torch.float32: its weights hold non-finite"):
         m.generate(st, m.plan_fill(st), SamplerSettings(top_k=16), generator=0)
+
+
+def test_token_nll_scores_tokens_in_the_context_generate_draws_them_in(monkeypatch):
+    """token_nll walks the plan as generate does (pre-cache, re-encoded segments, pool), teacher-
+    forced: the NLL it gives the tokens generate drew equals the log-probabilities the sampler
+    drew them with, token by token (a context, order or cache off anywhere changes them)."""
+    from nuwa_core.infinity.patch_samplers import decode_ar
+
+    m = tiny_model()
+    st = m.canvas_from_image(image())
+    plan = m.plan_extension(st, left=1, down=1, right=1, up=1)
+    drawn = []  # per patch: -log p of each drawn token, raster
+
+    def recording_sampler(renderer, context, order, text_kv, batch, settings, streams):
+        steps = []
+
+        def choose(logits):
+            logp = torch.log_softmax(logits.float(), -1)
+            token = torch.multinomial(logp.exp(), 1, generator=streams_gen)[:, 0]
+            steps.append(-logp.gather(1, token[:, None])[:, 0])
+            return token
+
+        tokens, cache = decode_ar(renderer, context, order, text_kv, batch, choose)
+        inv = renderer.permutation(order)[1]
+        drawn.append(torch.stack(steps, 1)[:, inv])
+        return tokens, cache
+
+    streams_gen = seeded(7)
+    monkeypatch.setitem(generation.SAMPLERS, "ar", recording_sampler)
+    made = m.generate(st, plan, FAST, generator=seeded(), schedule="sequential")
+    monkeypatch.undo()
+    nll = m.token_nll(st, plan, made.tokens)
+    assert nll.shape == (len(plan), 1, 16)
+    torch.testing.assert_close(nll, torch.stack(drawn), atol=1e-4, rtol=1e-4)
+    other = made.clone()  # a token changed in the last patch: earlier patches score the same
+    coord = plan.steps()[-1][1]
+    other.set_patch(coord, (other.patch_tokens(coord) + 1) % 64)
+    changed = m.token_nll(st, plan, other.tokens)
+    assert torch.equal(changed[:-1], nll[:-1]) and not torch.equal(changed[-1], nll[-1])
+
+
+def test_token_nll_refuses_wrong_shapes_and_non_ar_renderers():
+    m = tiny_model()
+    st = m.canvas_from_image(image())
+    plan = m.plan_extension(st, right=1)
+    with pytest.raises(ValueError, match=r"grown canvas's shape"):
+        m.token_nll(st, plan, st.tokens)
+    n = tiny_model(decoder="nar")
+    with pytest.raises(ValueError, match="AR renderer"):
+        n.token_nll(st, n.plan_extension(st, right=1), st.grown(plan).tokens)

@@ -48,6 +48,10 @@ Scores (region_scores.py; columns of the table)
                   2 or more seeds). Strictly proper: draws from the distribution the truth comes
                   from score best in expectation, so a blur is not rewarded over plausible draws as
                   one draw's low-res PSNR rewards it. Deterministic rows score their low-res PSNR.
+    token_nll     (per direction, AR models; no sampling) nats per token the model gives the truth's
+                  own tokens, teacher-forced where it generates, beside the unigram of the codes of
+                  the part it saw and the uniform ln V (``truth_token_nll``): above the unigram, the
+                  renderer is confidently wrong about a place it has not seen (it memorised)
 
 Summary: per direction, ``margin_db`` = mean over seeds of the model's low-res PSNR minus the
 better of the *random real* and *patch-NN* means. Above 0: the model uses its context better than
@@ -86,7 +90,7 @@ from .region_scores import (
 )
 
 __all__ = ["ROWS", "SCORES", "ACROSS_SEEDS", "TRAINING_FREE", "WindowPlan", "plan_window", "model_generator",
-           "evaluate_continuation", "format_table"]
+           "evaluate_continuation", "truth_token_nll", "format_table"]
 
 ROWS = ("model", "real", "real tokens", "random real", "patchwork", "patch-NN", "patch-NN drawn", "flat", "line mean",
         "i.i.d. tokens")
@@ -189,8 +193,9 @@ def evaluate_continuation(reference: torch.Tensor, heldout: Sequence[int], model
     Returns ``{"directions": {d: {"plan", "mean": {row: {score: v}}, "per_seed": {row: {score:
     [v per seed]}}, "margin_db", "margin_db_per_seed", "margin_vs_flat_db", "energy_margin_db"}},
     "summary": {d: margin_db}, "energy_summary": {d: energy_margin_db}, "rows", "scores",
-    "settings"...}``; ``mean`` also holds ``energy_db`` (None with one seed); non-finite values
-    become None.
+    "settings"...}``; ``mean`` also holds ``energy_db`` (None with one seed); with an AR model
+    each direction also holds ``token_nll`` ({"model", "first", "unigram", "uniform"}); non-finite
+    values become None.
     """
     ref = _as_bchw(reference, "reference")[:1].permute(0, 2, 3, 1).contiguous()  # [1, H, W, 3]
     H, W = ref.shape[1:3]
@@ -242,9 +247,34 @@ def evaluate_continuation(reference: torch.Tensor, heldout: Sequence[int], model
             "margin_db_per_seed": margins,
             "margin_vs_flat_db": mean["model"]["lowres_psnr"] - mean["flat"]["lowres_psnr"],
             "energy_margin_db": _energy_margin(mean)}
+        if model is not None and model.renderer.config.decoder == "ar":
+            out["directions"][direction]["token_nll"] = truth_token_nll(model, ref, heldout, plan, extent)
         out["summary"][direction] = out["directions"][direction]["margin_db"]
         out["energy_summary"][direction] = out["directions"][direction]["energy_margin_db"]
     return _json_ready(out)
+
+
+def truth_token_nll(model, reference: torch.Tensor, heldout: Sequence[int], plan: WindowPlan, extent=None) -> dict:
+    """How likely the model finds the truth's tokens (the window encoded) where it generates,
+    teacher-forced in the protocol's setting (NuwaInfinity.token_nll), in nats per token, beside
+    two controls that use no context: the unigram of the codes in the part of the reference the
+    model saw (``allowed_rect``, add-1/2 smoothing) and the uniform ln V. A renderer that
+    generalises scores below the unigram; one that memorised its training part scores above it
+    (it is confidently wrong about a place it has not seen). ``first``: the first token of each
+    patch in generation order, the one its context alone must predict."""
+    state = model.canvas_from_image(crop(reference, plan.given), fit="refuse")
+    grown_plan = model.plan_extension(state, **{plan.direction: plan.generated_patches})
+    truth = model.canvas_from_image(crop(reference, plan.window), fit="refuse")
+    nll = model.token_nll(state, grown_plan, truth.tokens, extent=None if extent is None else tuple(extent))
+    first = [model.renderer.permutation(order)[0][0] for order, _ in grown_plan.steps()]
+    H, W = reference.shape[1:3]
+    seen = model.canvas_from_image(crop(reference, allowed_rect(H, W, heldout)), fit="crop").tokens
+    vocab = model.vqgan.config.n_embed
+    counts = torch.bincount(seen.flatten(), minlength=vocab).double() + 0.5
+    unigram = -(counts / counts.sum()).log()
+    planned = torch.stack([truth.patch_tokens(c) for _, c in grown_plan.steps()])  # [N, B, M]
+    return {"model": nll.mean().item(), "first": torch.stack([nll[n, :, r] for n, r in enumerate(first)]).mean().item(),
+            "unigram": unigram[planned].mean().item(), "uniform": math.log(vocab)}
 
 
 def _energy_margin(mean: dict) -> float | None:
@@ -365,6 +395,11 @@ def format_table(result: dict) -> str:
                      f"model - flat = {_fmt(r['margin_vs_flat_db'], '+.2f')} dB")
         lines.append(f"  energy margin: model - best training-free control = "
                      f"{_fmt(r['energy_margin_db'], '+.2f')} dB")
+        if "token_nll" in r:
+            t = r["token_nll"]
+            lines.append(f"  truth's tokens, teacher-forced: model {t['model']:.2f} nats/token (first of a patch "
+                         f"{t['first']:.2f}), unigram of the seen part {t['unigram']:.2f}, uniform {t['uniform']:.2f}; "
+                         "below both = generalises, above = confidently wrong where it has not been trained")
         lines.append("")
     lines.append("good: lowres dB and layout r high (real = 100 dB / 1.00); boundary near the real tokens row "
                  "(real pixels meet decoded ones) and below patchwork; hard-cut near real, below patchwork; "

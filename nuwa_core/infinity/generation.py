@@ -314,6 +314,52 @@ class NuwaInfinity(nn.Module):
                     return state
         return state
 
+    @torch.no_grad()
+    def token_nll(self, state: CanvasState, plan: Plan, tokens: torch.Tensor, text: torch.Tensor | None = None,
+                  extent: Grid | None = None, reencode: bool = True) -> torch.Tensor:
+        """How likely the renderer finds given tokens where `plan` would generate: the plan walked
+        as `generate` walks it (given patches pre-cached, segments re-encoded, one patch at a time),
+        each planned patch teacher-forced with `tokens` [B, F, h, w] (the grown canvas's grid, e.g.
+        the truth's encoding) instead of sampled. -> NLL in nats [N, B, M]: planned patch (plan
+        order) x canvas x token (raster). A held-out region's NLL against ln(vocabulary) tells
+        generalising from memorising (evaluation/continuation.py). AR renderers; no guidance."""
+        cfg = self.renderer.config
+        if cfg.decoder != "ar":
+            raise ValueError(f"token_nll teacher-forces an AR renderer; this one decodes as {cfg.decoder!r}")
+        extent = self._extent(extent)
+        grown = state.grown(plan)
+        if tuple(tokens.shape) != tuple(grown.tokens.shape):
+            raise ValueError(f"tokens {tuple(tokens.shape)} must have the grown canvas's shape {tuple(grown.tokens.shape)} "
+                             "[B, F, h, w]")
+        self._check_plan(grown, plan.steps())
+        truth = grown.clone()  # the given patches as the canvas has them, the planned ones from `tokens`
+        truth.tokens = torch.where(grown.tokens == UNKNOWN, tokens.to(grown.tokens), grown.tokens)
+        rows = PatchBatch(self.renderer, self._text(text, state.batch))
+        pool = NearbyContextPool(extent)
+        pool.periods = grown.periods
+        executed = [c for _, c in plan.steps()]
+        last = last_needed_steps(executed, extent, keep=[], periods=grown.periods)
+
+        def known(coord: Coord) -> torch.Tensor:
+            return truth.patch_tokens(coord).to(self.device)
+
+        for coord in self._precache_list(grown, executed, pool, plan.precache_order, extent):
+            rows.encode([coord], plan.precache_order, pool, pool.select, known)
+        pool.remove(-1, last)
+        nll = []
+        for order, coords in [(s.order, s.patches) for s in plan.segments]:
+            if reencode:
+                near = {n for c in coords for n in adc.neighbours(c, extent, grown.grid, grown.periods)}
+                reencode_pooled(rows, pool, near, order, grown.grid, known)
+            for coord in coords:
+                target = known(coord)                                            # [B, M] raster
+                logits, cache = self.renderer.teacher_forced(target, order, rows.context([(coord, pool.select(coord))]),
+                                                             rows.text_kv(1))
+                nll.append(F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none"))
+                pool.add(coord, cache, order)
+                pool.remove(len(nll) - 1, last)
+        return torch.stack(nll) if nll else torch.zeros(0, state.batch, cfg.tokens_per_patch)
+
     def _extent(self, extent) -> Grid:
         trained = tuple(self.renderer.config.extent)
         if extent is None:
