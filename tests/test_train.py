@@ -287,6 +287,11 @@ def test_renderer_dropout_changes_training_only(tmp_path, tokenizer):
     assert all(torch.equal(a[k], got[k]) for k in a)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\).*got 1\.0"):
         train.main(renderer_args(img, tokenizer, tmp_path / "bad.safetensors", "--steps", "1", "--dropout", "1"))
+    with pytest.raises(loop.TrainingError, match=r"--token-noise .*0 <= P < 1.*got 1\.0"):
+        train.main(renderer_args(img, tokenizer, tmp_path / "bad.safetensors", "--steps", "1", "--token-noise", "1"))
+    with pytest.raises(loop.TrainingError, match="--token-noise .*--decoder ar.*--decoder nar"):
+        train.main(renderer_args(img, tokenizer, tmp_path / "bad.safetensors", "--steps", "1", "--token-noise", "0.2",
+                                 "--decoder", "nar"))
 
 
 def test_renderer_init_grows_an_image_model_into_a_video_model(tmp_path, tokenizer):

@@ -116,7 +116,8 @@ def training_steps(grid: adc.Grid, gen: torch.Generator, outpaint_share: float) 
 def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tensor, walk, opt,
                         gen: torch.Generator, label_smoothing: float = 0.0, accumulate: bool = False,
                         no_context: bool = False, lr_fn=None, check=None,
-                        text: torch.Tensor | None = None, reencode: bool = True, edge_weight: float = 1.0) -> dict:
+                        text: torch.Tensor | None = None, reencode: bool = True, edge_weight: float = 1.0,
+                        token_noise: float = 0.0) -> dict:
     """Algorithm 1 on one batch of token grids [B, F*pf, H*ph, W*pw]: returns losses and step counts.
     walk: one basic Order for the whole grid, or every patch as (order, coord) in turn (training_steps).
     text [B, T, D]: caption features for every patch's cross-attention (None: unconditioned).
@@ -129,6 +130,11 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
     does, so a strip trains on the contexts it will read at inference.
     edge_weight: an AR patch's loss weights the tokens on its edge against the context
     (Renderer.edge_tokens: the first token's row and column) this many times the others.
+    token_noise (AR): this share of the tokens a patch reads (its own earlier tokens, and through
+    its cache every later patch's context) is replaced by random codes, drawn once per sample; the
+    targets stay the true tokens. A held-out place is spelt in codes the renderer never saw in that
+    order, so a context it can only use as an exact key to a remembered place misleads it there
+    (TRAINING.md 5o); noisy keys train it to read its context approximately.
     """
     cfg = renderer.config
     pf, ph, pw = cfg.patch_size
@@ -141,9 +147,15 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
     losses, n_opt = [], 0
     if accumulate:
         opt.zero_grad(set_to_none=True)
-    def patch_tokens(coord: adc.Coord) -> torch.Tensor:  # [B, M] raster
+    read = tokens  # what the patches read; the losses' targets stay `tokens`
+    if token_noise > 0 and cfg.decoder == "ar":
+        swap = torch.rand(tokens.shape, generator=gen) < token_noise
+        codes = torch.randint(cfg.vocab_size, tokens.shape, generator=gen)
+        read = torch.where(swap.to(device), codes.to(device), tokens)
+
+    def patch_tokens(coord: adc.Coord, grid_tokens: torch.Tensor = read) -> torch.Tensor:  # [B, M] raster
         k, i, j = coord
-        return tokens[:, k * pf:(k + 1) * pf, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].reshape(b, -1)
+        return grid_tokens[:, k * pf:(k + 1) * pf, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].reshape(b, -1)
 
     for t, (order, coord) in enumerate(steps):
         if reencode and not no_context and t > 0 and order is not steps[t - 1][0]:
@@ -151,10 +163,10 @@ def render_and_optimize(renderer: Renderer, model: nn.Module, tokens: torch.Tens
             strip = [c for _, c in steps[t:end]]
             near = {n for c in strip for n in adc.neighbours(c, cfg.extent, grid)}
             reencode_pooled(PatchBatch(renderer, text), pool, near, order, grid, patch_tokens)
-        patch = patch_tokens(coord)
+        patch = patch_tokens(coord, tokens)
         ctx = Context(None, None, 0) if no_context else Context.from_pool(pool.select(coord), coord, renderer.rel, device)
         masked = pnar_mask(b, patch.shape[1], gen).to(device) if cfg.decoder == "pnar" else None
-        logits, cache = model(patch, order, ctx, masked, text)
+        logits, cache = model(patch_tokens(coord), order, ctx, masked, text)
         if cfg.decoder == "pnar":
             loss = F.cross_entropy(logits[masked], patch[masked], label_smoothing=label_smoothing)
         elif edge_weight != 1.0:
@@ -314,6 +326,7 @@ def renderer_config_dict(args, rcfg: RendererConfig) -> dict:
             "token_bank": args.token_bank, "wrap": {"none": False, "x": True}.get(args.wrap, args.wrap), "outpaint_share": args.outpaint_share,
             "reencode": not args.no_reencode,
             **({"edge_weight": args.edge_weight} if args.edge_weight != 1.0 else {}),
+            **({"token_noise": args.token_noise} if args.token_noise else {}),
             # only for videos, so image runs from before videos existed still resume
             **({"video": {"frames": args.frames, "max_stride": args.max_stride, "size": args.video_size,
                           "frame_range": args.frame_range}} if getattr(args, "videos", None) else {}),
@@ -413,6 +426,9 @@ def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: lis
     text = caption_features(args)  # before seeding: building a CLIP tower draws random numbers
     if not 0.0 <= args.outpaint_share <= 1.0:
         raise TrainingError(f"--outpaint-share is a probability in 0..1, got {args.outpaint_share}")
+    if not 0.0 <= args.token_noise < 1.0 or (args.token_noise and args.decoder != "ar"):
+        raise TrainingError(f"--token-noise is the share of read tokens replaced by random codes, 0 <= P < 1, for "
+                            f"--decoder ar; got {args.token_noise} with --decoder {args.decoder}")
     dist = Dist(getattr(args, "device", None))
     torch.manual_seed(args.seed)
     vq = load_vqgan(args.tokenizer).float().to(dist.device).eval()
@@ -492,7 +508,8 @@ def train_renderer(args, images: list[torch.Tensor] | None = None, keep_out: lis
             captions = text[sources].to(dist.device)
         res = render_and_optimize(renderer, model, tokens, walk, opt, data_gen, args.label_smoothing,
                                   args.accumulate, args.no_context, lr_fn, check, text=captions,
-                                  reencode=not args.no_reencode, edge_weight=args.edge_weight)
+                                  reencode=not args.no_reencode, edge_weight=args.edge_weight,
+                                  token_noise=args.token_noise)
         return {"optimizer_steps": opt_steps, "loss": res["loss"], "first_patch": res["first_patch"],
                 "orders": "+".join(dict.fromkeys(o.value for o, _ in walk)), "peak_pool": res["peak_pool"]}
 
@@ -565,6 +582,9 @@ def add_arguments(p) -> None:
     p.add_argument("--label-smoothing", type=float, default=None, help="default 0.15 with --one-shot, else 0")
     p.add_argument("--edge-weight", type=float, default=1.0, help="AR: weight of a patch's tokens on its edge "
                    "against the context (the first token's row and column) in the loss, against 1 for the others")
+    p.add_argument("--token-noise", type=float, default=0.0, help="AR: share of the tokens a patch reads (its own "
+                   "earlier tokens and, through the pool, the context) replaced by random codes in training; the "
+                   "targets stay true (0 <= P < 1): the context as an approximate, not an exact, key")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on attention weights and MLP outputs in "
                    "training (0 <= P < 1; generation never drops): against memorising a one-shot image")
