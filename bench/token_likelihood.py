@@ -29,7 +29,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from _continuation import DIRECTIONS, IMAGE, MODEL
 
-from nuwa_core.evaluation.continuation import plan_window, truth_token_nll
+from nuwa_core.evaluation.continuation import plan_window, seen_code_nll, truth_token_nll
 from nuwa_core.images import load_image
 from nuwa_core.infinity.generation import NuwaInfinity
 
@@ -43,10 +43,11 @@ SHIPPED = [  # (name, model, reference, held-out box, seen box)
 def score(model: NuwaInfinity, reference: torch.Tensor, heldout, seen) -> dict:
     """Per direction: held-out and seen NLL (model, first token), the held-out box's controls."""
     hw = reference.shape[1:3]
+    code_nll = seen_code_nll(model, reference, heldout)  # the unigram control, once per model
     out = {}
     for d in DIRECTIONS:
-        held = truth_token_nll(model, reference, heldout, plan_window(heldout, d, model.patch_pixels, hw))
-        own = truth_token_nll(model, reference, heldout, plan_window(seen, d, model.patch_pixels, hw))
+        held = truth_token_nll(model, reference, heldout, plan_window(heldout, d, model.patch_pixels, hw), None, code_nll)
+        own = truth_token_nll(model, reference, heldout, plan_window(seen, d, model.patch_pixels, hw), None, code_nll)
         out[d] = {"heldout": held["model"], "heldout_first": held["first"], "seen": own["model"],
                   "seen_first": own["first"], "unigram": held["unigram"], "uniform": held["uniform"]}
     out["mean"] = {k: sum(out[d][k] for d in DIRECTIONS) / len(DIRECTIONS) for k in out[DIRECTIONS[0]]}

@@ -90,7 +90,7 @@ from .region_scores import (
 )
 
 __all__ = ["ROWS", "SCORES", "ACROSS_SEEDS", "TRAINING_FREE", "WindowPlan", "plan_window", "model_generator",
-           "evaluate_continuation", "truth_token_nll", "format_table"]
+           "evaluate_continuation", "seen_code_nll", "truth_token_nll", "format_table"]
 
 ROWS = ("model", "real", "real tokens", "random real", "patchwork", "patch-NN", "patch-NN drawn", "flat", "line mean",
         "i.i.d. tokens")
@@ -219,6 +219,8 @@ def evaluate_continuation(reference: torch.Tensor, heldout: Sequence[int], model
                               "extent": None if extent is None else list(extent),
                               "sampler": None if settings is None else asdict(settings)},
                  "directions": {}, "summary": {}, "energy_summary": {}}
+    code_nll = seen_code_nll(model, ref, heldout) if model is not None and model.renderer.config.decoder == "ar" \
+        else None  # token_nll's unigram control, one encoding of the seen part for every direction
     for direction in directions:
         plan = plan_window(heldout, direction, patch, (H, W), window_patches, given_patches)
         per_seed = {r: {s: [] for s in SCORES} for r in rows}
@@ -247,34 +249,41 @@ def evaluate_continuation(reference: torch.Tensor, heldout: Sequence[int], model
             "margin_db_per_seed": margins,
             "margin_vs_flat_db": mean["model"]["lowres_psnr"] - mean["flat"]["lowres_psnr"],
             "energy_margin_db": _energy_margin(mean)}
-        if model is not None and model.renderer.config.decoder == "ar":
-            out["directions"][direction]["token_nll"] = truth_token_nll(model, ref, heldout, plan, extent)
+        if code_nll is not None:
+            out["directions"][direction]["token_nll"] = truth_token_nll(model, ref, heldout, plan, extent, code_nll)
         out["summary"][direction] = out["directions"][direction]["margin_db"]
         out["energy_summary"][direction] = out["directions"][direction]["energy_margin_db"]
     return _json_ready(out)
 
 
-def truth_token_nll(model, reference: torch.Tensor, heldout: Sequence[int], plan: WindowPlan, extent=None) -> dict:
+def seen_code_nll(model, reference: torch.Tensor, heldout: Sequence[int]) -> torch.Tensor:
+    """-log p [V] of each code under the unigram of the codes in the part of the reference the model
+    saw (``allowed_rect``, encoded; add-1/2 smoothing): the context-free control of
+    :func:`truth_token_nll`, the same for every direction of one reference."""
+    H, W = reference.shape[1:3]
+    seen = model.canvas_from_image(crop(reference, allowed_rect(H, W, heldout)), fit="crop").tokens
+    counts = torch.bincount(seen.flatten(), minlength=model.vqgan.config.n_embed).double() + 0.5
+    return -(counts / counts.sum()).log()
+
+
+def truth_token_nll(model, reference: torch.Tensor, heldout: Sequence[int], plan: WindowPlan, extent=None,
+                    code_nll: torch.Tensor | None = None) -> dict:
     """How likely the model finds the truth's tokens (the window encoded) where it generates,
     teacher-forced in the protocol's setting (NuwaInfinity.token_nll), in nats per token, beside
     two controls that use no context: the unigram of the codes in the part of the reference the
-    model saw (``allowed_rect``, add-1/2 smoothing) and the uniform ln V. A renderer that
-    generalises scores below the unigram; one that memorised its training part scores above it
-    (it is confidently wrong about a place it has not seen). ``first``: the first token of each
+    model saw (``code_nll``, :func:`seen_code_nll` when not given) and the uniform ln V. A renderer
+    that generalises scores below the unigram; one that memorised its training part scores above
+    it (it is confidently wrong about a place it has not seen). ``first``: the first token of each
     patch in generation order, the one its context alone must predict."""
     state = model.canvas_from_image(crop(reference, plan.given), fit="refuse")
     grown_plan = model.plan_extension(state, **{plan.direction: plan.generated_patches})
     truth = model.canvas_from_image(crop(reference, plan.window), fit="refuse")
     nll = model.token_nll(state, grown_plan, truth.tokens, extent=None if extent is None else tuple(extent))
     first = [model.renderer.permutation(order)[0][0] for order, _ in grown_plan.steps()]
-    H, W = reference.shape[1:3]
-    seen = model.canvas_from_image(crop(reference, allowed_rect(H, W, heldout)), fit="crop").tokens
-    vocab = model.vqgan.config.n_embed
-    counts = torch.bincount(seen.flatten(), minlength=vocab).double() + 0.5
-    unigram = -(counts / counts.sum()).log()
+    code_nll = seen_code_nll(model, reference, heldout) if code_nll is None else code_nll
     planned = torch.stack([truth.patch_tokens(c) for _, c in grown_plan.steps()])  # [N, B, M]
     return {"model": nll.mean().item(), "first": torch.stack([nll[n, :, r] for n, r in enumerate(first)]).mean().item(),
-            "unigram": unigram[planned].mean().item(), "uniform": math.log(vocab)}
+            "unigram": code_nll[planned].mean().item(), "uniform": math.log(model.vqgan.config.n_embed)}
 
 
 def _energy_margin(mean: dict) -> float | None:
