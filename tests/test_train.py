@@ -170,6 +170,37 @@ def test_vqgan_lowres_weight_adds_the_token_colour_error(tmp_path):
     assert plain["loss"] == pytest.approx(plain["l1"] + plain["codebook"], rel=1e-5)
 
 
+def test_shift_equivariance_loss_is_zero_only_for_latents_that_move_with_the_picture():
+    from nuwa_core.training.vqgan import shift_equivariance_loss
+    ys, xs = torch.meshgrid(torch.arange(6.0), torch.arange(7.0), indexing="ij")
+    field = lambda dy, dx: torch.stack([2 * (ys + dy) + 3 * (xs + dx), (ys + dy) - (xs + dx)])  # linear: bilinear is exact
+    offsets = torch.tensor([[0.25, 0.5], [0.875, 0.0]])
+    z = torch.stack([field(0, 0), field(0, 0)])
+    moved = torch.stack([field(*o.tolist()) for o in offsets])
+    assert shift_equivariance_loss(z, moved, offsets).item() < 1e-10
+    assert shift_equivariance_loss(z, z, offsets).item() > 1e-3  # latents that stay put
+    assert shift_equivariance_loss(10 * z, 10 * z, offsets).item() == pytest.approx(
+        shift_equivariance_loss(z, z, offsets).item(), rel=1e-4)  # shrinking the latents does not pay
+
+
+def test_shifted_pairs_are_the_same_pixels_moved_by_the_offsets():
+    from nuwa_core.training.vqgan import shifted_pairs
+    x = torch.randn(5, 3, 12, 12)
+    crop, moved, offsets = shifted_pairs(x, 8, 4, torch.Generator().manual_seed(0))
+    assert crop.shape == moved.shape == (5, 3, 8, 8) and torch.equal(crop, x[..., :8, :8])
+    for b, (dy, dx) in enumerate(offsets.long().tolist()):
+        assert 0 <= dy < 4 and 0 <= dx < 4 and dy + dx > 0
+        assert torch.equal(moved[b], x[b, :, dy:dy + 8, dx:dx + 8])
+
+
+def test_vqgan_shift_weight_adds_the_equivariance_loss(tmp_path):
+    img = write_image(tmp_path / "a.png")
+    torch.set_num_threads(1)
+    res = train.main(vqgan_args(img, tmp_path / "a.safetensors", "--steps", "1", "--one-shot", "--shift-weight", "3"))
+    assert res["shift"] > 0
+    assert res["loss"] == pytest.approx(res["l1"] + 3 * res["shift"] + res["codebook"], rel=1e-5)
+
+
 def test_decoder_finetune_keeps_the_tokens_and_swaps_into_a_bundle(tmp_path, tokenizer):
     img = write_image(tmp_path / "a.png")
     torch.set_num_threads(1)

@@ -68,7 +68,8 @@ def vqgan_config_dict(args) -> dict:
             # each only where it changes what ran before it existed, so older checkpoints still resume
             **({"crop_scale": args.crop_scale} if args.one_shot and args.crop_scale != "image" else {}),
             **({"lpips": Path(args.lpips).name, "lpips_weight": args.lpips_weight} if args.lpips else {}),
-            **({"lowres_weight": args.lowres_weight} if args.lowres_weight else {})}
+            **({"lowres_weight": args.lowres_weight} if args.lowres_weight else {}),
+            **({"shift_weight": args.shift_weight} if args.shift_weight else {})}
 
 
 def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[torch.Tensor | None] | None = None,
@@ -95,6 +96,9 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
         for part in (vq.encoder, vq.quant_conv, vq.quantize):
             part.requires_grad_(False)
         args.restart_every = 0
+    if args.shift_weight and dist.enabled:
+        raise TrainingError("--shift-weight runs in one process only (its second encoder pass bypasses the "
+                            "distributed wrapper); run without torchrun or without --shift-weight")
     perceptual = lpips_for_run(args, dist.device)
     token_px = cfg.downsample_factor
     disc = PatchDiscriminator(n_layers=3 if args.crop >= 32 else 2)  # its 4x4 convs need >= 2 px at the end
@@ -118,16 +122,26 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
     run.preview = lambda: _vq_sample_image(vq, sample_in)
 
     def one_step(step, check):
-        x = random_crops(images, args.batch, (args.crop, args.crop), data_gen, aug, keep_out).to(dist.device)
+        margin = token_px if args.shift_weight else 0  # room for the shifted copy
+        x = random_crops(images, args.batch, (args.crop + margin, args.crop + margin), data_gen, aug,
+                         keep_out).to(dist.device)
         set_lr(opt_g, args.lr, step, args.warmup, run.lr_total())
         set_lr(opt_d, args.lr, step, args.warmup, run.lr_total())
-        rec, q_loss, ids = vq_ddp(x)
+        shift = torch.zeros(())
+        if args.shift_weight:
+            x, shifted, offsets = shifted_pairs(x, args.crop, token_px, data_gen)
+            z, z_shifted = vq.quant_conv(vq.encoder(torch.cat([x, shifted]))).chunk(2)
+            shift = shift_equivariance_loss(z, z_shifted, offsets / token_px)
+            z_q, q_loss, ids = vq.quantize(z)
+            rec = vq.decode(z_q)
+        else:
+            rec, q_loss, ids = vq_ddp(x)
         l1 = (rec - x).abs().mean()
         lpips = perceptual(rec, x).mean() if perceptual is not None else torch.zeros(())
         # each token's mean colour: the layout a renderer composes from tokens (L1 alone lets it drift)
         lowres = (F.mse_loss(F.avg_pool2d(rec, token_px), F.avg_pool2d(x, token_px)) if args.lowres_weight
                   else torch.zeros(()))
-        loss = l1 + args.lpips_weight * lpips + args.lowres_weight * lowres + q_loss
+        loss = l1 + args.lpips_weight * lpips + args.lowres_weight * lowres + args.shift_weight * shift + q_loss
         use_disc = step >= args.disc_start
         g_adv = torch.zeros(())
         if use_disc:
@@ -162,7 +176,7 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
                                             torch.Generator().manual_seed(args.seed + done))
             usage.zero_()
         return {"loss": loss.item(), "l1": l1.item(), "lpips": lpips.item(), "lowres": lowres.item(),
-                "codebook": q_loss.item(), "g_adv": g_adv.item(), "d_loss": d_loss.item(),
+                "codebook": q_loss.item(), "shift": shift.item(), "g_adv": g_adv.item(), "d_loss": d_loss.item(),
                 "codes_used": int((usage > 0).sum()), "restarted": restarted}
 
     def postfix(st, steps_per_s):
@@ -172,6 +186,7 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
     fields = ["step", "time", "loss", "l1", "codebook", "g_adv", "d_loss", "codes_used", "restarted"]
     fields += ["lpips"] if perceptual is not None else []
     fields += ["lowres"] if args.lowres_weight else []
+    fields += ["shift"] if args.shift_weight else []
     step, stopped, stats = run.loop(step, one_step, fields, postfix=postfix,
                                     sample=lambda path: save_image(run.preview(), path),
                                     extra=lambda: {"usage": usage.clone()})
@@ -183,6 +198,32 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
               file=sys.stderr)
     run.finish()
     return {"step": step, "stopped": stopped, **stats}
+
+
+def shifted_pairs(x: torch.Tensor, crop: int, f: int, gen: torch.Generator):
+    """Crops x [B, 3, crop + f, crop + f] -> (their top-left crop x [B, 3, crop, crop], the same crop moved
+    by a random 1..f-1 px down and right, offsets [B, 2] px (dy, dx))."""
+    offsets = torch.randint(0, f, (len(x), 2), generator=gen)
+    offsets[offsets.sum(1) == 0, 1] = 1  # a zero shift teaches nothing
+    shifted = torch.stack([img[:, dy:dy + crop, dx:dx + crop] for img, (dy, dx) in zip(x, offsets.tolist())])
+    return x[..., :crop, :crop], shifted, offsets.to(x.device, torch.float32)
+
+
+def shift_equivariance_loss(z: torch.Tensor, z_shifted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """How far the encoder is from moving with its input: latents [B, C, h, w] of a crop and of the same
+    crop moved by `offsets` [B, 2] tokens (fractions of a token, dy and dx): the moved crop's latent at
+    (i, j) against the crop's latent bilinearly read at (i + dy, j + dx), over the (h - 1) x (w - 1) tokens
+    both cover; squared error relative to the latents' variance, so shrinking them does not pay.
+    A tokenizer whose latents jump between neighbouring positions re-spells a picture moved by one
+    pixel (the shipped small_f8: 77% of its tokens), and a renderer cannot learn from shifted crops."""
+    h, w = z.shape[-2:]
+    ys = torch.arange(h - 1, device=z.device, dtype=z.dtype)
+    xs = torch.arange(w - 1, device=z.device, dtype=z.dtype)
+    py = ys[None, :, None] + offsets[:, 0, None, None]  # [B, h-1, 1] positions in z's token grid
+    px = xs[None, None, :] + offsets[:, 1, None, None]  # [B, 1, w-1]
+    grid = torch.stack(torch.broadcast_tensors(2 * px / (w - 1) - 1, 2 * py / (h - 1) - 1), dim=-1)
+    target = F.grid_sample(z, grid, mode="bilinear", align_corners=True)  # [B, C, h-1, w-1]
+    return F.mse_loss(z_shifted[..., :h - 1, :w - 1], target) / (z.var() + 1e-6)
 
 
 @torch.no_grad()
@@ -215,6 +256,10 @@ def add_arguments(p) -> None:
     p.add_argument("--lowres-weight", type=float, default=0.0,
                    help="add this times the squared error of each token's mean colour (f x f px block means of "
                    "the reconstruction against the input): keeps the layout a renderer composes from tokens")
+    p.add_argument("--shift-weight", type=float, default=0.0,
+                   help="add this times a shift-equivariance loss: the latents of a crop moved by 1-7 px must be "
+                   "the crop's latents read between tokens, so a picture moved by a pixel keeps most of its "
+                   "tokens (one process only)")
     lpips_arguments(p)
 
 
