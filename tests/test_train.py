@@ -170,6 +170,18 @@ def test_vqgan_lowres_weight_adds_the_token_colour_error(tmp_path):
     assert plain["loss"] == pytest.approx(plain["l1"] + plain["codebook"], rel=1e-5)
 
 
+def test_vqgan_restarts_no_codes_at_its_last_step(tmp_path):
+    """A code re-seeded at a run's last step would ship without the decoder ever having trained with it:
+    unused codes are re-seeded at the start of the step after every --restart-every-th."""
+    img = write_image(tmp_path / "a.png")
+    torch.set_num_threads(1)
+    three = train.main(vqgan_args(img, tmp_path / "a.safetensors", "--steps", "3", "--one-shot"))
+    four = train.main(vqgan_args(img, tmp_path / "b.safetensors", "--steps", "4", "--one-shot"))
+    assert three["restarted"] == 0 and four["restarted"] > 0  # --restart-every 3: the tiny codebook has unused codes
+    before, after = load_vqgan(tmp_path / "a.safetensors"), load_vqgan(tmp_path / "b.safetensors")
+    assert not torch.equal(before.quantize.embedding.weight, after.quantize.embedding.weight)
+
+
 def test_shift_equivariance_loss_is_zero_only_for_latents_that_move_with_the_picture():
     from nuwa_core.training.vqgan import shift_equivariance_loss
     ys, xs = torch.meshgrid(torch.arange(6.0), torch.arange(7.0), indexing="ij")
@@ -456,7 +468,7 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path, tokenizer, stage):
     out = tmp_path / "ddp.safetensors"
     torchrun = str(Path(sys.executable).parent / "torchrun")
     args = (renderer_args(img, tokenizer, out, "--steps", "2", "--debug-dump-replicas") if stage == "renderer" else
-            vqgan_args(img, out, "--steps", "4", "--debug-dump-replicas"))  # disc on from step 2, restart at 3
+            vqgan_args(img, out, "--steps", "4", "--debug-dump-replicas"))  # disc on from step 2, restart at the 4th
     cmd = [torchrun, "--nproc_per_node=2", "--master_port=29517", "-m", "nuwa_core.train", *args]
     res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

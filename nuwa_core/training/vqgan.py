@@ -127,9 +127,24 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
                          keep_out).to(dist.device)
         set_lr(opt_g, args.lr, step, args.warmup, run.lr_total())
         set_lr(opt_d, args.lr, step, args.warmup, run.lr_total())
-        shift = torch.zeros(())
         if args.shift_weight:
             x, shifted, offsets = shifted_pairs(x, args.crop, token_px, data_gen)
+        restarted = 0
+        # at the start of the step after every restart_every-th, not at the end of that one: a run that
+        # ends there ships no code its decoder never trained with, and one stopped there and resumed
+        # (usage is in the checkpoint) restarts exactly as one run does, whatever --steps says
+        if args.restart_every and step and step % args.restart_every == 0:
+            with torch.no_grad():
+                z = vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
+            if dist.enabled:  # identical restarts on every rank: use rank 0's batch
+                import torch.distributed as td
+                td.broadcast(z, 0)
+                td.all_reduce(usage)
+            restarted = _restart_dead_codes(vq, usage, z, data_gen if not dist.enabled else
+                                            torch.Generator().manual_seed(args.seed + step))
+            usage.zero_()
+        shift = torch.zeros(())
+        if args.shift_weight:
             z, z_shifted = vq.quant_conv(vq.encoder(torch.cat([x, shifted]))).chunk(2)
             shift = shift_equivariance_loss(z, z_shifted, offsets / token_px)
             z_q, q_loss, ids = vq.quantize(z)
@@ -164,17 +179,6 @@ def train_vqgan(args, images: list[torch.Tensor] | None = None, keep_out: list[t
             d_loss.backward()
             opt_d.step()
         usage.add_(torch.bincount(ids.flatten().cpu(), minlength=cfg.n_embed))
-        restarted, done = 0, step + 1
-        if args.restart_every and done % args.restart_every == 0:  # independent of --steps: resumable
-            with torch.no_grad():
-                z = vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
-            if dist.enabled:  # identical restarts on every rank: use rank 0's batch
-                import torch.distributed as td
-                td.broadcast(z, 0)
-                td.all_reduce(usage)
-            restarted = _restart_dead_codes(vq, usage, z, data_gen if not dist.enabled else
-                                            torch.Generator().manual_seed(args.seed + done))
-            usage.zero_()
         return {"loss": loss.item(), "l1": l1.item(), "lpips": lpips.item(), "lowres": lowres.item(),
                 "codebook": q_loss.item(), "shift": shift.item(), "g_adv": g_adv.item(), "d_loss": d_loss.item(),
                 "codes_used": int((usage > 0).sum()), "restarted": restarted}
