@@ -29,16 +29,21 @@ SECTION = (112, 176)         # width of one scene in the strip, px
 FADE = 12                    # cross-fade between neighbouring scenes, px
 SPEED = 1                    # px the camera moves per frame
 SCALE = {"panoramas/garching.png": (4.0, 6.0), "panoramas/ocean.png": (2.0, 3.0)}
+# Skies are cut wider than grounds: a 64 px frame then shows as much of its sky photo as a text-to-image
+# scene's top third does (about 400 source px), so each sky keeps what tells it apart (the blue sky's
+# clouds, the sunset's orange band). At (2, 3) most frames of every sky were a plain blue-grey strip.
+SKY_SCALE = (6.0, 9.0)
 
 
-def _band(source, size, rng: random.Random) -> np.ndarray:
-    """A random crop of the source box with the band's aspect, resized to size (width, height) -> float [h, w, 3]."""
+def _band(source, size, rng: random.Random, scale: tuple[float, float] | None = None) -> np.ndarray:
+    """A random crop of the source box with the band's aspect, `scale` x its size in source pixels (by
+    default the source's SCALE), resized to size (width, height) -> float [h, w, 3]."""
     rel, (left, top, right, bottom) = source
-    lo, hi = SCALE.get(rel, (2.0, 3.0))
+    lo, hi = scale or SCALE.get(rel, (2.0, 3.0))
     s = rng.uniform(lo, hi)
     w = min(right - left, round(size[0] * s))
     h = min(bottom - top, round(w * size[1] / size[0]))
-    w = round(h * size[0] / size[1])
+    w = min(right - left, round(h * size[0] / size[1]))
     x, y = rng.randint(left, right - w), rng.randint(top, bottom - h)
     crop = _open(rel).crop((x, y, x + w, y + h)).resize(size, Image.Resampling.LANCZOS)
     if rng.random() < 0.5:
@@ -49,7 +54,7 @@ def _band(source, size, rng: random.Random) -> np.ndarray:
 def section(sky: str, ground: str, width: int, horizon: int, rng: random.Random) -> np.ndarray:
     """One scene of the strip [48, width, 3]: the sky above the ground, blended over 4 px at the horizon."""
     h, blend = FRAME[1], 2
-    top = _band(SKIES[sky], (width, horizon + blend), rng)
+    top = _band(SKIES[sky], (width, horizon + blend), rng, SKY_SCALE)
     low = _band(GROUNDS[ground], (width, h - horizon + blend), rng)
     out = np.zeros((h, width, 3), np.float32)
     out[:horizon - blend] = top[:horizon - blend]

@@ -22,7 +22,9 @@ Rows, all computed in this run with the same classifiers:
                                   ground B, every ordered pair A != B): each frame scored against the
                                   ground of its half of the video
 
-Goal: ground accuracy ("decoded" centroids) >= 0.8 from the prompt (guidance G), chance <= 0.34. Also time and peak memory
+Goal: ground and sky accuracy ("decoded" centroids) >= 0.8 from the prompt (guidance G), the shuffled
+control <= 0.34 (chance 1/3); the sky is judged only where decoded real frames score >= 0.8 on it
+(below that the classifier cannot tell the decoded skies apart, whatever the model draws). Also time and peak memory
 (RSS above the loaded model, and the pack's working-memory estimate of the widest level) per video with
 and without guidance (the guided batch is twice as large).
 
@@ -242,17 +244,27 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:34s} " + " ".join(f"{r[c]:18.3f}" if c in r else f"{'-':>18s}" for c in cols)
               + f" {timing.get(name, 0):8.2f}", file=sys.stderr)
-    guided = rows[f"prompt, guidance {args.guidance:g}"]["ground_decoded"]
-    chance = rows[f"shuffled prompt, guidance {args.guidance:g}"]["ground_decoded"]
+    guided_row, shuffled_row = rows[f"prompt, guidance {args.guidance:g}"], rows[f"shuffled prompt, guidance {args.guidance:g}"]
+    guided, chance = guided_row["ground_decoded"], shuffled_row["ground_decoded"]
+    # the sky is judged only where the classifier can tell decoded real skies apart (their row is the ceiling)
+    sky_judgeable = rows["real held-out frames, decoded"]["sky_decoded"] >= 0.8
+    ground_met = bool(guided >= 0.8 and chance <= 0.34)
+    sky_met = bool(sky_judgeable and guided_row["sky_decoded"] >= 0.8 and shuffled_row["sky_decoded"] <= 0.34)
+    # the same by the sky band's colour (the text-to-image bench's second sky classifier), with its own ceiling
+    sky_colour_met = bool(rows["real held-out frames, decoded"]["sky_colour_decoded"] >= 0.8
+                          and guided_row["sky_colour_decoded"] >= 0.8 and shuffled_row["sky_colour_decoded"] <= 0.34)
     print(json.dumps({
         "bench": "xl_text_following", "mtd": Path(args.mtd).name, "text_encoder": encoder.name,
         "frames_per_video": (L - 1) ** args.depth + 1, "steps": args.steps, "chance": round(1 / 3, 4),
         "rows": {k: {kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in v.items()}
                  for k, v in rows.items()},
         "seconds_per_video": {k: round(v, 2) for k, v in timing.items()}, "time_memory_depth3": memory,
-        "goal": "ground accuracy (decoded-real centroids) >= 0.8 from the prompt at guidance G, shuffled-prompt "
-                "control <= 0.34",
-        "goal_met": bool(guided >= 0.8 and chance <= 0.34), "seconds": round(time.time() - t_start, 1)}))
+        "goal": "ground and sky accuracy (decoded-real centroids) >= 0.8 from the prompt at guidance G, shuffled-prompt "
+                "control <= 0.34; the sky judged only if decoded real frames score >= 0.8 on it",
+        "ground_goal_met": ground_met, "sky_judgeable": bool(sky_judgeable), "sky_goal_met": sky_met,
+        "sky_by_colour_met": sky_colour_met,
+        "goal_met": ground_met and sky_met,
+        "seconds": round(time.time() - t_start, 1)}))
 
 
 if __name__ == "__main__":
