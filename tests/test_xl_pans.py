@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 _xl_pans = pytest.importorskip("_xl_pans")
 _scenes = pytest.importorskip("_scenes")
+from text_following import _sky_colour  # the sky-colour classifier's features both text benches use
 
 if not _scenes.DATA.is_dir():
     pytest.skip(f"the real data is not here: {_scenes.DATA}", allow_module_level=True)
@@ -29,18 +31,13 @@ def test_wide_sky_crops_stay_inside_their_box(sky):
         assert band.shape == (height, width, 3)
 
 
-def _sky_colour(frames: list[np.ndarray]) -> np.ndarray:
-    """[N, 6]: mean and std of RGB over each frame's top third (16 of 48 rows)."""
-    bands = [f[: f.shape[0] // 3].reshape(-1, 3).astype(np.float32) / 255 for f in frames]
-    return np.stack([np.concatenate([b.mean(0), b.std(0)]) for b in bands])
-
-
 def _colour_accuracy(train_seed: int, test_seed: int) -> float:
     """Nearest class centroid of the sky band's colour: centroids from one set of real frames, scored on
     frames of other crops (skies in turn over every ground)."""
     def frames(seed):
         pairs = [p for g in _scenes.GROUNDS for p in _xl_pans.scene_frames(g, 12, seed + len(g), with_sky=True)]
-        return _sky_colour([f for f, _ in pairs]), np.array([list(_scenes.SKIES).index(s) for _, s in pairs])
+        colour = _sky_colour([torch.from_numpy(f).float() / 255 for f, _ in pairs]).numpy()
+        return colour, np.array([list(_scenes.SKIES).index(s) for _, s in pairs])
 
     x, y = frames(train_seed)
     centroids = np.stack([x[y == k].mean(0) for k in range(3)])
