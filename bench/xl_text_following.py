@@ -8,9 +8,10 @@ of each class (bench/_xl_pans.scene_frames), and for the sky also the nearest ce
 colour (mean and std of RGB, as bench/text_following.py has it). The ground is read from the frame's lower half, the sky
 from its top third; 3 classes each, so chance is 1/3. Two sets of centroids, both from the same real
 frames: "real" (the frames as they are) and "decoded" (the frames encoded and decoded by the model's
-T-KLVAE). The 64x48 T-KLVAE blurs the flower field's blossoms and the meadow's blades away, and the
-"real" centroids read blur as a class (even real frames, decoded, score far below their raw score):
-"decoded" asks whether a frame shows the right scene at the detail the decoder can give.
+T-KLVAE, each frame alone: they are stills of different scenes, not one video). The 64x48 T-KLVAE
+blurs the flower field's blossoms and the meadow's blades away, and the "real" centroids read blur
+as a class (even real frames, decoded, score far below their raw score): "decoded" asks whether a
+frame shows the right scene at the detail the decoder can give.
 
 Rows, all computed in this run with the same classifiers:
   real held-out frames            new crops of the same photos (another seed): the upper bound
@@ -28,7 +29,7 @@ control <= 0.34 (chance 1/3); the sky is judged only where decoded real frames s
 (RSS above the loaded model, and the pack's working-memory estimate of the widest level) per video with
 and without guidance (the guided batch is twice as large).
 
-    python bench/xl_text_following.py [--vae F --mtd F --text-encoder F] [--seeds 2] [--guidance 3]
+    python bench/xl_text_following.py [--vae F --mtd F --text-encoder F] [--seeds 2] [--first-seed 0] [--guidance 3]
 """
 from __future__ import annotations
 
@@ -103,14 +104,18 @@ class Classifier:
         return torch.nn.functional.normalize(_features(frames, part), dim=1)
 
     def hits(self, frames: torch.Tensor, labels: dict[str, list[int] | int]) -> dict[str, int]:
-        """Frames classified as their label, per reference and band: {"ground_real": n, ...}."""
+        """Frames classified as their label, per reference and band: {"ground_real": n, ...}; for the sky
+        also the frames' confusion by the decoded centroids ("sky_confusion": [label][class found] counts)."""
         out = {}
         for part, lab in labels.items():
             f = self.features(frames, part)
             colour = _sky_colour(list(frames)) if part == "sky" else None
             target = torch.tensor(lab) if isinstance(lab, list) else torch.full((frames.shape[0],), lab)
             for ref in ("real", "decoded"):
-                out[f"{part}_{ref}"] = int(((f @ self.c[ref, part].T).argmax(1) == target).sum())
+                found = (f @ self.c[ref, part].T).argmax(1)
+                out[f"{part}_{ref}"] = int((found == target).sum())
+                if part == "sky" and ref == "decoded":
+                    out["sky_confusion"] = torch.bincount(target * 3 + found, minlength=9).view(3, 3).tolist()
                 if colour is not None:
                     found = torch.cdist(colour, self.c[ref, "sky colour"]).argmin(1)
                     out[f"sky_colour_{ref}"] = int((found == target).sum())
@@ -143,8 +148,21 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
+def _add(a, b):
+    """Counts, or nested lists of counts (a confusion), added element by element."""
+    return [_add(x, y) for x, y in zip(a, b)] if isinstance(a, list) else a + b
+
+
 def _to_image(frames: torch.Tensor) -> torch.Tensor:
     return ((frames.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).float()
+
+
+def decode_stills(model: XLModel, frames: torch.Tensor) -> torch.Tensor:
+    """Real frames [N, H, W, 3] 0..1, each a still of its own scene, through the model's T-KLVAE one by one
+    (frames_apart > 1) -> [N, H, W, 3]: passed as one video, its temporal layers would blend each frame
+    with its neighbours' skies."""
+    x = frames.permute(0, 3, 1, 2) * 2 - 1
+    return _to_image(model.decode(model.encode(x, frames_apart=2), frames_apart=2))
 
 
 def main() -> None:
@@ -153,6 +171,8 @@ def main() -> None:
     p.add_argument("--mtd", default=str(XL / "mtd_default.safetensors"))
     p.add_argument("--text-encoder", default=str(TEXT_ENCODER))
     p.add_argument("--seeds", type=int, default=2, help="seeds per (sky, ground) prompt")
+    p.add_argument("--first-seed", type=int, default=0, help="the seeds are FIRST .. FIRST + --seeds - 1: another "
+                   "set checks a setting chosen on the first")
     p.add_argument("--depth", type=int, default=2, help="tree depth of each video (L=5: 2 -> 17 frames)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps per diffusion call")
     p.add_argument("--guidance", type=float, default=3.0)
@@ -170,9 +190,8 @@ def main() -> None:
               file=sys.stderr)
     L = int(model.info.get("L", 5))
 
-    def decoded(frames: torch.Tensor) -> torch.Tensor:  # through the model's T-KLVAE
-        return torch.cat([_to_image(model.decode(model.encode(frames[i:i + 16].permute(0, 3, 1, 2) * 2 - 1)))
-                          for i in range(0, frames.shape[0], 16)])
+    def decoded(frames: torch.Tensor) -> torch.Tensor:
+        return decode_stills(model, frames)
 
     frames, grounds, skies = _real(args.real, 0)
     clf = Classifier({"real": frames, "decoded": decoded(frames)}, {"ground": grounds, "sky": skies})
@@ -180,13 +199,17 @@ def main() -> None:
     rows = {}
 
     def score(name, hits, n, videos):
+        confusion = hits.pop("sky_confusion", None)
         rows[name] = {k: v / n for k, v in hits.items()} | {"videos": videos}
+        if confusion is not None:
+            rows[name]["sky_confusion"] = confusion
 
     score("real held-out frames", clf.hits(held, {"ground": held_g, "sky": held_s}), held.shape[0], 0)
     score("real held-out frames, decoded", clf.hits(decoded(held), {"ground": held_g, "sky": held_s}),
           held.shape[0], 0)
 
-    prompts = [(s, g, seed) for g in range(3) for s in range(3) for seed in range(args.seeds)]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    prompts = [(s, g, seed) for g in range(3) for s in range(3) for seed in seeds]
     text = {c: encoder.encode([c]) for c in {f"{SKY_NAMES[s]} over {GROUND_NAMES[g]}" for s, g, _ in prompts}}
     shuffled = list(range(len(prompts)))
     random.Random(0).shuffle(shuffled)
@@ -202,7 +225,7 @@ def main() -> None:
                                              guidance=guidance))
             seconds += time.time() - t0
             for key, v in clf.hits(video, {"ground": g, "sky": s}).items():
-                hits[key] = hits.get(key, 0) + v
+                hits[key] = _add(hits[key], v) if key in hits else v
             n += video.shape[0]
         score(name, hits, n, len(prompts))
         timing[name] = seconds / len(prompts)
@@ -217,7 +240,7 @@ def main() -> None:
     pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
     for a, b in pairs:
         keys = encoder.encode([f"{SKY_NAMES[0]} over {GROUND_NAMES[a]}", f"{SKY_NAMES[0]} over {GROUND_NAMES[b]}"])
-        for seed in range(args.seeds):
+        for seed in seeds:
             video = _to_image(model.generate(L=L, depth=args.depth, steps=args.steps, seed=seed, guidance=args.guidance,
                                              prompts=prompt_schedule([keys], L, args.depth)))
             for key, v in clf.hits(video, {"ground": [(a, b)[h] for h in halves]}).items():
@@ -244,6 +267,12 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:34s} " + " ".join(f"{r[c]:18.3f}" if c in r else f"{'-':>18s}" for c in cols)
               + f" {timing.get(name, 0):8.2f}", file=sys.stderr)
+    print(f"\nframes' sky by decoded centroids, rows the prompt's sky, columns the class found ({', '.join(SKY_NAMES)}):",
+          file=sys.stderr)
+    for name, r in rows.items():
+        if "sky_confusion" in r:
+            print(f"{name:34s} | " + " | ".join(" ".join(f"{c:4d}" for c in line) for line in r["sky_confusion"]),
+                  file=sys.stderr)
     ceiling = rows["real held-out frames, decoded"]
 
     def met(column: str, judged_by_ceiling: bool = True) -> bool:
@@ -258,7 +287,7 @@ def main() -> None:
     sky_met, sky_colour_met = met("sky_decoded"), met("sky_colour_decoded")
     print(json.dumps({
         "bench": "xl_text_following", "mtd": Path(args.mtd).name, "text_encoder": encoder.name,
-        "frames_per_video": (L - 1) ** args.depth + 1, "steps": args.steps, "chance": round(1 / 3, 4),
+        "frames_per_video": (L - 1) ** args.depth + 1, "steps": args.steps, "seeds": [seeds[0], seeds[-1]], "chance": round(1 / 3, 4),
         "rows": {k: {kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in v.items()}
                  for k, v in rows.items()},
         "seconds_per_video": {k: round(v, 2) for k, v in timing.items()}, "time_memory_depth3": memory,
