@@ -54,3 +54,14 @@ def test_the_three_skies_are_told_apart_by_colour_in_real_frames(monkeypatch):
     close = _colour_accuracy(0, 1000)
     assert wide >= 0.9, wide
     assert close < wide - 0.1, (close, wide)
+
+
+def test_the_text_following_benchs_real_pans_are_one_scene_each_made_as_the_training_pans():
+    xl_text_following = pytest.importorskip("xl_text_following")
+    pans = xl_text_following.real_pans(1, seed=3)
+    assert sorted((s, g) for _, s, g in pans) == [(s, g) for s in range(3) for g in range(3)]
+    rng = random.Random(3)
+    for clip, s, g in pans:  # the same draws as the training pans' own generator, one scene, no cross-fade
+        frames, caps = _xl_pans.pan([(list(_scenes.SKIES)[s], list(_scenes.GROUNDS)[g])], rng)
+        assert len(set(caps)) == 1 and clip.shape == (len(frames), 48, 64, 3)
+        assert torch.equal(clip, torch.from_numpy(np.stack(frames)).float() / 255)
