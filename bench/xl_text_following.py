@@ -212,11 +212,8 @@ def main() -> None:
               file=sys.stderr)
     L = int(model.info.get("L", 5))
 
-    def decoded(frames: torch.Tensor) -> torch.Tensor:
-        return decode_stills(model, frames)
-
     frames, grounds, skies = _real(args.real, 0)
-    clf = Classifier({"real": frames, "decoded": decoded(frames)}, {"ground": grounds, "sky": skies})
+    clf = Classifier({"real": frames, "decoded": decode_stills(model, frames)}, {"ground": grounds, "sky": skies})
     held, held_g, held_s = _real(args.real, 1000)
     rows = {}
 
@@ -227,7 +224,7 @@ def main() -> None:
             rows[name]["sky_confusion"] = confusion
 
     score("real held-out frames", clf.hits(held, {"ground": held_g, "sky": held_s}), held.shape[0], 0)
-    score("real held-out frames, decoded", clf.hits(decoded(held), {"ground": held_g, "sky": held_s}),
+    score("real held-out frames, decoded", clf.hits(decode_stills(model, held), {"ground": held_g, "sky": held_s}),
           held.shape[0], 0)
     hits, n, pans = {}, 0, real_pans(args.real_pans, seed=1000)
     for clip, s, g in pans:
