@@ -222,3 +222,14 @@ def test_contact_sheet_layout():
     sheet = nuwa_xl.contact_sheet(frames, cols=3)
     assert sheet.shape == (3, 8, 18)
     assert torch.equal(sheet[:, 4:8, 6:12], frames[4]) and (sheet[:, 4:, 12:] == -1).all()
+
+
+def test_mtd_presets_grow_in_width_and_build():
+    from nuwa_core.xl.mask_temporal_diffusion import MaskTemporalDiffusion
+    widths = [xt.mtd_preset(name, 4, 64).model_channels for name in ("tiny", "small", "medium")]
+    assert widths == sorted(widths) and len(set(widths)) == 3
+    medium = MaskTemporalDiffusion(xt.mtd_preset("medium", 4, 64))
+    small = MaskTemporalDiffusion(xt.mtd_preset("small", 4, 64))
+    assert sum(p.numel() for p in medium.parameters()) > 2 * sum(p.numel() for p in small.parameters())
+    with pytest.raises(loop.TrainingError, match="choose one of"):
+        xt.mtd_preset("large", 4, 64)

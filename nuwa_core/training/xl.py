@@ -59,6 +59,8 @@ def mtd_preset(name: str, latent_channels: int, context_dim: int) -> MTDConfig:
         "tiny": lambda: MTDConfig.tiny(**kw),
         "small": lambda: MTDConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=2,
                                    attention_levels=(0, 1), num_heads=4, num_groups=8, **kw),
+        "medium": lambda: MTDConfig(model_channels=48, channel_mult=(1, 2), num_res_blocks=2,
+                                    attention_levels=(0, 1), num_heads=4, num_groups=8, **kw),
         "sd": lambda: MTDConfig.sd(**kw),
     }
     if name not in presets:
@@ -347,7 +349,7 @@ def train_xl(args) -> dict:
 
 def add_arguments(p) -> None:
     p.add_argument("--vae", required=True, help="the frozen T-KLVAE .safetensors")
-    p.add_argument("--preset", default="small", help="MTD size: tiny | small | sd (used without --init)")
+    p.add_argument("--preset", default="small", help="MTD size: tiny | small | medium | sd (used without --init)")
     p.add_argument("--init", default=None, help="start from this MTD file")
     p.add_argument("--init-unet", default=None, help="start from an SD 1.x UNet: a checkpoint (its "
                    "model.diffusion_model.* weights) or a bare UNet file, .safetensors (or a .ckpt/.pt of plain "
