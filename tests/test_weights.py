@@ -142,7 +142,8 @@ def test_a_listed_file_must_match_its_hash_before_loading(tmp_path):
         check_listed_file(good, {entry.name: entry})
 
 
-SHIPPED_BUDGET = 48_000_000  # bytes, all shipped model files together (20 MB; 40 for the video model; 48 for the text model)
+SHIPPED_BUDGET = 52_000_000  # bytes, all shipped model files together (20 MB; 40 for the video model; 48 for the text
+# model; 52 for the wider NUWA-XL MTD, which draws the prompted sky that the small one missed)
 
 
 def test_shipped_models_are_present_with_their_size_and_within_the_budget():
