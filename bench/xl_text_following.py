@@ -160,6 +160,12 @@ def _add(a, b):
     return [_add(x, y) for x, y in zip(a, b)] if isinstance(a, list) else a + b
 
 
+def _accumulate(total: dict, hits: dict) -> None:
+    """Adds one video's Classifier.hits into the running `total`."""
+    for key, v in hits.items():
+        total[key] = _add(total[key], v) if key in total else v
+
+
 def _to_image(frames: torch.Tensor) -> torch.Tensor:
     return ((frames.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).float()
 
@@ -177,12 +183,12 @@ def real_pans(per_pair: int, seed: int) -> list[tuple[torch.Tensor, int, int]]:
     return out
 
 
-def decode_stills(model: XLModel, frames: torch.Tensor) -> torch.Tensor:
-    """Real frames [N, H, W, 3] 0..1, each a still of its own scene, through the model's T-KLVAE one by one
-    (frames_apart > 1) -> [N, H, W, 3]: passed as one video, its temporal layers would blend each frame
-    with its neighbours' skies."""
+def round_trip(model: XLModel, frames: torch.Tensor, frames_apart: float = 1.0) -> torch.Tensor:
+    """Real frames [N, H, W, 3] 0..1 through the model's T-KLVAE -> [N, H, W, 3]: as one video (a pan), or
+    with frames_apart > 1 each frame alone (stills of unrelated scenes: as one video, its temporal layers
+    would blend each frame with its neighbours' skies)."""
     x = frames.permute(0, 3, 1, 2) * 2 - 1
-    return _to_image(model.decode(model.encode(x, frames_apart=2), frames_apart=2))
+    return _to_image(model.decode(model.encode(x, frames_apart=frames_apart), frames_apart=frames_apart))
 
 
 def main() -> None:
@@ -213,7 +219,8 @@ def main() -> None:
     L = int(model.info.get("L", 5))
 
     frames, grounds, skies = _real(args.real, 0)
-    clf = Classifier({"real": frames, "decoded": decode_stills(model, frames)}, {"ground": grounds, "sky": skies})
+    stills = 2.0  # frames_apart of the real frames: each alone
+    clf = Classifier({"real": frames, "decoded": round_trip(model, frames, stills)}, {"ground": grounds, "sky": skies})
     held, held_g, held_s = _real(args.real, 1000)
     rows = {}
 
@@ -224,13 +231,12 @@ def main() -> None:
             rows[name]["sky_confusion"] = confusion
 
     score("real held-out frames", clf.hits(held, {"ground": held_g, "sky": held_s}), held.shape[0], 0)
-    score("real held-out frames, decoded", clf.hits(decode_stills(model, held), {"ground": held_g, "sky": held_s}),
+    score("real held-out frames, decoded", clf.hits(round_trip(model, held, stills), {"ground": held_g, "sky": held_s}),
           held.shape[0], 0)
     hits, n, pans = {}, 0, real_pans(args.real_pans, seed=1000)
     for clip, s, g in pans:
-        video = _to_image(model.decode(model.encode(clip.permute(0, 3, 1, 2) * 2 - 1)))[::4]
-        for key, v in clf.hits(video, {"ground": g, "sky": s}).items():
-            hits[key] = _add(hits[key], v) if key in hits else v
+        video = round_trip(model, clip)[::4]
+        _accumulate(hits, clf.hits(video, {"ground": g, "sky": s}))
         n += video.shape[0]
     score("real held-out pans, decoded", hits, n, len(pans))
 
@@ -250,8 +256,7 @@ def main() -> None:
             video = _to_image(model.generate(L=L, depth=args.depth, steps=args.steps, seed=seed, prompts=ctx,
                                              guidance=guidance))
             seconds += time.time() - t0
-            for key, v in clf.hits(video, {"ground": g, "sky": s}).items():
-                hits[key] = _add(hits[key], v) if key in hits else v
+            _accumulate(hits, clf.hits(video, {"ground": g, "sky": s}))
             n += video.shape[0]
         score(name, hits, n, len(prompts))
         timing[name] = seconds / len(prompts)
@@ -269,8 +274,7 @@ def main() -> None:
         for seed in seeds:
             video = _to_image(model.generate(L=L, depth=args.depth, steps=args.steps, seed=seed, guidance=args.guidance,
                                              prompts=prompt_schedule([keys], L, args.depth)))
-            for key, v in clf.hits(video, {"ground": [(a, b)[h] for h in halves]}).items():
-                hits[key] = hits.get(key, 0) + v
+            _accumulate(hits, clf.hits(video, {"ground": [(a, b)[h] for h in halves]}))
             n += video.shape[0]
     score(f"schedule: ground A then B, guidance {args.guidance:g}", hits, n, len(pairs) * args.seeds)
 

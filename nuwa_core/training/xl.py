@@ -55,12 +55,15 @@ DEFAULT_LR = 2e-4
 
 def mtd_preset(name: str, latent_channels: int, context_dim: int) -> MTDConfig:
     kw = {"latent_channels": latent_channels, "context_dim": context_dim}
+
+    def two_level(channels: int) -> MTDConfig:  # small and medium differ only in width
+        return MTDConfig(model_channels=channels, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(0, 1),
+                         num_heads=4, num_groups=8, **kw)
+
     presets = {
         "tiny": lambda: MTDConfig.tiny(**kw),
-        "small": lambda: MTDConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=2,
-                                   attention_levels=(0, 1), num_heads=4, num_groups=8, **kw),
-        "medium": lambda: MTDConfig(model_channels=48, channel_mult=(1, 2), num_res_blocks=2,
-                                    attention_levels=(0, 1), num_heads=4, num_groups=8, **kw),
+        "small": lambda: two_level(32),
+        "medium": lambda: two_level(48),
         "sd": lambda: MTDConfig.sd(**kw),
     }
     if name not in presets:
