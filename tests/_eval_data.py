@@ -1,4 +1,5 @@
-"""Real data for the evaluation tests (../shared/data next to the repository) and the shipped tokenizer.
+"""Real data for the evaluation tests (../shared/data next to the repository, or $NUWA_SHARED_DATA) and the
+shipped tokenizer.
 
 Everything here is read-only and small: the garching panorama composited over white and downscaled by 4
 (1024 x 128, exactly the shipped model's training image), other photos downscaled by non-integer factors
@@ -8,6 +9,7 @@ not needed, so the tokenizer loads whatever the renderer's code looks like).
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -15,14 +17,15 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+# .ci/run clones the pack elsewhere (as ComfyUI-NUWA/) and passes the data folder of the checkout it came from
+DATA = Path(os.environ.get("NUWA_SHARED_DATA") or REPO.parent / "shared" / "data")
 GARCHING = DATA / "panoramas" / "garching.png"
 STARRY = DATA / "paintings" / "starry_night_van_gogh_PD.jpg"
 SEEDING = DATA / "landscapes" / "seeding_by_Clements_Engelhardt_CC0.jpg"
 SHIPPED = REPO / "models" / "nuwa" / "nuwa_infinity_default.safetensors"
 
 needs_data = pytest.mark.skipif(not (GARCHING.is_file() and STARRY.is_file() and SEEDING.is_file()),
-                                reason="shared real data (../shared/data) absent")
+                                reason="shared real data (../shared/data or $NUWA_SHARED_DATA) absent")
 needs_shipped = pytest.mark.skipif(not SHIPPED.is_file(), reason="shipped model file absent")
 
 

@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +14,8 @@ import torch.nn.functional as F
 from nuwa_core.evaluation import metrics as E
 from nuwa_core.images import load_image, save_image
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
+from _eval_data import DATA, REPO
+
 LANDSCAPE = DATA / "landscapes" / "picosdeeuropa_by_Aitzol_Berasategi_CC-BY-4.0.jpg"
 OCEAN = DATA / "panoramas" / "ocean.png"
 

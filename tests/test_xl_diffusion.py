@@ -31,7 +31,7 @@ def test_q_sample_and_loss():
     assert torch.allclose(x_t, a.sqrt() * x0 + (1 - a).sqrt() * noise)
     # an oracle that knows the noise has zero loss
     g = torch.Generator().manual_seed(0)
-    t_drawn = torch.randint(0, 1000, (3,), generator=g)
+    torch.randint(0, 1000, (3,), generator=g)  # training_loss draws t first, then the noise: replay both
     eps = torch.randn(x0.shape, generator=g)
     oracle = lambda x, t: eps
     assert training_loss(oracle, x0, generator=torch.Generator().manual_seed(0)).item() == 0.0

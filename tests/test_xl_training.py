@@ -15,7 +15,9 @@ from nuwa_core.xl import model as nuwa_xl
 from nuwa_core.xl.mask_temporal_diffusion import load_mtd
 from nuwa_core.xl.t_klvae import load_t_klvae
 
-REAL_VIDEO = Path("/work/shared/data/video/vtest_opencv.avi")
+from _eval_data import DATA
+
+REAL_VIDEO = DATA / "video" / "vtest_opencv.avi"
 
 
 def _frames(folder: Path, n=24, w=20, h=16) -> Path:
@@ -65,7 +67,8 @@ def test_frame_folder_reading_resizes_and_crops(frames):
         xt_data.parse_size("wide")
 
 
-@pytest.mark.skipif(not REAL_VIDEO.is_file(), reason="the OpenCV sample video is not on this machine")
+@pytest.mark.skipif(not REAL_VIDEO.is_file(),
+                    reason="the OpenCV sample video (../shared/data/video or $NUWA_SHARED_DATA) is absent")
 def test_reads_a_video_file():
     v, fps = xt_data.read_video(REAL_VIDEO, (32, 24), frame_step=100)
     assert v.shape == (8, 3, 24, 32) and abs(fps - 0.1) < 1e-6
