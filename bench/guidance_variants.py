@@ -9,10 +9,13 @@ patch_samplers.guided for one run of the text-following bench (same rows, contro
             guidance moves the distribution without sharpening it
   ramp      guidance ramped over the plan, as Muse and MAR schedule it: patch i of N is guided at
             1 + (g - 1) i / (N - 1), so the first patches (the sky row) are drawn nearly unguided
+  attention the text's cross-attention output scaled by g in every layer, and the logits of that
+            pass sampled as they are: the prompt's pull made stronger inside the network instead of
+            by extrapolating the logits (the guided batch's text-free half is run and unused)
 
-Neither is in the package (neither lifted the sky without losing the ground).
+None is in the package (none lifted the sky without losing the ground).
 
-    python bench/guidance_variants.py entropy|ramp [text_following.py's options, e.g. --seeds 2 --guidance 5]
+    python bench/guidance_variants.py entropy|ramp|attention [text_following.py's options, e.g. --seeds 2 --guidance 5]
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nuwa_core.infinity import generation, patch_samplers
+from nuwa_core.infinity import generation, patch_samplers, renderer
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -73,8 +76,30 @@ class Ramp:
         return uncond + scale.view(-1, *(1,) * (cond.ndim - 1)) * (cond - uncond)
 
 
+class ScaledAttention:
+    """Renderer.text_kv's guided batch with the text half's gate g (the text-free half's stays 0),
+    and `guided` returning that half's logits."""
+
+    def __init__(self):
+        # every guided row of the bench runs at its --guidance (default 5); text_kv is made before any logits
+        args = sys.argv[2:]
+        self.scale = float(args[args.index("--guidance") + 1]) if "--guidance" in args else 5.0
+        text_kv = renderer.Renderer.text_kv
+
+        def scaled(model, text, with_null=False):
+            layers = text_kv(model, text, with_null)
+            if not with_null:
+                return layers
+            return [(k, v, gate * self.scale) for k, v, gate in layers]
+
+        renderer.Renderer.text_kv = scaled
+
+    def __call__(self, logits: torch.Tensor, settings) -> torch.Tensor:
+        return logits if settings.guidance == 1.0 else logits.float().chunk(2)[0]
+
+
 def main() -> None:
-    variants = {"entropy": lambda: entropy_matched, "ramp": Ramp}
+    variants = {"entropy": lambda: entropy_matched, "ramp": Ramp, "attention": ScaledAttention}
     if len(sys.argv) < 2 or sys.argv[1] not in variants:
         raise SystemExit(f"usage: python bench/guidance_variants.py {{{'|'.join(variants)}}} [text_following options]")
     patch_samplers.guided = variants[sys.argv[1]]()
