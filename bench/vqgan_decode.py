@@ -11,8 +11,13 @@ is timed as the best of --repeat runs. The last line is JSON:
 decode_one_s / decode_batched_s   the tiled decode of the canvas, one window at a time / batched
 decode_speedup                    decode_one_s / decode_batched_s
 generate_s                        generating the canvas (scaled when --gen-cols < 64)
-decode_over_generate_before/after decode_one_s / generate_s, decode_batched_s / generate_s
-batched_max_abs_diff              max |batched - one at a time| (float rounding; must be <= 1e-5)
+decode_over_generate_before/after decode_one_s / generate_s, decode_s / generate_s
+batched_max_abs_diff              max |batched - one at a time| (float rounding; must be <= 5e-5)
+decode_nchw_s / encode_nchw_s     the batched decode, and encoding the canvas's 128 x 4096 px, with the
+                                  maps in the contiguous (NCHW) layout used before session 47
+decode_s / encode_s               the same with the layout VQModel uses now (channels-last on the CPU)
+layout_decode_speedup / _encode_  decode_nchw_s / decode_s, encode_nchw_s / encode_s (alternating rounds)
+layout_max_abs_diff               max |channels-last decode - NCHW decode| (float rounding)
 preview_full_s                    the old preview: NuwaInfinity.decode of frame 0 of the whole canvas
 preview_incremental_s             PreviewDecoder after one patch changed (windows decoded: preview_windows)
 preview_speedup                   preview_full_s / preview_incremental_s
@@ -32,7 +37,7 @@ import torch
 from nuwa_core.infinity.generation import NuwaInfinity
 from nuwa_core.infinity.patch_samplers import SamplerSettings
 from nuwa_core.infinity.preview import PreviewDecoder
-from nuwa_core.infinity.vqgan import window_batch
+from nuwa_core.infinity.vqgan import VQModel, window_batch
 
 MODEL = REPO / "models" / "nuwa" / "nuwa_infinity_default.safetensors"
 ROWS, COLS = 2, 64
@@ -69,6 +74,23 @@ def main():
     one_s, one = best(decode(1), args.repeat)
     batched_s, batched = best(decode(None), args.repeat)
 
+    # the maps' memory layout: channels-last (VQModel._conv_layout) against the contiguous layout before it,
+    # alternating, each one's best of 3 rounds; the encoder on an image the canvas's size
+    image = batched.clamp(-1, 1)
+    channels_last, nchw = VQModel._conv_layout, staticmethod(lambda x: x)
+    layout = {"nchw": ([], []), "channels_last": ([], [])}
+    for _ in range(3):
+        for name, fn in (("nchw", nchw), ("channels_last", staticmethod(channels_last))):
+            VQModel._conv_layout = fn
+            decode(None)()  # the other layout's kernels are cached separately: warm them
+            dec_s, out = best(decode(None), args.repeat)
+            enc_s, _ = best(lambda: vq.encode_tokens(image), args.repeat)
+            layout[name][0].append(dec_s)
+            layout[name][1].append(enc_s)
+            layout.setdefault(name + "_out", out)
+    VQModel._conv_layout = staticmethod(channels_last)
+    (nchw_dec, nchw_enc), (cl_dec, cl_enc) = ((min(d), min(e)) for d, e in (layout["nchw"], layout["channels_last"]))
+
     # generation of the same canvas (or a narrower one, scaled)
     gen = model.blank_canvas(ROWS, args.gen_cols)
     t = time.perf_counter()
@@ -95,9 +117,13 @@ def main():
         "decode_one_s": round(one_s, 3), "decode_batched_s": round(batched_s, 3),
         "decode_speedup": round(one_s / batched_s, 2),
         "batched_max_abs_diff": float((batched - one).abs().max()),
+        "decode_nchw_s": round(nchw_dec, 3), "decode_s": round(cl_dec, 3),
+        "encode_nchw_s": round(nchw_enc, 3), "encode_s": round(cl_enc, 3),
+        "layout_decode_speedup": round(nchw_dec / cl_dec, 2), "layout_encode_speedup": round(nchw_enc / cl_enc, 2),
+        "layout_max_abs_diff": float((layout["channels_last_out"] - layout["nchw_out"]).abs().max()),
         "generate_s": round(generate_s, 3), "generated_cols": args.gen_cols,
         "decode_over_generate_before": round(one_s / generate_s, 3),
-        "decode_over_generate_after": round(batched_s / generate_s, 3),
+        "decode_over_generate_after": round(cl_dec / generate_s, 3),
         "preview_full_s": round(full_s, 3), "preview_incremental_s": round(incremental_s, 4),
         "preview_windows": preview.decoder.decoded, "preview_speedup": round(full_s / incremental_s, 1),
         "preview_max_abs_diff": float((image - full).abs().max()),

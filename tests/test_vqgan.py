@@ -149,7 +149,7 @@ def test_tiled_decode_bounded_windows(tiny, monkeypatch):
     # (tile + 2*overlap)^2 at most; windows shifted inwards at the far border are not decoded twice
     assert max(max(s[1:]) for s in seen) <= 6 and len(seen) == 3 * 3 and all(s[0] == 1 for s in seen)
     seen.clear()  # batched (the default): the same 9 windows, several per call
-    assert (tiny.decode_tokens_tiled(ids, tile=4, overlap=1) - out).abs().max() <= 1e-5
+    assert (tiny.decode_tokens_tiled(ids, tile=4, overlap=1) - out).abs().max() <= 5e-5
     assert sum(s[0] for s in seen) == 9 and len(seen) < 9 and max(max(s[1:]) for s in seen) <= 6
     # away from any cross-fade, pixels come from one window only, unchanged: the top-left corner
     # (tokens [0:3, 0:3]) from the first window, tokens [0:6, 0:6] ...
@@ -166,10 +166,10 @@ def test_tiled_decode_cross_fades_between_windows(tiny):
     # the last column of the canvas comes from the last window only
     middle = tiny.decode_tokens(ids[:, :, 2:10])
     col = out[..., 10]
-    lo = torch.minimum(left[..., 10], middle[..., 2]) - 1e-6
-    hi = torch.maximum(left[..., 10], middle[..., 2]) + 1e-6
+    lo = torch.minimum(left[..., 10], middle[..., 2]) - 5e-5
+    hi = torch.maximum(left[..., 10], middle[..., 2]) + 5e-5
     assert ((col >= lo) & (col <= hi)).all() and not torch.equal(col, left[..., 10])
-    assert torch.allclose(out[..., -1], right[..., -1], atol=1e-6)
+    assert torch.allclose(out[..., -1], right[..., -1], atol=5e-5)  # decoded in a batch of windows: float rounding
 
 
 @pytest.mark.parametrize("n,tile,overlap,f", [(10, 4, 1, 4), (13, 4, 2, 8), (16, 8, 2, 8), (7, 2, 3, 1), (9, 3, 0, 2)])
@@ -601,3 +601,21 @@ quant_conv.bias 256
 quant_conv.weight 256,256,1,1
 quantize.embedding.weight 16384,256
 """
+
+
+def test_cpu_convolutions_run_on_channels_last_maps_and_hand_back_contiguous_ones(tiny, monkeypatch):
+    ids = torch.randint(0, 64, (2, 5, 7), generator=torch.Generator().manual_seed(5))
+    image = torch.rand(2, 3, 20, 28, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    layouts = []
+    first_conv = tiny.decoder.conv_in.forward
+    monkeypatch.setattr(tiny.decoder.conv_in, "forward",
+                        lambda x: layouts.append(x.is_contiguous(memory_format=torch.channels_last)) or first_conv(x))
+    out, tokens = tiny.decode_tokens(ids), tiny.encode_tokens(image)
+    assert layouts == [True] and out.is_contiguous() and tiny.encode(image)[0].is_contiguous()
+    # the layout changes float rounding only: against the maps as given, the same pixels and tokens
+    monkeypatch.setattr(VQModel, "_conv_layout", staticmethod(lambda x: x))
+    assert (out - tiny.decode_tokens(ids)).abs().max() <= 5e-5 and layouts[1:] == [False]
+    assert torch.equal(tokens, tiny.encode_tokens(image))
+    monkeypatch.undo()
+    meta = torch.empty(1, 16, 3, 3, device="meta")  # other devices keep their layout
+    assert VQModel._conv_layout(meta) is meta

@@ -14,7 +14,7 @@ from nuwa_core.infinity.preview import IncrementalDecoder, PreviewDecoder
 from nuwa_core.infinity.vqgan import VQModel, _blend_weights, get_config, window_batch
 from nuwa_core.memory import vqgan_window_bytes
 
-TOL = 1e-5
+TOL = 5e-5  # float rounding: on the CPU the channels-last convolutions pick kernels by batch and size
 
 
 @pytest.fixture(scope="module")

@@ -163,9 +163,9 @@ class PixelGuidedDecoder(nn.Module):
             raise ValueError(f"the previous frame must be [B, 3, H, W] = [{z_q.shape[0]}, 3, {z_q.shape[2] * f}, "
                              f"{z_q.shape[3] * f}] for tokens of {z_q.shape[2]}x{z_q.shape[3]} at {f} px per "
                              f"token, got shape {tuple(previous.shape)}")
-        levels, mid = self.guide(previous.to(z_q.dtype))
+        levels, mid = self.guide(VQModel._conv_layout(previous.to(z_q.dtype)))
         d = self.decoder
-        h = d.mid.block_2(d.mid.attn_1(d.mid.block_1(d.conv_in(self.post_quant_conv(z_q)))))
+        h = d.mid.block_2(d.mid.attn_1(d.mid.block_1(d.conv_in(self.post_quant_conv(VQModel._conv_layout(z_q))))))
         if mid is not None:
             h = h + mid
         for i in reversed(range(len(d.up))):
@@ -177,7 +177,7 @@ class PixelGuidedDecoder(nn.Module):
             h = h + levels[i]  # level i's output: resolution H/2^i, ch*ch_mult[i] channels
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return d.conv_out(F.silu(d.norm_out(h)))
+        return d.conv_out(F.silu(d.norm_out(h))).contiguous()
 
     def forward(self, tokens: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """Training: tokens [B, h, w], previous [B, 3, H, W] -> [B, 3, H, W]."""
