@@ -275,7 +275,7 @@ class VQModel(nn.Module):
     @staticmethod
     def _conv_layout(x: torch.Tensor) -> torch.Tensor:
         """The maps' memory layout for the convolutions: channels-last on the CPU, where oneDNN's
-        convolutions run 1.2-1.7x faster in it (bench/vqgan_decode.py; same values up to float
+        convolutions run 1.2-1.8x faster in it (bench/vqgan_decode.py; same values up to float
         rounding); other devices keep what they are given."""
         return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
