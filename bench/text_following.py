@@ -12,12 +12,16 @@ as a class (every generated sky lands on one class); the decoded ones and the co
 right scene is drawn.
 
 Rows, all computed in this run with the same classifiers:
-  real held-out scenes       new crops of the same photos (another seed): the upper bound
+  real held-out scenes       new crops of the same photos (another seed; 20 a sky and ground): the upper bound
   real held-out, decoded     the same through the model's VQGAN: the upper bound for generated images
   prompt, guidance 1 / G     the model, from the image's own prompt
   shuffled prompt            the same images' prompts shuffled among them (guided), scored against the
                              image's own label: must fall to chance
   no prompt                  unconditional, scored against the label it was meant to get: chance
+
+The blue-sky images of the decoded held-out row and of the guided row are also split by whether their
+sky band holds a cloud, with how each part is classified: EfficientNet's decoded centroids read a
+cloudless blue band as the fog more often than not, real or generated.
 
 Before the rows, the model itself as a sky classifier of real scenes (held-out and training crops, 36
 each): which sky caption makes a scene's top patch row most likely (chance 1/3), and by how many nats
@@ -128,6 +132,19 @@ def accuracy(classifiers: dict, images: list[torch.Tensor], captions: list[str])
     return out
 
 
+def cloud_split(classifier: Classifier, images: list[torch.Tensor], captions: list[str]) -> dict:
+    """The blue-sky images split by whether their sky band holds a cloud (over 1% of the top third's
+    pixels with every channel above 0.7; the grey and sunset photos have none), and how many of each
+    part the classifier finds blue and grey: {"cloud": [n, blue, grey], "no cloud": [n, blue, grey]}."""
+    blue = [img for img, c in zip(images, captions) if _split(c)[0] == SKY_NAMES[0]]
+    if not blue:
+        return {}
+    found = classifier.predict(blue, "sky")
+    cloud = torch.tensor([float((img[: img.shape[0] // 3].amin(-1) > 0.7).float().mean()) > 0.01 for img in blue])
+    return {name: [int(part.sum()), int(((found == 0) & part).sum()), int(((found == 2) & part).sum())]
+            for name, part in (("cloud", cloud), ("no cloud", ~cloud))}
+
+
 def confusion(truth: torch.Tensor, predicted: torch.Tensor, classes: int) -> list[list[int]]:
     """[true class][predicted class] -> count."""
     counts = torch.zeros(classes, classes, dtype=torch.long)
@@ -228,6 +245,8 @@ def main() -> None:
                    "template's)")
     p.add_argument("--candidates", type=int, default=1, help="draws per patch in every row, the best kept "
                    "(the Patch Renderer's candidates; default 1, the template's)")
+    p.add_argument("--held-out-per-pair", type=int, default=20, help="real held-out crops per sky and ground "
+                   "(the control rows; 20: 180 scenes)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--likelihood-only", action="store_true", help="only the model's likelihood of real scenes "
                    "under each sky caption (under a minute)")
@@ -253,11 +272,12 @@ def main() -> None:
     train = [(c, _to_image(img)) for c, img in scenes(12, seed=0)]  # the training scenes
     with torch.no_grad():
         classifiers = {"real": Classifier(train), "decoded": Classifier([(c, round_trip(model, i)) for c, i in train])}
-        held_out = [(c, _to_image(img)) for c, img in scenes(2, seed=1)]
+        held_out = [(c, _to_image(img)) for c, img in scenes(args.held_out_per_pair, seed=1)]
         held_captions = [c for c, _ in held_out]
+        held_decoded = [round_trip(model, i) for _, i in held_out]
         rows = {"real held-out scenes": accuracy(classifiers, [i for _, i in held_out], held_captions),
-                "real held-out, decoded": accuracy(classifiers, [round_trip(model, i) for _, i in held_out],
-                                                   held_captions)}
+                "real held-out, decoded": accuracy(classifiers, held_decoded, held_captions)}
+        clouds = {"real held-out, decoded": cloud_split(classifiers["decoded"], held_decoded, held_captions)}
 
     jobs = [(c, size, seed) for c in [f"{s} over {g}" for s in SKIES for g in GROUNDS]
             for size in SIZES for seed in range(args.seeds)]
@@ -278,6 +298,8 @@ def main() -> None:
             images.append(image)
             peak = max(peak, pool)
         rows[name] = accuracy(classifiers, images, captions)
+        if name == g:
+            clouds[name] = cloud_split(classifiers["decoded"], images, captions)
         cost[name] = {"s_per_image": round((time.time() - start) / len(jobs), 3), "pool_peak_kb": round(peak / 1024, 1)}
         print(f"{name:26s} {rows[name]}  {cost[name]}", file=sys.stderr)
 
@@ -293,6 +315,10 @@ def main() -> None:
     print(f"\nsky by decoded centroids, rows the prompt's sky, columns the class found ({', '.join(SKY_NAMES)}):")
     for name in ("real held-out, decoded", g):
         print(f"{name:26s} | " + " | ".join(" ".join(f"{n:3d}" for n in line) for line in rows[name]["decoded"]["sky_confusion"]))
+    print("\nblue-sky images with and without a cloud in the sky band: how many, found blue, found grey (decoded "
+          "centroids):")
+    for name, split in clouds.items():
+        print(f"{name:26s} | " + " | ".join(f"{part} {n[0]:3d}: blue {n[1]:3d}, grey {n[2]:3d}" for part, n in split.items()))
     plain, guided = rows["prompt, guidance 1"]["decoded"], rows[g]["decoded"]
     shuffled = rows["shuffled prompt"]["decoded"]
     ratio_time = cost[g]["s_per_image"] / max(cost["prompt, guidance 1"]["s_per_image"], 1e-9)
@@ -306,7 +332,8 @@ def main() -> None:
         "real_ground": rows["real held-out scenes"]["real"]["ground"],
         "real_sky": rows["real held-out scenes"]["real"]["sky"],
         "decoded_real_ground": rows["real held-out, decoded"]["decoded"]["ground"],
-        "decoded_real_sky": rows["real held-out, decoded"]["decoded"]["sky"],
+        "decoded_real_sky": rows["real held-out, decoded"]["decoded"]["sky"], "held_out_scenes": len(held_out),
+        "blue_sky_clouds": clouds,
         "shuffled_ground": shuffled["ground"], "shuffled_sky": shuffled["sky"],
         "shuffled_sky_colour": shuffled["sky_colour"], "no_prompt_ground": rows["no prompt"]["decoded"]["ground"],
         "sky_caption_likelihood": likelihood, "chance": 0.333, "guidance": args.guidance, "temperature": args.temperature, "candidates": args.candidates,
