@@ -76,7 +76,7 @@ def main():
 
     # the maps' memory layout: channels-last (VQModel._conv_layout) against the contiguous layout before it,
     # alternating, each one's best of 3 rounds; the encoder on an image the canvas's size
-    image = batched.clamp(-1, 1)
+    pixels = batched.clamp(-1, 1)
     channels_last, nchw = VQModel._conv_layout, staticmethod(lambda x: x)
     layout = {"nchw": ([], []), "channels_last": ([], [])}
     for _ in range(3):
@@ -84,7 +84,7 @@ def main():
             VQModel._conv_layout = fn
             decode(None)()  # the other layout's kernels are cached separately: warm them
             dec_s, out = best(decode(None), args.repeat)
-            enc_s, _ = best(lambda: vq.encode_tokens(image), args.repeat)
+            enc_s, _ = best(lambda: vq.encode_tokens(pixels), args.repeat)
             layout[name][0].append(dec_s)
             layout[name][1].append(enc_s)
             layout.setdefault(name + "_out", out)
