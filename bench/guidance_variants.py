@@ -9,13 +9,16 @@ patch_samplers.guided for one run of the text-following bench (same rows, contro
             guidance moves the distribution without sharpening it
   ramp      guidance ramped over the plan, as Muse and MAR schedule it: patch i of N is guided at
             1 + (g - 1) i / (N - 1), so the first patches (the sky row) are drawn nearly unguided
+  projected adaptive projected guidance (APG, Sadat et al. 2024) on the logits: the update c - u
+            (both centred over the vocabulary) split into its part along c, which only sharpens c,
+            and the rest; c + (g - 1) (orthogonal part + eta x parallel part), eta = 0
   attention the text's cross-attention output scaled by g in every layer, and the logits of that
             pass sampled as they are: the prompt's pull made stronger inside the network instead of
             by extrapolating the logits (the guided batch's text-free half is run and unused)
 
 None is in the package (none lifted the sky without losing the ground).
 
-    python bench/guidance_variants.py entropy|ramp|attention [text_following.py's options, e.g. --seeds 2 --guidance 5]
+    python bench/guidance_variants.py entropy|ramp|projected|attention [text_following.py's options, e.g. --seeds 2 --guidance 5]
 """
 from __future__ import annotations
 
@@ -76,6 +79,16 @@ class Ramp:
         return uncond + scale.view(-1, *(1,) * (cond.ndim - 1)) * (cond - uncond)
 
 
+def projected(logits: torch.Tensor, settings, eta: float = 0.0) -> torch.Tensor:
+    if settings.guidance == 1.0:
+        return logits
+    cond, uncond = logits.float().chunk(2)
+    cond, uncond = cond - cond.mean(-1, keepdim=True), uncond - uncond.mean(-1, keepdim=True)
+    update = cond - uncond
+    along = (update * cond).sum(-1, keepdim=True) / (cond * cond).sum(-1, keepdim=True).clamp_min(1e-12) * cond
+    return cond + (settings.guidance - 1) * (update - along + eta * along)
+
+
 class ScaledAttention:
     """Renderer.text_kv's guided batch with the text half's gate g (the text-free half's stays 0),
     and `guided` returning that half's logits."""
@@ -99,7 +112,8 @@ class ScaledAttention:
 
 
 def main() -> None:
-    variants = {"entropy": lambda: entropy_matched, "ramp": Ramp, "attention": ScaledAttention}
+    variants = {"entropy": lambda: entropy_matched, "ramp": Ramp, "projected": lambda: projected,
+                "attention": ScaledAttention}
     if len(sys.argv) < 2 or sys.argv[1] not in variants:
         raise SystemExit(f"usage: python bench/guidance_variants.py {{{'|'.join(variants)}}} [text_following options]")
     patch_samplers.guided = variants[sys.argv[1]]()
