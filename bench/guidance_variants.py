@@ -11,7 +11,7 @@ patch_samplers.guided for one run of the text-following bench (same rows, contro
             1 + (g - 1) i / (N - 1), so the first patches (the sky row) are drawn nearly unguided
   projected adaptive projected guidance (APG, Sadat et al. 2024) on the logits: the update c - u
             (both centred over the vocabulary) split into its part along c, which only sharpens c,
-            and the rest; c + (g - 1) (orthogonal part + eta x parallel part), eta = 0
+            and the rest; c + (g - 1) (orthogonal part + eta x parallel part), eta 0 unless --eta E
   attention the text's cross-attention output scaled by g in every layer, and the logits of that
             pass sampled as they are: the prompt's pull made stronger inside the network instead of
             by extrapolating the logits (the guided batch's text-free half is run and unused)
@@ -79,14 +79,17 @@ class Ramp:
         return uncond + scale.view(-1, *(1,) * (cond.ndim - 1)) * (cond - uncond)
 
 
-def projected(logits: torch.Tensor, settings, eta: float = 0.0) -> torch.Tensor:
+ETA = 0.0  # projected's weight of the update's part along c (1: plain guidance); --eta sets it
+
+
+def projected(logits: torch.Tensor, settings) -> torch.Tensor:
     if settings.guidance == 1.0:
         return logits
     cond, uncond = logits.float().chunk(2)
     cond, uncond = cond - cond.mean(-1, keepdim=True), uncond - uncond.mean(-1, keepdim=True)
     update = cond - uncond
     along = (update * cond).sum(-1, keepdim=True) / (cond * cond).sum(-1, keepdim=True).clamp_min(1e-12) * cond
-    return cond + (settings.guidance - 1) * (update - along + eta * along)
+    return cond + (settings.guidance - 1) * (update - along + ETA * along)
 
 
 class ScaledAttention:
@@ -116,8 +119,13 @@ def main() -> None:
                 "attention": ScaledAttention}
     if len(sys.argv) < 2 or sys.argv[1] not in variants:
         raise SystemExit(f"usage: python bench/guidance_variants.py {{{'|'.join(variants)}}} [text_following options]")
+    rest = sys.argv[2:]
+    if "--eta" in rest:
+        global ETA
+        at = rest.index("--eta")
+        ETA, rest = float(rest[at + 1]), rest[:at] + rest[at + 2:]
     patch_samplers.guided = variants[sys.argv[1]]()
-    sys.argv = [str(ROOT / "bench" / "text_following.py")] + sys.argv[2:]
+    sys.argv = [str(ROOT / "bench" / "text_following.py")] + rest
     runpy.run_path(sys.argv[0], run_name="__main__")
 
 
