@@ -12,13 +12,16 @@ patch_samplers.guided for one run of the text-following bench (same rows, contro
   projected adaptive projected guidance (APG, Sadat et al. 2024) on the logits: the update c - u
             (both centred over the vocabulary) split into its part along c, which only sharpens c,
             and the rest; c + (g - 1) (orthogonal part + eta x parallel part), eta 0 unless --eta E
+  support   plain guidance, drawn only among the tokens the conditional distribution c itself gives at
+            least epsilon (the template's 0.01, or --epsilon E) instead of those the guided one does
+            (the run's own epsilon filter is switched off)
   attention the text's cross-attention output scaled by g in every layer, and the logits of that
             pass sampled as they are: the prompt's pull made stronger inside the network instead of
             by extrapolating the logits (the guided batch's text-free half is run and unused)
 
 None is in the package (none lifted the sky without losing the ground).
 
-    python bench/guidance_variants.py entropy|ramp|projected|attention [text_following.py's options, e.g. --seeds 2 --guidance 5]
+    python bench/guidance_variants.py entropy|ramp|projected|support|attention [text_following.py's options, e.g. --seeds 2 --guidance 5]
 """
 from __future__ import annotations
 
@@ -92,6 +95,18 @@ def projected(logits: torch.Tensor, settings) -> torch.Tensor:
     return cond + (settings.guidance - 1) * (update - along + ETA * along)
 
 
+SUPPORT_EPSILON = patch_samplers.EPSILON_DEFAULT  # support's floor under c; --epsilon sets it
+
+
+def support(logits: torch.Tensor, settings) -> torch.Tensor:
+    """(At the bench's temperature 1.) Unguided rows get the same floor, so they draw as the template's do."""
+    cond, uncond = logits.float().chunk(2) if settings.guidance != 1.0 else (logits.float(), None)
+    probs = cond.softmax(-1)
+    floor = probs.amax(-1, keepdim=True).clamp(max=SUPPORT_EPSILON)  # c's most likely token stays
+    drawn = cond if uncond is None else uncond + settings.guidance * (cond - uncond)
+    return drawn.masked_fill(probs < floor, float("-inf"))
+
+
 class ScaledAttention:
     """Renderer.text_kv's guided batch with the text half's gate g (the text-free half's stays 0),
     and `guided` returning that half's logits."""
@@ -116,14 +131,19 @@ class ScaledAttention:
 
 def main() -> None:
     variants = {"entropy": lambda: entropy_matched, "ramp": Ramp, "projected": lambda: projected,
-                "attention": ScaledAttention}
+                "support": lambda: support, "attention": ScaledAttention}
     if len(sys.argv) < 2 or sys.argv[1] not in variants:
         raise SystemExit(f"usage: python bench/guidance_variants.py {{{'|'.join(variants)}}} [text_following options]")
+    global ETA, SUPPORT_EPSILON
     rest = sys.argv[2:]
     if "--eta" in rest:
-        global ETA
         at = rest.index("--eta")
         ETA, rest = float(rest[at + 1]), rest[:at] + rest[at + 2:]
+    if "--epsilon" in rest:
+        at = rest.index("--epsilon")
+        SUPPORT_EPSILON, rest = float(rest[at + 1]), rest[:at] + rest[at + 2:]
+    if sys.argv[1] == "support":  # the bench reads the floor when it runs: `support` applies it instead
+        patch_samplers.EPSILON_DEFAULT = 0.0
     patch_samplers.guided = variants[sys.argv[1]]()
     sys.argv = [str(ROOT / "bench" / "text_following.py")] + rest
     runpy.run_path(sys.argv[0], run_name="__main__")
