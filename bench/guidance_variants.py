@@ -21,7 +21,8 @@ patch_samplers.guided for one run of the text-following bench (same rows, contro
 
 None is in the package (none lifted the sky without losing the ground).
 
-    python bench/guidance_variants.py entropy|ramp|projected|support|attention [text_following.py's options, e.g. --seeds 2 --guidance 5]
+    python bench/guidance_variants.py entropy|ramp|projected|support|attention [--eta E] [--epsilon E]
+        [text_following.py's options, e.g. --seeds 2 --guidance 5]
 """
 from __future__ import annotations
 
@@ -113,8 +114,7 @@ class ScaledAttention:
 
     def __init__(self):
         # every guided row of the bench runs at its --guidance (default 5); text_kv is made before any logits
-        args = sys.argv[2:]
-        self.scale = float(args[args.index("--guidance") + 1]) if "--guidance" in args else 5.0
+        self.scale = option(sys.argv[2:], "--guidance", 5.0)[0]
         text_kv = renderer.Renderer.text_kv
 
         def scaled(model, text, with_null=False):
@@ -129,19 +129,22 @@ class ScaledAttention:
         return logits if settings.guidance == 1.0 else logits.float().chunk(2)[0]
 
 
+def option(args: list[str], flag: str, default: float) -> tuple[float, list[str]]:
+    """The value of `flag` in args (or the default) and the args without it."""
+    if flag not in args:
+        return default, args
+    at = args.index(flag)
+    return float(args[at + 1]), args[:at] + args[at + 2:]
+
+
 def main() -> None:
     variants = {"entropy": lambda: entropy_matched, "ramp": Ramp, "projected": lambda: projected,
                 "support": lambda: support, "attention": ScaledAttention}
     if len(sys.argv) < 2 or sys.argv[1] not in variants:
         raise SystemExit(f"usage: python bench/guidance_variants.py {{{'|'.join(variants)}}} [text_following options]")
     global ETA, SUPPORT_EPSILON
-    rest = sys.argv[2:]
-    if "--eta" in rest:
-        at = rest.index("--eta")
-        ETA, rest = float(rest[at + 1]), rest[:at] + rest[at + 2:]
-    if "--epsilon" in rest:
-        at = rest.index("--epsilon")
-        SUPPORT_EPSILON, rest = float(rest[at + 1]), rest[:at] + rest[at + 2:]
+    ETA, rest = option(sys.argv[2:], "--eta", ETA)
+    SUPPORT_EPSILON, rest = option(rest, "--epsilon", SUPPORT_EPSILON)
     if sys.argv[1] == "support":  # the bench reads the floor when it runs: `support` applies it instead
         patch_samplers.EPSILON_DEFAULT = 0.0
     patch_samplers.guided = variants[sys.argv[1]]()

@@ -78,18 +78,17 @@ def main():
     # alternating, each one's best of 3 rounds; the encoder on an image the canvas's size
     pixels = batched.clamp(-1, 1)
     channels_last, nchw = VQModel._conv_layout, staticmethod(lambda x: x)
-    layout = {"nchw": ([], []), "channels_last": ([], [])}
+    decode_times, encode_times, decoded = {"nchw": [], "channels_last": []}, {"nchw": [], "channels_last": []}, {}
     for _ in range(3):
         for name, fn in (("nchw", nchw), ("channels_last", staticmethod(channels_last))):
             VQModel._conv_layout = fn
             decode(None)()  # the other layout's kernels are cached separately: warm them
-            dec_s, out = best(decode(None), args.repeat)
-            enc_s, _ = best(lambda: vq.encode_tokens(pixels), args.repeat)
-            layout[name][0].append(dec_s)
-            layout[name][1].append(enc_s)
-            layout.setdefault(name + "_out", out)
+            dec_s, decoded[name] = best(decode(None), args.repeat)
+            decode_times[name].append(dec_s)
+            encode_times[name].append(best(lambda: vq.encode_tokens(pixels), args.repeat)[0])
     VQModel._conv_layout = staticmethod(channels_last)
-    (nchw_dec, nchw_enc), (cl_dec, cl_enc) = ((min(d), min(e)) for d, e in (layout["nchw"], layout["channels_last"]))
+    nchw_dec, cl_dec = min(decode_times["nchw"]), min(decode_times["channels_last"])
+    nchw_enc, cl_enc = min(encode_times["nchw"]), min(encode_times["channels_last"])
 
     # generation of the same canvas (or a narrower one, scaled)
     gen = model.blank_canvas(ROWS, args.gen_cols)
@@ -120,7 +119,7 @@ def main():
         "decode_nchw_s": round(nchw_dec, 3), "decode_s": round(cl_dec, 3),
         "encode_nchw_s": round(nchw_enc, 3), "encode_s": round(cl_enc, 3),
         "layout_decode_speedup": round(nchw_dec / cl_dec, 2), "layout_encode_speedup": round(nchw_enc / cl_enc, 2),
-        "layout_max_abs_diff": float((layout["channels_last_out"] - layout["nchw_out"]).abs().max()),
+        "layout_max_abs_diff": float((decoded["channels_last"] - decoded["nchw"]).abs().max()),
         "generate_s": round(generate_s, 3), "generated_cols": args.gen_cols,
         "decode_over_generate_before": round(one_s / generate_s, 3),
         "decode_over_generate_after": round(cl_dec / generate_s, 3),

@@ -279,9 +279,13 @@ class VQModel(nn.Module):
         rounding); other devices keep what they are given."""
         return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
+    def encode_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, 3, H, W] -1..1 -> the encoder's maps before quantization [B, embed_dim, H/f, W/f] (contiguous)."""
+        return self.quant_conv(self.encoder(self._conv_layout(x))).contiguous()
+
     def encode(self, x: torch.Tensor):
         """x: [B, 3, H, W] -1..1 -> (z_q [B, embed_dim, H/f, W/f] straight-through, loss, ids [B, H/f, W/f])."""
-        return self.quantize(self.quant_conv(self.encoder(self._conv_layout(x))).contiguous())
+        return self.quantize(self.encode_maps(x))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:  # [B, embed_dim, h, w] -> [B, 3, h*f, w*f]
         return self.decoder(self.post_quant_conv(self._conv_layout(z_q))).contiguous()
@@ -298,7 +302,7 @@ class VQModel(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected images [B, {self.config.in_channels}, H, W], got shape {tuple(x.shape)}")
         self.check_size(x.shape[-2], x.shape[-1])
-        return self.quantize.nearest(self.quant_conv(self.encoder(self._conv_layout(x.to(self._dtype())))))
+        return self.quantize.nearest(self.encode_maps(x.to(self._dtype())))
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
