@@ -39,6 +39,12 @@ GROUNDS = {
     "a flower field": ("panoramas/garching.png", (0, 72, 4096, 512)),
     "a green meadow": ("landscapes/aitzgorri_by_Aitzol_Berasategi_CC-BY-4.0.jpg", (0, 760, 1536, 1023)),
 }
+# what a sky's clouds look like, as a test on a band's pixels [h, w, 3] (0-255): the blue sky's white
+# clouds, the sunset's orange plumes (the grey sky has none)
+CLOUD_PIXELS = {
+    "a blue sky": lambda band: band.min(-1) > 178,
+    "a sunset sky": lambda band: band[..., 0] - band[..., 2] > 50,
+}
 # a crop is SCALE x the target band's size in source pixels (more for the large panorama)
 SCALE = {"panoramas/garching.png": (2.5, 3.5), "panoramas/ocean.png": (1.2, 2.0)}
 
@@ -66,11 +72,14 @@ def _band(source: tuple[str, tuple], size: tuple[int, int], rng: random.Random) 
     return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
 
 
-def scene(sky: str, ground: str, rng: random.Random) -> Image.Image:
-    """One picture: the sky's band above the ground's, blended over 8 px at a jittered horizon."""
+def scene(sky: str, ground: str, rng: random.Random, cloudy: float = 0.0) -> Image.Image:
+    """One picture: the sky's band above the ground's, blended over 8 px at a jittered horizon.
+    cloudy: a sky that has clouds (CLOUD_PIXELS) is cropped again until they cover this share of its band."""
     horizon = HORIZON + rng.randint(-HORIZON_JITTER, HORIZON_JITTER)
     blend = 8
     top = np.asarray(_band(SKIES[sky], (SIZE[0], horizon + blend), rng), dtype=np.float32)
+    while sky in CLOUD_PIXELS and CLOUD_PIXELS[sky](top).mean() < cloudy:
+        top = np.asarray(_band(SKIES[sky], (SIZE[0], horizon + blend), rng), dtype=np.float32)
     low = np.asarray(_band(GROUNDS[ground], (SIZE[0], SIZE[1] - horizon + blend), rng), dtype=np.float32)
     out = np.zeros((SIZE[1], SIZE[0], 3), np.float32)
     out[:horizon - blend] = top[:horizon - blend]
@@ -84,10 +93,10 @@ def captions() -> list[str]:
     return [f"{sky} over {ground}" for sky in SKIES for ground in GROUNDS]
 
 
-def scenes(per_pair: int, seed: int) -> list[tuple[str, Image.Image]]:
+def scenes(per_pair: int, seed: int, cloudy: float = 0.0) -> list[tuple[str, Image.Image]]:
     """per_pair pictures of every (sky, ground): [(caption, image)], the same for the same seed."""
     rng = random.Random(seed)
-    return [(f"{sky} over {ground}", scene(sky, ground, rng))
+    return [(f"{sky} over {ground}", scene(sky, ground, rng, cloudy))
             for sky in SKIES for ground in GROUNDS for _ in range(per_pair)]
 
 
@@ -103,10 +112,12 @@ def main() -> None:
     p.add_argument("--per-pair", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pans", action="store_true", help="write each scene as a frame folder of a camera pan")
+    p.add_argument("--cloudy", type=float, default=0.0,
+                   help="crop the blue and sunset skies again until their clouds cover this share of the band (0: any crop)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for n, (caption, img) in enumerate(scenes(args.per_pair, args.seed)):
+    for n, (caption, img) in enumerate(scenes(args.per_pair, args.seed, args.cloudy)):
         stem = f"{n:03d}_{caption.replace(' ', '_')}"
         if args.pans:
             (out / stem).mkdir(exist_ok=True)
