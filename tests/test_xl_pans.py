@@ -65,3 +65,17 @@ def test_the_text_following_benchs_real_pans_are_one_scene_each_made_as_the_trai
         frames, caps = _xl_pans.pan([(list(_scenes.SKIES)[s], list(_scenes.GROUNDS)[g])], rng)
         assert len(set(caps)) == 1 and clip.shape == (len(frames), 48, 64, 3)
         assert torch.equal(clip, torch.from_numpy(np.stack(frames)).float() / 255)
+
+
+def test_cloudy_scenes_hold_their_skies_clouds_where_plain_ones_may_not():
+    """bench/_scenes.py --cloudy: the blue and sunset skies are cropped again until their clouds cover the
+    share; plain scenes of the same seed include cloudless bands (what the option exists to leave out)."""
+    def shares(cloudy):
+        return {sky: [_scenes.CLOUD_PIXELS[sky](np.asarray(img, dtype=np.float32)[:60]).mean()
+                      for caption, img in _scenes.scenes(4, 3, cloudy) if caption.startswith(sky)]
+                for sky in _scenes.CLOUD_PIXELS}
+
+    plain, cloudy = shares(0.0), shares(0.05)
+    for sky in _scenes.CLOUD_PIXELS:
+        assert min(plain[sky]) < 0.005, (sky, plain[sky])
+        assert min(cloudy[sky]) > 0.01, (sky, cloudy[sky])
