@@ -17,6 +17,7 @@ Goal (the video issue): e_f = 2 above e_f = 0 in lowres_psnr and below it in fli
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from nuwa_core.infinity.pixel_guided_vqgan import decode_video, load_pgvqgan
 from nuwa_core.training.data import read_video, to_model
 
 MODELS = ROOT / "models" / "nuwa"
-VIDEO = ROOT.parent / "shared" / "data" / "video" / "vtest_opencv.avi"
+VIDEO = Path(os.environ.get("NUWA_SHARED_DATA") or ROOT.parent / "shared" / "data") / "video" / "vtest_opencv.avi"
 
 
 def lowres(x: torch.Tensor) -> torch.Tensor:  # [F, 3, H, W] in -1..1 -> [F, 3, H/8, W/8] in 0..1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -37,7 +38,8 @@ from nuwa_core.images import image_to_model, load_image, model_to_image
 from nuwa_core.infinity.generation import NuwaInfinity
 from nuwa_core.training import one_shot
 
-SHARED_PAINTING = REPO.parent / "shared" / "data" / "paintings" / "gcompris_details_004.jpg"
+SHARED_PAINTING = (Path(os.environ.get("NUWA_SHARED_DATA") or REPO.parent / "shared" / "data")
+                   / "paintings" / "gcompris_details_004.jpg")
 ROWS = ("model", "default model", "random real", "patch-NN", "flat", "real tokens")
 
 

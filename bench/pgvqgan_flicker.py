@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,8 @@ from nuwa_core.training.pgvqgan import read_frames
 
 DEFAULT_MODEL = REPO / "models" / "nuwa" / "nuwa_infinity_plaza.safetensors"
 DEFAULT_PGVQGAN = REPO / "models" / "nuwa" / "pgvqgan" / "pgvqgan_plaza.safetensors"
-DEFAULT_VIDEO = REPO.parent / "shared" / "data" / "video" / "vtest_opencv.avi"
+DEFAULT_VIDEO = (Path(os.environ.get("NUWA_SHARED_DATA") or REPO.parent / "shared" / "data")
+                 / "video" / "vtest_opencv.avi")
 ROWS = ("real", "plain VQGAN", "PG-VQGAN (self)", "PG-VQGAN (IA)", "PG-VQGAN (T2V)", "shuffled real")
 
 
