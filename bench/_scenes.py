@@ -41,11 +41,12 @@ GROUNDS = {
     "a flower field": ("panoramas/garching.png", (0, 72, 4096, 512)),
     "a green meadow": ("landscapes/aitzgorri_by_Aitzol_Berasategi_CC-BY-4.0.jpg", (0, 760, 1536, 1023)),
 }
-# what a sky's clouds look like, as a test on a band's pixels [h, w, 3] (0-255): the blue sky's white
-# clouds, the sunset's orange plumes (the grey sky has none)
+# what a sky's clouds look like, as a test on a band's pixels [h, w, 3] in 0..1 (numpy or torch): the blue
+# sky's white clouds, the sunset's orange plumes (the grey sky has none); bench/text_following.py splits
+# its blue skies by the first
 CLOUD_PIXELS = {
-    "a blue sky": lambda band: band.min(-1) > 178,
-    "a sunset sky": lambda band: band[..., 0] - band[..., 2] > 50,
+    "a blue sky": lambda band: (band > 0.7).all(-1),
+    "a sunset sky": lambda band: band[..., 0] - band[..., 2] > 50 / 255,
 }
 # a crop is SCALE x the target band's size in source pixels (more for the large panorama)
 SCALE = {"panoramas/garching.png": (2.5, 3.5), "panoramas/ocean.png": (1.2, 2.0)}
@@ -80,7 +81,7 @@ def scene(sky: str, ground: str, rng: random.Random, cloudy: float = 0.0) -> Ima
     horizon = HORIZON + rng.randint(-HORIZON_JITTER, HORIZON_JITTER)
     blend = 8
     top = np.asarray(_band(SKIES[sky], (SIZE[0], horizon + blend), rng), dtype=np.float32)
-    while sky in CLOUD_PIXELS and CLOUD_PIXELS[sky](top).mean() < cloudy:
+    while cloudy and sky in CLOUD_PIXELS and CLOUD_PIXELS[sky](top / 255).mean() < cloudy:
         top = np.asarray(_band(SKIES[sky], (SIZE[0], horizon + blend), rng), dtype=np.float32)
     low = np.asarray(_band(GROUNDS[ground], (SIZE[0], SIZE[1] - horizon + blend), rng), dtype=np.float32)
     out = np.zeros((SIZE[1], SIZE[0], 3), np.float32)
@@ -115,7 +116,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pans", action="store_true", help="write each scene as a frame folder of a camera pan")
     p.add_argument("--cloudy", type=float, default=0.0,
-                   help="crop the blue and sunset skies again until their clouds cover this share of the band (0: any crop)")
+                   help="crop the blue and sunset skies again until their clouds cover this share of the band "
+                        "(0: any crop)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

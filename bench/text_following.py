@@ -50,7 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from _scenes import GROUNDS, SKIES, scenes
+from _scenes import CLOUD_PIXELS, GROUNDS, SKIES, scenes
 
 from nuwa_core.evaluation.metrics import EFFLITE0_PACKAGES, efflite0_available, efflite0_block_features
 from nuwa_core.infinity.arbitrary_direction_controller import Order
@@ -140,7 +140,8 @@ def cloud_split(classifier: Classifier, images: list[torch.Tensor], captions: li
     if not blue:
         return {}
     found = classifier.predict(blue, "sky")
-    cloud = torch.tensor([float((img[: img.shape[0] // 3].amin(-1) > 0.7).float().mean()) > 0.01 for img in blue])
+    cloudy = CLOUD_PIXELS[SKY_NAMES[0]]
+    cloud = torch.tensor([float(cloudy(img[: img.shape[0] // 3]).float().mean()) > 0.01 for img in blue])
     return {name: [int(part.sum()), int(((found == 0) & part).sum()), int(((found == 2) & part).sum())]
             for name, part in (("cloud", cloud), ("no cloud", ~cloud))}
 

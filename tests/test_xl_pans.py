@@ -71,7 +71,7 @@ def test_cloudy_scenes_hold_their_skies_clouds_where_plain_ones_may_not():
     """bench/_scenes.py --cloudy: the blue and sunset skies are cropped again until their clouds cover the
     share; plain scenes of the same seed include cloudless bands (what the option exists to leave out)."""
     def shares(cloudy):
-        return {sky: [_scenes.CLOUD_PIXELS[sky](np.asarray(img, dtype=np.float32)[:60]).mean()
+        return {sky: [_scenes.CLOUD_PIXELS[sky](np.asarray(img, dtype=np.float32)[:60] / 255).mean()
                       for caption, img in _scenes.scenes(4, 3, cloudy) if caption.startswith(sky)]
                 for sky in _scenes.CLOUD_PIXELS}
 
