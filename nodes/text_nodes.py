@@ -64,7 +64,7 @@ class NUWATextEncode:
     def INPUT_TYPES(cls):
         return {"required": {
             "text_encoder": ("NUWA_TEXT_ENCODER", {"tooltip": "From NUWA Text Encoder Loader."}),
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "a sunset sky over the sea",
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "a blue sky over a green meadow",
                                 "tooltip": "The prompt, in the words the encoder was trained on."}),
         }}
 
