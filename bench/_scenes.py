@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import random
 from pathlib import Path
 
 import numpy as np
+from _data import SHARED_DATA as DATA
 from PIL import Image
 
-# ../shared/data beside the repository, or $NUWA_SHARED_DATA (as the tests read it)
-DATA = Path(os.environ.get("NUWA_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 SIZE = (384, 192)  # width, height: 6 x 3 patches of the shipped renderer (64 px)
 HORIZON = 80       # px from the top, +- HORIZON_JITTER
 HORIZON_JITTER = 12

@@ -17,7 +17,6 @@ Goal (the video issue): e_f = 2 above e_f = 0 in lowres_psnr and below it in fli
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from _data import SHARED_DATA
 
 from nuwa_core.infinity.generation import NuwaInfinity
 from nuwa_core.infinity.patch_samplers import SamplerSettings
@@ -33,7 +34,7 @@ from nuwa_core.infinity.pixel_guided_vqgan import decode_video, load_pgvqgan
 from nuwa_core.training.data import read_video, to_model
 
 MODELS = ROOT / "models" / "nuwa"
-VIDEO = Path(os.environ.get("NUWA_SHARED_DATA") or ROOT.parent / "shared" / "data") / "video" / "vtest_opencv.avi"
+VIDEO = SHARED_DATA / "video" / "vtest_opencv.avi"
 
 
 def lowres(x: torch.Tensor) -> torch.Tensor:  # [F, 3, H, W] in -1..1 -> [F, 3, H/8, W/8] in 0..1

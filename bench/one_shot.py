@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -30,7 +29,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from _data import SHARED_DATA
 
 from nuwa_core.evaluation.continuation import evaluate_continuation
 from nuwa_core.evaluation.metrics import psnr
@@ -38,8 +39,7 @@ from nuwa_core.images import image_to_model, load_image, model_to_image
 from nuwa_core.infinity.generation import NuwaInfinity
 from nuwa_core.training import one_shot
 
-SHARED_PAINTING = (Path(os.environ.get("NUWA_SHARED_DATA") or REPO.parent / "shared" / "data")
-                   / "paintings" / "gcompris_details_004.jpg")
+SHARED_PAINTING = SHARED_DATA / "paintings" / "gcompris_details_004.jpg"
 ROWS = ("model", "default model", "random real", "patch-NN", "flat", "real tokens")
 
 

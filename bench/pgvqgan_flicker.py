@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from _data import SHARED_DATA
 
 from nuwa_core.checkpoint import read_metadata
 from nuwa_core.infinity.generation import BUNDLE_KIND, NuwaInfinity
@@ -50,8 +51,7 @@ from nuwa_core.training.pgvqgan import read_frames
 
 DEFAULT_MODEL = REPO / "models" / "nuwa" / "nuwa_infinity_plaza.safetensors"
 DEFAULT_PGVQGAN = REPO / "models" / "nuwa" / "pgvqgan" / "pgvqgan_plaza.safetensors"
-DEFAULT_VIDEO = (Path(os.environ.get("NUWA_SHARED_DATA") or REPO.parent / "shared" / "data")
-                 / "video" / "vtest_opencv.avi")
+DEFAULT_VIDEO = SHARED_DATA / "video" / "vtest_opencv.avi"
 ROWS = ("real", "plain VQGAN", "PG-VQGAN (self)", "PG-VQGAN (IA)", "PG-VQGAN (T2V)", "shuffled real")
 
 
