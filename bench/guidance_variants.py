@@ -26,6 +26,8 @@ None is in the package (none lifted the sky without losing the ground).
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import runpy
 import sys
 from pathlib import Path
@@ -83,27 +85,23 @@ class Ramp:
         return uncond + scale.view(-1, *(1,) * (cond.ndim - 1)) * (cond - uncond)
 
 
-ETA = 0.0  # projected's weight of the update's part along c (1: plain guidance); --eta sets it
-
-
-def projected(logits: torch.Tensor, settings) -> torch.Tensor:
+def projected(logits: torch.Tensor, settings, eta: float = 0.0) -> torch.Tensor:
+    """eta: the weight of the update's part along c (1: plain guidance); --eta sets it."""
     if settings.guidance == 1.0:
         return logits
     cond, uncond = logits.float().chunk(2)
     cond, uncond = cond - cond.mean(-1, keepdim=True), uncond - uncond.mean(-1, keepdim=True)
     update = cond - uncond
     along = (update * cond).sum(-1, keepdim=True) / (cond * cond).sum(-1, keepdim=True).clamp_min(1e-12) * cond
-    return cond + (settings.guidance - 1) * (update - along + ETA * along)
+    return cond + (settings.guidance - 1) * (update - along + eta * along)
 
 
-SUPPORT_EPSILON = patch_samplers.EPSILON_DEFAULT  # support's floor under c; --epsilon sets it
-
-
-def support(logits: torch.Tensor, settings) -> torch.Tensor:
-    """(At the bench's temperature 1.) Unguided rows get the same floor, so they draw as the template's do."""
+def support(logits: torch.Tensor, settings, epsilon: float = patch_samplers.EPSILON_DEFAULT) -> torch.Tensor:
+    """epsilon: the floor under c (--epsilon). (At the bench's temperature 1.) Unguided rows get the same
+    floor, so they draw as the template's do."""
     cond, uncond = logits.float().chunk(2) if settings.guidance != 1.0 else (logits.float(), None)
     probs = cond.softmax(-1)
-    floor = probs.amax(-1, keepdim=True).clamp(max=SUPPORT_EPSILON)  # c's most likely token stays
+    floor = probs.amax(-1, keepdim=True).clamp(max=epsilon)  # c's most likely token stays
     drawn = cond if uncond is None else uncond + settings.guidance * (cond - uncond)
     return drawn.masked_fill(probs < floor, float("-inf"))
 
@@ -112,9 +110,9 @@ class ScaledAttention:
     """Renderer.text_kv's guided batch with the text half's gate g (the text-free half's stays 0),
     and `guided` returning that half's logits."""
 
-    def __init__(self):
-        # every guided row of the bench runs at its --guidance (default 5); text_kv is made before any logits
-        self.scale = option(sys.argv[2:], "--guidance", 5.0)[0]
+    def __init__(self, scale: float):
+        # every guided row of the bench runs at its --guidance; text_kv is made before any logits
+        self.scale = scale
         text_kv = renderer.Renderer.text_kv
 
         def scaled(model, text, with_null=False):
@@ -129,25 +127,24 @@ class ScaledAttention:
         return logits if settings.guidance == 1.0 else logits.float().chunk(2)[0]
 
 
-def option(args: list[str], flag: str, default: float) -> tuple[float, list[str]]:
-    """The value of `flag` in args (or the default) and the args without it."""
-    if flag not in args:
-        return default, args
-    at = args.index(flag)
-    return float(args[at + 1]), args[:at] + args[at + 2:]
-
-
 def main() -> None:
-    variants = {"entropy": lambda: entropy_matched, "ramp": Ramp, "projected": lambda: projected,
-                "support": lambda: support, "attention": ScaledAttention}
+    variants = {"entropy": lambda o: entropy_matched, "ramp": lambda o: Ramp(),
+                "projected": lambda o: functools.partial(projected, eta=o.eta),
+                "support": lambda o: functools.partial(support, epsilon=o.epsilon),
+                "attention": lambda o: ScaledAttention(o.guidance)}
     if len(sys.argv) < 2 or sys.argv[1] not in variants:
         raise SystemExit(f"usage: python bench/guidance_variants.py {{{'|'.join(variants)}}} [text_following options]")
-    global ETA, SUPPORT_EPSILON
-    ETA, rest = option(sys.argv[2:], "--eta", ETA)
-    SUPPORT_EPSILON, rest = option(rest, "--epsilon", SUPPORT_EPSILON)
+    # this script's options are taken out; the rest (--guidance too, read here and left in) go to the bench
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    own.add_argument("--eta", type=float, default=0.0)
+    own.add_argument("--epsilon", type=float, default=patch_samplers.EPSILON_DEFAULT)
+    options, rest = own.parse_known_args(sys.argv[2:])
+    bench = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    bench.add_argument("--guidance", type=float, default=5.0)  # text_following.py's default
+    options.guidance = bench.parse_known_args(rest)[0].guidance
     if sys.argv[1] == "support":  # the bench reads the floor when it runs: `support` applies it instead
         patch_samplers.EPSILON_DEFAULT = 0.0
-    patch_samplers.guided = variants[sys.argv[1]]()
+    patch_samplers.guided = variants[sys.argv[1]](options)
     sys.argv = [str(ROOT / "bench" / "text_following.py")] + rest
     runpy.run_path(sys.argv[0], run_name="__main__")
 
